@@ -1,0 +1,46 @@
+"""The ``varnet`` console script: one entry point, one module per subcommand."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .. import __version__
+from . import bench, demo, infer
+
+SUBCOMMANDS = (infer, bench, demo)
+
+
+class UserError(Exception):
+    """Raised by subcommands for bad input; printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="varnet", description="E2E-VarNet reconstruction for Gadgetron / ISMRMRD / fastMRI data.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..data.fastmri_file import FastMRIFileError
+    from ..data.mrd_header import HeaderError
+    from ..model.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose + 1, 2),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except (UserError, CheckpointError, FastMRIFileError, HeaderError, FileNotFoundError) as exc:
+        print(f"varnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def example_epilog(*lines: str) -> str:
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)

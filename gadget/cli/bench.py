@@ -1,0 +1,43 @@
+"""``varnet bench``: benchmarks that compare against the reference in the same run."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    from . import example_epilog
+
+    p = sub.add_parser("bench", help="benchmarks (ours vs the fastMRI reference)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=example_epilog("varnet bench model --repeats 5 --threads 2"))
+    which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    m = which.add_parser("model", help="E2E-VarNet forward pass: ours vs fastmri.models.VarNet",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=example_epilog("varnet bench model",
+                                               "varnet bench model --config small --shape 8 320 256 --repeats 3"))
+    m.add_argument("--config", choices=("default", "small"), default="default")
+    m.add_argument("--shape", nargs=3, type=int, metavar=("COILS", "READOUT", "PHASE"), default=(15, 640, 368))
+    m.add_argument("--acceleration", type=int, default=4)
+    m.add_argument("--acs", type=int, default=30)
+    m.add_argument("--repeats", type=int, default=5)
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--ours-only", action="store_true", help="skip the reference (fastmri not installed)")
+    m.set_defaults(run=run_model)
+
+
+def run_model(args) -> int:
+    from ..bench.model_bench import BenchCase, format_table, run
+    from . import UserError
+
+    if not args.ours_only:
+        try:
+            import fastmri  # noqa: F401
+        except ImportError:
+            raise UserError("the reference needs the 'fastmri' package: pip install --no-deps fastmri==0.3.0 "
+                            "pandas requests tqdm runstats (or pass --ours-only)") from None
+    coils, readout, phase = args.shape
+    case = BenchCase(config=args.config, coils=coils, readout=readout, phase=phase,
+                     acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads)
+    impls = ("ours",) if args.ours_only else ("reference", "ours")
+    print(format_table(case, run(case, impls)))
+    return 0

@@ -1,0 +1,163 @@
+"""Checkpoint I/O for E2E-VarNet.
+
+Three on-disk formats are read, always with ``torch.load(weights_only=True)``:
+
+* a plain fastMRI state dict (``knee_leaderboard_state_dict.pt`` …): ``{param_name: tensor}``;
+* a PyTorch Lightning ``.ckpt`` from fastMRI's ``VarNetModule``: ``{"state_dict": {"varnet.<name>": …},
+  "hyper_parameters": {...}, ...}``;
+* our own format (written by :func:`save_checkpoint`): ``{"format": "varnet-gadget", "format_version": 1,
+  "config": VarNetConfig fields, "description": {...}, "state_dict": {...}}``.
+
+Hyperparameters missing from a file are inferred from the state dict's shapes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from .varnet import VarNet, VarNetConfig
+
+FORMAT_NAME = "varnet-gadget"
+FORMAT_VERSION = 1
+_LIGHTNING_PREFIX = "varnet."
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be found, read or matched to the model; the message is one line."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: VarNet
+    config: VarNetConfig
+    kind: str  # "fastmri-state-dict" | "lightning" | "varnet-gadget"
+    path: str
+    sha256: str
+    description: dict = field(default_factory=dict)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], mask_center: bool = True) -> VarNetConfig:
+    """Recover VarNet hyperparameters from parameter names and shapes."""
+    def unet_shape(prefix: str) -> tuple[int, int]:
+        first = state_dict.get(f"{prefix}.down_sample_layers.0.layers.0.weight")
+        if first is None:
+            raise CheckpointError(f"cannot infer hyperparameters: no '{prefix}.down_sample_layers.0.layers.0.weight'")
+        levels = {int(m.group(1)) for k in state_dict
+                  if (m := re.match(re.escape(prefix) + r"\.down_sample_layers\.(\d+)\.", k))}
+        return int(first.shape[0]), len(levels)
+
+    cascades = {int(m.group(1)) for k in state_dict if (m := re.match(r"cascades\.(\d+)\.", k))}
+    if not cascades:
+        raise CheckpointError("cannot infer hyperparameters: no 'cascades.N.*' parameters")
+    chans, pools = unet_shape("cascades.0.model.unet")
+    sens_chans, sens_pools = unet_shape("sens_net.norm_unet.unet")
+    return VarNetConfig(num_cascades=len(cascades), chans=chans, pools=pools,
+                        sens_chans=sens_chans, sens_pools=sens_pools, mask_center=mask_center)
+
+
+def _config_from_mapping(values: Mapping[str, Any], fallback: VarNetConfig) -> VarNetConfig:
+    known = {f.name for f in fields(VarNetConfig)}
+    picked = {k: type(getattr(fallback, k))(v) for k, v in values.items() if k in known}
+    return VarNetConfig(**{**fallback.to_dict(), **picked})
+
+
+def _read(path: str | os.PathLike) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint is not a file: {p}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for non-checkpoints
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint (weights_only=True): {reason}") from None
+
+
+def split_checkpoint(obj: Any, path: str = "<memory>") -> tuple[str, dict, Optional[dict], dict]:
+    """Return ``(kind, state_dict, hyperparameters or None, description)`` of a loaded object."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    if obj.get("format") == FORMAT_NAME:
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+        return FORMAT_NAME, dict(obj["state_dict"]), dict(obj.get("config", {})), dict(obj.get("description", {}))
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        state = {k[len(_LIGHTNING_PREFIX):]: v for k, v in obj["state_dict"].items()
+                 if k.startswith(_LIGHTNING_PREFIX)}
+        if not state:
+            raise CheckpointError(f"{path}: Lightning checkpoint without 'varnet.*' weights")
+        hparams = obj.get("hyper_parameters")
+        return "lightning", state, dict(hparams) if isinstance(hparams, Mapping) else None, {}
+    if all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
+        return "fastmri-state-dict", dict(obj), None, {}
+    raise CheckpointError(f"{path}: not a VarNet checkpoint (keys: {sorted(obj)[:5]}...)")
+
+
+def build_model(state_dict: Mapping[str, torch.Tensor], config: VarNetConfig, path: str = "<memory>") -> VarNet:
+    model = VarNet.from_config(config)
+    expected, given = set(model.state_dict()), set(state_dict)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: state dict does not match VarNet{config.to_dict()}: "
+                              f"missing keys {_short(missing)}; unexpected keys {_short(unexpected)}")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        shape_lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise CheckpointError(f"{path}: {'; '.join(shape_lines) or exc}") from None
+    return model
+
+
+def _short(keys: list[str], limit: int = 6) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_checkpoint(path: str | os.PathLike, config: Optional[VarNetConfig] = None) -> LoadedCheckpoint:
+    """Load any supported checkpoint into a :class:`VarNet` in eval mode on the CPU.
+
+    ``config`` overrides hyperparameters stored in (or inferred from) the file.
+    """
+    obj = _read(path)
+    kind, state, hparams, description = split_checkpoint(obj, str(path))
+    inferred = infer_config(state)
+    resolved = config or (_config_from_mapping(hparams, inferred) if hparams else inferred)
+    model = build_model(state, resolved, str(path)).eval()
+    return LoadedCheckpoint(model=model, config=resolved, kind=kind, path=str(path),
+                            sha256=file_sha256(path), description=description)
+
+
+def save_checkpoint(path: str | os.PathLike, model: VarNet, description: Optional[dict] = None) -> None:
+    """Write our format (weights + hyperparameters + description), atomically."""
+    from .. import __version__
+
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "config": model.config.to_dict(),
+        "description": dict(description or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)

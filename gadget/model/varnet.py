@@ -1,0 +1,202 @@
+"""End-to-End Variational Network (Sriram et al. 2020), fastMRI-compatible.
+
+Tensor layouts (all model inputs are checked at entry):
+
+=================  ==========================================  ======================
+name               shape                                       dtype
+=================  ==========================================  ======================
+masked_kspace      (batch, coil, readout, phase)               complex64/complex128
+mask               (batch or 1, 1, 1, phase) or (phase,)       bool (True = sampled)
+num_low_freqs      None, int, or (batch,) int tensor           ACS lines per sample
+sens_maps          (batch, coil, readout, phase)               complex, Σ|S|² = 1
+output image       (batch, readout, phase)                     real, RSS magnitude
+=================  ==========================================  ======================
+
+Parameter names equal those of ``fastmri.models.VarNet`` (``sens_net.norm_unet.unet.*``,
+``cascades.{t}.model.unet.*``, ``cascades.{t}.dc_weight``) so official state dicts load.
+Differences from the reference, on purpose: the ACS count is an explicit input (mask-based
+detection only when it is not given), and zero/constant inputs give finite outputs
+(the normalisation divides by a clamped std and a clamped RSS).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..mri.coils import normalize_sens, rss, sens_expand, sens_reduce
+from ..mri.fft import ifft2c
+from .unet import Unet
+
+AcsCount = Union[None, int, torch.Tensor]
+_EPS = 1e-12  # far below any real std / RSS of fp32 MR data; only guards exact zeros
+
+
+@dataclass(frozen=True)
+class VarNetConfig:
+    """Hyperparameters; defaults are the paper's (≈ 29.9 M parameters)."""
+
+    num_cascades: int = 12
+    chans: int = 18
+    pools: int = 4
+    sens_chans: int = 8
+    sens_pools: int = 4
+    mask_center: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class NormUnet(nn.Module):
+    """U-Net on one complex image per batch entry, with per-sample normalisation.
+
+    Input/output: complex ``(batch, 1, h, w)``. Internally the real and imaginary parts
+    become 2 channels, each normalised to zero mean / unit (unbiased) std, padded to a
+    multiple of 16, passed through the U-Net, then unpadded and de-normalised.
+    """
+
+    def __init__(self, chans: int, num_pools: int, drop_prob: float = 0.0):
+        super().__init__()
+        self.unet = Unet(in_chans=2, out_chans=2, chans=chans,
+                         num_pool_layers=num_pools, drop_prob=drop_prob)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = image.shape
+        if c != 1:
+            raise ValueError(f"NormUnet expects (batch, 1, h, w) complex, got {tuple(image.shape)}")
+        x = torch.view_as_real(image[:, 0]).permute(0, 3, 1, 2)  # (b, 2=[re, im], h, w)
+        flat = x.reshape(b, 2, h * w)
+        mean = flat.mean(dim=2).view(b, 2, 1, 1)
+        std = flat.std(dim=2).view(b, 2, 1, 1).clamp_min(_EPS)
+        x = (x - mean) / std
+
+        h_mult, w_mult = ((h - 1) | 15) + 1, ((w - 1) | 15) + 1  # next multiple of 16
+        top, left = (h_mult - h) // 2, (w_mult - w) // 2
+        x = F.pad(x, [left, w_mult - w - left, top, h_mult - h - top])
+        x = self.unet(x)[..., top:top + h, left:left + w]
+
+        x = x * std + mean
+        return torch.view_as_complex(x.permute(0, 2, 3, 1).contiguous()).unsqueeze(1)
+
+
+def detect_num_low_frequencies(mask: torch.Tensor) -> torch.Tensor:
+    """ACS width as fastMRI detects it from a mask ``(b, 1, 1, w)``: 2·min(run left, run right)
+    of the sampled lines around ``w // 2`` (at least 1). Returns ``(b,)`` long."""
+    m = mask.reshape(mask.shape[0], -1).to(torch.int8)
+    centre = m.shape[1] // 2
+    left = torch.argmin(m[:, :centre].flip(1), dim=1)
+    right = torch.argmin(m[:, centre:], dim=1)
+    return torch.clamp_min(2 * torch.minimum(left, right), 1).long()
+
+
+def center_lines_mask(width: int, num_low: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(b, 1, 1, width)``: the ``num_low[b]`` central phase lines, starting at
+    ``(width - num_low + 1) // 2`` (fastMRI's placement)."""
+    start = (width - num_low + 1) // 2
+    cols = torch.arange(width, device=num_low.device)
+    keep = (cols >= start[:, None]) & (cols < (start + num_low)[:, None])
+    return keep.view(-1, 1, 1, width)
+
+
+class SensitivityModel(nn.Module):
+    """Coil sensitivities from the ACS lines: ACS-only k-space → coil images → per-coil
+    NormUnet → normalised so that Σ_i |S_i|² = 1 (seed eq. 12)."""
+
+    def __init__(self, chans: int, num_pools: int, drop_prob: float = 0.0, mask_center: bool = True):
+        super().__init__()
+        self.mask_center = mask_center
+        self.norm_unet = NormUnet(chans, num_pools, drop_prob)
+
+    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
+                num_low_frequencies: AcsCount = None) -> torch.Tensor:
+        b, c, h, w = masked_kspace.shape
+        if self.mask_center:
+            num_low = resolve_num_low_frequencies(mask, num_low_frequencies, b)
+            masked_kspace = masked_kspace * center_lines_mask(w, num_low)
+        coil_images = ifft2c(masked_kspace).reshape(b * c, 1, h, w)
+        sens = self.norm_unet(coil_images).reshape(b, c, h, w)
+        return normalize_sens(sens, _EPS)
+
+
+def resolve_num_low_frequencies(mask: torch.Tensor, num_low: AcsCount, batch: int) -> torch.Tensor:
+    """``(batch,)`` long ACS counts: given explicitly, else detected from the mask (also when 0,
+    as the reference does)."""
+    if num_low is None or (isinstance(num_low, int) and num_low == 0):
+        detected = detect_num_low_frequencies(mask)
+        return detected.expand(batch) if detected.shape[0] == 1 else detected
+    if isinstance(num_low, int):
+        return torch.full((batch,), num_low, dtype=torch.long, device=mask.device)
+    num_low = num_low.to(device=mask.device, dtype=torch.long).reshape(-1)
+    if num_low.shape[0] not in (1, batch):
+        raise ValueError(f"num_low_frequencies has {num_low.shape[0]} entries for a batch of {batch}")
+    return num_low.expand(batch)
+
+
+class VarNetBlock(nn.Module):
+    """One cascade (seed eqs. 10-11): k ← k − η·M(k − k̃) − E(CNN(R(k)))."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.dc_weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, current: torch.Tensor, reference: torch.Tensor,
+                mask: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
+        soft_dc = torch.where(mask, current - reference, torch.zeros((), dtype=current.dtype,
+                                                                      device=current.device))
+        refinement = sens_expand(self.model(sens_reduce(current, sens)), sens)
+        return current - soft_dc * self.dc_weight - refinement
+
+
+class VarNet(nn.Module):
+    """E2E-VarNet: sensitivity network + ``num_cascades`` unrolled refinement/data-consistency
+    blocks + RSS output (seed eq. 13). See the module docstring for layouts."""
+
+    def __init__(self, num_cascades: int = 12, sens_chans: int = 8, sens_pools: int = 4,
+                 chans: int = 18, pools: int = 4, mask_center: bool = True):
+        super().__init__()
+        self.config = VarNetConfig(num_cascades=num_cascades, chans=chans, pools=pools,
+                                   sens_chans=sens_chans, sens_pools=sens_pools,
+                                   mask_center=mask_center)
+        self.sens_net = SensitivityModel(sens_chans, sens_pools, mask_center=mask_center)
+        self.cascades = nn.ModuleList(VarNetBlock(NormUnet(chans, pools)) for _ in range(num_cascades))
+
+    @classmethod
+    def from_config(cls, config: VarNetConfig) -> "VarNet":
+        return cls(**config.to_dict())
+
+    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
+                num_low_frequencies: AcsCount = None) -> torch.Tensor:
+        masked_kspace, mask = check_inputs(masked_kspace, mask)
+        sens = self.sens_net(masked_kspace, mask, num_low_frequencies)
+        kspace = masked_kspace
+        for cascade in self.cascades:
+            kspace = cascade(kspace, masked_kspace, mask, sens)
+        return rss(ifft2c(kspace), dim=1)
+
+
+def check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate layouts; returns the mask as bool ``(b or 1, 1, 1, phase)``."""
+    if not torch.is_complex(masked_kspace):
+        raise TypeError(f"masked_kspace must be complex (batch, coil, readout, phase); got {masked_kspace.dtype}")
+    if masked_kspace.ndim != 4:
+        raise ValueError("masked_kspace must be (batch, coil, readout, phase); "
+                         f"got shape {tuple(masked_kspace.shape)}")
+    width = masked_kspace.shape[-1]
+    if mask.ndim == 1:
+        mask = mask.view(1, 1, 1, -1)
+    if mask.ndim != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != width \
+            or mask.shape[0] not in (1, masked_kspace.shape[0]):
+        raise ValueError(f"mask must be (batch or 1, 1, 1, {width}) or ({width},); got {tuple(mask.shape)}")
+    return masked_kspace, mask.to(torch.bool)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["VarNet", "VarNetConfig", "VarNetBlock", "NormUnet", "SensitivityModel",
+           "detect_num_low_frequencies", "count_parameters"]

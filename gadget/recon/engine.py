@@ -1,0 +1,48 @@
+"""The reconstruction engine: one loaded model on one device, fed batches of slices.
+
+Layouts: k-space ``(batch, coil, readout, phase)`` complex64; mask ``(phase,)`` bool;
+images out ``(batch, readout, phase)`` float32 (RSS magnitude, not cropped).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..model.varnet import VarNet
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but CUDA is not available (torch {torch.__version__})")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)")
+    return torch.device(name)
+
+
+class Reconstructor:
+    """Runs E2E-VarNet on batches; thread-safe (one forward at a time per engine)."""
+
+    def __init__(self, model: VarNet, device: str | torch.device = "auto"):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        self._lock = threading.Lock()
+
+    @torch.inference_mode()
+    def __call__(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
+                 num_low_frequencies: Optional[int] = None) -> np.ndarray:
+        k = torch.as_tensor(kspace)
+        if k.ndim == 3:
+            k = k.unsqueeze(0)
+        m = torch.as_tensor(np.asarray(mask, dtype=bool) if not isinstance(mask, torch.Tensor) else mask)
+        with self._lock:
+            out = self.model(k.to(self.device, torch.complex64), m.to(self.device), num_low_frequencies)
+        return out.float().cpu().numpy()
