@@ -215,12 +215,21 @@ class MaskSampler:
             ``(mask, num_low_frequencies)``: bool array ``(num_cols,)`` and the number of
             columns in the dense centre block.
         """
+        center, outer, num_low = self.sample_parts(num_cols, offset, seed)
+        return center | outer, num_low
+
+    def sample_parts(
+        self, num_cols: int, offset: Optional[int] = None, seed: Optional[Seed] = None
+    ) -> Tuple[np.ndarray, np.ndarray, int]:
+        """Like ``__call__`` but keeps the parts apart: ``(center, outer, num_low)`` with
+        ``center`` the dense calibration block and ``outer`` the undersampling pattern (both
+        bool ``(num_cols,)``; they may overlap). Converters use this to flag ACS-only lines."""
         self._check_call(num_cols, offset)
         with _reseeded(self.rng, seed):
             center_fraction, acceleration = self._choose()
             num_low = num_low_frequencies(num_cols, center_fraction)
             outer = self._outer_lines(num_cols, acceleration, offset, num_low)
-        return center_block(num_cols, num_low) | outer, num_low
+        return center_block(num_cols, num_low), np.asarray(outer, bool), num_low
 
     def _choose(self) -> Tuple[float, float]:
         """Draw the (center_fraction, acceleration) pair, consuming the RNG as fastMRI does."""
