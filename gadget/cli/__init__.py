@@ -7,9 +7,9 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import bench, demo, infer
+from . import bench, convert, demo, infer
 
-SUBCOMMANDS = (infer, bench, demo)
+SUBCOMMANDS = (infer, convert, bench, demo)
 
 
 class UserError(Exception):
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..data.fastmri_file import FastMRIFileError
+    from ..data.mrd_file import MrdFileError
     from ..data.mrd_header import HeaderError
     from ..model.checkpoint import CheckpointError
 
@@ -37,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
-    except (UserError, CheckpointError, FastMRIFileError, HeaderError, FileNotFoundError) as exc:
+    except (UserError, CheckpointError, FastMRIFileError, MrdFileError, HeaderError, FileNotFoundError) as exc:
         print(f"varnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
