@@ -214,11 +214,12 @@ def _write_volume(path: Path, kspace: np.ndarray, mask: np.ndarray, calib: np.nd
 
 
 def _rss_target(kspace: np.ndarray, recon_size: tuple[int, int]) -> np.ndarray:
-    """fastMRI's ``reconstruction_rss``: RSS of the centered inverse FFT, center-cropped."""
-    img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-    rss = np.sqrt((np.abs(img) ** 2).sum(axis=1))
-    h, w = min(recon_size[0], rss.shape[-2]), min(recon_size[1], rss.shape[-1])
-    top, lft = (rss.shape[-2] - h) // 2, (rss.shape[-1] - w) // 2
-    return rss[:, top:top + h, lft:lft + w].astype(np.float32)
-
-
+    """fastMRI's ``reconstruction_rss``: RSS of the centered inverse FFT, center-cropped.
+    Computed slice by slice so memory stays at one volume plus one slice."""
+    h, w = min(recon_size[0], kspace.shape[-2]), min(recon_size[1], kspace.shape[-1])
+    top, left = (kspace.shape[-2] - h) // 2, (kspace.shape[-1] - w) // 2
+    out = np.empty((kspace.shape[0], h, w), np.float32)
+    for s, coils in enumerate(kspace):
+        img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(coils, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+        out[s] = np.sqrt((np.abs(img) ** 2).sum(axis=0))[top:top + h, left:left + w]
+    return out

@@ -304,3 +304,24 @@ def test_failure_mid_write_leaves_no_output(tmp_path, small_volume, monkeypatch)
     with pytest.raises(RuntimeError, match="simulated"):
         convert_fastmri_to_ismrmrd(src, tmp_path / "out.h5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5"]
+
+
+def test_converters_stream_with_bounded_memory(tmp_path):
+    """fastMRI → ISMRMRD holds one slice at a time; ISMRMRD → fastMRI one volume plus one chunk
+    (numpy allocations are visible to tracemalloc)."""
+    import tracemalloc
+
+    vol = simulate_volume(num_slices=8, num_coils=4, recon_size=(64, 48), seed=1)
+    src, mrd = tmp_path / "big.h5", tmp_path / "raw.h5"
+    write_fastmri(src, vol)
+    slice_bytes = vol.kspace[0].nbytes
+    volume_bytes = vol.kspace.nbytes
+    tracemalloc.start()
+    convert_fastmri_to_ismrmrd(src, mrd)
+    _, peak_forward = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    convert_ismrmrd_to_fastmri(mrd, tmp_path / "back.h5", chunk_size=64)
+    _, peak_back = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak_forward < 4 * slice_bytes < volume_bytes
+    assert peak_back < 2.5 * volume_bytes
