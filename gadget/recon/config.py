@@ -1,0 +1,185 @@
+"""One typed configuration for the streaming pipeline, filled from YAML presets, Gadgetron
+``<property name= value=/>`` elements or MRD JSON parameters. Defaults live here only;
+unknown keys are rejected with the list of known ones; values given as strings (Gadgetron
+properties) are converted to the field's type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+CHOICES = {
+    "mode": ("varnet", "zero-filled"),
+    "image_dtype": ("float32", "uint16"),
+    "acs_source": ("flags", "mask"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not acceptable; the message names it."""
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """Pipeline settings. Units: ``dither_sigma`` relative to the image maximum."""
+
+    mode: str = "varnet"                 # varnet | zero-filled (no model; debugging, comparison)
+    checkpoint: Optional[str] = None     # a path given by the operator (never by a client)
+    device: str = "auto"                 # auto (CUDA when present) | cpu | cuda | cuda:N
+    batch_size: int = 1                  # slices per forward pass
+    prewhiten: bool = True               # noise prewhitening from noise-measurement acquisitions
+    acs_source: str = "flags"            # flags (calibration flags; detection as fallback) | mask
+    image_dtype: str = "float32"         # float32 | uint16 (scale recorded in the meta)
+    uint16_max: int = 4095
+    dither_sigma: float = 0.0
+    series_description: str = "E2E-VarNet"
+    image_series_index: int = 1
+    reconstruct_incomplete: bool = True  # at end of stream, reconstruct buffers never marked complete
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def merged(self, values: Mapping[str, Any], source: str) -> "ReconConfig":
+        """A copy with ``values`` applied (validated and converted); ``source`` names them in errors."""
+        known = {f.name: f for f in fields(self)}
+        updates = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{source}: unknown setting '{key}' (known: {', '.join(sorted(known))})")
+            updates[name] = _convert(name, known[name].type, value, source)
+        return dataclasses.replace(self, **updates)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.to_dict().items())
+
+
+def _convert(name: str, annotation: str, value: Any, source: str) -> Any:
+    target = str(annotation).replace("Optional[", "").rstrip("]")
+    try:
+        if value is None:
+            if "Optional" in str(annotation):
+                return None
+            raise ValueError("null")
+        if target == "bool":
+            if isinstance(value, bool):
+                out = value
+            elif str(value).strip().lower() in ("true", "1", "yes", "on"):
+                out = True
+            elif str(value).strip().lower() in ("false", "0", "no", "off"):
+                out = False
+            else:
+                raise ValueError(value)
+        elif target == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            out = int(str(value).strip()) if isinstance(value, str) else int(value)
+        elif target == "float":
+            out = float(value)
+        else:
+            out = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: setting '{name}' = {value!r} is not a valid {target}") from None
+    if name in CHOICES and out not in CHOICES[name]:
+        raise ConfigError(f"{source}: setting '{name}' = {out!r} must be one of {', '.join(CHOICES[name])}")
+    if name in ("batch_size", "uint16_max", "image_series_index") and out < 1:
+        raise ConfigError(f"{source}: setting '{name}' must be >= 1, got {out}")
+    if name == "dither_sigma" and out < 0:
+        raise ConfigError(f"{source}: setting 'dither_sigma' must be >= 0, got {out}")
+    return out
+
+
+# --------------------------------------------------------------------------- sources
+
+_PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def presets_dir() -> Path:
+    import pipelines
+
+    return Path(pipelines.__file__).resolve().parent
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a preset; ``name`` is checked against the files present (a whitelist),
+    so client-supplied names can never reach other paths."""
+    available = preset_names()
+    if not _PRESET_NAME.match(name or "") or name not in available:
+        raise ConfigError(f"unknown preset '{name}' (available: {', '.join(available) or 'none'})")
+    return presets_dir() / f"{name}.yaml"
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load_config(spec: Optional[str] = None, base: ReconConfig = ReconConfig()) -> ReconConfig:
+    """``spec`` is a preset name or a path to a YAML file (given by the operator)."""
+    if not spec:
+        return base
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return base.merged(parse_yaml(path.read_text(), str(path)), str(path))
+    path = preset_path(spec)
+    return base.merged(parse_yaml(path.read_text(), f"preset {spec}"), f"preset {spec}")
+
+
+def from_json_parameters(text: str, base: ReconConfig, source: str = "JSON parameters") -> ReconConfig:
+    """MRD clients may send a JSON object of parameters (python-ismrmrd-server style); a
+    ``parameters`` sub-object is accepted too. Only known settings, and never ``checkpoint``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: not valid JSON ({exc.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("parameters"), dict):
+        data = data["parameters"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    return client_merge(base, data, source)
+
+
+def client_merge(base: ReconConfig, values: Mapping[str, Any], source: str) -> ReconConfig:
+    """Settings from a network client: the model file and device stay the operator's choice."""
+    for forbidden in ("checkpoint", "device"):
+        if forbidden in values:
+            raise ConfigError(f"{source}: '{forbidden}' cannot be set by a client")
+    return base.merged(values, source)
+
+
+def from_gadgetron_config(xml_text: str, base: ReconConfig, source: str = "Gadgetron configuration") -> ReconConfig:
+    """``<property name="batch_size" value="2"/>`` elements anywhere in the ``<configuration>``."""
+    import xml.etree.ElementTree as ET
+
+    text = xml_text.rstrip("\x00 \n")
+    if not text:
+        return base
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise ConfigError(f"{source}: not valid XML ({exc})") from None
+    props = {}
+    for el in root.iter():
+        if el.tag.split("}")[-1] == "property" and "name" in el.attrib:
+            props[el.attrib["name"]] = el.attrib.get("value", el.text or "")
+    return base.merged(props, source)

@@ -1,0 +1,146 @@
+"""Pipeline stages: noise prewhitening and slice assembly."""
+import numpy as np
+import pytest
+
+from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+from converters.simulate import simulate_volume, write_fastmri
+from gadget.data.mrd_file import flag_mask, iter_acquisitions, read_header_xml
+from gadget.data.mrd_header import parse_encoding
+from gadget.stream.assemble import AssemblyError, SliceAssembler
+from gadget.stream.noise import NoiseError, noise_covariance, prewhiten, whitening_matrix
+from gadget.stream.types import AcqLine, make_head
+from tests.mrd_builders import header
+
+
+def scan_lines(path):
+    return [AcqLine(h, d) for c in iter_acquisitions(path) for h, d in zip(c.heads, c.data)]
+
+
+@pytest.fixture(scope="module")
+def raw_scan(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scan")
+    vol = simulate_volume(num_slices=3, num_coils=4, recon_size=(32, 24), seed=5)
+    write_fastmri(tmp / "v.h5", vol)
+    import h5py
+
+    with h5py.File(tmp / "v.h5", "a") as f:
+        if "noise" not in f:
+            f["noise"] = vol.noise
+    plan = convert_fastmri_to_ismrmrd(tmp / "v.h5", tmp / "raw.h5", "equispaced-fraction", 4, 0.125, seed=1)
+    return vol, plan, read_header_xml(tmp / "raw.h5"), scan_lines(tmp / "raw.h5")
+
+
+def test_assembles_every_slice_exactly(raw_scan):
+    vol, plan, xml, lines = raw_scan
+    asm = SliceAssembler(parse_encoding(xml))
+    done = [s for ln in lines if not ln.has_flag(19) for s in asm.add(ln)]
+    assert [s.key[0] for s in done] == [0, 1, 2] and not asm.flush()
+    for s in done:
+        np.testing.assert_array_equal(s.mask, plan.acquired)
+        cols = plan.acquired
+        assert s.kspace[..., cols].tobytes() == vol.kspace[s.key[0]][..., cols].tobytes()  # bitwise
+        assert not s.kspace[..., ~cols].any()
+        assert s.num_calibration == plan.num_low
+        assert abs(int(s.reference["idx"]["kspace_encode_step_1"]) - 12) <= 2  # nearest the centre line
+
+
+def test_out_of_order_lines_and_end_of_stream_flush(raw_scan):
+    vol, plan, xml, lines = raw_scan
+    imaging = [ln for ln in lines if not ln.has_flag(19)]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(imaging))
+    asm = SliceAssembler(parse_encoding(xml))
+    for i in order:
+        ln = imaging[i]
+        stripped = AcqLine(ln.head.copy(), ln.data)
+        stripped.head["flags"] = int(ln.head["flags"]) & ~(flag_mask(8) | flag_mask(25))  # no LAST flags
+        assert asm.add(stripped) == []
+    left = asm.flush()
+    assert len(left) == 3 and all(s.incomplete for s in left)
+    np.testing.assert_array_equal(left[1].kspace, (vol.kspace[1] * plan.acquired).astype(np.complex64))
+
+
+def _line(e1, data, **kw):
+    head = make_head(idx={"kspace_encode_step_1": e1, **kw.pop("idx", {})}, center_sample=kw.pop("center", 4),
+                     **kw)
+    return AcqLine(head, np.asarray(data, np.complex64))
+
+
+def test_averages_reverse_and_asymmetric_echo():
+    enc = parse_encoding(header(readout=8, width=4, coils=1))
+    asm = SliceAssembler(enc)
+    a, b = np.full((1, 8), 1 + 1j), np.full((1, 8), 3 - 1j)
+    asm.add(_line(1, a, idx={"average": 0}))
+    asm.add(_line(1, b, idx={"average": 1}))
+    ramp = np.arange(8)[None].astype(np.complex64)
+    (s,) = asm.add(_line(2, ramp, flags=flag_mask(22) | flag_mask(8)))  # ACQ_IS_REVERSE, LAST_IN_SLICE
+    np.testing.assert_allclose(s.kspace[0, :, 1], (a[0] + b[0]) / 2)
+    np.testing.assert_allclose(s.kspace[0, :, 2], ramp[0, ::-1])
+    np.testing.assert_array_equal(s.mask, [False, True, True, False])
+    # asymmetric echo: 6 samples with the echo at sample 2 → sample 2 lands on row 8 // 2
+    (e,) = asm.add(_line(3, np.ones((1, 6)), center=2, idx={"slice": 1}, flags=flag_mask(8)))
+    np.testing.assert_allclose(e.kspace[0, :, 3], [0, 0, 1, 1, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("second,expected", [
+    (dict(e1=2, data=np.ones((2, 8))), "2 channels x 8 samples, but this slice started with 1 x 8"),
+    (dict(e1=2, data=np.ones((1, 6))), "1 channels x 6 samples"),
+    (dict(e1=9, data=np.ones((1, 8))), "kspace_encode_step_1=9 outside the encoding limits"),
+    (dict(e1=2, data=np.full((1, 8), np.nan)), "NaN or Inf"),
+    (dict(e1=2, data=np.ones((1, 0))), "empty data"),
+])
+def test_bad_lines_are_named(second, expected):
+    asm = SliceAssembler(parse_encoding(header(readout=8, width=4, coils=1)))
+    asm.add(_line(1, np.ones((1, 8)), scan_counter=0))
+    with pytest.raises(AssemblyError) as info:
+        asm.add(_line(second["e1"], second["data"], scan_counter=7))
+    assert expected in str(info.value) and "acquisition 7" in str(info.value)
+
+
+def test_last_in_repetition_and_measurement_complete_groups():
+    asm = SliceAssembler(parse_encoding(header(readout=8, width=4, coils=1, slices=2)))
+    for rep in (0, 1):
+        for sl in (0, 1):
+            assert asm.add(_line(0, np.ones((1, 8)), idx={"slice": sl, "repetition": rep})) == []
+    done = asm.add(_line(1, np.ones((1, 8)), idx={"slice": 0, "repetition": 0}, flags=flag_mask(14)))
+    assert sorted(s.key for s in done) == [(0, 0, 0, 0, 0), (1, 0, 0, 0, 0)]
+    done = asm.add(_line(1, np.ones((1, 8)), idx={"slice": 1, "repetition": 1}, flags=flag_mask(25)))
+    assert sorted(s.key[0] for s in done) == [0, 1] and all(s.key[3] == 1 for s in done)
+
+
+# ----------------------------------------------------------------------------- noise
+
+def test_noise_covariance_and_whitening():
+    rng = np.random.default_rng(2)
+    mix = np.array([[1, 0.5j, 0], [0, 1.2, 0.3], [0.1, 0, 0.8]])
+    white = (rng.standard_normal((3, 20000)) + 1j * rng.standard_normal((3, 20000))) / np.sqrt(2)
+    noise = mix @ white
+    cov = noise_covariance(noise)
+    np.testing.assert_allclose(cov, np.cov(noise), atol=1e-12)
+    w = whitening_matrix(cov)
+    whitened = noise_covariance(w @ noise)
+    scale = np.mean(np.real(np.diag(cov)))
+    np.testing.assert_allclose(whitened, scale * np.eye(3), atol=1e-5 * scale)
+
+
+def test_prewhiten_stage(raw_scan):
+    vol, plan, xml, lines = raw_scan
+    out = list(prewhiten(iter(lines + ["waveform"]), enabled=True))
+    assert not any(isinstance(x, AcqLine) and x.has_flag(19) for x in out)  # noise consumed
+    assert out[-1] == "waveform"  # other items pass through
+    w = whitening_matrix(noise_covariance(np.concatenate([ln.data for ln in lines if ln.has_flag(19)], axis=1)))
+    first = next(ln for ln in lines if not ln.has_flag(19))
+    np.testing.assert_allclose(out[0].data, w @ first.data, rtol=1e-5, atol=1e-9)
+    # disabled: noise still consumed, data untouched
+    off = list(prewhiten(iter(lines), enabled=False))
+    assert off[0].data is first.data
+    # no noise: unchanged objects
+    imaging = [ln for ln in lines if not ln.has_flag(19)]
+    assert all(a is b for a, b in zip(prewhiten(iter(imaging)), imaging))
+
+
+def test_noise_channel_mismatch():
+    noise = _line(0, np.ones((3, 8)) * np.arange(8), flags=flag_mask(19))
+    data = _line(0, np.ones((2, 8)))
+    with pytest.raises(NoiseError, match="3"):
+        list(prewhiten(iter([noise, data])))
