@@ -7,9 +7,9 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import bench, convert, demo, infer
+from . import bench, convert, demo, infer, replay, serve
 
-SUBCOMMANDS = (infer, convert, bench, demo)
+SUBCOMMANDS = (infer, replay, serve, convert, bench, demo)
 
 
 class UserError(Exception):
@@ -32,13 +32,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..data.mrd_file import MrdFileError
     from ..data.mrd_header import HeaderError
     from ..model.checkpoint import CheckpointError
+    from ..recon.config import ConfigError
+    from ..recon.pipeline import ReconError
+    from ..stream.assemble import AssemblyError
+    from ..stream.noise import NoiseError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose + 1, 2),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
-    except (UserError, CheckpointError, FastMRIFileError, MrdFileError, HeaderError, FileNotFoundError) as exc:
+    except (UserError, CheckpointError, ConfigError, FastMRIFileError, MrdFileError, HeaderError, AssemblyError,
+            NoiseError, ReconError, FileNotFoundError) as exc:
         print(f"varnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,50 @@
+"""``varnet serve``: the MRD stream server, or (``--gadgetron``) the Gadgetron ``<connect>`` listener."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    from . import example_epilog
+
+    p = sub.add_parser(
+        "serve", help="MRD stream server (or Gadgetron <connect> listener with --gadgetron)",
+        description="Accepts scan after scan, one TCP connection each, with the model loaded once. "
+                    "MRD clients (gadgetron_ismrmrd_client, python-ismrmrd-server's client.py, FIRE) choose a "
+                    "preset from pipelines/ by CONFIG_FILE name. Binds to 127.0.0.1 unless --host says otherwise.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=example_epilog("varnet serve --port 9002 --checkpoint model.pt",
+                              "varnet serve --gadgetron --port 18000 --checkpoint model.pt   "
+                              "# for pipelines/varnet-connect.xml"))
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 9002; 18000 with --gadgetron)")
+    p.add_argument("--gadgetron", action="store_true", help="speak Gadgetron's external-channel dialect")
+    p.add_argument("--config", default="default", help="base preset name or YAML file")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-connections", type=int, default=16)
+    p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without data before a scan fails")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..recon.config import load_config
+    from ..recon.pipeline import build_engine
+    from ..server import ReconService
+
+    config = load_config(args.config)
+    config = config.merged({k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v},
+                           "command line")
+    engine, model_id = build_engine(config)
+    service = ReconService(config, engine, model_id, idle_timeout=args.idle_timeout)
+    dialect = "gadgetron" if args.gadgetron else "mrd"
+    port = args.port if args.port is not None else (18000 if args.gadgetron else 9002)
+    print(f"varnet serve: {dialect} dialect on {args.host}:{port}, model {model_id}; Ctrl-C to stop", flush=True)
+    try:
+        service.serve(args.host, port, dialect, max_connections=args.max_connections)
+    except KeyboardInterrupt:
+        print("varnet serve: stopped")
+    return 0

@@ -1,0 +1,277 @@
+"""Network doors: the MRD stream server (client protocol) and the Gadgetron ``<connect>`` listener.
+
+One mechanism, two dialects. Each connection is one scan, handled on its own thread:
+
+    socket ─▶ reader thread ─▶ bounded queue ─▶ pipeline (this thread) ─▶ images ─▶ socket
+
+so slice k is reconstructed while slice k+1 is still arriving. The model is loaded once per
+process (``ReconService``) and shared by all connections; the engine serialises device access.
+
+Dialects differ only where the peers differ (facts in DESIGN.md §4):
+* ``mrd`` (gadgetron_ismrmrd_client, python-ismrmrd-server's client.py, FIRE): CONFIG_FILE names a
+  preset (whitelist), CONFIG_TEXT may carry YAML, a JSON TEXT carries parameters; errors go
+  back as TEXT then CLOSE; only images are sent back (clients crash on echoed acquisitions).
+* ``gadgetron`` (Gadgetron's external channel): CONFIG_TEXT is the ``<configuration>`` XML with
+  ``<property>`` elements; errors go back as ERROR(8) then CLOSE, never TEXT; items we do not
+  reconstruct pass through.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+from .recon.config import ConfigError, ReconConfig, from_gadgetron_config, from_json_parameters, load_config, \
+    parse_yaml, client_merge
+from .recon.engine import Reconstructor
+from .recon.pipeline import ScanReconstructor
+from .stream.codec import Message, MessageId, MessageReader, MessageWriter, ProtocolError
+
+log = logging.getLogger(__name__)
+_END = object()
+
+
+class SessionError(Exception):
+    """A scan failed; the message goes to the client (TEXT or ERROR) and to the log."""
+
+
+@dataclass
+class SessionResult:
+    peer: str
+    images: int = 0
+    error: Optional[str] = None
+    config_only: bool = False
+
+
+class ReconService:
+    """Process-wide state: the operator's base config and the one loaded model."""
+
+    def __init__(self, config: ReconConfig, engine: Optional[Reconstructor], model_id: str = "none",
+                 idle_timeout: float = 300.0, max_message_bytes: int = 1 << 30, queue_lines: int = 4096):
+        self.config, self.engine, self.model_id = config, engine, model_id
+        self.idle_timeout, self.max_message_bytes, self.queue_lines = idle_timeout, max_message_bytes, queue_lines
+
+    # ------------------------------------------------------------------ one connection
+
+    def handle(self, sock: socket.socket, dialect: str = "mrd", peer: str = "?") -> SessionResult:
+        result = SessionResult(peer)
+        sock.settimeout(self.idle_timeout)
+        reader = MessageReader(sock, max_message_bytes=self.max_message_bytes)
+        writer = MessageWriter(sock)
+        pump: Optional[threading.Thread] = None
+        stop = threading.Event()
+        try:
+            setup = self._setup(reader, dialect, peer)
+            if setup is None:
+                result.config_only = True
+                _safe(writer.close)
+                return result
+            config, header_xml = setup
+            scan = ScanReconstructor(header_xml, config, self._engine_for(config), source=f"{peer}",
+                                     model_id=self.model_id)
+            q: queue.Queue = queue.Queue(maxsize=self.queue_lines)
+            pump = threading.Thread(target=_pump, args=(reader, q, stop), name=f"reader-{peer}", daemon=True)
+            pump.start()
+            for item in scan.run(_drain(q)):
+                if type(item).__name__ == "Image":
+                    writer.image(item)
+                    result.images += 1
+                elif dialect == "gadgetron":
+                    _send_passthrough(writer, item)
+            if dialect == "mrd":
+                for note in scan.notes:
+                    writer.text(f"WARNING: {note}")
+            writer.close()
+            log.info("%s: scan done, %d images, model %.2f s", peer, result.images, scan.stats.model_seconds)
+        except Exception as exc:  # every failure ends this scan only, with a message to the peer
+            result.error = _describe(exc)
+            log.error("%s: scan failed: %s", peer, result.error, exc_info=not _expected(exc))
+            self._report(writer, dialect, result.error)
+        finally:
+            stop.set()
+            _safe(lambda: sock.shutdown(socket.SHUT_RDWR))
+            _safe(sock.close)
+            if pump is not None:
+                pump.join(timeout=5)
+        return result
+
+    def _setup(self, reader: MessageReader, dialect: str, peer: str) -> Optional[tuple[ReconConfig, str]]:
+        """Config and header phase. ``None`` = the peer closed after config only (answer CLOSE)."""
+        config = self.config
+        while True:
+            msg = reader.read()
+            if msg is None:
+                raise SessionError("connection closed before HEADER (no CLOSE)")
+            log.debug("%s <-- %s (%d)", peer, msg.id.name, int(msg.id))
+            if msg.id == MessageId.CLOSE:
+                return None
+            if msg.id == MessageId.HEADER:
+                log.info("%s: resolved config: %s", peer, config.summary())
+                return config, msg.payload
+            if msg.id == MessageId.CONFIG_FILE:
+                config = self._preset(msg.payload, config)
+            elif msg.id == MessageId.CONFIG_TEXT:
+                config = self._config_text(msg.payload, config, dialect)
+            elif msg.id == MessageId.TEXT:
+                if dialect == "mrd" and msg.payload.lstrip().startswith("{"):
+                    config = from_json_parameters(msg.payload, config)
+                else:
+                    log.info("%s: text: %s", peer, msg.payload[:200])
+            else:
+                raise SessionError(f"{msg.id.name} before HEADER: send the ISMRMRD header first")
+
+    def _preset(self, name: str, config: ReconConfig) -> ReconConfig:
+        name = name.strip()
+        if name.endswith(".xml"):  # Gadgetron clients often name a chain file; map its stem to a preset
+            name = name[:-4]
+        if name in ("", "default"):
+            return config
+        preset = load_config(name, base=ReconConfig())
+        return client_merge(config, {k: v for k, v in preset.to_dict().items()
+                                     if k not in ("checkpoint", "device") and v != getattr(ReconConfig(), k)},
+                            f"preset {name}")
+
+    def _config_text(self, text: str, config: ReconConfig, dialect: str) -> ReconConfig:
+        stripped = text.strip()
+        if stripped.startswith("<"):
+            values = from_gadgetron_config(stripped, ReconConfig(), "configuration XML")
+            changed = {k: v for k, v in values.to_dict().items() if v != getattr(ReconConfig(), k)}
+            if dialect == "gadgetron":  # the chain file is the operator's: it may name the model
+                return config.merged(changed, "Gadgetron configuration")
+            return client_merge(config, changed, "configuration XML")
+        if dialect == "gadgetron":
+            raise ConfigError("Gadgetron configuration is not XML")
+        return client_merge(config, parse_yaml(stripped, "CONFIG_TEXT"), "CONFIG_TEXT")
+
+    def _engine_for(self, config: ReconConfig) -> Optional[Reconstructor]:
+        if config.mode == "zero-filled":
+            return None
+        if self.engine is None:
+            raise SessionError("this server runs without a model (zero-filled only); ask for preset 'zero-filled'")
+        if config.checkpoint and config.checkpoint != self.config.checkpoint:
+            raise SessionError(f"checkpoint '{config.checkpoint}' requested, but this server serves "
+                               f"'{self.config.checkpoint}'")
+        return self.engine
+
+    @staticmethod
+    def _report(writer: MessageWriter, dialect: str, text: str) -> None:
+        if dialect == "gadgetron":
+            _safe(lambda: writer.error(text))
+        else:
+            _safe(lambda: writer.text(f"ERROR: {text}"))
+        _safe(writer.close)
+
+    # ------------------------------------------------------------------ listening
+
+    def serve(self, host: str = "127.0.0.1", port: int = 9002, dialect: str = "mrd",
+              max_connections: int = 16, ready: Optional[threading.Event] = None,
+              stop: Optional[threading.Event] = None) -> None:
+        """Accept scan after scan until ``stop`` is set (Ctrl-C in the CLI)."""
+        slots = threading.BoundedSemaphore(max_connections)
+        with socket.create_server((host, port), reuse_port=False) as server:
+            server.settimeout(0.5)
+            self.address = server.getsockname()
+            log.info("listening on %s:%d (%s dialect, model %s)", *self.address[:2], dialect, self.model_id)
+            if ready:
+                ready.set()
+            while not (stop and stop.is_set()):
+                try:
+                    conn, addr = server.accept()
+                except socket.timeout:
+                    continue
+                peer = f"{addr[0]}:{addr[1]}"
+                if not slots.acquire(blocking=False):
+                    log.warning("%s: refused, %d connections already open", peer, max_connections)
+                    _refuse(conn, dialect, f"server busy: {max_connections} scans in progress")
+                    continue
+                threading.Thread(target=self._run_slot, args=(conn, dialect, peer, slots), name=f"scan-{peer}",
+                                 daemon=True).start()
+
+    def _run_slot(self, conn, dialect, peer, slots) -> None:
+        try:
+            self.handle(conn, dialect, peer)
+        finally:
+            slots.release()
+
+
+def _pump(reader: MessageReader, q: queue.Queue, stop: threading.Event) -> None:
+    """Reader thread: messages after HEADER → queue; END at CLOSE; exceptions are queued too."""
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        while not stop.is_set():
+            msg: Optional[Message] = reader.read()
+            if msg is None:
+                put(SessionError("connection closed without CLOSE; incomplete slices discarded"))
+                return
+            if msg.id == MessageId.CLOSE:
+                put(_END)
+                return
+            if msg.id in (MessageId.ACQUISITION, MessageId.IMAGE, MessageId.WAVEFORM):
+                if not put(msg.payload):
+                    return
+            elif msg.id == MessageId.TEXT:
+                log.info("text during scan: %s", msg.payload[:200])
+            else:
+                put(SessionError(f"unexpected {msg.id.name} after HEADER"))
+                return
+    except Exception as exc:
+        if not stop.is_set():
+            put(exc)
+
+
+def _drain(q: queue.Queue) -> Iterator[Any]:
+    while True:
+        item = q.get()
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _send_passthrough(writer: MessageWriter, item: Any) -> None:
+    kind = type(item).__name__
+    if kind == "AcqLine":
+        writer.acquisition(item)
+    elif kind == "Waveform":
+        writer.waveform(item)
+    else:
+        log.debug("dropping pass-through item of type %s", kind)
+
+
+def _refuse(conn: socket.socket, dialect: str, text: str) -> None:
+    writer = MessageWriter(conn)
+    ReconService._report(writer, dialect, text)
+    _safe(conn.close)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout):
+        return "timed out waiting for data from the client"
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0] if _expected(exc) else f"{type(exc).__name__}: {text.splitlines()[0]}"
+
+
+def _expected(exc: BaseException) -> bool:
+    return isinstance(exc, (SessionError, ProtocolError, ConfigError, ValueError, socket.timeout, OSError))
+
+
+def _safe(fn) -> None:
+    try:
+        fn()
+    except Exception:  # the peer may be gone already; nothing more to tell it
+        pass
+
+
+__all__ = ["ReconService", "SessionResult", "SessionError"]
