@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -48,12 +47,17 @@ def test_bench_reports_missing_reference(monkeypatch, capsys):
 
 def test_demo_runs_and_writes_outputs(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--train-seconds", "3"]) == 0
+    assert main(["demo", "--out", str(out), "--train-steps", "3"]) == 0
     text = capsys.readouterr().out
     assert "| zero-filled |" in text and "| E2E-VarNet |" in text
-    with h5py.File(out / "reconstruction.h5", "r") as f:
-        recon = f["reconstruction"][()]
-    assert recon.shape == (4, 96, 96) and np.isfinite(recon).all()
+    from gadget.stream.sinks import read_images_h5
+
+    series = read_images_h5(out / "images.h5")
+    assert sorted(series) == ["demo/image_1", "demo/image_2"]  # E2E-VarNet and zero-filled
+    assert [len(v) for v in series.values()] == [4, 4]  # one image per slice
+    data = np.asarray(series["demo/image_1"][0].data)
+    assert data.shape == (1, 1, 96, 96) and np.isfinite(data).all()
+    assert (out / "scan_raw_ismrmrd.h5").stat().st_size > 0
     png = (out / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (out / "demo_model.pt").stat().st_size > 0
