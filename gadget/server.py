@@ -17,6 +17,7 @@ Dialects differ only where the peers differ (facts in DESIGN.md §4):
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import socket
@@ -44,6 +45,7 @@ class SessionResult:
     images: int = 0
     error: Optional[str] = None
     config_only: bool = False
+    model_seconds: float = 0.0
 
 
 class ReconService:
@@ -53,6 +55,7 @@ class ReconService:
                  idle_timeout: float = 300.0, max_message_bytes: int = 1 << 30, queue_lines: int = 4096):
         self.config, self.engine, self.model_id = config, engine, model_id
         self.idle_timeout, self.max_message_bytes, self.queue_lines = idle_timeout, max_message_bytes, queue_lines
+        self.recent: collections.deque[SessionResult] = collections.deque(maxlen=64)  # for status and benchmarks
 
     # ------------------------------------------------------------------ one connection
 
@@ -85,12 +88,14 @@ class ReconService:
                 for note in scan.notes:
                     writer.text(f"WARNING: {note}")
             writer.close()
+            result.model_seconds = scan.stats.model_seconds
             log.info("%s: scan done, %d images, model %.2f s", peer, result.images, scan.stats.model_seconds)
         except Exception as exc:  # every failure ends this scan only, with a message to the peer
             result.error = _describe(exc)
             log.error("%s: scan failed: %s", peer, result.error, exc_info=not _expected(exc))
             self._report(writer, dialect, result.error)
         finally:
+            self.recent.append(result)
             stop.set()
             _safe(lambda: sock.shutdown(socket.SHUT_RDWR))
             _safe(sock.close)

@@ -24,6 +24,26 @@ def add_parser(sub) -> None:
     m.add_argument("--ours-only", action="store_true", help="skip the reference (fastmri not installed)")
     m.set_defaults(run=run_model)
 
+    i = which.add_parser("ingest", help="socket → acquisitions: our codec vs ismrmrd.serialization",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=example_epilog("varnet bench ingest --n-acq 2000 --channels 32 --samples 512"))
+    i.add_argument("--n-acq", type=int, default=2000)
+    i.add_argument("--channels", type=int, default=32)
+    i.add_argument("--samples", type=int, default=512)
+    i.add_argument("--repeats", type=int, default=5)
+    i.set_defaults(run=run_ingest)
+
+    p2 = which.add_parser("pipeline", help="stream-to-image overhead of the MRD server, model time excluded",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog=example_epilog("varnet bench pipeline --slices 16 --coils 12 --config default"))
+    p2.add_argument("--slices", type=int, default=16)
+    p2.add_argument("--coils", type=int, default=12)
+    p2.add_argument("--size", type=int, nargs=2, default=(160, 128), metavar=("H", "W"),
+                    help="image matrix; k-space readout is 2H")
+    p2.add_argument("--config", choices=("default", "small"), default="small")
+    p2.add_argument("--threads", type=int, default=2)
+    p2.set_defaults(run=run_pipeline)
+
 
 def run_model(args) -> int:
     from ..bench.model_bench import BenchCase, format_table, run
@@ -40,4 +60,18 @@ def run_model(args) -> int:
                      acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads)
     impls = ("ours",) if args.ours_only else ("reference", "ours")
     print(format_table(case, run(case, impls)))
+    return 0
+
+
+def run_ingest(args) -> int:
+    from ..bench.ingest_bench import format_table, run_ingest_bench
+
+    print(format_table(run_ingest_bench(args.n_acq, args.channels, args.samples, args.repeats)))
+    return 0
+
+
+def run_pipeline(args) -> int:
+    from ..bench.pipeline_bench import format_table, run_pipeline_bench
+
+    print(format_table(run_pipeline_bench(args.slices, args.coils, tuple(args.size), args.config, args.threads)))
     return 0

@@ -29,8 +29,8 @@ Acquisitions whose flags carry bits 53-56 (compressed payloads that reuse id 100
 Image pixel types follow the C++ library: ``DATATYPE_INT`` (4) is ``int32`` on the wire. (The
 Python ``ismrmrd`` package maps it to the platform ``int``, i.e. ``int64``, so its own serializer
 writes those images wrongly; we hand such images to ``ismrmrd.Image`` as ``int64`` arrays and
-write ``int32``.) Integers are read in the host's byte order: this module assumes a
-little-endian host, like ISMRMRD itself.
+write ``int32``.) Lengths and size fields are decoded as little-endian; the acquisition header
+array uses ``HEADER_DTYPE`` (native byte order), so a little-endian host is assumed, as ISMRMRD does.
 
 :class:`MessageReader` works on anything with ``recv_into`` (a socket; :class:`StreamSource`
 wraps files and bytes). It keeps a small read-ahead buffer for headers and lengths and receives
@@ -121,6 +121,22 @@ _U64 = struct.Struct("<Q")
 _OFF = {name: HEADER_DTYPE.fields[name][1] for name in
         ("flags", "number_of_samples", "active_channels", "trajectory_dimensions", "scan_counter")}
 _COMPRESSION_MASK = flag_mask(*COMPRESSION_FLAGS)
+_IDS = {int(m): m for m in MessageId}
+
+
+def _field_struct(fields: list[tuple[str, int, str]]) -> struct.Struct:
+    """A little-endian struct reading ``(name, offset, code)`` fields (ascending offsets), skipping the rest."""
+    fmt, at = "<", 0
+    for _, offset, code in fields:
+        fmt += f"{offset - at}x{code}" if offset > at else code
+        at = offset + struct.calcsize("<" + code)
+    return struct.Struct(fmt)
+
+
+# flags, number_of_samples, active_channels, trajectory_dimensions of a 340-byte acquisition header
+_ACQ_SIZES = _field_struct([("flags", _OFF["flags"], "Q"), ("samples", _OFF["number_of_samples"], "H"),
+                            ("channels", _OFF["active_channels"], "H"),
+                            ("traj_dims", _OFF["trajectory_dimensions"], "H")])
 _IMAGE_FIELDS = ("data_type", "channels", "matrix_size")
 
 
@@ -171,7 +187,7 @@ class MessageReader:
         self._lo = self._hi = 0      # unread bytes are _buf[_lo:_hi]
         self._pos = 0                # bytes consumed from the stream
         self._msg_start = 0          # stream offset of the current message
-        self._msg_name = "message id"
+        self._msg_id: MessageId | None = None
         self._failed: ProtocolError | None = None
         self._decoders: dict[MessageId, Callable[[], Any]] = {
             MessageId.CONFIG_FILE: self._config_file, MessageId.CONFIG_TEXT: self._text32,
@@ -200,12 +216,14 @@ class MessageReader:
     def read(self) -> Message | None:
         if self._failed is not None:
             raise ProtocolError(f"reader unusable after an earlier error: {self._failed}")
-        self._msg_start, self._msg_name = self._pos, "message id"
+        self._msg_start, self._msg_id = self._pos, None
         try:
-            if not self._fill(2, at_boundary=True):
+            if self._hi - self._lo < 2 and not self._fill(2, at_boundary=True):
                 return None
-            msg_id = self._message_id(self._u16())
-            self._msg_name = f"{msg_id.name} message (id {int(msg_id)})"
+            raw_id = _U16.unpack_from(self._buf, self._lo)[0]
+            self._lo += 2
+            self._pos += 2
+            msg_id = self._msg_id = _IDS.get(raw_id) or self._unknown_id(raw_id)
             return Message(msg_id, self._decoders[msg_id]())
         except ReadTimeout as exc:
             if not exc.resumable:
@@ -225,23 +243,20 @@ class MessageReader:
 
     # ------------------------------------------------------------------ errors
     def _where(self) -> str:
-        return (f"{self._msg_name} starting at stream offset {self._msg_start} "
+        name = "message id" if self._msg_id is None else f"{self._msg_id.name} message (id {int(self._msg_id)})"
+        return (f"{name} starting at stream offset {self._msg_start} "
                 f"({self._pos - self._msg_start} bytes of it consumed)")
 
     def _error(self, text: str) -> ProtocolError:
         return ProtocolError(f"{text} [{self._where()}]")
 
-    def _check_size(self, what: str, nbytes: int) -> None:
-        if nbytes > self.max_message_bytes:
-            raise self._error(f"{what} of {nbytes} bytes exceeds the limit of {self.max_message_bytes} bytes "
-                              "(max_message_bytes)")
+    def _too_big(self, what: str, nbytes: int) -> ProtocolError:
+        return self._error(f"{what} of {nbytes} bytes exceeds the limit of {self.max_message_bytes} bytes "
+                           "(max_message_bytes)")
 
-    def _message_id(self, raw: int) -> MessageId:
-        try:
-            return MessageId(raw)
-        except ValueError:
-            known = ", ".join(f"{m.value} {m.name}" for m in MessageId)
-            raise self._error(f"unknown message id {raw} (0x{raw:04x}); known ids: {known}") from None
+    def _unknown_id(self, raw: int) -> MessageId:
+        known = ", ".join(f"{m.value} {m.name}" for m in MessageId)
+        raise self._error(f"unknown message id {raw} (0x{raw:04x}); known ids: {known}")
 
     # ------------------------------------------------------------- raw reads
     def _recv(self, view: memoryview, pending: int) -> int:
@@ -255,7 +270,8 @@ class MessageReader:
                               resumable) from None
 
     def _eof(self, missing: int) -> TruncatedMessage:
-        return TruncatedMessage(f"connection closed with {missing} more bytes expected, inside {self._where()}")
+        return TruncatedMessage(f"connection closed with at least {missing} more bytes expected, "
+                                f"inside {self._where()}")
 
     def _fill(self, n: int, at_boundary: bool = False) -> bool:
         """Make ``n`` (<= buffer size) unread bytes available in the buffer, receiving as much as
@@ -283,9 +299,6 @@ class MessageReader:
         self._pos += n
         return view
 
-    def _u16(self) -> int:
-        return _U16.unpack(self._take(2))[0]
-
     def _readinto(self, dest: memoryview) -> None:
         """Fill ``dest`` (1-D bytes view) exactly: buffered bytes first, then large remainders are
         received directly into ``dest`` and small ones through the buffer."""
@@ -308,11 +321,12 @@ class MessageReader:
             k += got
             self._pos += got
 
-    def _read_array(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        arr = np.empty(shape, dtype)
-        if arr.size:
-            self._readinto(memoryview(arr.reshape(-1).view(np.uint8)))
-        return arr
+    def _read_array(self, shape: tuple[int, ...], dtype, nbytes: int) -> np.ndarray:
+        """A new array of ``shape`` received straight into its memory (``nbytes`` = its size)."""
+        raw = np.empty(nbytes, np.uint8)
+        if nbytes:
+            self._readinto(memoryview(raw))
+        return raw.view(dtype).reshape(shape)
 
     def _read_bytes(self, n: int) -> bytearray:
         out = bytearray(n)
@@ -333,7 +347,8 @@ class MessageReader:
         return self._decode(raw.split(b"\0", 1)[0], "config file name")
 
     def _text(self, length: int) -> str:
-        self._check_size("text payload", length)
+        if length > self.max_message_bytes:
+            raise self._too_big("text payload", length)
         return self._decode(self._read_bytes(length).rstrip(b"\0"), "text payload")
 
     def _text32(self) -> str:
@@ -343,21 +358,28 @@ class MessageReader:
         return self._text(_U64.unpack(self._take(8))[0])
 
     def _acquisition(self) -> AcqLine:
-        raw = self._take(ACQ_HEADER_BYTES)
-        flags = _U64.unpack_from(raw, _OFF["flags"])[0]
-        samples = _U16.unpack_from(raw, _OFF["number_of_samples"])[0]
-        channels = _U16.unpack_from(raw, _OFF["active_channels"])[0]
-        traj_dims = _U16.unpack_from(raw, _OFF["trajectory_dimensions"])[0]
+        """The hot path: one struct unpack for the size fields, a writable header copy, payload
+        received into the returned arrays."""
+        if self._hi - self._lo < ACQ_HEADER_BYTES:
+            self._fill(ACQ_HEADER_BYTES)
+        lo = self._lo
+        flags, samples, channels, traj_dims = _ACQ_SIZES.unpack_from(self._buf, lo)
         if flags & _COMPRESSION_MASK:
-            scan = _U32.unpack_from(raw, _OFF["scan_counter"])[0]
-            raise self._error(f"acquisition scan_counter {scan} has compression flag bit(s) "
-                              f"{_compression_bits(flags)} set (flags 0x{flags:016x}): compressed "
-                              "payloads are not supported; disable compression at the sender")
-        self._check_size(f"acquisition payload ({channels} channels x {samples} samples, "
-                         f"{traj_dims} trajectory dims)", samples * (traj_dims * 4 + channels * 8))
-        head = np.frombuffer(bytearray(raw), HEADER_DTYPE)[0]
-        traj = self._read_array((samples, traj_dims), np.float32) if traj_dims else None
-        return AcqLine(head, self._read_array((channels, samples), np.complex64), traj)
+            raise self._compressed(flags, _U32.unpack_from(self._buf, lo + _OFF["scan_counter"])[0])
+        head = np.frombuffer(self._buf[lo:lo + ACQ_HEADER_BYTES], HEADER_DTYPE)[0]  # slice = copy
+        self._lo = lo + ACQ_HEADER_BYTES
+        self._pos += ACQ_HEADER_BYTES
+        traj_bytes, data_bytes = samples * traj_dims * 4, channels * samples * 8
+        if traj_bytes + data_bytes > self.max_message_bytes:
+            raise self._too_big(f"acquisition payload ({channels} channels x {samples} samples, "
+                                f"{traj_dims} trajectory dims)", traj_bytes + data_bytes)
+        traj = self._read_array((samples, traj_dims), np.float32, traj_bytes) if traj_dims else None
+        return AcqLine(head, self._read_array((channels, samples), np.complex64, data_bytes), traj)
+
+    def _compressed(self, flags: int, scan_counter: int) -> ProtocolError:
+        return self._error(f"acquisition scan_counter {scan_counter} has compression flag bit(s) "
+                           f"{_compression_bits(flags)} set (flags 0x{flags:016x}): compressed payloads "
+                           "are not supported; disable compression at the sender")
 
     def _image(self) -> ismrmrd.Image:
         head_bytes = bytes(self._take(IMAGE_HEADER_BYTES))
@@ -369,10 +391,12 @@ class MessageReader:
         attr_len = _U64.unpack(self._take(8))[0]
         x, y, z = head.matrix_size
         shape = (head.channels, z, y, x)
-        self._check_size(f"image attributes ({attr_len} bytes) + pixels {shape} {dtype.name}",
-                         attr_len + head.channels * x * y * z * dtype.itemsize)
+        nbytes = head.channels * x * y * z * dtype.itemsize
+        if attr_len + nbytes > self.max_message_bytes:
+            raise self._too_big(f"image attributes ({attr_len} bytes) + pixels {shape} {dtype.name}",
+                                attr_len + nbytes)
         attributes = self._decode(self._read_bytes(attr_len).rstrip(b"\0"), "image attribute string")
-        pixels = self._read_array(shape, dtype)
+        pixels = self._read_array(shape, dtype, nbytes)
         if dtype == np.int32:  # ismrmrd-python holds DATATYPE_INT as the platform int
             pixels = pixels.astype(ismrmrd.image.get_dtype_from_data_type(head.data_type))
         try:
@@ -384,8 +408,10 @@ class MessageReader:
     def _waveform(self) -> ismrmrd.Waveform:
         head_bytes = bytes(self._take(WAVEFORM_HEADER_BYTES))
         head = ismrmrd.WaveformHeader.from_buffer_copy(head_bytes)
-        self._check_size(f"waveform data ({head.channels} channels x {head.number_of_samples} samples)",
-                         head.channels * head.number_of_samples * 4)
+        nbytes = head.channels * head.number_of_samples * 4
+        if nbytes > self.max_message_bytes:
+            raise self._too_big(f"waveform data ({head.channels} channels x {head.number_of_samples} samples)",
+                                nbytes)
         wave = ismrmrd.Waveform(head_bytes)  # allocates data (channels, number_of_samples) uint32
         if wave.data.size:
             self._readinto(memoryview(wave.data.reshape(-1).view(np.uint8)))

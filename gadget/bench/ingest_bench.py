@@ -1,0 +1,193 @@
+"""Ingest benchmark: MRD acquisitions over loopback TCP, our MessageReader vs ismrmrd's deserializer.
+
+A sender *process* pre-serializes HEADER + ``n_acq`` acquisitions (``channels`` x ``samples``
+complex64) + CLOSE, then for each trial connects to a listener on 127.0.0.1, waits for a one-byte
+"go" and ``sendall``s the bytes. The receiver times, from "go" to CLOSE:
+
+* ``ours``: :class:`gadget.stream.codec.MessageReader` on the socket, producing ``AcqLine`` objects;
+* ``ismrmrd``: ``ismrmrd.serialization.ProtocolDeserializer`` over ``sock.makefile('rb')``,
+  producing ``ismrmrd.Acquisition`` objects (it also parses the XML header into an object);
+* ``raw recv``: ``recv_into`` into one reused 1 MiB buffer, no parsing (the loopback ceiling).
+
+Trials alternate between readers; the figure is the median of ``repeats`` trials, in MB/s
+(10^6 bytes of stream per second). Run: ``python bench/ingest_bench.py [--n-acq N ...]``.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import time
+
+import numpy as np
+
+from gadget.stream.codec import MessageId, MessageReader, MessageWriter
+
+from gadget.data.mrd_header import build_header_xml
+from gadget.stream.types import AcqLine, make_head
+
+READERS = ("ours", "ismrmrd", "raw recv")
+
+
+class _Collect:
+    def __init__(self):
+        self.parts: list[bytes] = []
+
+    def sendall(self, data) -> None:
+        self.parts.append(bytes(data))
+
+
+def _header_xml(channels: int, samples: int) -> str:
+    return build_header_xml(encoded_matrix=(samples, 256, 1), recon_matrix=(samples // 2, 256, 1),
+                            encoded_fov_mm=(400, 200, 5), recon_fov_mm=(200, 200, 5), e1_max=255,
+                            e1_center=128, num_coils=channels)
+
+
+def build_stream(n_acq: int, channels: int, samples: int, seed: int = 0) -> bytes:
+    """HEADER + ``n_acq`` acquisitions (16 distinct payloads, distinct headers) + CLOSE."""
+    rng = np.random.default_rng(seed)
+    payloads = [(rng.standard_normal((channels, samples)) + 1j * rng.standard_normal((channels, samples)))
+                .astype(np.complex64) for _ in range(16)]
+    sink = _Collect()
+    writer = MessageWriter(sink)
+    writer.header(_header_xml(channels, samples))
+    for i in range(n_acq):
+        head = make_head(scan_counter=i, center_sample=samples // 2, idx={"kspace_encode_step_1": i % 256})
+        writer.acquisition(AcqLine(head, payloads[i % 16]))
+    writer.close()
+    return b"".join(sink.parts)
+
+
+def _sender(port: int, trials: int, n_acq: int, channels: int, samples: int) -> None:
+    data = build_stream(n_acq, channels, samples)
+    for _ in range(trials):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            if sock.recv(1) != b"g":
+                return
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(1)  # wait for the receiver to hang up
+
+
+def _read_ours(sock: socket.socket) -> int:
+    count = 0
+    reader = MessageReader(sock)
+    for msg in reader:
+        if msg.id == MessageId.ACQUISITION:
+            count += 1
+    return count
+
+
+def _read_ismrmrd(sock: socket.socket) -> int:
+    import ismrmrd
+    from ismrmrd.serialization import ProtocolDeserializer
+
+    with sock.makefile("rb") as stream:
+        return sum(isinstance(obj, ismrmrd.Acquisition) for obj in ProtocolDeserializer(stream).deserialize())
+
+
+def _read_raw(sock: socket.socket) -> int:
+    buf = memoryview(bytearray(1 << 20))
+    while sock.recv_into(buf):
+        pass
+    return -1
+
+
+_READ = {"ours": _read_ours, "ismrmrd": _read_ismrmrd, "raw recv": _read_raw}
+
+
+def _accept(server: socket.socket, sender) -> socket.socket:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            conn, _ = server.accept()
+            conn.settimeout(None)
+            return conn
+        except TimeoutError:
+            if not sender.is_alive():
+                raise RuntimeError(f"sender process exited (code {sender.exitcode})") from None
+    raise RuntimeError("sender did not connect within 600 s")
+
+
+def _trial(server: socket.socket, sender, reader: str) -> tuple[float, float, int]:
+    """(wall seconds, receiver CPU seconds, acquisitions read or -1)."""
+    conn = _accept(server, sender)
+    with conn:
+        conn.sendall(b"g")
+        t0, c0 = time.perf_counter(), time.process_time()
+        count = _READ[reader](conn)
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return elapsed, cpu, count
+
+
+def run_ingest_bench(n_acq: int = 2000, channels: int = 32, samples: int = 512, repeats: int = 3,
+                     readers: tuple[str, ...] = READERS) -> dict:
+    """Time each reader ``repeats`` times over loopback TCP. Returns sizes, per-trial wall and receiver
+    CPU seconds, ``mb_s`` (median wall MB/s per reader), ``mb_per_cpu_s`` (MB per receiver CPU second:
+    steadier on a loaded machine) and ``ratio`` (ours / ismrmrd wall MB/s)."""
+    total = (2 + 4 + len(_header_xml(channels, samples).encode()) + n_acq * (2 + 340 + channels * samples * 8)
+             + 2)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    times: dict[str, list[float]] = {r: [] for r in readers}
+    cpu: dict[str, list[float]] = {r: [] for r in readers}
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.5)
+        port = server.getsockname()[1]
+        sender = ctx.Process(target=_sender, args=(port, repeats * len(readers), n_acq, channels, samples),
+                             daemon=True)
+        sender.start()
+        try:
+            for _ in range(repeats):
+                for reader in readers:
+                    elapsed, cpu_s, count = _trial(server, sender, reader)
+                    if count not in (-1, n_acq):
+                        raise RuntimeError(f"{reader} read {count} acquisitions, expected {n_acq}")
+                    times[reader].append(elapsed)
+                    cpu[reader].append(cpu_s)
+        finally:
+            sender.join(timeout=30)
+            if sender.is_alive():
+                sender.terminate()
+    mb_s = {r: total / statistics.median(t) / 1e6 for r, t in times.items()}
+    result = {"n_acq": n_acq, "channels": channels, "samples": samples, "repeats": repeats,
+              "stream_bytes": total, "seconds": times, "cpu_seconds": cpu, "mb_s": mb_s,
+              "mb_per_cpu_s": {r: total / statistics.median(t) / 1e6 for r, t in cpu.items()}}
+    if "ours" in mb_s and "ismrmrd" in mb_s:
+        result["ratio"] = mb_s["ours"] / mb_s["ismrmrd"]
+    return result
+
+
+def format_table(result: dict) -> str:
+    head = (f"ingest benchmark: {result['n_acq']} acquisitions x {result['channels']} channels x "
+            f"{result['samples']} samples over loopback TCP ({result['stream_bytes'] / 1e6:.1f} MB per run), "
+            f"sender in a separate process\n"
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}, median of {result['repeats']} runs, {time.strftime('%Y-%m-%d')}\n")
+    rows = ["| reader | median MB/s | acquisitions/s | MB per receiver CPU s | runs (s) | vs ismrmrd |",
+            "|---|---|---|---|---|---|"]
+    ref = result["mb_s"].get("ismrmrd")
+    for reader, mbs in result["mb_s"].items():
+        per_s = result["n_acq"] / statistics.median(result["seconds"][reader])
+        ratio = f"{mbs / ref:.2f}x" if ref else "-"
+        runs = ", ".join(f"{t:.3f}" for t in result["seconds"][reader])
+        rows.append(f"| {reader} | {mbs:,.0f} | {per_s:,.0f} | {result['mb_per_cpu_s'][reader]:,.0f} | {runs} "
+                    f"| {ratio} |")
+    return head + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-acq", type=int, default=2000)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    print(format_table(run_ingest_bench(args.n_acq, args.channels, args.samples, args.repeats)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
