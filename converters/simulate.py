@@ -1,25 +1,68 @@
-"""Simulated multi-coil Cartesian scans (numerical phantom) in fastMRI layout.
+"""Simulated multi-coil Cartesian scans from real anatomy (or a phantom) in fastMRI layout.
 
-Physics, in order: analytic modified Shepp-Logan anatomy (varying across slices) × smooth random
-phase × smooth coil sensitivities of receive loops on a ring around the object; simulated on a
-grid twice as fine as the acquisition and cropped in k-space (no inverse crime); 2× readout
-oversampling as scanners store it; complex Gaussian noise correlated across coils.
+Physics, in order (one function each, tested separately in ``tests/test_synth.py``):
 
-Layouts: k-space ``(slice, coil, 2·H, W)`` complex64 (readout oversampled); targets ``(slice, H, W)``.
+1. **Anatomy** (:mod:`converters.anatomy`, :mod:`converters.geometry`): slices from the central
+   part of a 3-D head/brain volume (MNI152, Colin27) or an analytic phantom, the subject
+   randomly scaled/turned/shifted per volume, sampled (trilinear) on a **fine grid**: twice the
+   acquisition matrix over the recon FOV (pixel = FOV / (2 · matrix)).
+2. **Smooth random phase** (:class:`SmoothPhase`): a quadratic polynomial plus a few
+   low-frequency cosines (periods of about 150 mm) in scanner coordinates, like B0-offset phase.
+3. **Coil sensitivities** (:mod:`converters.coils`): Biot–Savart fields of circular loops on a
+   cylinder around the head; sensitivity ``B_x - i B_y``.
+4. **k-space without inverse crime** (:func:`fine_to_kspace`): coil images on the fine grid →
+   centred orthonormal FFT → keep the central ``W`` phase and ``2H`` readout frequencies, with the
+   readout FOV twice the recon FOV (2× readout oversampling, as fastMRI stores 640 for a 320 image).
+5. **Noise** (:func:`correlated_noise`): complex Gaussian, covariance ``σ² Ψ`` across coils
+   (``Ψ`` from :func:`converters.coils.noise_covariance`, mean diagonal 1), white over k-space,
+   plus a noise-only acquisition. **SNR definition**: ``SNR_dB = 20 log10(μ / σ)`` where ``μ`` is
+   the mean of the noise-free RSS target over the object (pixels above 10 % of the volume's
+   maximum) and ``σ²`` the mean per-coil noise variance of one k-space sample — equal, with the
+   orthonormal FFT, to the per-coil noise variance of one image pixel.
+6. **Determinism**: every random draw comes from one ``numpy.random.Generator`` seeded with
+   ``seed``; the same arguments give bitwise identical arrays.
+
+Layouts: ``kspace`` complex64 ``(slice, coil, 2H, W)`` (readout oversampled, fully sampled, noisy);
+targets float32 ``(slice, H, W)``: ``target_rss`` (RSS of the noisy k-space, centre-cropped — what
+fastMRI stores as ``reconstruction_rss``) and ``target`` (the same without noise, stored in files as
+:data:`NOISE_FREE_TARGET` = ``"target_noise_free"``); ``noise`` complex64 ``(coil, samples)``.
+Signal scale: magnitude 1 tissue × unit sensitivity ↦ :data:`SIGNAL_SCALE` (about fastMRI's range).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
+import scipy.fft as sfft
 
-# Modified Shepp-Logan (Toft 1996): intensity, semi-axes a, b, centre x0, y0, rotation (deg).
-_ELLIPSES = np.array([
-    [1.0, .69, .92, 0, 0, 0], [-.8, .6624, .874, 0, -.0184, 0],
-    [-.2, .11, .31, .22, 0, -18], [-.2, .16, .41, -.22, 0, 18],
-    [.1, .21, .25, 0, .35, 0], [.1, .046, .046, 0, .1, 0], [.1, .046, .046, 0, -.1, 0],
-    [.1, .046, .023, -.08, -.605, 0], [.1, .023, .023, 0, -.606, 0], [.1, .023, .046, .06, -.605, 0],
-])
+from .anatomy import Anatomy, load_anatomy, shepp_logan  # noqa: F401  (shepp_logan re-exported)
+from .coils import (
+    CoilArray,
+    check_num_coils,
+    coarse_axis,
+    cubic_interpolation_matrix,
+    loop_array,
+    noise_covariance,
+    receive_sensitivities,
+    upsample_maps,
+)
+from .geometry import (
+    NORMAL_AXIS,
+    Pose,
+    SlicePlane,
+    axis_positions,
+    central_slice_positions,
+    check_orientation,
+    random_pose,
+    slice_planes,
+)
+
+NOISE_FREE_TARGET = "target_noise_free"  # extra dataset next to fastMRI's reconstruction_rss
+SIGNAL_SCALE = 1e-4
+DEFAULT_SNR_DB = 30.0
+COIL_GAP_MM = 15.0          # loops sit this far outside the object's radius
+OBJECT_THRESHOLD = 0.1      # "object" = noise-free RSS above this fraction of the volume maximum
 
 
 @dataclass
@@ -29,136 +72,319 @@ class SimulatedVolume:
     target_rss: np.ndarray    # float32 (slice, H, W): RSS of the noisy data, cropped (fastMRI's target)
     noise: np.ndarray         # complex64 (coil, samples): a noise-only acquisition
     noise_covariance: np.ndarray  # complex128 (coil, coil), the covariance the noise was drawn with
+    acquisition: str = "SIM_PHANTOM_T1"
+    fov_mm: tuple[float, float] = (240.0, 240.0)   # recon FOV (rows = readout, columns = phase)
+    slice_thickness_mm: float = 5.0
+    orientation: str = "axial"
+    slice_positions_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))  # scanner, along the normal
+    snr_db: float = DEFAULT_SNR_DB
+    sigma: float = 0.0        # per-coil noise standard deviation (mean over coils)
 
 
-def _fft2c(x: np.ndarray) -> np.ndarray:
-    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+# ----------------------------------------------------------------------------- step 2: phase
 
 
-def _ifft2c(x: np.ndarray) -> np.ndarray:
-    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+@dataclass(frozen=True)
+class SmoothPhase:
+    """Phase (radians) at scanner points ``p`` (mm): with ``u = p / 100 mm``,
+    ``φ = offset + g·u + uᵀ Q u + Σ_k a_k cos(2π f_k·p + ψ_k)``."""
+
+    offset: float
+    gradient: np.ndarray      # (3,) rad per 100 mm
+    quadratic: np.ndarray     # (3, 3) symmetric, rad per (100 mm)²
+    frequencies: np.ndarray   # (K, 3) cycles per mm
+    amplitudes: np.ndarray    # (K,) rad
+    phases: np.ndarray        # (K,) rad
+
+    def __call__(self, points_mm: np.ndarray) -> np.ndarray:
+        p = np.asarray(points_mm, float)
+        u = p / 100.0
+        phi = self.offset + u @ self.gradient + np.einsum("...i,ij,...j->...", u, self.quadratic, u)
+        return phi + np.cos(2 * np.pi * (p @ self.frequencies.T) + self.phases) @ self.amplitudes
 
 
-def phantom(u: np.ndarray, v: np.ndarray, z: float) -> np.ndarray:
-    """Shepp-Logan intensity at coordinates ``(u, v)`` (object within [-1, 1]²); ``z`` in [-1, 1]
-    shrinks the ellipses like a slice moving off the centre of an ellipsoid."""
-    scale = np.sqrt(max(1.0 - 0.6 * z * z, 0.05))
-    out = np.zeros(u.shape)
-    for amp, a, b, x0, y0, deg in _ELLIPSES:
-        t = np.deg2rad(deg)
-        du, dv = u - x0 * scale, v - y0 * scale
-        ru = (du * np.cos(t) + dv * np.sin(t)) / (a * scale)
-        rv = (-du * np.sin(t) + dv * np.cos(t)) / (b * scale)
-        out += amp * (ru * ru + rv * rv <= 1.0)
-    return out
+def random_phase(rng: np.random.Generator, terms: int = 6, period_mm: float = 150.0) -> SmoothPhase:
+    """Draw a :class:`SmoothPhase`: offset uniform in [0, 2π); gradient N(0, 0.6²); quadratic
+    N(0, 0.25²); ``terms`` cosines with frequencies N(0, (1/period_mm)²) per axis, amplitudes N(0, 0.3²)."""
+    q = rng.normal(0, 0.25, (3, 3))
+    return SmoothPhase(float(rng.uniform(0, 2 * np.pi)), rng.normal(0, 0.6, 3), (q + q.T) / 2,
+                       rng.normal(0, 1 / period_mm, (terms, 3)), rng.normal(0, 0.3, terms),
+                       rng.uniform(0, 2 * np.pi, terms))
 
 
-def coil_sensitivities(u: np.ndarray, v: np.ndarray, num_coils: int, radius: float = 1.25,
-                       loop_size: float = 0.6) -> np.ndarray:
-    """``(coil, *u.shape)`` complex maps of loops evenly spaced on a ring of ``radius``: magnitude
-    falls off like a loop's on-axis field, (1 + (d/size)²)^-1.5; phase varies with position."""
-    maps = []
-    for c in range(num_coils):
-        ang = 2 * np.pi * c / num_coils
-        cu, cv = radius * np.cos(ang), radius * np.sin(ang)
-        d2 = (u - cu) ** 2 + (v - cv) ** 2
-        mag = (1.0 + d2 / loop_size**2) ** -1.5
-        phase = ang + 0.8 * ((u - cu) * np.sin(ang) - (v - cv) * np.cos(ang))
-        maps.append(mag * np.exp(1j * phase))
-    return np.stack(maps)
+# ----------------------------------------------------------------------------- step 4: k-space
 
 
-def _smooth_phase(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    c = rng.normal(scale=[1.0, 0.8, 0.8, 0.3, 0.3, 0.3])
-    return np.exp(1j * (c[0] + c[1] * u + c[2] * v + c[3] * u * u + c[4] * u * v + c[5] * v * v))
+def centred_fft(x: np.ndarray, axis: int, workers: int = 1, inverse: bool = False) -> np.ndarray:
+    """Centred orthonormal 1-D (inverse) DFT along ``axis`` — ``fftshift(fft(ifftshift(x)))`` —
+    the convention of fastMRI's ``fft2c``; for even lengths done by sign modulation instead of
+    shifts (``(-1)^(k - N/2) · DFT((-1)^m x)``), which saves two copies."""
+    n = x.shape[axis]
+    transform = sfft.ifft if inverse else sfft.fft
+    if n % 2:
+        return sfft.fftshift(transform(sfft.ifftshift(x, axes=axis), axis=axis, norm="ortho", workers=workers),
+                             axes=axis)
+    shape = [1] * x.ndim
+    shape[axis] = n
+    sign = np.where(np.arange(n) % 2, -1, 1).astype(np.float32).reshape(shape)
+    y = transform(x * sign, axis=axis, norm="ortho", workers=workers, overwrite_x=True)
+    y *= sign if (n // 2) % 2 == 0 else -sign
+    return y
 
 
-def noise_covariance(num_coils: int, rng: np.random.Generator, correlation: float = 0.2) -> np.ndarray:
-    """Hermitian positive-definite coil covariance with unit mean diagonal and neighbour coupling."""
-    idx = np.arange(num_coils)
-    dist = np.minimum(np.abs(idx[:, None] - idx[None]), num_coils - np.abs(idx[:, None] - idx[None]))
-    cov = correlation ** dist * np.exp(1j * 0.3 * (idx[:, None] - idx[None]))
-    cov = cov * np.outer(g := rng.uniform(0.8, 1.2, num_coils), g)
-    return cov / np.mean(np.real(np.diag(cov)))
+def image_from_kspace(kspace: np.ndarray, workers: int = 1) -> np.ndarray:
+    """Centred orthonormal 2-D inverse DFT over the last two axes (``(..., readout, phase)`` →
+    coil images, readout FOV still doubled)."""
+    return centred_fft(centred_fft(kspace, -1, workers, inverse=True), -2, workers, inverse=True)
+
+
+def _centre(n_from: int, n_to: int) -> slice:
+    start = n_from // 2 - n_to // 2
+    return slice(start, start + n_to)
+
+
+def fine_to_kspace(images: np.ndarray, workers: int = 1) -> np.ndarray:
+    """Coil images on the fine grid → acquired k-space.
+
+    ``images``: complex ``(coil, 2H, 2W)`` over the recon FOV, pixel FOV/(2H) × FOV/(2W).
+    Returns complex64 ``(coil, 2H, W)``: the central ``W`` phase frequencies and, with the readout
+    FOV doubled (zero padding to ``4H``), the central ``2H`` readout frequencies of the centred
+    orthonormal DFT, scaled by ``sqrt(N_acquired / N_fine) = 1/2`` so the inverse FFT of the
+    result reproduces the image magnitudes.
+    """
+    coils, rows, cols = images.shape
+    h, w = rows // 2, cols // 2
+    k = centred_fft(images.astype(np.complex64, copy=False), -1, workers)[..., _centre(cols, w)]
+    padded = np.zeros((coils, 4 * h, w), np.complex64)
+    padded[:, h:3 * h] = k
+    return (centred_fft(padded, -2, workers)[:, _centre(4 * h, 2 * h)] * np.float32(0.5)).astype(np.complex64)
+
+
+def kspace_to_rss(kspace: np.ndarray, height: int, workers: int = 1) -> np.ndarray:
+    """RSS image of ``(coil, readout, phase)`` k-space, centre-cropped to ``height`` rows →
+    float32 ``(height, phase)``."""
+    img = image_from_kspace(kspace, workers)
+    rss = np.sqrt((img.real ** 2 + img.imag ** 2).sum(0))
+    return rss[_centre(rss.shape[0], height)].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- step 5: noise
+
+
+def correlated_noise(shape: tuple[int, ...], covariance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Complex Gaussian noise ``(coil, ...)``, zero mean, ``E[n nᴴ] = covariance`` across coils,
+    independent over the other axes → complex64. (``L w`` with ``L`` the Cholesky factor and ``w``
+    standard complex normal, ``E|w|² = 1``; the product is summed coil by coil, not by BLAS, so the
+    result does not depend on the BLAS thread count.)"""
+    covariance = np.asarray(covariance)
+    if covariance.shape != (shape[0], shape[0]):
+        raise ValueError(f"covariance shape {covariance.shape} does not match {shape[0]} coils")
+    chol = np.linalg.cholesky(covariance).astype(np.complex64)
+    size = int(np.prod(shape[1:]))
+    white = rng.standard_normal((shape[0], size, 2), dtype=np.float32).view(np.complex64)[..., 0]
+    white *= np.float32(np.sqrt(0.5))
+    out = np.zeros((shape[0], size), np.complex64)
+    for c in range(shape[0]):
+        for j in range(c + 1):
+            out[c] += chol[c, j] * white[j]
+    return out.reshape(shape)
+
+
+def noise_sigma(target: np.ndarray, snr_db: float) -> float:
+    """σ for ``snr_db`` given the noise-free RSS ``target`` (see the SNR definition above)."""
+    if not np.isfinite(snr_db):
+        raise ValueError(f"SNR must be a finite number of dB, got {snr_db}")
+    mean = float(target[target > OBJECT_THRESHOLD * target.max()].mean())
+    return mean / 10 ** (snr_db / 20)
+
+
+# ----------------------------------------------------------------------------- the scan
+
+
+@dataclass
+class ScanGeometry:
+    """Everything fixed for one volume: pose, slice planes, coil array, fine and coarse grids."""
+
+    anatomy: Anatomy
+    pose: Pose
+    planes: list[SlicePlane]
+    slice_spacing_mm: float
+    fov_mm: tuple[float, float]
+    recon_size: tuple[int, int]
+    coil_array: CoilArray
+    coil_phase: np.ndarray
+    phase: SmoothPhase
+    fine_rows: np.ndarray = field(init=False)
+    fine_cols: np.ndarray = field(init=False)
+    coarse_rows: np.ndarray = field(init=False)
+    coarse_cols: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        h, w = self.recon_size
+        self.fine_rows = axis_positions(2 * h, self.fov_mm[0] / (2 * h))
+        self.fine_cols = axis_positions(2 * w, self.fov_mm[1] / (2 * w))
+        self.coarse_rows, self.coarse_cols = coarse_axis(self.fine_rows), coarse_axis(self.fine_cols)
+        self._row_matrix = cubic_interpolation_matrix(self.coarse_rows, self.fine_rows)
+        self._col_matrix = cubic_interpolation_matrix(self.coarse_cols, self.fine_cols)
+
+    def object_magnitude(self, plane: SlicePlane) -> np.ndarray:
+        """Step 1: float32 ``(2H, 2W)`` fine-grid magnitude (anatomy, no scale)."""
+        return self.anatomy.sample(self.pose.to_object(plane.points(self.fine_rows, self.fine_cols)))
+
+    def object_image(self, plane: SlicePlane) -> np.ndarray:
+        """Steps 1+2: complex64 ``(2H, 2W)`` fine-grid object (magnitude × phase × SIGNAL_SCALE)."""
+        phase = self.phase(plane.points(self.fine_rows, self.fine_cols)).astype(np.float32)
+        return (self.object_magnitude(plane) * np.float32(SIGNAL_SCALE)) * np.exp(1j * phase)
+
+    def coarse_sensitivities(self, plane: SlicePlane) -> np.ndarray:
+        return receive_sensitivities(self.coil_array, plane.points(self.coarse_rows, self.coarse_cols), self.coil_phase)
+
+    def sensitivities(self, plane: SlicePlane) -> np.ndarray:
+        """Step 3: complex64 ``(coil, 2H, 2W)`` maps on the fine grid."""
+        return upsample_maps(self.coarse_sensitivities(plane), self._row_matrix, self._col_matrix)
+
+    def phased_sensitivities(self, plane: SlicePlane) -> np.ndarray:
+        """Steps 2+3 together: ``(coil, 2H, 2W)`` maps × object phase × SIGNAL_SCALE. Both factors
+        are smooth (features of 100 mm and more), so they are multiplied on the coarse grid and
+        upsampled once — this saves evaluating the phase at every fine pixel."""
+        coarse_points = plane.points(self.coarse_rows, self.coarse_cols)
+        weights = SIGNAL_SCALE * np.exp(1j * self.phase(coarse_points))
+        return upsample_maps(self.coarse_sensitivities(plane) * weights, self._row_matrix, self._col_matrix)
+
+    def object_support_coarse(self, plane: SlicePlane) -> np.ndarray:
+        magnitude = self.anatomy.sample(self.pose.to_object(plane.points(self.coarse_rows, self.coarse_cols)))
+        return magnitude > 0.05 * max(float(magnitude.max()), 1e-12)
+
+
+def scan_geometry(anatomy: Anatomy, num_slices: int, num_coils: int, recon_size: tuple[int, int],
+                  orientation: str, rng: np.random.Generator, fov_mm: Optional[float] = None) -> ScanGeometry:
+    """Draw the per-volume geometry (pose, slab position, coil phases, phase field) from ``rng``."""
+    check_num_coils(num_coils)
+    check_orientation(orientation)
+    h, w = _check_recon_size(recon_size)
+    fov_rows = float(fov_mm if fov_mm is not None else anatomy.default_fov_mm)
+    if not fov_rows > 0:
+        raise ValueError(f"field of view must be > 0 mm, got {fov_mm}")
+    pose = random_pose(rng, orientation)
+    positions, spacing = central_slice_positions(anatomy.central_mm[NORMAL_AXIS[orientation]], num_slices, rng)
+    radius = pose.radius_bound_mm(anatomy.radius_mm, anatomy.extent_mm) + COIL_GAP_MM
+    length = pose.scale * float(np.ptp(anatomy.extent_mm[2]))
+    return ScanGeometry(
+        anatomy=anatomy, pose=pose, planes=slice_planes(orientation, pose.scale * positions),
+        slice_spacing_mm=pose.scale * spacing, fov_mm=(fov_rows, fov_rows * w / h), recon_size=(h, w),
+        coil_array=loop_array(num_coils, radius, length), coil_phase=rng.uniform(0, 2 * np.pi, num_coils),
+        phase=random_phase(rng))
+
+
+def _check_recon_size(recon_size) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in recon_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"recon_size must be (H, W), got {recon_size!r}") from None
+    if h < 8 or w < 8 or (h, w) != tuple(recon_size):
+        raise ValueError(f"recon_size must be two integers >= 8, got {recon_size!r}")
+    return h, w
+
+
+def simulate_clean_slice(geometry: ScanGeometry, plane: SlicePlane, workers: int = 1) -> np.ndarray:
+    """Steps 1–4 for one slice: noise-free acquired k-space complex64 ``(coil, 2H, W)``."""
+    return fine_to_kspace(geometry.phased_sensitivities(plane) * geometry.object_magnitude(plane), workers)
 
 
 def simulate_volume(num_slices: int = 4, num_coils: int = 8, recon_size: tuple[int, int] = (128, 128),
-                    snr_db: float = 30.0, seed: int = 0, noise_samples: int = 256) -> SimulatedVolume:
-    """Simulate a multi-slice scan; ``recon_size = (H, W)`` is the image matrix, k-space readout is 2·H."""
+                    snr_db: float = DEFAULT_SNR_DB, seed: int = 0, noise_samples: int = 256, *,
+                    source: str = "phantom", orientation: str = "axial", contrast: str = "t1w",
+                    fov_mm: Optional[float] = None, workers: int = 1,
+                    progress: Optional[Callable[[int], None]] = None) -> SimulatedVolume:
+    """Simulate a multi-slice scan; ``recon_size = (H, W)`` is the image matrix, k-space readout is 2·H.
+
+    ``source`` ∈ mni | colin | phantom; ``fov_mm`` is the recon FOV along the rows (default per
+    source; square pixels); ``workers`` threads for the FFTs; ``progress(1)`` after each slice.
+    """
+    if num_slices < 1:
+        raise ValueError(f"number of slices must be >= 1, got {num_slices}")
+    if noise_samples < 1:
+        raise ValueError(f"noise_samples must be >= 1, got {noise_samples}")
     rng = np.random.default_rng(seed)
-    h, w = recon_size
-    H_os = 2 * h
-    # fine grid: 2× the acquired matrix, same FOV (readout FOV twice the object FOV)
-    fu = (np.arange(2 * H_os) - H_os) / H_os * 2.0  # readout coordinate, object spans [-1, 1]
-    fv = (np.arange(2 * w) - w) / w * 1.1            # phase coordinate, small margin
-    U, V = np.meshgrid(fu, fv, indexing="ij")
-    sens = coil_sensitivities(U, V, num_coils)
-    cov = noise_covariance(num_coils, rng)
-    chol = np.linalg.cholesky(cov)
+    anatomy = load_anatomy(source, contrast)
+    geo = scan_geometry(anatomy, num_slices, num_coils, recon_size, orientation, rng, fov_mm)
+    h, w = geo.recon_size
+    middle = geo.planes[num_slices // 2]
+    support = geo.object_support_coarse(middle)
+    sens = geo.coarse_sensitivities(middle)
+    psi = noise_covariance(sens[:, support] if support.any() else sens.reshape(num_coils, -1), rng)
 
-    kspace = np.empty((num_slices, num_coils, H_os, w), np.complex64)
+    kspace = np.empty((num_slices, num_coils, 2 * h, w), np.complex64)
     target = np.empty((num_slices, h, w), np.float32)
+    for s, plane in enumerate(geo.planes):
+        kspace[s] = simulate_clean_slice(geo, plane, workers)
+        target[s] = kspace_to_rss(kspace[s], h, workers)
+    sigma = noise_sigma(target, snr_db)
+    cov = psi * sigma**2
     target_rss = np.empty_like(target)
-    scale = 1e-4
-    sigma = None
     for s in range(num_slices):
-        z = 0.0 if num_slices == 1 else -0.8 + 1.6 * s / (num_slices - 1)
-        obj = phantom(U, V, z) * _smooth_phase(U, V, rng) * scale
-        fine_k = _fft2c(sens * obj)
-        r0, c0 = (2 * H_os - H_os) // 2, (2 * w - w) // 2
-        clean = fine_k[:, r0:r0 + H_os, c0:c0 + w] * np.sqrt((H_os * w) / (4 * H_os * w))
-        if sigma is None:  # SNR defined on the first slice's mean signal in the object
-            img = np.sqrt((np.abs(_ifft2c(clean)) ** 2).sum(0))
-            sigma = img[img > 0.1 * img.max()].mean() / 10 ** (snr_db / 20)
-        white = (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape)) * (sigma / np.sqrt(2))
-        noisy = clean + np.einsum("ij,j...->i...", chol, white)
-        kspace[s] = noisy
-        target[s] = _crop_rss(_ifft2c(clean), h)
-        target_rss[s] = _crop_rss(_ifft2c(noisy), h)
-    white = (rng.standard_normal((num_coils, noise_samples)) + 1j * rng.standard_normal((num_coils, noise_samples)))
-    noise = (chol @ white) * (sigma / np.sqrt(2))
-    return SimulatedVolume(kspace, target, target_rss, noise.astype(np.complex64), cov * sigma**2)
+        kspace[s] += correlated_noise(kspace[s].shape, cov, rng)
+        target_rss[s] = kspace_to_rss(kspace[s], h, workers)
+        if progress is not None:
+            progress(1)
+    noise = correlated_noise((num_coils, noise_samples), cov, rng)
+    return SimulatedVolume(
+        kspace, target, target_rss, noise, cov, acquisition=f"SIM_{anatomy.name}_{contrast[:-1].upper()}",
+        fov_mm=geo.fov_mm, slice_thickness_mm=geo.slice_spacing_mm, orientation=orientation,
+        slice_positions_mm=np.array([float(np.dot(p.centre_mm, p.normal)) for p in geo.planes]),
+        snr_db=float(snr_db), sigma=float(sigma))
 
 
-def _crop_rss(coil_images: np.ndarray, h: int) -> np.ndarray:
-    r = np.sqrt((np.abs(coil_images) ** 2).sum(0))
-    start = (r.shape[0] - h) // 2
-    return r[start:start + h]
+# ----------------------------------------------------------------------------- files
 
 
-NOISE_FREE_TARGET = "target_noise_free"  # extra dataset next to fastMRI's reconstruction_rss
-
-
-def fastmri_header(vol: SimulatedVolume, fov_mm: float = 200.0, slice_mm: float = 4.0,
+def fastmri_header(vol: SimulatedVolume, fov_mm: Optional[float] = None, slice_mm: Optional[float] = None,
                    acceleration: int = 1, calibration_mode: str = "other") -> str:
-    """ISMRMRD header consistent with the simulated data (readout 2× oversampled)."""
+    """ISMRMRD header consistent with the simulated data: encoded matrix ``(2H, W, 1)`` over a
+    readout FOV twice the recon FOV, recon matrix ``(H, W, 1)``, phase limits 0..W-1 centred at
+    W//2 (fastMRI padding 0..W). ``fov_mm`` (rows) and ``slice_mm`` default to the volume's."""
     from gadget.data.mrd_header import build_header_xml
 
     s, c, readout, phase = vol.kspace.shape
     h, w = vol.target.shape[-2:]
+    fov_r, fov_c = (vol.fov_mm if fov_mm is None else (float(fov_mm), float(fov_mm) * w / h))
+    thick = vol.slice_thickness_mm if slice_mm is None else float(slice_mm)
     return build_header_xml(
         encoded_matrix=(readout, phase, 1), recon_matrix=(h, w, 1),
-        encoded_fov_mm=(2 * fov_mm, fov_mm * phase / h, slice_mm), recon_fov_mm=(fov_mm, fov_mm * w / h, slice_mm),
+        encoded_fov_mm=(fov_r * readout / h, fov_c * phase / w, thick), recon_fov_mm=(fov_r, fov_c, thick),
         e1_max=phase - 1, e1_center=phase // 2, num_coils=c, num_slices=s,
         acceleration_e1=acceleration, calibration_mode=calibration_mode)
 
 
 def write_fastmri(path, vol: SimulatedVolume, mask: np.ndarray | None = None,
                   num_low_frequency: int | None = None, acceleration: float | None = None,
-                  patient_id: str = "sim") -> None:
-    """Write a fastMRI multicoil file: train/val layout when ``mask`` is None, else test layout
-    (undersampled ``kspace``, ``mask``, attrs ``acceleration`` and ``num_low_frequency``)."""
+                  patient_id: str = "sim", keep_targets: bool = False, with_noise: bool = False) -> None:
+    """Write a fastMRI multicoil file (atomically).
+
+    Train/val layout when ``mask`` is None: full ``kspace``, ``reconstruction_rss``,
+    :data:`NOISE_FREE_TARGET`, ``ismrmrd_header``. Test layout otherwise: undersampled ``kspace``,
+    ``mask``, attrs ``acceleration`` and ``num_low_frequency`` — plus the two targets when
+    ``keep_targets``. ``with_noise`` adds the noise-only samples as ``noise`` complex64
+    ``(coil, samples)`` (converters turn it into a noise scan). Attrs always: ``max``, ``norm``
+    (of ``reconstruction_rss``), ``acquisition``, ``patient_id``.
+    """
     from gadget.data.fastmri_file import write_atomic_h5
 
-    attrs = {"acquisition": "SIMULATED_PHANTOM", "patient_id": patient_id,
+    attrs = {"acquisition": vol.acquisition, "patient_id": patient_id,
              "max": float(vol.target_rss.max()), "norm": float(np.linalg.norm(vol.target_rss))}
+    targets = {"reconstruction_rss": vol.target_rss, NOISE_FREE_TARGET: vol.target}
     if mask is None:
-        data = {"kspace": vol.kspace, "reconstruction_rss": vol.target_rss, NOISE_FREE_TARGET: vol.target,
-                "ismrmrd_header": fastmri_header(vol)}
+        data = {"kspace": vol.kspace, **targets, "ismrmrd_header": fastmri_header(vol)}
     else:
         mask = np.asarray(mask, bool)
+        if mask.shape != (vol.kspace.shape[-1],):
+            raise ValueError(f"mask must have shape ({vol.kspace.shape[-1]},), got {mask.shape}")
         data = {"kspace": (vol.kspace * mask).astype(np.complex64), "mask": mask.astype(np.float32),
                 "ismrmrd_header": fastmri_header(vol, acceleration=int(round(acceleration or 1)))}
+        if keep_targets:
+            data.update(targets)
         attrs.update(acceleration=float(acceleration or mask.size / mask.sum()),
                      num_low_frequency=int(num_low_frequency or 0))
+    if with_noise:
+        data["noise"] = vol.noise
     write_atomic_h5(path, data, attrs)

@@ -9,7 +9,7 @@ import pytest
 from gadget.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ("infer", "bench", "demo")
+SUBCOMMANDS = ("infer", "replay", "serve", "convert", "synth", "bench", "demo")
 
 
 def _help(*args):
@@ -23,7 +23,9 @@ def test_top_level_help_lists_subcommands():
         assert name in text
 
 
-@pytest.mark.parametrize("argv", [["infer"], ["bench"], ["bench", "model"], ["demo"]])
+@pytest.mark.parametrize("argv", [["infer"], ["replay"], ["serve"], ["convert"], ["convert", "fastmri-to-ismrmrd"],
+                                  ["convert", "ismrmrd-to-fastmri"], ["synth"], ["bench"], ["bench", "model"],
+                                  ["bench", "ingest"], ["bench", "pipeline"], ["demo"]])
 def test_every_subcommand_help_shows_an_example(argv):
     text = _help(*argv)
     assert "example:" in text and "varnet " + argv[0] in text.split("example:")[1]

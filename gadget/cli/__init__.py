@@ -7,9 +7,9 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import bench, convert, demo, infer, replay, serve
+from . import bench, convert, demo, infer, replay, serve, synth
 
-SUBCOMMANDS = (infer, replay, serve, convert, bench, demo)
+SUBCOMMANDS = (infer, replay, serve, convert, synth, bench, demo)
 
 
 class UserError(Exception):
