@@ -34,10 +34,14 @@ def engine():
 
 @pytest.fixture(scope="module")
 def server(engine):
-    service = ReconService(ReconConfig(checkpoint="model.pt"), engine, "test-model", idle_timeout=3.0,
+    from gadget.recon.batching import BatchingEngine
+
+    shared = BatchingEngine(engine, max_batch=4)  # as `varnet serve` runs it
+    service = ReconService(ReconConfig(checkpoint="model.pt"), shared, "test-model", idle_timeout=3.0,
                            max_message_bytes=64 << 20)
     with running(service) as port:
         yield port
+    shared.close()
 
 
 def _good_scan_works(port, scan):
@@ -241,8 +245,15 @@ def _play(port, actions, idle_wait=False):
 
 
 def test_reliability_catalog(server, scan):
+    import gc
+    import tracemalloc
+
     cases = _cases(scan)
     assert len(cases) >= 20
+    _good_scan_works(server, scan)  # warm caches before the memory baseline
+    gc.collect()
+    tracemalloc.start()
+    baseline_memory = tracemalloc.get_traced_memory()[0]
     baseline_threads = threading.active_count()
     for name, (actions, expected, n_images) in cases.items():
         t0 = time.perf_counter()
@@ -261,6 +272,11 @@ def test_reliability_catalog(server, scan):
     while threading.active_count() > baseline_threads and time.time() < deadline:
         time.sleep(0.1)
     assert threading.active_count() <= baseline_threads
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - baseline_memory
+    tracemalloc.stop()
+    print(f"memory held after the catalog: {grown / 2**20:.2f} MiB")
+    assert grown < 8 << 20, f"{grown / 2**20:.1f} MiB still held after the catalog"
 
 
 # ------------------------------------------------------------------------ Gadgetron dialect

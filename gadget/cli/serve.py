@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--max-connections", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=4,
+                   help="slices from concurrent scans reconstructed in one forward pass (1 = no batching)")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without data before a scan fails")
     p.set_defaults(run=run)
 
@@ -38,7 +40,11 @@ def run(args) -> int:
     config = load_config(args.config)
     config = config.merged({k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v},
                            "command line")
+    from ..recon.batching import BatchingEngine
+
     engine, model_id = build_engine(config)
+    if engine is not None:
+        engine = BatchingEngine(engine, max_batch=args.max_batch)  # one model, batched across scans
     service = ReconService(config, engine, model_id, idle_timeout=args.idle_timeout)
     dialect = "gadgetron" if args.gadgetron else "mrd"
     port = args.port if args.port is not None else (18000 if args.gadgetron else 9002)

@@ -1,0 +1,119 @@
+"""Cross-scan batching: many connections, one model, one forward pass per batch.
+
+Each scan thread calls the engine as if it were alone; a worker thread gathers pending
+requests with the same k-space shape (up to ``max_batch``, waiting at most ``window_s`` for
+company), runs one forward pass with per-sample masks and ACS counts, and hands each caller
+its own images. Device access is therefore serialised (one forward at a time) and batched.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .engine import Reconstructor
+
+
+@dataclass
+class _Request:
+    kspace: np.ndarray          # complex64 (b, coil, readout, phase)
+    mask: np.ndarray            # bool (phase,)
+    num_low: Optional[int]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Optional[np.ndarray] = None
+    error: Optional[BaseException] = None
+
+    @property
+    def key(self) -> tuple:
+        return self.kspace.shape[1:], self.num_low is None
+
+
+class BatchingEngine:
+    """Drop-in for :class:`Reconstructor` (same call signature), shared by all scans."""
+
+    def __init__(self, engine: Reconstructor, max_batch: int = 4, window_s: float = 0.002):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
+        self.device = engine.device
+        self.forward_calls = 0
+        self._queue: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="batching-engine", daemon=True)
+        self._worker.start()
+
+    def __call__(self, kspace, mask, num_low_frequencies: Optional[int] = None) -> np.ndarray:
+        k = np.asarray(kspace, np.complex64)
+        req = _Request(k if k.ndim == 4 else k[None], np.asarray(mask, bool).reshape(-1), num_low_frequencies)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the reconstruction engine has been shut down")
+            self._queue.append(req)
+            self._cond.notify_all()
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._worker.join(5)
+
+    def _take_batch(self) -> list[_Request]:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return []
+            first = self._queue.popleft()
+            batch, size = [first], first.kspace.shape[0]
+            waited = False
+            while size < self.max_batch:
+                match = next((r for r in self._queue if r.key == first.key
+                              and size + r.kspace.shape[0] <= self.max_batch), None)
+                if match is not None:
+                    self._queue.remove(match)
+                    batch.append(match)
+                    size += match.kspace.shape[0]
+                elif not waited and self.window_s > 0:
+                    self._cond.wait(self.window_s)  # give concurrent scans a moment to join
+                    waited = True
+                else:
+                    break
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                return
+            try:
+                self._forward(batch)
+            except BaseException as exc:  # every caller in the batch gets the failure, the worker lives on
+                for r in batch:
+                    r.error = exc
+            for r in batch:
+                r.done.set()
+
+    def _forward(self, batch: list[_Request]) -> None:
+        kspace = np.concatenate([r.kspace for r in batch])
+        masks = np.concatenate([np.broadcast_to(r.mask, (r.kspace.shape[0], r.mask.size)) for r in batch])
+        counts = [r.kspace.shape[0] for r in batch]
+        if batch[0].num_low is None:
+            num_low = None
+        else:
+            num_low = torch.tensor(np.repeat([r.num_low for r in batch], counts))
+        mask = torch.from_numpy(np.ascontiguousarray(masks)).view(len(masks), 1, 1, -1)
+        self.forward_calls += 1
+        out = self.engine(kspace, mask, num_low)
+        start = 0
+        for r, n in zip(batch, counts):
+            r.result = out[start:start + n]
+            start += n
