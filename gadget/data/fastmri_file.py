@@ -18,6 +18,7 @@ from typing import Any, Optional
 import h5py
 import numpy as np
 
+from .h5 import open_readonly
 from .mrd_header import EncodingInfo, HeaderError, parse_encoding
 
 
@@ -58,12 +59,7 @@ class FastMRIVolume:
 def open_volume(path: str | os.PathLike) -> FastMRIVolume:
     """Open and validate a fastMRI multicoil file (raises :class:`FastMRIFileError`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FastMRIFileError(f"{path}: no such file")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise FastMRIFileError(f"{path}: not a readable HDF5 file ({exc})") from None
+    handle = open_readonly(path, FastMRIFileError)
     try:
         return _validate(path, handle)
     except Exception:

@@ -18,6 +18,8 @@ import h5py
 import numpy as np
 from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype
 
+from .h5 import open_readonly
+
 HEADER_DTYPE = acquisition_header_dtype
 RECORD_DTYPE = acquisition_dtype
 COMPRESSION_BITS = (53, 54, 55, 56)
@@ -51,12 +53,7 @@ class AcquisitionChunk:
 
 
 def _open(path: Path, group: str) -> tuple[h5py.File, h5py.Group]:
-    if not path.is_file():
-        raise MrdFileError(f"{path}: no such file")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise MrdFileError(f"{path}: not a readable HDF5 file ({exc})") from None
+    handle = open_readonly(path, MrdFileError)
     if group not in handle:
         groups = ", ".join(handle.keys()) or "none"
         handle.close()
