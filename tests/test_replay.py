@@ -70,3 +70,15 @@ def test_replay_errors_are_one_line(tmp_path, capsys):
     assert "bad.h5" in err and "Traceback" not in err
     assert main(["replay", str(bad), str(tmp_path / "o.h5"), "--config", "no-such-preset"]) == 2
     assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
+
+
+def test_replay_synth_ismrmrd_file(tmp_path):
+    """`varnet synth --format ismrmrd` output (noise scan + undersampled lines) replays slice for slice."""
+    assert main(["synth", str(tmp_path / "raw"), "--source", "phantom", "--slices", "3", "--coils", "4",
+                 "--matrix", "32", "--format", "ismrmrd", "--acceleration", "4", "--mask", "equispaced-fraction",
+                 "--center-fraction", "0.125"]) == 0
+    (raw,) = sorted((tmp_path / "raw").glob("*.h5"))
+    assert main(["replay", str(raw), str(tmp_path / "img.h5"), "--config", "zero-filled"]) == 0
+    (images,) = read_images_h5(tmp_path / "img.h5").values()
+    assert [im.slice for im in images] == [0, 1, 2]
+    assert all(np.asarray(im.data).shape == (1, 1, 32, 32) for im in images)
