@@ -1,10 +1,9 @@
 """The built-in demo job: a simulated undersampled raw scan streamed through the gadget.
 
-A simulated multi-coil scan (with a noise scan) is written as a raw ISMRMRD file and streamed
-through the same pipeline the Gadgetron and MRD-server doors use (replay door), once
-zero-filled and once with E2E-VarNet; images go to HDF5 as Gadgetron's client writes them,
-plus a PNG comparison and metrics. No trained weights ship yet, so the demo first fits a small
-E2E-VarNet on other simulated volumes for a fixed time budget (stated in the output).
+A simulated multi-coil brain scan (with a noise scan) is written as a raw ISMRMRD file and
+streamed through the same pipeline the Gadgetron and MRD-server doors use (replay door), once
+zero-filled and once with E2E-VarNet (the shipped weights); images go to HDF5 as Gadgetron's
+client writes them, plus a PNG comparison and metrics against the noise-free truth.
 """
 from __future__ import annotations
 
@@ -31,9 +30,12 @@ DEMO_MODEL = VarNetConfig(num_cascades=4, chans=12, pools=3, sens_chans=4, sens_
 @dataclass
 class DemoSettings:
     out_dir: Path
-    train_steps: int = 200
+    train_steps: int = 0           # 0: use the shipped weights; > 0: fit a small model on phantoms first
     acceleration: int = 4
     center_fraction: float = 0.08
+    mask: str = "random"
+    source: str = "mni"
+    orientation: str = "axial"
     image_size: tuple[int, int] = (96, 96)
     coils: int = 8
     seed: int = 0
@@ -111,38 +113,52 @@ def image_magnitude(image) -> np.ndarray:
 
 
 def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, float]]:
+    """Simulate → raw ISMRMRD → gadget pipeline (zero-filled and E2E-VarNet) → images, PNG, metrics.
+
+    With ``settings.train_steps == 0`` (the default) the shipped weights reconstruct a simulated
+    brain scan like the data they were trained on; with ``train_steps > 0`` a small model is
+    fitted on phantoms first (no shipped weights needed)."""
     from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
 
+    from .model.checkpoint import load_checkpoint
+    from .model.shipped import shipped_checkpoint
     from .recon.config import ReconConfig
     from .replay import replay_file
     from .stream.sinks import write_images_h5
 
     out = settings.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    progress(f"[1/4] fitting a small E2E-VarNet on simulated phantoms for {settings.train_steps} steps "
-             "(no trained weights ship yet)")
-    model = fit_briefly(settings, progress)
-    ckpt = out / "demo_model.pt"
-    save_checkpoint(ckpt, model, {"data": "simulated Shepp-Logan phantoms (varnet demo)",
-                                  "masks": f"equispaced-fraction {settings.acceleration}x, "
-                                           f"center fraction {settings.center_fraction}",
-                                  "train_steps": settings.train_steps})
+    if settings.train_steps > 0:
+        progress(f"[1/4] fitting a small E2E-VarNet on simulated phantoms for {settings.train_steps} steps")
+        model = fit_briefly(settings, progress)
+        ckpt = out / "demo_model.pt"
+        save_checkpoint(ckpt, model, {"data": "simulated Shepp-Logan phantoms (varnet demo)",
+                                      "masks": f"equispaced-fraction {settings.acceleration}x, "
+                                               f"center fraction {settings.center_fraction}",
+                                      "train_steps": settings.train_steps})
+        source, size, model_id = "phantom", settings.image_size, f"{ckpt.name} (fitted in this demo)"
+    else:
+        ckpt = shipped_checkpoint()
+        loaded = load_checkpoint(ckpt)
+        model, source, size = loaded.model, settings.source, (128, 128)
+        model_id = f"shipped {ckpt.name} (sha256 {loaded.sha256[:12]})"
+        progress(f"[1/4] using the shipped weights {ckpt.name}: {loaded.description.get('data', '')}")
 
-    progress("[2/4] simulating a held-out scan: raw ISMRMRD file with a noise scan, "
+    progress(f"[2/4] simulating a held-out {source} scan: raw ISMRMRD file with a noise scan, "
              f"{settings.acceleration}x undersampled")
-    vol = simulate_volume(4, settings.coils, settings.image_size, seed=settings.seed + 999)
-    write_fastmri(out / "scan_fully_sampled.h5", vol)
+    vol = simulate_volume(4, settings.coils, size, seed=settings.seed + 999, source=source,
+                          orientation=settings.orientation)
+    write_fastmri(out / "scan_fully_sampled.h5", vol, with_noise=True)
     raw = out / "scan_raw_ismrmrd.h5"
-    plan = convert_fastmri_to_ismrmrd(out / "scan_fully_sampled.h5", raw, "equispaced-fraction",
+    plan = convert_fastmri_to_ismrmrd(out / "scan_fully_sampled.h5", raw, settings.mask,
                                       settings.acceleration, settings.center_fraction, seed=settings.seed)
 
     progress("[3/4] streaming the acquisitions through the gadget pipeline (replay door): "
              "zero-filled and E2E-VarNet")
-    # The demo model was fitted on unwhitened coils, so the stream is not prewhitened either.
+    # The models were trained on coil data as simulated (not prewhitened), so the stream is not either.
     base = dict(prewhiten=False, checkpoint=str(ckpt), device="auto")
     zf_run = replay_file(raw, ReconConfig(mode="zero-filled", image_series_index=2, **base), None)
-    vn_run = replay_file(raw, ReconConfig(mode="varnet", **base), Reconstructor(model, "auto"),
-                         model_id=f"{ckpt.name} (fitted in this demo)")
+    vn_run = replay_file(raw, ReconConfig(mode="varnet", **base), Reconstructor(model, "auto"), model_id=model_id)
     write_images_h5(out / "images.h5", zf_run.images + vn_run.images, "demo")
     zf = np.stack([image_magnitude(im) for im in zf_run.images])
     recon = np.stack([image_magnitude(im) for im in vn_run.images])
@@ -152,6 +168,6 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
     results = {"zero-filled": volume_metrics(truth, zf), "E2E-VarNet": volume_metrics(truth, recon)}
     mid = truth.shape[0] // 2
     save_comparison_png(out / "comparison.png", truth[mid], {"zero-filled": zf[mid], "E2E-VarNet": recon[mid]},
-                        f"{settings.acceleration}x equispaced, {plan.num_low} ACS lines, slice {mid}, "
-                        f"streamed through the gadget")
+                        f"{source} {settings.orientation}, {settings.acceleration}x {settings.mask}, "
+                        f"{plan.num_low} ACS lines, slice {mid}, streamed through the gadget")
     return results

@@ -7,9 +7,9 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import bench, convert, demo, infer, replay, serve, synth
+from . import bench, compare, convert, demo, evaluate, infer, replay, serve, synth, train
 
-SUBCOMMANDS = (infer, replay, serve, convert, synth, bench, demo)
+SUBCOMMANDS = (infer, replay, serve, convert, synth, train, evaluate, compare, bench, demo)
 
 
 class UserError(Exception):

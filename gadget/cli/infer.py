@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
         epilog=example_epilog("varnet infer --checkpoint knee_leaderboard_state_dict.pt "
                               "--input multicoil_test/ --output recons/"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="fastMRI state dict, Lightning .ckpt, or our checkpoint")
+    p.add_argument("--checkpoint", default=None,
+                   help="fastMRI state dict, Lightning .ckpt, or our checkpoint (default: the shipped weights)")
     p.add_argument("--input", required=True, type=Path, help="one .h5 file or a directory of them")
     p.add_argument("--output", required=True, type=Path, help="output directory")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -54,7 +55,9 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     files = input_files(args.input)
-    loaded = load_checkpoint(args.checkpoint)
+    from ..model.shipped import resolve_checkpoint
+
+    loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
     try:
         engine = Reconstructor(loaded.model, args.device)
     except (RuntimeError, ValueError) as exc:

@@ -183,10 +183,9 @@ def build_engine(config: ReconConfig) -> tuple[Optional[Reconstructor], str]:
     """Load the model once per process: ``(engine, description for logs)``; no engine in zero-filled mode."""
     if config.mode == "zero-filled":
         return None, "none (zero-filled)"
-    from ..model.checkpoint import CheckpointError, load_checkpoint
+    from ..model.checkpoint import load_checkpoint
+    from ..model.shipped import resolve_checkpoint
 
-    if not config.checkpoint:
-        raise CheckpointError("mode 'varnet' needs a checkpoint (set 'checkpoint' or pass --checkpoint)")
-    loaded = load_checkpoint(config.checkpoint)
+    loaded = load_checkpoint(resolve_checkpoint(config.checkpoint))  # none given: the shipped weights
     engine = Reconstructor(loaded.model, config.device)
     return engine, f"{loaded.path} ({loaded.kind}, sha256 {loaded.sha256[:12]})"

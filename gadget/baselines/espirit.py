@@ -1,0 +1,221 @@
+"""ESPIRiT coil sensitivity maps (Uecker et al., MRM 71:990, 2014), numpy + torch.
+
+Layouts: k-space of one slice complex ``(coil, readout, phase)`` (fastMRI's per-slice layout, the
+k-space centre at index ``n // 2`` on each axis, :mod:`gadget.mri.fft` convention); maps complex64
+``(coil, readout, phase)`` on the same grid. Units: maps are unitless, ``Σ_coil |S|² = 1`` where
+the eigenvalue passed the crop threshold and ``0`` elsewhere.
+
+Steps:
+
+1. **Calibration region**: the fully sampled centre block of phase columns (``num_low`` lines,
+   from the file or :func:`gadget.mri.masks.contiguous_center_lines`) × a centred readout window.
+2. **Calibration matrix**: every ``k × k`` patch of all coils in that region is one row
+   (``C·k²`` columns). Its right singular vectors with ``σ > threshold · σ_max`` span the signal
+   subspace; ``P`` is the projector onto it.
+3. **Image-space operator**: averaging ``P`` over all patch positions that cover a k-space sample
+   is a convolution with a ``(2k-1) × (2k-1)`` kernel ``g`` (C × C per tap). Its Fourier transform
+   is a Hermitian ``C × C`` matrix ``G(x)`` per pixel with eigenvalues in ``[0, 1]``; the coil
+   sensitivities are the eigenvector with eigenvalue ≈ 1. Computing ``g`` first and FFT-ing it
+   (``C²`` FFTs) avoids the ``n·C`` kernel images of the textbook description.
+4. **Eigen-decomposition** per pixel with :func:`torch.linalg.eigh` (batched), keep the top
+   eigenvector, zero it where its eigenvalue is below ``crop``, and rotate its phase so that a
+   reference coil is real and non-negative.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..mri.masks import contiguous_center_lines
+
+log = logging.getLogger(__name__)
+ROWS_PER_COLUMN = 4  # default calibration window: patches per unknown of the calibration matrix
+
+
+@dataclass(frozen=True)
+class EspiritConfig:
+    """ESPIRiT parameters.
+
+    Attributes:
+        kernel: kernel width ``k`` in k-space samples on both axes (shrunk, with a warning, when
+            the calibration region is narrower).
+        calib_readout: readout width of the calibration window; ``None`` = wide enough that the
+            calibration matrix has :data:`ROWS_PER_COLUMN` × as many rows as columns (at least
+            ``max(24, 2·num_low)``, at most the whole readout). With the few ACS lines of 4× and 8×
+            masks (10 of 128, 30 of 368) a square window leaves the matrix underdetermined and the
+            maps poor; the ACS columns are fully sampled along the whole readout anyway.
+        threshold: keep singular vectors with ``σ > threshold · σ_max``.
+        crop: zero the maps where the top eigenvalue is below this (``0`` keeps everything).
+        ref_coil: coil whose phase is removed from all maps; ``None`` = the coil with the most
+            energy in the (cropped) maps.
+    """
+
+    kernel: int = 6
+    calib_readout: Optional[int] = None
+    threshold: float = 0.02
+    crop: float = 0.95
+    ref_coil: Optional[int] = None
+
+
+def default_calib_readout(coils: int, rows: int, num_low: int, kernel: int) -> int:
+    """Readout width giving ``ROWS_PER_COLUMN · coils · kernel²`` patches, clipped to
+    ``[max(24, 2·num_low), rows]``."""
+    per_row = max(num_low - kernel + 1, 1)
+    needed = -(-ROWS_PER_COLUMN * coils * kernel * kernel // per_row) + kernel - 1
+    return min(rows, max(24, 2 * num_low, needed))
+
+
+def calibration_region(kspace: np.ndarray, num_low: int, calib_readout: Optional[int] = None,
+                       kernel: int = 6) -> np.ndarray:
+    """Centre block ``(coil, calib_readout, num_low)`` of ``(coil, readout, phase)`` k-space.
+
+    The phase block starts at ``(phase - num_low + 1) // 2`` (where fastMRI masks put their ACS
+    lines); the readout window is centred on ``readout // 2`` (``None``: :func:`default_calib_readout`).
+    """
+    coils, rows, cols = kspace.shape
+    if not 1 <= num_low <= cols:
+        raise ValueError(f"num_low must be in [1, {cols}], got {num_low}")
+    if calib_readout is None:
+        calib_readout = default_calib_readout(coils, rows, num_low, kernel)
+    width = min(rows, calib_readout)
+    top = rows // 2 - width // 2
+    left = (cols - num_low + 1) // 2
+    return np.asarray(kspace[:, top:top + width, left:left + num_low])
+
+
+def calibration_matrix(calib: np.ndarray, kernel: int) -> np.ndarray:
+    """Rows = all ``kernel × kernel`` patches of ``calib`` ``(coil, r, p)``, flattened ``(coil, kr, kp)``."""
+    windows = np.lib.stride_tricks.sliding_window_view(calib, (kernel, kernel), axis=(1, 2))
+    # (coil, nr, np, k, k) -> (nr, np, coil, k, k)
+    return windows.transpose(1, 2, 0, 3, 4).reshape(-1, calib.shape[0] * kernel * kernel)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run a small dense LAPACK call on one torch thread (restored afterwards): for a few-hundred
+    square matrix threads gain nothing, and on a busy 2-core machine they cost up to 50×."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def signal_kernels(calib: np.ndarray, kernel: int, threshold: float) -> np.ndarray:
+    """Basis of the patch signal subspace, ``(n, coil, k, k)`` complex128, orthonormal rows.
+
+    With ``A = U Σ Vᴴ`` and patches as rows of ``A``, every patch lies in the span of the rows of
+    ``Vᴴ`` with non-negligible ``σ`` (as vectors, the conjugated right singular vectors). ``V`` and
+    ``σ²`` come from the eigen-decomposition of the Gram matrix ``AᴴA`` (``C·k²`` square, float64
+    precision), several times faster than an SVD of the tall ``A``.
+    """
+    a = torch.from_numpy(calibration_matrix(calib.astype(np.complex128), kernel))
+    with single_thread():
+        s2, v = torch.linalg.eigh(a.conj().T @ a)  # ascending σ²
+    s2, v = s2.flip(0).clamp_min(0), v.flip(1)
+    if s2[0] <= 0:
+        raise ValueError("calibration region is all zeros")
+    n = int(torch.sum(s2 > threshold ** 2 * s2[0]))
+    return v[:, :n].conj().T.resolve_conj().numpy().reshape(n, calib.shape[0], kernel, kernel)
+
+
+def averaged_projector_kernel(kernels: np.ndarray) -> np.ndarray:
+    """Convolution kernel ``g`` ``(coil, coil, 2k-1, 2k-1)`` of ``(1/k²) Σ_r R_rᴴ P R_r``.
+
+    ``g[c, c', δ] = (1/k²) Σ_n Σ_{d - d' = δ} v_n[c, d] · conj(v_n[c', d'])``, tap ``δ = 0`` at
+    index ``k - 1``.
+    """
+    n, coils, k, _ = kernels.shape
+    flat = kernels.reshape(n, coils * k * k)
+    proj = (flat.T @ flat.conj()).reshape(coils, k, k, coils, k, k)  # P[c, d, c', d']
+    g = np.zeros((coils, coils, 2 * k - 1, 2 * k - 1), np.complex128)
+    for d0 in range(k):
+        for d1 in range(k):
+            # δ = d - d' for every d' → index δ + k - 1 = d + k - 1 - d'
+            block = proj[:, d0, d1]  # (c, c', k', k')
+            g[:, :, d0:d0 + k, d1:d1 + k] += block[:, :, ::-1, ::-1]
+    return g / (k * k)
+
+
+def image_operator(g: np.ndarray, shape: Tuple[int, int]) -> torch.Tensor:
+    """Per-pixel Hermitian matrices ``G(x)`` ``(readout·phase, coil, coil)`` complex64.
+
+    ``G(x) = Σ_δ g[δ] exp(+2πi δ·x / N)`` with ``x`` the centred pixel coordinate, which is the
+    unnormalised centred inverse DFT of ``g`` zero-padded to ``shape`` (tap 0 at ``N // 2``).
+    """
+    coils, _, taps, _ = g.shape
+    rows, cols = shape
+    if rows < taps or cols < taps:
+        raise ValueError(f"image {shape} is smaller than the ESPIRiT kernel support {taps}×{taps}")
+    padded = torch.zeros((coils, coils, rows, cols), dtype=torch.complex64)
+    r0, c0 = rows // 2 - (taps // 2), cols // 2 - (taps // 2)
+    padded[:, :, r0:r0 + taps, c0:c0 + taps] = torch.from_numpy(g)
+    x = torch.fft.ifftshift(padded, dim=(-2, -1))
+    x = torch.fft.ifft2(x, dim=(-2, -1), norm="forward")  # unnormalised sum of exp(+i...)
+    x = torch.fft.fftshift(x, dim=(-2, -1))
+    return x.reshape(coils, coils, rows * cols).permute(2, 0, 1).contiguous()
+
+
+def top_eigenvectors(matrices: torch.Tensor, chunk: int = 16384) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Largest eigenvalue ``(n,)`` and its unit eigenvector ``(n, coil)`` of Hermitian ``(n, c, c)``."""
+    values, vectors = [], []
+    for start in range(0, matrices.shape[0], chunk):
+        m = matrices[start:start + chunk]
+        m = 0.5 * (m + m.conj().transpose(-2, -1))  # exact Hermitian symmetry for eigh
+        w, v = torch.linalg.eigh(m)
+        values.append(w[:, -1])
+        vectors.append(v[:, :, -1])
+    return torch.cat(values), torch.cat(vectors)
+
+
+def espirit_maps(kspace, num_low: Optional[int] = None, mask=None,
+                 config: EspiritConfig = EspiritConfig(), return_eigenvalues: bool = False):
+    """ESPIRiT maps of one slice.
+
+    Args:
+        kspace: complex ``(coil, readout, phase)`` numpy array or tensor (undersampled or full).
+        num_low: number of fully sampled centre phase columns; when ``None`` it is measured from
+            ``mask`` (bool ``(phase,)``) with :func:`contiguous_center_lines`, or, without a
+            mask, from the non-zero columns of ``kspace``.
+        config: :class:`EspiritConfig`.
+        return_eigenvalues: also return the top eigenvalue map float32 ``(readout, phase)``.
+
+    Returns:
+        maps complex64 ``(coil, readout, phase)`` (a torch tensor), optionally with the eigenvalues.
+    """
+    k = kspace.detach().cpu().numpy() if isinstance(kspace, torch.Tensor) else np.asarray(kspace)
+    if k.ndim != 3 or not np.iscomplexobj(k):
+        raise ValueError(f"kspace must be complex (coil, readout, phase), got {k.dtype} shape {k.shape}")
+    coils, rows, cols = k.shape
+    if num_low is None:
+        sampled = np.asarray(mask, bool) if mask is not None else np.any(k != 0, axis=(0, 1))
+        num_low = contiguous_center_lines(sampled)
+    if num_low < 2:
+        raise ValueError(f"ESPIRiT needs a fully sampled centre block; found {num_low} centre lines")
+    calib = calibration_region(k, num_low, config.calib_readout, config.kernel)
+    kernel = min(config.kernel, *calib.shape[1:])
+    if kernel < config.kernel:
+        log.warning("ESPIRiT: calibration region %s smaller than kernel %d; using kernel %d",
+                    calib.shape[1:], config.kernel, kernel)
+    kernels = signal_kernels(calib, kernel, config.threshold)
+    g = averaged_projector_kernel(kernels)
+    values, vectors = top_eigenvectors(image_operator(g, (rows, cols)))
+    maps = vectors.T.reshape(coils, rows, cols)
+    values = values.reshape(rows, cols)
+    maps = torch.where(values >= config.crop, maps, torch.zeros((), dtype=maps.dtype))
+    ref = config.ref_coil
+    if ref is None:
+        ref = int(torch.argmax((maps.abs() ** 2).sum(dim=(1, 2))))
+    if not 0 <= ref < coils:
+        raise ValueError(f"ref_coil must be in [0, {coils}), got {ref}")
+    maps = maps * torch.sgn(maps[ref]).conj()  # sgn(0) = 0: cropped pixels stay 0
+    maps = maps.to(torch.complex64)
+    if return_eigenvalues:
+        return maps, values.to(torch.float32)
+    return maps

@@ -1,0 +1,332 @@
+"""Side-by-side comparison of reconstruction methods on the same undersampled data.
+
+Methods (:data:`METHODS`):
+
+* ``zero-filled`` — RSS of the inverse FFT of the undersampled k-space (fastMRI's baseline);
+* ``sense`` — CG-SENSE (:mod:`gadget.baselines.sense`) with ESPIRiT maps (:mod:`gadget.baselines.espirit`);
+* ``bart`` — BART ``ecalib`` + ``pics`` L1-wavelet (:mod:`gadget.baselines.bart`), when installed;
+* ``varnet`` — E2E-VarNet from a checkpoint, via :func:`gadget.recon.fastmri_infer.reconstruct_volume`.
+
+Inputs are fastMRI-layout files: test layout (undersampled ``kspace`` + ``mask``; ``varnet synth
+--acceleration`` keeps the targets) or fully sampled files undersampled here with a fastMRI mask
+seeded by the file name (as fastMRI's data transforms do). Every method sees the same k-space;
+images are cropped to the header's recon size as in ``varnet infer`` and scored as in
+:mod:`gadget.evaluation.scoring` (fastMRI semantics, mean over volumes). Timing: wall seconds per
+slice, ESPIRiT included in ``sense``, BART's own calibration included in ``bart``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..baselines.bart import BartConfig, BartError, INSTALL_HINT, find_bart, pics_l1
+from ..baselines.espirit import EspiritConfig, espirit_maps
+from ..baselines.sense import SenseConfig, cg_sense
+from ..data.fastmri_file import FastMRIVolume, open_volume
+from ..data.mrd_header import EncodingInfo
+from ..mri.coils import rss
+from ..mri.fft import ifft2c
+from ..mri.masks import MaskSampler, MaskSpec, contiguous_center_lines
+from ..mri.metrics import center_crop
+from ..recon.fastmri_infer import acquired_mask, crop_size_for
+from .scoring import EvaluationError, fastmri_eval_crop, mean_std, resolve_target_key, score_volume
+
+log = logging.getLogger(__name__)
+
+METHODS = ("zero-filled", "sense", "bart", "varnet")
+_ALIASES = {"zero_filled": "zero-filled", "zf": "zero-filled", "cg-sense": "sense", "espirit": "sense"}
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """``"zero-filled,sense"`` or a list → validated canonical names, order kept, no duplicates."""
+    items = methods.split(",") if isinstance(methods, str) else list(methods)
+    out = []
+    for item in items:
+        name = _ALIASES.get(item.strip().lower(), item.strip().lower())
+        if name not in METHODS:
+            raise ValueError(f"unknown method {item!r}; choose from {', '.join(METHODS)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ValueError("no methods given")
+    return out
+
+
+@dataclass(frozen=True)
+class Undersample:
+    """Undersample fully sampled files here: fastMRI mask ``kind`` with one ``acceleration`` and
+    ``center_fraction``, seeded per file with ``tuple(map(ord, file_name))``."""
+
+    acceleration: float
+    center_fraction: float = 0.08
+    kind: str = "equispaced-fraction"
+
+    def sample(self, num_cols: int, name: str) -> tuple[np.ndarray, int]:
+        spec = MaskSpec(self.kind, [self.center_fraction], [self.acceleration])
+        return MaskSampler(spec)(num_cols, seed=tuple(map(ord, name)))
+
+
+@dataclass
+class Case:
+    """One file prepared for every method. ``kspace`` complex64 ``(slice, coil, readout, phase)``
+    with unsampled columns zeroed; ``mask`` bool ``(phase,)``; ``target`` float32 ``(slice, H, W)``."""
+
+    path: Path
+    kspace: np.ndarray
+    mask: np.ndarray
+    num_low: int
+    target: np.ndarray
+    target_key: str
+    encoding: EncodingInfo
+    attrs: dict
+    slices: list[int]
+    mask_source: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def as_volume(self) -> FastMRIVolume:
+        """An in-memory test-layout view for :func:`reconstruct_volume` (no file handle)."""
+        attrs = dict(self.attrs, num_low_frequency=self.num_low)
+        return FastMRIVolume(path=self.path, handle=None, kspace=self.kspace, encoding=self.encoding,
+                             mask=self.mask, attrs=attrs)
+
+
+def select_slices(num_slices: int, max_slices: Optional[int]) -> list[int]:
+    """The middle ``max_slices`` slices (all when ``None``)."""
+    if max_slices is None or max_slices >= num_slices:
+        return list(range(num_slices))
+    if max_slices < 1:
+        raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+    start = (num_slices - max_slices) // 2
+    return list(range(start, start + max_slices))
+
+
+def load_case(path: str | Path, target_key: str = "auto", max_slices: Optional[int] = None,
+              undersample: Optional[Undersample] = None) -> Case:
+    """Read the selected slices, the target and the mask of one file (see the module docstring)."""
+    path = Path(path)
+    with open_volume(path) as vol:
+        key = resolve_target_key(vol.handle, target_key, str(path))
+        slices = select_slices(vol.num_slices, max_slices)
+        sel = slice(slices[0], slices[-1] + 1)
+        kspace = np.asarray(vol.kspace[sel], dtype=np.complex64)
+        target = np.asarray(vol.handle[key][sel], dtype=np.float32)
+        attrs = {k: v for k, v in vol.attrs.items()}
+        if vol.mask is not None:
+            if undersample is not None:
+                raise EvaluationError(f"{path}: already undersampled (has 'mask'); drop the undersampling options")
+            mask, source = acquired_mask(vol), "file"
+            num_low = vol.num_low_frequency or contiguous_center_lines(mask)
+        else:
+            if undersample is None:
+                raise EvaluationError(f"{path}: fully sampled (no 'mask'); give an acceleration (--acceleration) to undersample it")
+            drawn, num_low = undersample.sample(kspace.shape[-1], path.name)
+            probe = FastMRIVolume(path=path, handle=None, kspace=vol.kspace, encoding=vol.encoding, mask=drawn)
+            mask = acquired_mask(probe)
+            source = f"{undersample.kind} R={undersample.acceleration:g} cf={undersample.center_fraction:g}"
+        encoding = vol.encoding
+    kspace *= mask.astype(np.float32)
+    return Case(path=path, kspace=kspace, mask=mask, num_low=int(num_low), target=target, target_key=key,
+                encoding=encoding, attrs=attrs, slices=slices, mask_source=source)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def _crop(images: np.ndarray, case: Case) -> np.ndarray:
+    return np.ascontiguousarray(center_crop(images, crop_size_for(images.shape[-2:], case.encoding.recon_size)))
+
+
+def zero_filled(case: Case) -> np.ndarray:
+    """RSS of the zero-filled coil images, cropped → float32 ``(slice, H, W)``."""
+    images = rss(ifft2c(torch.from_numpy(case.kspace)), dim=1).numpy()
+    return _crop(images, case).astype(np.float32)
+
+
+def sense(case: Case, espirit: EspiritConfig = EspiritConfig(), config: SenseConfig = SenseConfig()) -> np.ndarray:
+    """ESPIRiT + CG-SENSE per slice, ``|x|`` cropped → float32 ``(slice, H, W)``."""
+    out = []
+    for k in case.kspace:
+        maps = espirit_maps(k, case.num_low, config=espirit)
+        out.append(cg_sense(torch.from_numpy(k), maps, case.mask, config).abs().numpy())
+    return _crop(np.stack(out), case).astype(np.float32)
+
+
+def bart(case: Case, config: BartConfig = BartConfig()) -> np.ndarray:
+    """BART ESPIRiT + pics L1-wavelet per slice, ``|x|`` cropped → float32 ``(slice, H, W)``."""
+    return _crop(np.stack([np.abs(pics_l1(k, config)) for k in case.kspace]), case).astype(np.float32)
+
+
+def varnet(case: Case, engine, batch_size: int = 1) -> np.ndarray:
+    """E2E-VarNet through the ``varnet infer`` path → float32 ``(slice, H, W)`` (already cropped)."""
+    from ..recon.fastmri_infer import reconstruct_volume
+
+    return reconstruct_volume(engine, case.as_volume(), batch_size)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class MethodResult:
+    """Accumulates one method's scores over volumes."""
+
+    method: str
+    per_volume: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    slices: int = 0
+    status: str = "ok"
+    note: str = ""
+
+    def row(self) -> dict:
+        means = {m: mean_std(v[m] for v in self.per_volume)[0] if self.per_volume else math.nan
+                 for m in ("ssim", "psnr", "nmse")}
+        targets = ", ".join(sorted({v["target"] for v in self.per_volume}))
+        return {"method": self.method, **means,
+                "seconds_per_slice": self.seconds / self.slices if self.slices else math.nan,
+                "target": targets, "volumes": len(self.per_volume), "slices": self.slices,
+                "status": self.status, "note": self.note, "per_volume": list(self.per_volume)}
+
+
+def _load_engine(checkpoint, device: str):
+    """A :class:`Reconstructor` from a checkpoint path or a VarNet module (its mode is restored
+    by the caller). Returns ``(engine, description, module_or_None, was_training)``."""
+    from ..recon.engine import Reconstructor
+
+    if isinstance(checkpoint, torch.nn.Module):
+        was_training = checkpoint.training
+        if device == "auto":  # stay where the caller keeps the model (e.g. its training GPU)
+            device = next(checkpoint.parameters()).device
+        return Reconstructor(checkpoint, device), "model passed in", checkpoint, was_training
+    from ..model.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    return Reconstructor(loaded.model, device), f"{Path(loaded.path).name} (sha256 {loaded.sha256[:12]})", None, False
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, directories expanded to their ``*.h5`` files (sorted)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(p.glob("*.h5"))
+            if not found:
+                raise EvaluationError(f"no .h5 files in {p}")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EvaluationError(f"input not found: {p}")
+    if not files:
+        raise EvaluationError("no input files")
+    return files
+
+
+def compare_methods(files: Sequence[str | Path], methods: str | Sequence[str] = METHODS, checkpoint=None, *,
+                    out_dir: Optional[str | Path] = None, max_slices: Optional[int] = None,
+                    undersample: Optional[Undersample] = None, target_key: str = "auto",
+                    espirit: EspiritConfig = EspiritConfig(), sense_config: SenseConfig = SenseConfig(),
+                    bart_config: BartConfig = BartConfig(), device: str = "auto", batch_size: int = 1,
+                    progress: Optional[Callable[[str, str], None]] = None) -> list[dict]:
+    """Run ``methods`` on every file and score them.
+
+    Args:
+        files: fastMRI-layout ``.h5`` files or directories of them.
+        methods: names from :data:`METHODS` (list or comma-separated string).
+        checkpoint: E2E-VarNet checkpoint path, or a VarNet ``nn.Module`` (e.g. from a training
+            loop; its train/eval mode is restored afterwards). ``None`` skips ``varnet``.
+        out_dir: when given, write ``results.md``, ``results.csv`` and ``figure.png`` there.
+        max_slices: score only the middle ``max_slices`` slices of each file.
+        undersample: mask for fully sampled files (test-layout files use their own mask).
+        target_key: ``auto`` (noise-free target when present, else ``reconstruction_rss``) or a key.
+        device, batch_size: for E2E-VarNet (``auto`` with a module: the module's own device).
+        progress: called as ``progress(method, file_name)`` before each reconstruction.
+
+    Returns:
+        One dict per method, in order: ``method``, ``ssim``, ``psnr``, ``nmse`` (means over
+        volumes; NaN when not run), ``seconds_per_slice``, ``target`` (dataset(s) scored against),
+        ``volumes``, ``slices``, ``status`` (``ok`` | ``skipped`` | ``failed``), ``note`` (why),
+        ``per_volume`` (list of ``{file, ssim, psnr, nmse, target}``).
+    """
+    methods = parse_methods(methods)
+    paths = expand_inputs(files)
+    results = {m: MethodResult(m) for m in methods}
+    runners: dict[str, Callable[[Case], np.ndarray]] = {
+        "zero-filled": zero_filled,
+        "sense": lambda c: sense(c, espirit, sense_config),
+        "bart": lambda c: bart(c, bart_config),
+    }
+    if "bart" in results and find_bart(bart_config.binary) is None:
+        results["bart"].status = "skipped"
+        results["bart"].note = f"'{bart_config.binary}' not found on PATH; {INSTALL_HINT}"
+    restore = None
+    if "varnet" in results:
+        if checkpoint is None:
+            results["varnet"].status, results["varnet"].note = "skipped", "no checkpoint given (--checkpoint)"
+        else:
+            engine, desc, module, was_training = _load_engine(checkpoint, device)
+            restore = (module, was_training)
+            runners["varnet"] = lambda c: varnet(c, engine, batch_size)
+            results["varnet"].note = desc
+    figure = None
+    try:
+        for path in paths:
+            case = load_case(path, target_key, max_slices, undersample)
+            log.info("%s: slices %d-%d, %d of %d lines (%s), ACS %d, target %s", case.name, case.slices[0],
+                     case.slices[-1], int(case.mask.sum()), case.mask.size, case.mask_source, case.num_low,
+                     case.target_key)
+            images = {}
+            for name, res in results.items():
+                if res.status != "ok":
+                    continue
+                if progress:
+                    progress(name, case.name)
+                start = time.perf_counter()
+                try:
+                    recon = runners[name](case)
+                except (BartError, ValueError, RuntimeError) as exc:
+                    log.error("%s failed on %s: %s", name, case.name, exc)
+                    res.status, res.note = "failed", f"{case.name}: {exc}"
+                    continue
+                res.seconds += time.perf_counter() - start
+                res.slices += len(case.slices)
+                res.per_volume.append({"file": case.name, "target": case.target_key,
+                                       **score_volume(case.target, recon)})
+                images[name] = recon
+            if figure is None and images:
+                figure = _figure_data(case, images)
+    finally:
+        if restore is not None and restore[0] is not None:
+            restore[0].train(restore[1])
+    rows = [res.row() for res in results.values()]
+    for row in rows:
+        if row["status"] == "failed":  # a partial mean over fewer volumes would mislead
+            for m in ("ssim", "psnr", "nmse"):
+                row[m] = math.nan
+    if out_dir is not None:
+        from .report import write_report
+
+        mask_note = ("each file's own mask" if undersample is None else
+                     f"{undersample.kind} mask, R={undersample.acceleration:g}, center fraction "
+                     f"{undersample.center_fraction:g}, seeded by file name")
+        write_report(out_dir, rows, figure, files=[p.name for p in paths], mask_note=mask_note)
+    return rows
+
+
+def _figure_data(case: Case, images: dict[str, np.ndarray]) -> dict:
+    """The middle selected slice of ``case``: truth and each method, cropped as for scoring."""
+    mid = len(case.slices) // 2
+    truth = case.target[mid:mid + 1]
+    return {"file": case.name, "slice": case.slices[mid], "target_key": case.target_key,
+            "truth": fastmri_eval_crop(truth, truth)[0][0],
+            "images": {n: fastmri_eval_crop(truth, im[mid:mid + 1])[1][0] for n, im in images.items()}}

@@ -1,0 +1,203 @@
+"""Classical baselines: ESPIRiT maps, CG-SENSE, BART pics (when the program is installed)."""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit
+
+from converters.simulate import simulate_volume
+from gadget.baselines import (
+    BartConfig,
+    BartError,
+    EspiritConfig,
+    SenseConfig,
+    SenseOperator,
+    cg_sense,
+    conjugate_gradient,
+    espirit_maps,
+    pics_l1,
+    read_cfl,
+    write_cfl,
+)
+from gadget.baselines.bart import to_bart_slice
+from gadget.mri import center_crop, fft2c, ifft2c, nmse, rss
+from gadget.mri.masks import MaskSampler, MaskSpec
+
+HAVE_BART = shutil.which("bart") is not None
+needs_bart = pytest.mark.skipif(not HAVE_BART, reason="BART not installed ('bart' not on PATH; apt-get install bart)")
+
+
+def _known_maps(coils, rows, cols, seed=0):
+    """Smooth maps: Gaussian bumps around the FOV times a linear + quadratic phase, complex128."""
+    rng = np.random.default_rng(seed)
+    y, x = np.meshgrid(np.linspace(-1, 1, rows), np.linspace(-1, 1, cols), indexing="ij")
+    maps = []
+    for c in range(coils):
+        angle = 2 * np.pi * c / coils
+        cy, cx = 0.9 * np.sin(angle), 0.9 * np.cos(angle)
+        mag = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 0.8)
+        phase = rng.uniform(0, 2 * np.pi) + rng.normal(0, 1.0) * x + rng.normal(0, 1.0) * y + 0.5 * x * y
+        maps.append(mag * np.exp(1j * phase))
+    return np.stack(maps)
+
+
+def _object(rows, cols):
+    """A smooth-edged ellipse with two inner structures and a smooth phase, complex128."""
+    y, x = np.meshgrid(np.linspace(-1, 1, rows), np.linspace(-1, 1, cols), indexing="ij")
+    r = (y / 0.75) ** 2 + (x / 0.6) ** 2
+    img = expit((1 - r) * 30)
+    img -= 0.4 * expit((1 - ((y - 0.2) / 0.25) ** 2 - ((x + 0.2) / 0.15) ** 2) * 20)
+    img += 0.3 * expit((1 - ((y + 0.3) / 0.15) ** 2 - ((x - 0.15) / 0.2) ** 2) * 20)
+    return img * np.exp(1j * (0.8 * x - 0.5 * y)), r < 0.9
+
+
+def _alignment(maps_est, coil_images_or_maps, inside):
+    """|Sᴴ s| / ||s|| per pixel inside the object: 1 means equal up to a per-pixel phase."""
+    s = torch.as_tensor(coil_images_or_maps)
+    num = (torch.as_tensor(maps_est).conj().to(s.dtype) * s).sum(0).abs()
+    den = s.abs().pow(2).sum(0).sqrt()
+    return (num / den)[torch.as_tensor(inside)]
+
+
+# ----------------------------------------------------------------------------- ESPIRiT
+
+
+def test_espirit_reproduces_known_maps_up_to_phase():
+    coils, rows, cols = 8, 96, 64
+    true_maps = _known_maps(coils, rows, cols)
+    obj, inside = _object(rows, cols)
+    kspace = fft2c(torch.from_numpy(true_maps * obj)).numpy()
+    maps, eig = espirit_maps(kspace, num_low=20, return_eigenvalues=True)
+    assert maps.dtype == torch.complex64 and maps.shape == (coils, rows, cols)
+    align = _alignment(maps, true_maps, inside)
+    assert float(align.min()) > 0.98 and float(align.mean()) > 0.995
+    assert float(eig[torch.as_tensor(inside)].min()) > 0.95
+    norm = rss(maps, dim=0)[torch.as_tensor(inside)]
+    assert torch.allclose(norm, torch.ones_like(norm), atol=1e-4)  # Σ|S|² = 1 where kept
+    # phase normalised to the reference coil (default: the strongest): real, non-negative there
+    ref = int(torch.argmax((maps.abs() ** 2).sum((1, 2))))
+    kept = maps[ref].abs() > 1e-3
+    assert float(maps[ref][kept].imag.abs().max()) < 1e-4 and float(maps[ref][kept].real.min()) > 0
+
+
+def test_espirit_crop_zeroes_outside_and_mask_gives_acs():
+    coils, rows, cols = 6, 64, 64
+    obj, _ = _object(rows, cols)
+    kspace = fft2c(torch.from_numpy(_known_maps(coils, rows, cols, seed=1) * obj)).numpy()
+    mask, num_low = MaskSampler(MaskSpec("equispaced", [0.25], [4]))(cols, seed=3)
+    under = kspace * mask
+    by_mask, eig = espirit_maps(under, mask=mask, return_eigenvalues=True)
+    by_count = espirit_maps(under, num_low=num_low)
+    assert torch.equal(by_mask, by_count)
+    assert torch.all(by_mask[:, eig < 0.95] == 0)
+    with pytest.raises(ValueError, match="centre"):
+        espirit_maps(under * 0 + (np.arange(cols) == 0), num_low=None)
+
+
+def test_espirit_on_simulated_slice_matches_coil_images():
+    vol = simulate_volume(num_slices=1, num_coils=8, recon_size=(64, 64), seed=5)
+    kspace = vol.kspace[0]
+    maps = espirit_maps(kspace, num_low=16, config=EspiritConfig())
+    coil_images = ifft2c(torch.from_numpy(kspace)).to(torch.complex128)
+    combined = rss(coil_images, dim=0)
+    inside = combined > 0.2 * combined.max()
+    align = _alignment(maps, coil_images, inside)
+    assert float(align.mean()) > 0.99 and float(align.min()) > 0.9  # noise lowers single pixels
+
+
+# ----------------------------------------------------------------------------- SENSE
+
+
+def _random_problem(seed=0, coils=4, rows=16, cols=12, dtype=torch.complex128):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.randn(1, coils, rows, cols, dtype=dtype, generator=g)
+    mask = torch.rand(cols, generator=g) < 0.5
+    x = torch.randn(1, rows, cols, dtype=dtype, generator=g)
+    y = torch.randn(1, rows, cols, dtype=dtype, generator=g)
+    k = torch.randn(1, coils, rows, cols, dtype=dtype, generator=g)
+    return SenseOperator(maps, mask), x, y, k
+
+
+def test_sense_operator_adjoint_and_normal_hermitian_positive():
+    op, x, y, k = _random_problem()
+    dot = lambda a, b: complex((a.conj() * b).sum())  # noqa: E731
+    assert dot(op.forward(x), k) == pytest.approx(dot(x, op.adjoint(k)), rel=1e-12, abs=1e-10)
+    assert dot(op.normal(x), y) == pytest.approx(dot(x, op.normal(y)), rel=1e-12, abs=1e-10)
+    quad = dot(x, op.normal(x))
+    assert abs(quad.imag) < 1e-10 * abs(quad.real) and quad.real > 0
+
+
+def test_conjugate_gradient_solves_normal_equations():
+    op, _, _, k = _random_problem(seed=1)
+    lam = 1e-2
+    rhs = op.adjoint(k)
+    x = conjugate_gradient(lambda v: op.normal(v) + lam * v, rhs, iterations=300, tol=1e-12)
+    residual = op.normal(x) + lam * x - rhs
+    assert float(residual.norm() / rhs.norm()) < 1e-8
+    # cg_sense is the same solve with λ from the config
+    x2 = cg_sense(k[0], op.maps[0], op.mask.flatten(), SenseConfig(iterations=300, lam=lam, tol=1e-12))
+    assert torch.allclose(x2, x[0], atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def simulated_4x():
+    """One 8-coil 64×64 slice (k-space 128×64), 4× equispaced mask with 13 ACS lines."""
+    vol = simulate_volume(num_slices=1, num_coils=8, recon_size=(64, 64), seed=3)
+    mask, num_low = MaskSampler(MaskSpec("equispaced", [0.2], [4]))(64, seed=1)
+    kspace = vol.kspace[0] * mask
+    zero_filled = center_crop(rss(ifft2c(torch.from_numpy(kspace)), dim=0).numpy(), (64, 64))
+    return kspace, mask, num_low, vol.target[0], zero_filled
+
+
+def test_cg_sense_beats_zero_filled(simulated_4x):
+    kspace, mask, num_low, target, zero_filled = simulated_4x
+    maps = espirit_maps(kspace, num_low)
+    image = cg_sense(kspace, maps, mask)
+    assert image.shape == (128, 64) and torch.is_complex(image)
+    recon = center_crop(image.abs().numpy(), (64, 64))
+    err_zf, err_sense = nmse(target, zero_filled), nmse(target, recon)
+    assert err_sense < 0.5 * err_zf, (err_sense, err_zf)
+    # batched input gives the same result slice by slice
+    batched = cg_sense(torch.from_numpy(np.stack([kspace, kspace])), maps, mask)
+    assert torch.allclose(batched[1], image, atol=1e-6 * float(image.abs().max()))
+
+
+# ----------------------------------------------------------------------------- BART
+
+
+def test_cfl_roundtrip_column_major(tmp_path):
+    a = (np.arange(24).reshape(2, 3, 4) + 1j * np.arange(24).reshape(2, 3, 4)[::-1]).astype(np.complex64)
+    write_cfl(tmp_path / "a", a)
+    assert (tmp_path / "a.hdr").read_text().startswith("# Dimensions\n2 3 4")
+    raw = np.fromfile(tmp_path / "a.cfl", np.complex64)
+    assert raw[1] == a[1, 0, 0]  # first axis fastest (Fortran order)
+    np.testing.assert_array_equal(read_cfl(tmp_path / "a"), a)
+    assert to_bart_slice(np.zeros((5, 7, 3))).shape == (7, 3, 1, 5)
+
+
+def test_bart_missing_binary_is_a_clear_error():
+    with pytest.raises(BartError, match="not found on PATH.*apt-get install bart"):
+        pics_l1(np.zeros((2, 8, 8), np.complex64), BartConfig(binary="bart-not-installed-here"))
+
+
+@needs_bart
+def test_bart_reads_our_cfl(tmp_path):
+    a = (np.random.default_rng(0).normal(size=(5, 3, 1, 2)) + 0j).astype(np.complex64)
+    write_cfl(tmp_path / "a", a)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([shutil.which("bart"), "scale", "2", "a", "b"], cwd=tmp_path, check=True, env=env,
+                   capture_output=True)
+    np.testing.assert_allclose(read_cfl(tmp_path / "b"), 2 * a, rtol=1e-6)
+
+
+@needs_bart
+def test_bart_pics_beats_zero_filled(simulated_4x):
+    kspace, _, _, target, zero_filled = simulated_4x
+    image = pics_l1(kspace, BartConfig(iterations=30))
+    assert image.shape == (128, 64) and image.dtype == np.complex64
+    recon = center_crop(np.abs(image), (64, 64))
+    err_zf, err_bart = nmse(target, zero_filled), nmse(target, recon)
+    assert err_bart < 0.5 * err_zf, (err_bart, err_zf)
