@@ -2,8 +2,9 @@
 
 A simulated multi-coil brain scan (with a noise scan) is written as a raw ISMRMRD file and
 streamed through the same pipeline the Gadgetron and MRD-server doors use (replay door), once
-zero-filled and once with E2E-VarNet (the shipped weights); images go to HDF5 as Gadgetron's
-client writes them, plus a PNG comparison and metrics against the noise-free truth.
+zero-filled and once with E2E-VarNet; images go to HDF5 as Gadgetron's client writes them, plus
+a PNG comparison and metrics against the noise-free truth. No trained weights ship yet, so by
+default a small E2E-VarNet is first fitted on simulated phantoms for a fixed number of steps.
 """
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ DEMO_MODEL = VarNetConfig(num_cascades=4, chans=12, pools=3, sens_chans=4, sens_
 @dataclass
 class DemoSettings:
     out_dir: Path
-    train_steps: int = 0           # 0: use the shipped weights; > 0: fit a small model on phantoms first
+    train_steps: int = 200         # > 0: fit a small model on phantoms first; 0: use the shipped weights
     acceleration: int = 4
     center_fraction: float = 0.08
-    mask: str = "random"
+    mask: str = "equispaced-fraction"
     source: str = "mni"
     orientation: str = "axial"
     image_size: tuple[int, int] = (96, 96)
@@ -55,7 +56,7 @@ def fit_briefly(settings: DemoSettings, progress=print) -> VarNet:
     torch.manual_seed(settings.seed)
     train = [simulate_volume(6, settings.coils, settings.image_size, seed=settings.seed + 100 + i)
              for i in range(3)]
-    sampler = MaskSampler(MaskSpec("equispaced-fraction", [settings.center_fraction], [settings.acceleration],
+    sampler = MaskSampler(MaskSpec(settings.mask, [settings.center_fraction], [settings.acceleration],
                                    seed=settings.seed))
     model = VarNet.from_config(DEMO_MODEL)
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -115,9 +116,9 @@ def image_magnitude(image) -> np.ndarray:
 def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, float]]:
     """Simulate → raw ISMRMRD → gadget pipeline (zero-filled and E2E-VarNet) → images, PNG, metrics.
 
-    With ``settings.train_steps == 0`` (the default) the shipped weights reconstruct a simulated
-    brain scan like the data they were trained on; with ``train_steps > 0`` a small model is
-    fitted on phantoms first (no shipped weights needed)."""
+    With ``train_steps > 0`` (the default until weights ship, issue 5) a small model is fitted on
+    phantoms first and a phantom scan is reconstructed; with ``train_steps == 0`` the shipped
+    weights reconstruct a simulated brain scan like the data they were trained on."""
     from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
 
     from .model.checkpoint import load_checkpoint

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
             "  zero-filled  RSS of the zero-filled k-space;\n"
             "  sense        ESPIRiT maps (kernel 6, threshold 0.02, crop 0.95) + CG-SENSE (Tikhonov);\n"
             "  bart         BART ecalib -m1 + pics -S -l1 (skipped, with the reason, when 'bart' is not installed);\n"
-            "  varnet       E2E-VarNet from --checkpoint (skipped without one).\n"
+            "  varnet       E2E-VarNet from --checkpoint (default: the shipped weights).\n"
             "Test-layout files (kspace + mask) use their own mask; fully sampled files need --acceleration\n"
             "and are undersampled with a fastMRI mask seeded by the file name.\n"
             "Writes OUT/results.md, OUT/results.csv (method, SSIM, PSNR, NMSE, s/slice, target) and\n"
@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
             "--methods zero-filled,sense"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", type=Path, metavar="DIR_OR_FILE", help="fastMRI .h5 files or directories")
-    p.add_argument("--checkpoint", help="E2E-VarNet checkpoint (fastMRI state dict, Lightning .ckpt or ours)")
+    p.add_argument("--checkpoint", help="E2E-VarNet checkpoint (fastMRI state dict, Lightning .ckpt or ours; "
+                                        "default: the shipped weights)")
     p.add_argument("--methods", default="zero-filled,sense,bart,varnet",
                    help="comma-separated subset of zero-filled,sense,bart,varnet (default all)")
     p.add_argument("--out", type=Path, default=Path("compare_results"),
@@ -73,9 +74,14 @@ def run(args) -> int:
     undersample = None
     if args.acceleration is not None:
         undersample = Undersample(args.acceleration, args.center_fraction, args.mask)
+    checkpoint = args.checkpoint
+    if checkpoint is None and "varnet" in args.methods:
+        from ..model.shipped import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(None)  # the shipped weights
     try:
         rows = compare_methods(
-            args.inputs, args.methods, args.checkpoint, out_dir=args.out, max_slices=args.max_slices,
+            args.inputs, args.methods, checkpoint, out_dir=args.out, max_slices=args.max_slices,
             undersample=undersample, target_key=args.target_key,
             sense_config=SenseConfig(iterations=args.sense_iterations, lam=args.sense_lambda),
             bart_config=BartConfig(lam=args.bart_lambda, iterations=args.bart_iterations),

@@ -9,16 +9,17 @@ def add_parser(sub) -> None:
     from . import example_epilog
 
     p = sub.add_parser("demo", help="simulate an undersampled scan and reconstruct it (built-in data)",
-                       description="Simulates a 4x undersampled raw ISMRMRD brain scan and streams it through the gadget "
-                                   "pipeline with the shipped weights (and zero-filled for comparison); "
-                                   "writes images (HDF5), a PNG comparison and prints metrics.",
+                       description="Fits a small E2E-VarNet on simulated phantoms (no weights ship yet), simulates a 4x "
+                                   "undersampled raw ISMRMRD scan and streams it through the gadget pipeline "
+                                   "(and zero-filled for comparison); writes images (HDF5), a PNG comparison "
+                                   "and prints metrics.",
                        epilog=example_epilog("varnet demo --out demo_out"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
-    p.add_argument("--train-steps", type=int, default=0,
-                   help="0 (default): the shipped weights; N > 0: fit a small model on phantoms for N steps instead")
+    p.add_argument("--train-steps", type=int, default=200,
+                   help="fit a small model on phantoms for N steps first (default 200); 0: use the shipped weights")
     p.add_argument("--source", choices=("mni", "colin", "phantom"), default="mni",
-                   help="anatomy of the simulated scan (colin needs Debian mricron-data)")
+                   help="anatomy of the simulated scan with the shipped weights (colin needs Debian mricron-data)")
     p.add_argument("--acceleration", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
