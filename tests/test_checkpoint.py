@@ -101,3 +101,16 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(chans=5)}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="weights_only"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_missing_shipped_weights_is_a_clear_error(monkeypatch):
+    """No checkpoint given → the shipped weights; when they are absent, say so (no silent fallback)."""
+    import gadget.model.shipped as shipped
+    from gadget.recon.config import ReconConfig
+    from gadget.recon.pipeline import build_engine
+
+    monkeypatch.setattr(shipped, "SHIPPED_NAME", "no_such_weights.pt")
+    with pytest.raises(CheckpointError, match="shipped weights no_such_weights.pt are missing.*--checkpoint"):
+        build_engine(ReconConfig())
+    engine, model_id = build_engine(ReconConfig(mode="zero-filled"))  # no model needed
+    assert engine is None
