@@ -201,3 +201,15 @@ def test_bart_pics_beats_zero_filled(simulated_4x):
     recon = center_crop(np.abs(image), (64, 64))
     err_zf, err_bart = nmse(target, zero_filled), nmse(target, recon)
     assert err_bart < 0.5 * err_zf, (err_bart, err_zf)
+
+
+@needs_bart
+def test_bart_runs_with_fewer_acs_lines_than_its_default_kernel():
+    """5 ACS lines (8× with 4 % centre on 128 columns): the ecalib kernel is shrunk instead of BART aborting."""
+    vol = simulate_volume(num_slices=1, num_coils=4, recon_size=(64, 128), seed=9)
+    mask, num_low = MaskSampler(MaskSpec("random", [0.04], [8])).__call__(128, seed=3)
+    assert num_low == 5
+    image = pics_l1(vol.kspace[0] * mask, BartConfig(iterations=5), num_low=num_low)
+    assert image.shape == (128, 128) and np.isfinite(image).all()
+    with pytest.raises(BartError, match="at least 2"):
+        pics_l1(vol.kspace[0] * mask, BartConfig(iterations=5), num_low=1)

@@ -120,12 +120,18 @@ def run_bart(args: Sequence[str], config: BartConfig = BartConfig(), cwd: Option
     return done.stdout
 
 
-def pics_l1(kspace: np.ndarray, config: BartConfig = BartConfig()) -> np.ndarray:
+DEFAULT_ECALIB_KERNEL = 6  # BART ecalib's default kernel width
+
+
+def pics_l1(kspace: np.ndarray, config: BartConfig = BartConfig(), num_low: Optional[int] = None) -> np.ndarray:
     """BART ESPIRiT + ``pics`` L1-wavelet of one slice.
 
     Args:
         kspace: complex ``(coil, readout, phase)``, zeros at unsampled positions (BART infers the
             sampling pattern from the zeros; ecalib finds the fully sampled centre itself).
+        num_low: width of the fully sampled centre, when known; ecalib's kernel is shrunk to it
+            when it is narrower than the default 6 (BART 0.8 aborts on a kernel wider than the
+            calibration region, e.g. 5 ACS lines at 8×).
 
     Returns:
         complex64 image ``(readout, phase)`` in the units of ``kspace`` (``|image|`` ~ RSS).
@@ -138,6 +144,11 @@ def pics_l1(kspace: np.ndarray, config: BartConfig = BartConfig()) -> np.ndarray
             ecalib += ["-c", f"{config.crop:g}"]
         if config.calib is not None:
             ecalib += ["-r", str(int(config.calib))]
+        if num_low is not None and num_low < DEFAULT_ECALIB_KERNEL:
+            if num_low < 2:
+                raise BartError(f"BART ESPIRiT needs at least 2 fully sampled centre lines, got {num_low}")
+            ksize = max(int(num_low) - 1, 2)  # with a kernel as wide as the 5 ACS lines BART 0.8 still aborts
+            ecalib += ["-k", f"{ksize}:{ksize}:1"]
         run_bart([*ecalib, "kspace", "maps"], config, cwd=tmp)
         run_bart(["pics", "-S", "-l1", "-r", f"{config.lam:g}", "-i", str(int(config.iterations)),
                   "kspace", "maps", "image"], config, cwd=tmp)

@@ -163,7 +163,7 @@ def sense(case: Case, espirit: EspiritConfig = EspiritConfig(), config: SenseCon
 
 def bart(case: Case, config: BartConfig = BartConfig()) -> np.ndarray:
     """BART ESPIRiT + pics L1-wavelet per slice, ``|x|`` cropped → float32 ``(slice, H, W)``."""
-    return _crop(np.stack([np.abs(pics_l1(k, config)) for k in case.kspace]), case).astype(np.float32)
+    return _crop(np.stack([np.abs(pics_l1(k, config, case.num_low)) for k in case.kspace]), case).astype(np.float32)
 
 
 def varnet(case: Case, engine, batch_size: int = 1) -> np.ndarray:
