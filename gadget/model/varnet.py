@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from ..mri.coils import normalize_sens, rss, sens_expand, sens_reduce
 from ..mri.fft import ifft2c
+from ..mri.masks import detect_num_low_frequencies
 from .unet import Unet
 
 AcsCount = Union[None, int, torch.Tensor]
@@ -80,16 +81,6 @@ class NormUnet(nn.Module):
 
         x = x * std + mean
         return torch.view_as_complex(x.permute(0, 2, 3, 1).contiguous()).unsqueeze(1)
-
-
-def detect_num_low_frequencies(mask: torch.Tensor) -> torch.Tensor:
-    """ACS width as fastMRI detects it from a mask ``(b, 1, 1, w)``: 2·min(run left, run right)
-    of the sampled lines around ``w // 2`` (at least 1). Returns ``(b,)`` long."""
-    m = mask.reshape(mask.shape[0], -1).to(torch.int8)
-    centre = m.shape[1] // 2
-    left = torch.argmin(m[:, :centre].flip(1), dim=1)
-    right = torch.argmin(m[:, centre:], dim=1)
-    return torch.clamp_min(2 * torch.minimum(left, right), 1).long()
 
 
 def center_lines_mask(width: int, num_low: torch.Tensor) -> torch.Tensor:

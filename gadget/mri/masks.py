@@ -311,27 +311,27 @@ def _run_length(values: np.ndarray) -> int:
     return int(misses[0]) if misses.size else int(values.size)
 
 
+def detect_num_low_frequencies(mask: torch.Tensor) -> torch.Tensor:
+    """ACS width as fastMRI's sensitivity model detects it, for a batch of masks ``(b, ..., phase)``
+    (any leading singleton dims): with ``c = phase // 2``, ``left`` is the run of sampled columns
+    going down from ``c - 1`` and ``right`` the run going up from ``c``; the result is
+    ``max(2 * min(left, right), 1)`` per batch entry, long ``(b,)``. A half that is sampled
+    *entirely* counts as 0 (fastMRI's argmin finds no unsampled column), so a fully sampled mask
+    gives 1. Stays in torch so the model can call it on-device."""
+    m = mask.reshape(mask.shape[0], -1).to(torch.int8)
+    centre = m.shape[1] // 2
+    left = torch.argmin(m[:, :centre].flip(1), dim=1)
+    right = torch.argmin(m[:, centre:], dim=1)
+    return torch.clamp_min(2 * torch.minimum(left, right), 1).long()
+
+
 def detect_acs_count(mask_1d) -> int:
-    """Centre-line count as E2E-VarNet's sensitivity model infers it from a mask.
-
-    Mirrors ``SensitivityModel.get_pad_and_num_low_freqs`` in fastMRI: with
-    ``c = num_cols // 2``, ``left`` is the run of sampled columns going down from
-    ``c - 1`` and ``right`` the run going up from ``c``; the result is
-    ``max(2 * min(left, right), 1)``, i.e. always even unless 1. A half that is
-    sampled *entirely* counts as 0 (fastMRI finds the first unsampled column with an
-    argmin, which returns 0 when there is none), so a fully sampled mask gives 1.
-
-    Args:
-        mask_1d: 1-D array-like or tensor ``(num_cols,)``; nonzero means sampled.
-    """
+    """:func:`detect_num_low_frequencies` for one 1-D mask ``(num_cols,)`` (array-like or tensor;
+    nonzero means sampled)."""
     mask = _as_bool_1d(mask_1d)
     if mask.size < 2:
         raise ValueError(f"mask must have at least 2 columns, got {mask.size}")
-    cent = mask.size // 2
-    left_half, right_half = mask[:cent][::-1], mask[cent:]
-    left = _run_length(left_half) if not left_half.all() else 0
-    right = _run_length(right_half) if not right_half.all() else 0
-    return max(2 * min(left, right), 1)
+    return int(detect_num_low_frequencies(torch.from_numpy(mask).view(1, -1))[0])
 
 
 def contiguous_center_lines(mask_1d) -> int:

@@ -10,10 +10,9 @@ import logging
 from typing import Callable, Literal, Optional
 
 import numpy as np
-import torch
 
 from ..data.fastmri_file import FastMRIFileError, FastMRIVolume
-from ..model.varnet import detect_num_low_frequencies
+from ..mri.masks import detect_acs_count
 from ..mri.metrics import center_crop
 from .engine import Reconstructor
 
@@ -47,7 +46,7 @@ def acs_count(volume: FastMRIVolume, mask: np.ndarray, source: AcsSource = "auto
         return volume.num_low_frequency
     if source == "attrs":
         raise FastMRIFileError(f"{volume.path}: attribute 'num_low_frequency' missing (use --acs mask)")
-    return int(detect_num_low_frequencies(torch.from_numpy(mask).view(1, 1, 1, -1))[0])
+    return detect_acs_count(mask)
 
 
 def reconstruct_volume(engine: Reconstructor, volume: FastMRIVolume, batch_size: int = 1,

@@ -48,10 +48,10 @@ from tqdm import tqdm
 
 from ..data.fastmri_file import FastMRIFileError
 from ..model.checkpoint import save_checkpoint
-from ..model.varnet import VarNet, check_inputs, detect_num_low_frequencies
+from ..model.varnet import VarNet, check_inputs
 from ..mri.coils import rss
 from ..mri.fft import ifft2c
-from ..mri.masks import MaskSpec
+from ..mri.masks import MaskSpec, detect_num_low_frequencies
 from ..mri.metrics import VolumeMetrics, center_crop
 from ..recon.engine import resolve_device
 from ..recon.fastmri_infer import crop_size_for
