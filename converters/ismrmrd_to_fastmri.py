@@ -26,12 +26,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from gadget.data.fastmri_file import write_atomic_h5
 from gadget.data.mrd_file import (COMPRESSION_BITS, MrdFileError, has_flag, iter_acquisitions, read_header_xml,
                                   read_heads)
 from gadget.data.mrd_header import EncodingInfo, HeaderError, parse_encoding
+from gadget.mri.coils import rss
+from gadget.mri.fft import ifft2c
 from gadget.mri.masks import contiguous_center_lines
+from gadget.mri.metrics import center_crop_at_most
 
 from . import header_edit
 
@@ -216,10 +220,5 @@ def _write_volume(path: Path, kspace: np.ndarray, mask: np.ndarray, calib: np.nd
 def _rss_target(kspace: np.ndarray, recon_size: tuple[int, int]) -> np.ndarray:
     """fastMRI's ``reconstruction_rss``: RSS of the centered inverse FFT, center-cropped.
     Computed slice by slice so memory stays at one volume plus one slice."""
-    h, w = min(recon_size[0], kspace.shape[-2]), min(recon_size[1], kspace.shape[-1])
-    top, left = (kspace.shape[-2] - h) // 2, (kspace.shape[-1] - w) // 2
-    out = np.empty((kspace.shape[0], h, w), np.float32)
-    for s, coils in enumerate(kspace):
-        img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(coils, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-        out[s] = np.sqrt((np.abs(img) ** 2).sum(axis=0))[top:top + h, left:left + w]
-    return out
+    return np.stack([center_crop_at_most(rss(ifft2c(torch.from_numpy(coils)), dim=0).numpy(), recon_size)
+                     for coils in kspace]).astype(np.float32)

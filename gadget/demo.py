@@ -107,12 +107,6 @@ def save_comparison_png(path: Path, truth: np.ndarray, recons: dict[str, np.ndar
     plt.close(fig)
 
 
-def image_magnitude(image) -> np.ndarray:
-    """``ismrmrd.Image`` (stored ``(channels, z, y=phase, x=readout)``) → float ``(readout, phase)``."""
-    scale = float(image.meta["VarNetScale"]) if "VarNetScale" in image.meta.keys() else 1.0
-    return np.asarray(image.data, np.float32)[0, 0].T / scale
-
-
 def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, float]]:
     """Simulate → raw ISMRMRD → gadget pipeline (zero-filled and E2E-VarNet) → images, PNG, metrics.
 
@@ -125,6 +119,7 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
     from .model.shipped import shipped_checkpoint
     from .recon.config import ReconConfig
     from .replay import replay_file
+    from .stream.images import image_magnitude
     from .stream.sinks import write_images_h5
 
     out = settings.out_dir

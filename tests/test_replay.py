@@ -12,13 +12,14 @@ from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
 from gadget.cli import main
 from gadget.model.checkpoint import save_checkpoint
 from gadget.model.varnet import VarNet
+from gadget.stream.images import image_magnitude
 from gadget.stream.sinks import read_images_h5
 
 SMALL = dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2)
 
 
 def _magnitudes(images):
-    return np.stack([np.asarray(im.data, np.float32)[0, 0].T / float(im.meta["VarNetScale"]) for im in images])
+    return np.stack([image_magnitude(im) for im in images])
 
 
 def test_replay_equals_infer_on_the_same_scan(tmp_path, test_format_file):

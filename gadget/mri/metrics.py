@@ -49,6 +49,11 @@ def center_crop(x, shape: Tuple[int, int]):
     return x[..., top : top + h, left : left + w]
 
 
+def center_crop_at_most(x, shape: Tuple[int, int]):
+    """:func:`center_crop` to ``shape``, but no crop along an axis that is already smaller."""
+    return center_crop(x, (min(int(shape[0]), x.shape[-2]), min(int(shape[1]), x.shape[-1])))
+
+
 def _pair_as_float64(target, recon) -> Tuple[np.ndarray, np.ndarray]:
     target = np.asarray(target)
     recon = np.asarray(recon)

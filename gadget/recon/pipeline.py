@@ -20,6 +20,7 @@ import torch
 from ..data.mrd_header import EncodingInfo, parse_encoding
 from ..mri.coils import rss
 from ..mri.fft import ifft2c
+from ..mri.metrics import center_crop_at_most
 from ..stream.assemble import SliceAssembler, SliceData
 from ..stream.images import ImageOptions, build_image
 from ..stream.noise import prewhiten
@@ -138,7 +139,7 @@ class ScanReconstructor:
         return None  # the model detects it from the mask (fastMRI's rule)
 
     def _image(self, sl: SliceData, magnitude: np.ndarray):
-        crop = _crop(magnitude, self.encoding.recon_size)
+        crop = np.ascontiguousarray(center_crop_at_most(magnitude, self.encoding.recon_size), dtype=np.float32)
         comments = [f"E2E-VarNet ({self.config.mode})", f"lines {int(sl.mask.sum())}/{sl.mask.size}"]
         if sl.incomplete:
             self.stats.incomplete += 1
@@ -170,13 +171,6 @@ def _same_shape_groups(slices: list[SliceData]) -> list[list[SliceData]]:
     for s in slices:
         groups.setdefault(s.kspace.shape, []).append(s)
     return list(groups.values())
-
-
-def _crop(image: np.ndarray, recon_size: tuple[int, int]) -> np.ndarray:
-    """Centre crop ``(readout, phase)`` to the recon matrix (no crop along an axis that is smaller)."""
-    h, w = min(recon_size[0], image.shape[0]), min(recon_size[1], image.shape[1])
-    top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
-    return np.ascontiguousarray(image[top:top + h, left:left + w], dtype=np.float32)
 
 
 def build_engine(config: ReconConfig) -> tuple[Optional[Reconstructor], str]:

@@ -4,7 +4,8 @@ Buffers are keyed by ``(slice, contrast, phase, repetition, set)``. Repeated acq
 line with different ``average`` (or the same) are averaged. A line goes to phase column
 ``kspace_encode_step_1 + padding_left`` (fastMRI's padding from the header's encoding
 limits); its samples are placed so that ``center_sample`` lands on the middle of the
-readout (asymmetric echo / readout partial Fourier). Readout oversampling is kept.
+readout (asymmetric echo / readout partial Fourier); a ``center_sample`` of 0, which many files
+leave unset, is read as the middle of the acquired samples. Readout oversampling is kept.
 
 A buffer is complete at ACQ_LAST_IN_SLICE; ACQ_LAST_IN_REPETITION completes the buffers of
 that repetition and ACQ_LAST_IN_MEASUREMENT all of them. At the end of the stream, buffers

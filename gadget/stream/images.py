@@ -265,3 +265,10 @@ def build_image(magnitude: np.ndarray, reference: AcqLine | np.void, encoding: E
     data = np.ascontiguousarray(stored.T)[np.newaxis, np.newaxis]  # (1, 1, y=phase, x=readout)
     meta = _meta(head, _window(stored, options), scale, options, comments, processing, data_role)
     return ismrmrd.Image(head=head, data=data, meta=meta)
+
+
+def image_magnitude(image: ismrmrd.Image) -> np.ndarray:
+    """Inverse of :func:`build_image`'s storage: float32 ``(readout, phase)`` in the units of the
+    magnitude given (uint16 pixels divided by the recorded ``VarNetScale``)."""
+    scale = float(image.meta[SCALE_KEY]) if SCALE_KEY in image.meta.keys() else 1.0
+    return np.asarray(image.data, np.float32)[0, 0].T / scale

@@ -52,7 +52,7 @@ from ..model.varnet import VarNet, check_inputs
 from ..mri.coils import rss
 from ..mri.fft import ifft2c
 from ..mri.masks import MaskSpec, detect_num_low_frequencies
-from ..mri.metrics import VolumeMetrics, center_crop
+from ..mri.metrics import VolumeMetrics, center_crop, center_crop_at_most
 from ..recon.engine import resolve_device
 from ..recon.fastmri_infer import crop_size_for
 from .config import TrainConfig, TrainConfigError
@@ -102,8 +102,7 @@ def acs_counts(batch: TrainSample) -> torch.Tensor:
 def crop_pair(output: torch.Tensor, target: torch.Tensor, crop_size: tuple[int, int]):
     """Crop the model output ``(b, readout, phase)`` to the recon size (``(w, w)`` when narrower),
     then both images to their common size (fastMRI's ``center_crop_to_smallest``)."""
-    ch, cw = crop_size_for(tuple(output.shape[-2:]), crop_size)
-    output = center_crop(output, (min(ch, output.shape[-2]), min(cw, output.shape[-1])))
+    output = center_crop_at_most(output, crop_size_for(tuple(output.shape[-2:]), crop_size))
     h, w = min(output.shape[-2], target.shape[-2]), min(output.shape[-1], target.shape[-1])
     return center_crop(output, (h, w)), center_crop(target, (h, w))
 
