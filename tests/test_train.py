@@ -420,3 +420,32 @@ def test_ddp_two_cpu_processes_keep_identical_weights(data_dirs, tmp_path):
     assert r0[0] != start.hexdigest()  # the weights did move
     assert (tmp_path / "run" / "best.pt").exists()
     assert len((tmp_path / "run" / "train_log.csv").read_text().splitlines()) == 3  # rank 0 logs, once per step
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def test_init_from_copies_weights_and_may_change_the_output(data_dirs, tmp_path):
+    first = Trainer(_config(data_dirs, tmp_path / "a", "optim.epochs=1", "run.max_steps_per_epoch=2"))
+    first.fit()
+    source = load_checkpoint(tmp_path / "a" / "best.pt")
+    cfg = _config(data_dirs, tmp_path / "b", f"run.init_from={tmp_path / 'a' / 'best.pt'}", "model.output=sense",
+                  "optim.epochs=1", "run.max_steps_per_epoch=1", "run.seed=7")
+    second = Trainer(cfg)
+    for name, value in source.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[name], value), name
+    assert second.model.config.output == "sense"
+    second.fit()
+    tuned = load_checkpoint(tmp_path / "b" / "best.pt")
+    assert tuned.config.output == "sense"
+    assert tuned.description["init_from"]["sha256"] == source.sha256
+
+
+def test_init_from_refuses_another_architecture_and_bad_outputs(data_dirs, tmp_path):
+    Trainer(_config(data_dirs, tmp_path / "a", "optim.epochs=1", "run.max_steps_per_epoch=1")).fit()
+    with pytest.raises(TrainConfigError, match=r"does not match model settings.*chans 4 vs 6"):
+        Trainer(_config(data_dirs, tmp_path / "b", f"run.init_from={tmp_path / 'a' / 'best.pt'}", "model.chans=6"))
+    with pytest.raises(TrainConfigError, match="run.init_from: .*nothere.pt"):
+        Trainer(_config(data_dirs, tmp_path / "c", f"run.init_from={tmp_path / 'nothere.pt'}"))
+    with pytest.raises(TrainConfigError, match="output must be one of rss, sense"):
+        _config(data_dirs, tmp_path / "d", "model.output=mean")

@@ -139,3 +139,68 @@ def test_input_validation_errors():
         ours(torch.zeros(2, 16, 16, dtype=torch.complex64), torch.ones(16, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask"):
         ours(torch.zeros(1, 2, 16, 16, dtype=torch.complex64), torch.ones(15, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- output="sense"
+
+
+def _normalized_maps(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.randn(*shape, dtype=torch.complex128, generator=g)
+    return maps / maps.abs().pow(2).sum(1, keepdim=True).sqrt()
+
+
+def test_sense_output_equals_rss_for_coil_images_of_the_model_form():
+    """k = F(S·x) with Σ|S|² = 1: RSS and the map combination both give |x| (analytic)."""
+    from gadget.mri.coils import sens_expand
+
+    sens = _normalized_maps((1, 4, 16, 12), 0)
+    x = torch.randn(1, 1, 16, 12, dtype=torch.complex128, generator=torch.Generator().manual_seed(1))
+    k = sens_expand(x, sens)
+    for output in ("rss", "sense"):
+        img = VarNet(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1, output=output).final_image(k, sens)
+        assert torch.allclose(img, x[:, 0].abs(), rtol=1e-10, atol=1e-12), output
+
+
+def test_sense_output_removes_noise_orthogonal_to_the_maps():
+    """Coil noise orthogonal to S at every pixel: the combination ignores it, RSS does not."""
+    from gadget.mri.coils import sens_expand
+    from gadget.mri.fft import fft2c
+
+    sens = _normalized_maps((1, 4, 16, 12), 2)
+    x = torch.randn(1, 1, 16, 12, dtype=torch.complex128, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(1, 4, 16, 12, dtype=torch.complex128, generator=torch.Generator().manual_seed(4))
+    noise = noise - sens * (sens.conj() * noise).sum(1, keepdim=True)  # project out the S direction
+    k = sens_expand(x, sens) + fft2c(noise)
+    model = VarNet(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1, output="sense")
+    assert torch.allclose(model.final_image(k, sens), x[:, 0].abs(), rtol=1e-10, atol=1e-12)
+    rss_img = VarNet(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1).final_image(k, sens)
+    assert float((rss_img - x[:, 0].abs()).abs().mean()) > 0.1
+
+
+def test_sense_output_is_the_forward_pass_output_and_survives_a_checkpoint(tmp_path, small_volume):
+    from gadget.model.checkpoint import load_checkpoint, save_checkpoint
+    from gadget.mri.coils import sens_reduce
+
+    torch.manual_seed(0)
+    model = VarNet(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2, output="sense").eval()
+    k, mask = _phantom_input(small_volume)
+    acs = 8
+    with torch.no_grad():
+        out = model(k, mask, acs)
+        sens = model.sens_net(k, mask, acs)
+        kk = k
+        for cascade in model.cascades:
+            kk = cascade(kk, k, mask, sens)
+        expected = sens_reduce(kk, sens)[:, 0].abs()
+    assert torch.equal(out, expected)
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.config.output == "sense"
+    with torch.no_grad():
+        assert torch.equal(loaded.model(k, mask, acs), out)
+
+
+def test_unknown_output_is_rejected():
+    with pytest.raises(ValueError, match="output must be one of rss, sense"):
+        VarNet(output="mean")

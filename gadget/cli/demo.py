@@ -9,17 +9,16 @@ def add_parser(sub) -> None:
     from . import example_epilog
 
     p = sub.add_parser("demo", help="simulate an undersampled scan and reconstruct it (built-in data)",
-                       description="Fits a small E2E-VarNet on simulated phantoms (no weights ship yet), simulates a 4x "
-                                   "undersampled raw ISMRMRD scan and streams it through the gadget pipeline "
-                                   "(and zero-filled for comparison); writes images (HDF5), a PNG comparison "
+                       description="Simulates a 4x undersampled raw ISMRMRD brain scan and streams it through the gadget pipeline "
+                                   "with the shipped weights (and zero-filled for comparison); writes images (HDF5), a PNG comparison "
                                    "and prints metrics.",
                        epilog=example_epilog("varnet demo --out demo_out"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
-    p.add_argument("--train-steps", type=int, default=200,
-                   help="fit a small model on phantoms for N steps first (default 200); 0: use the shipped weights")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="model checkpoint (default: the weights shipped with the package)")
     p.add_argument("--source", choices=("mni", "colin", "phantom"), default="mni",
-                   help="anatomy of the simulated scan with the shipped weights (colin needs Debian mricron-data)")
+                   help="anatomy of the simulated scan (colin needs Debian mricron-data)")
     p.add_argument("--acceleration", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
@@ -28,7 +27,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..demo import DemoSettings, run_demo
 
-    settings = DemoSettings(out_dir=args.out, train_steps=args.train_steps, source=args.source,
+    settings = DemoSettings(out_dir=args.out, checkpoint=args.checkpoint, source=args.source,
                             acceleration=args.acceleration, seed=args.seed)
     results = run_demo(settings)
     print("\n| method | SSIM | PSNR dB | NMSE |\n|---|---|---|---|")

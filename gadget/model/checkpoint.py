@@ -72,7 +72,10 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], mask_center: bool = Tru
 def _config_from_mapping(values: Mapping[str, Any], fallback: VarNetConfig) -> VarNetConfig:
     known = {f.name for f in fields(VarNetConfig)}
     picked = {k: type(getattr(fallback, k))(v) for k, v in values.items() if k in known}
-    return VarNetConfig(**{**fallback.to_dict(), **picked})
+    try:
+        return VarNetConfig(**{**fallback.to_dict(), **picked})
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint hyperparameters: {exc}") from None
 
 
 def _read(path: str | os.PathLike) -> Any:

@@ -79,6 +79,7 @@ class RunConfig:
     amp: str = "off"                          # off | bf16 | fp16 — mixed precision, CUDA only
     activation_checkpointing: bool = False    # recompute each cascade in backward (less memory)
     resume: Optional[str] = None              # a last.pt written by an earlier run
+    init_from: Optional[str] = None           # start from these weights (any checkpoint; fresh optimizer)
     val_every: int = 1                        # validate every N epochs (and after the last one)
     max_steps_per_epoch: Optional[int] = None  # cap on optimizer steps per epoch (quick runs)
     log_every: int = 50                       # steps between CSV/TensorBoard loss lines
@@ -182,7 +183,10 @@ def _build_section(name: str, values: Mapping[str, Any], source: str):
             raise TrainConfigError(f"{source}: unknown setting '{name}.{key}' "
                                    f"(known in '{name}': {', '.join(known)})")
         converted[attr] = _convert(f"{name}.{attr}", hints[attr], value, source)
-    return cls(**converted)
+    try:
+        return cls(**converted)
+    except ValueError as exc:  # a section's own check (e.g. model.output)
+        raise TrainConfigError(f"{source}: section '{name}': {exc}") from None
 
 
 def _convert(name: str, annotation: Any, value: Any, source: str) -> Any:

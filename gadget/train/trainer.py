@@ -47,10 +47,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.fastmri_file import FastMRIFileError
-from ..model.checkpoint import save_checkpoint
+from ..model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..model.varnet import VarNet, check_inputs
-from ..mri.coils import rss
-from ..mri.fft import ifft2c
 from ..mri.masks import MaskSpec, detect_num_low_frequencies
 from ..mri.metrics import VolumeMetrics, center_crop, center_crop_at_most
 from ..recon.engine import resolve_device
@@ -87,7 +85,7 @@ class TrainingVarNet(nn.Module):
         kspace = masked_kspace
         for cascade in self.varnet.cascades:
             kspace = checkpoint(cascade, kspace, masked_kspace, mask, sens, use_reentrant=False)
-        return rss(ifft2c(kspace), dim=1)
+        return self.varnet.final_image(kspace, sens)
 
 
 def acs_counts(batch: TrainSample) -> torch.Tensor:
@@ -282,6 +280,9 @@ class Trainer:
                 raise TrainConfigError(f"data.batch_size={data.batch_size} needs slices of one shape, but the "
                                        f"{name} files differ ({detail}); use data.batch_size=1")
         self.model = VarNet.from_config(config.model).to(self.device)
+        self.init_source: Optional[dict] = None
+        if run.init_from and not run.resume:  # a resumed run's weights come from last.pt
+            self.init_weights(run.init_from)
         self.net: nn.Module = TrainingVarNet(self.model, run.activation_checkpointing)
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -508,8 +509,28 @@ class Trainer:
             "epochs": self.progress.epoch, "steps": self.progress.global_step,
             "batch_size": d.batch_size, "world_size": self.dist.world_size, "amp": cfg.run.amp,
             "val_metrics": dict(val_metrics) if val_metrics else None,
+            "init_from": self.init_source,
             "training_time_s": round(self.seconds(), 3),
         }
+
+    def init_weights(self, path: str) -> None:
+        """Copy weights from any checkpoint :func:`load_checkpoint` reads (fine-tuning); the
+        architecture must match the config's, ``output`` and ``mask_center`` may differ."""
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise TrainConfigError(f"run.init_from: {exc}") from None
+        shape_keys = ("num_cascades", "chans", "pools", "sens_chans", "sens_pools")
+        differ = [f"{k} {getattr(loaded.config, k)} vs {getattr(self.config.model, k)}" for k in shape_keys
+                  if getattr(loaded.config, k) != getattr(self.config.model, k)]
+        if differ:
+            raise TrainConfigError(f"run.init_from: {path} does not match model settings (file vs config: "
+                                   f"{', '.join(differ)})")
+        self.model.load_state_dict(loaded.model.state_dict())
+        self.init_source = {"path": str(Path(path).resolve()), "sha256": loaded.sha256,
+                            "model": loaded.config.to_dict()}
+        if self.dist.is_main:
+            log.info("initialised weights from %s (%s)", path, loaded.kind)
 
     def save_state(self, path: Path) -> None:
         """``last.pt``: resume state (see the module docstring), written atomically."""

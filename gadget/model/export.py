@@ -1,0 +1,143 @@
+"""E2E-VarNet as a static, real-valued graph for TorchScript and ONNX export.
+
+The reference model cannot be exported: its ACS width is found from the mask at run time and its
+tensors are complex. :class:`StaticVarNet` computes the same function as :class:`VarNet` for one
+fixed k-space shape and ACS width, with complex numbers held as a trailing axis of 2 (re, im) and
+complex dtypes used only as a view around the FFTs (ONNX ``DFT``, opset ≥ 17).
+
+Layouts:
+
+==============  ====================================  ===========================================
+input kspace    (batch, coil, readout, phase, 2)      float32, masked k-space (re, im)
+input mask      (phase,)                              float32, 1 = sampled line
+output          (batch, readout, phase)               float32, magnitude image (``config.output``)
+==============  ====================================  ===========================================
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .varnet import _EPS, NormUnet, VarNet, center_lines_mask
+
+EXPORT_FORMATS = ("torchscript", "onnx")
+ONNX_OPSET = 18
+
+
+def _shift(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """fftshift (or ifftshift) over (rows, cols) of a real-layout ``(..., rows, cols, 2)`` tensor."""
+    rows, cols = x.shape[-3], x.shape[-2]
+    shifts = (-(rows // 2), -(cols // 2)) if inverse else (rows // 2, cols // 2)
+    return torch.roll(x, shifts=shifts, dims=(-3, -2))
+
+
+def fft2c_real(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Centered orthonormal 2-D (i)FFT of ``(..., rows, cols, 2)``; equals :func:`gadget.mri.fft.fft2c`."""
+    z = torch.view_as_complex(_shift(x, inverse=True).contiguous())
+    z = torch.fft.ifft2(z, norm="ortho") if inverse else torch.fft.fft2(z, norm="ortho")
+    return _shift(torch.view_as_real(z), inverse=False)
+
+
+def cmul(a: torch.Tensor, b: torch.Tensor, conj_b: bool = False) -> torch.Tensor:
+    """Complex product ``a·b`` (or ``a·conj(b)``) of real-layout tensors (broadcasting)."""
+    ar, ai, br, bi = a[..., 0], a[..., 1], b[..., 0], b[..., 1]
+    if conj_b:
+        return torch.stack((ar * br + ai * bi, ai * br - ar * bi), dim=-1)
+    return torch.stack((ar * br - ai * bi, ar * bi + ai * br), dim=-1)
+
+
+def _norm_unet(net: NormUnet, images: torch.Tensor) -> torch.Tensor:
+    """``(n, h, w, 2)`` → ``(n, h, w, 2)`` through a NormUnet's real-channel path."""
+    return net.forward_channels(images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class StaticVarNet(nn.Module):
+    """A :class:`VarNet` (weights shared, not copied) fixed to ``width`` phase lines and
+    ``num_low_frequencies`` ACS lines; see the module docstring for layouts."""
+
+    def __init__(self, model: VarNet, width: int, num_low_frequencies: int):
+        super().__init__()
+        if not 0 < num_low_frequencies <= width:
+            raise ValueError(f"the ACS width must lie in 1..{width}, got {num_low_frequencies}")
+        self.model = model
+        self.num_low_frequencies = int(num_low_frequencies)
+        acs = center_lines_mask(width, torch.tensor([num_low_frequencies]))
+        self.register_buffer("acs_mask", acs.to(torch.float32).unsqueeze(-1), persistent=False)  # (1,1,1,w,1)
+
+    def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        sampled = mask.reshape(1, 1, 1, -1, 1).to(kspace.dtype)
+        sens = self.sensitivities(kspace)
+        current = kspace
+        for cascade in m.cascades:
+            coil_images = fft2c_real(current, inverse=True)
+            combined = cmul(coil_images, sens, conj_b=True).sum(dim=1)            # (b, h, w, 2)
+            refined = _norm_unet(cascade.model, combined).unsqueeze(1)           # (b, 1, h, w, 2)
+            refinement = fft2c_real(cmul(refined, sens))
+            current = current - (current - kspace) * sampled * cascade.dc_weight - refinement
+        if m.config.output == "sense":
+            combined = cmul(fft2c_real(current, inverse=True), sens, conj_b=True).sum(dim=1)
+            return combined.pow(2).sum(dim=-1).sqrt()
+        return fft2c_real(current, inverse=True).pow(2).sum(dim=(1, -1)).sqrt()
+
+    def sensitivities(self, kspace: torch.Tensor) -> torch.Tensor:
+        """Normalised maps ``(b, coil, h, w, 2)`` from the fixed ACS block."""
+        b, c, h, w, _ = kspace.shape
+        acs = kspace * self.acs_mask if self.model.sens_net.mask_center else kspace
+        coil_images = fft2c_real(acs, inverse=True).reshape(b * c, h, w, 2)
+        sens = _norm_unet(self.model.sens_net.norm_unet, coil_images).reshape(b, c, h, w, 2)
+        norm = sens.pow(2).sum(dim=(1, -1), keepdim=True).sqrt().clamp_min(_EPS)
+        return sens / norm
+
+
+def example_inputs(coils: int, readout: int, phase: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero k-space and an all-ones mask of the export shape (tracing needs shapes, not values)."""
+    return torch.zeros(batch, coils, readout, phase, 2), torch.ones(phase)
+
+
+def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout: int, phase: int,
+                 num_low_frequencies: int) -> Path:
+    """Write ``model`` for a fixed k-space shape and ACS width as TorchScript (``torch.jit.load``)
+    or ONNX (onnxruntime); inputs/outputs as in the module docstring. Returns the path."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    path = Path(path)
+    static = StaticVarNet(model.eval(), phase, num_low_frequencies).eval()
+    inputs = example_inputs(coils, readout, phase)
+    tmp = path.with_name(path.name + ".partial")
+    with torch.no_grad():
+        if fmt == "torchscript":
+            torch.jit.trace(static, inputs, check_trace=False).save(str(tmp))
+        else:
+            torch.onnx.export(static, inputs, str(tmp), dynamo=True, opset_version=ONNX_OPSET,
+                              input_names=["kspace", "mask"], output_names=["image"], external_data=False)
+    tmp.replace(path)
+    return path
+
+
+def run_exported(path: str | Path, fmt: str, kspace: torch.Tensor, mask: torch.Tensor, threads: int = 0):
+    """Run an exported file on real-layout ``kspace`` and ``mask``; returns a numpy image.
+    ONNX runs in onnxruntime on the CPU (``threads`` intra-op threads; 0: its default)."""
+    if fmt == "torchscript":
+        with torch.no_grad():
+            return torch.jit.load(str(path), map_location="cpu")(kspace, mask).numpy()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RuntimeError("running ONNX files needs onnxruntime: pip install 'varnet-gadget[export]'") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"kspace": kspace.numpy(), "mask": mask.numpy()})[0]
+
+
+def verify_export(path: str | Path, fmt: str, model: VarNet, kspace: torch.Tensor, mask: torch.Tensor,
+                  num_low_frequencies: int) -> float:
+    """max |exported − eager| / max |eager| on complex ``kspace (b, c, h, w)`` and bool ``mask (w,)``."""
+    with torch.no_grad():
+        eager = model.eval()(kspace * mask, mask, num_low_frequencies).numpy()
+    real_k = torch.view_as_real(kspace * mask).contiguous()
+    exported = run_exported(path, fmt, real_k, mask.to(torch.float32))
+    return float(abs(exported - eager).max() / max(abs(eager).max(), 1e-30))

@@ -1,0 +1,84 @@
+"""Static real-valued graph (StaticVarNet) and its TorchScript / ONNX exports compute what VarNet computes."""
+import numpy as np
+import pytest
+import torch
+
+from gadget.model.export import StaticVarNet, cmul, export_model, fft2c_real, run_exported, verify_export
+from gadget.model.varnet import VarNet
+from gadget.mri.fft import fft2c, ifft2c
+from tests.conftest import equispaced_mask
+
+TINY = dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2)
+
+
+def _input(small_volume, acs=8):
+    k = torch.from_numpy(small_volume.kspace[:1])  # (1, 6, 128, 48) structured k-space
+    mask = torch.from_numpy(equispaced_mask(k.shape[-1], 4, acs))
+    return k, mask
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 12), (1, 2, 15, 9)])
+def test_real_layout_fft_and_product_equal_the_complex_ones(shape):
+    z = torch.randn(*shape, dtype=torch.complex128)
+    w = torch.randn(*shape, dtype=torch.complex128)
+    r = torch.view_as_real(z)
+    assert torch.allclose(torch.view_as_complex(fft2c_real(r)), fft2c(z), atol=1e-12)
+    assert torch.allclose(torch.view_as_complex(fft2c_real(r, inverse=True)), ifft2c(z), atol=1e-12)
+    assert torch.allclose(torch.view_as_complex(cmul(r, torch.view_as_real(w))), z * w, atol=1e-12)
+    assert torch.allclose(torch.view_as_complex(cmul(r, torch.view_as_real(w), conj_b=True)), z * w.conj(), atol=1e-12)
+
+
+@pytest.mark.parametrize("output", ["rss", "sense"])
+def test_static_graph_equals_the_model(small_volume, output):
+    torch.manual_seed(0)
+    model = VarNet(**TINY, output=output).eval().double()
+    k, mask = _input(small_volume)
+    k = k.to(torch.complex128) * mask
+    with torch.no_grad():
+        eager = model(k, mask, 8)
+        static = StaticVarNet(model, k.shape[-1], 8)(torch.view_as_real(k), mask.double())
+    assert torch.allclose(static, eager, rtol=1e-10, atol=1e-12 * float(eager.max()))
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_files_match_eager_output(tmp_path, small_volume, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install '.[export]')")
+        pytest.importorskip("onnxscript", reason="onnxscript not installed (pip install '.[export]')")
+    torch.manual_seed(0)
+    model = VarNet(**TINY, output="sense").eval()
+    k, mask = _input(small_volume)
+    path = export_model(model, tmp_path / f"m.{fmt}", fmt, *k.shape[1:], num_low_frequencies=8)
+    assert verify_export(path, fmt, model, k, mask, 8) < 1e-4
+    # a different mask of the same width runs through the same file (the ACS width is what is fixed)
+    other = torch.from_numpy(equispaced_mask(k.shape[-1], 3, 8))
+    assert verify_export(path, fmt, model, k, other, 8) < 1e-4
+    if fmt == "onnx":
+        import onnx
+
+        graph = onnx.load(str(path))
+        assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        assert any(node.op_type == "DFT" for node in graph.graph.node) or \
+            any(node.op_type == "DFT" for f in graph.functions for node in f.node)
+
+
+def test_bad_acs_width_is_refused():
+    with pytest.raises(ValueError, match="ACS width must lie in 1..48"):
+        StaticVarNet(VarNet(**TINY), 48, 0)
+    with pytest.raises(ValueError, match="export format must be one of torchscript, onnx"):
+        export_model(VarNet(**TINY), "x.bin", "tflite", 2, 16, 16, 4)
+
+
+def test_cli_export_verifies_the_file(tmp_path, capsys):
+    from gadget.cli import main
+    from gadget.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pt", VarNet(**TINY))
+    out = tmp_path / "m.ts"
+    assert main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--format", "torchscript", "--coils", "4",
+                 "--readout", "64", "--phase", "32", "--acs", "6", "--out", str(out)]) == 0
+    assert "max relative difference" in capsys.readouterr().out and out.stat().st_size > 0
+    assert main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--format", "torchscript", "--coils", "4",
+                 "--readout", "64", "--phase", "32", "--acs", "40", "--out", str(out)]) == 2
+    assert "--acs" in capsys.readouterr().err
