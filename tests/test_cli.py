@@ -25,7 +25,7 @@ def test_top_level_help_lists_subcommands():
 
 @pytest.mark.parametrize("argv", [["infer"], ["replay"], ["serve"], ["convert"], ["convert", "fastmri-to-ismrmrd"],
                                   ["convert", "ismrmrd-to-fastmri"], ["synth"], ["bench"], ["bench", "model"],
-                                  ["bench", "ingest"], ["bench", "pipeline"], ["export"], ["demo"]])
+                                  ["bench", "ingest"], ["bench", "pipeline"], ["bench", "all"], ["export"], ["demo"]])
 def test_every_subcommand_help_shows_an_example(argv):
     text = _help(*argv)
     assert "example:" in text and "varnet " + argv[0] in text.split("example:")[1]

@@ -11,6 +11,13 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=example_epilog("varnet bench model --repeats 5 --threads 2"))
     which = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    a = which.add_parser("all", help="model, ingest and pipeline benchmarks and a table of the targets",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=example_epilog("varnet bench all", "varnet bench all --repeats 3 --threads 2"))
+    a.add_argument("--repeats", type=int, default=5)
+    a.add_argument("--threads", type=int, default=2)
+    a.set_defaults(run=run_all)
+
     m = which.add_parser("model", help="E2E-VarNet forward pass: ours vs fastmri.models.VarNet",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=example_epilog("varnet bench model",
@@ -22,6 +29,8 @@ def add_parser(sub) -> None:
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--threads", type=int, default=2)
     m.add_argument("--ours-only", action="store_true", help="skip the reference (fastmri not installed)")
+    m.add_argument("--implementations", default="reference,ours,ours-static,onnxruntime",
+                   help="comma-separated subset of reference,ours,ours-static,onnxruntime")
     m.set_defaults(run=run_model)
 
     i = which.add_parser("ingest", help="socket → acquisitions: our codec vs ismrmrd.serialization",
@@ -58,8 +67,24 @@ def run_model(args) -> int:
     coils, readout, phase = args.shape
     case = BenchCase(config=args.config, coils=coils, readout=readout, phase=phase,
                      acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads)
-    impls = ("ours",) if args.ours_only else ("reference", "ours")
+    from ..bench.model_bench import IMPLEMENTATIONS
+
+    impls = tuple(i.strip() for i in args.implementations.split(",") if i.strip())
+    unknown = sorted(set(impls) - set(IMPLEMENTATIONS))
+    if unknown or not impls:
+        raise UserError(f"--implementations: unknown {', '.join(unknown) or '(none given)'} "
+                        f"(known: {', '.join(IMPLEMENTATIONS)})")
+    if args.ours_only:
+        impls = tuple(i for i in impls if i != "reference")
     print(format_table(case, run(case, impls)))
+    return 0
+
+
+def run_all(args) -> int:
+    from ..bench.model_bench import BenchCase
+    from ..bench.summary import run_all as run_everything
+
+    print(run_everything(BenchCase(repeats=args.repeats, threads=args.threads)))
     return 0
 
 

@@ -15,6 +15,8 @@ output          (batch, readout, phase)               float32, magnitude image (
 """
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -92,6 +94,20 @@ class StaticVarNet(nn.Module):
         return sens / norm
 
 
+@contextmanager
+def _quiet(*names: str):
+    """The ONNX exporter's libraries log every graph pass at INFO; keep them to warnings."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def example_inputs(coils: int, readout: int, phase: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero k-space and an all-ones mask of the export shape (tracing needs shapes, not values)."""
     return torch.zeros(batch, coils, readout, phase, 2), torch.ones(phase)
@@ -111,8 +127,9 @@ def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout:
         if fmt == "torchscript":
             torch.jit.trace(static, inputs, check_trace=False).save(str(tmp))
         else:
-            torch.onnx.export(static, inputs, str(tmp), dynamo=True, opset_version=ONNX_OPSET,
-                              input_names=["kspace", "mask"], output_names=["image"], external_data=False)
+            with _quiet("onnx_ir", "onnxscript", "torch.onnx"):
+                torch.onnx.export(static, inputs, str(tmp), dynamo=True, opset_version=ONNX_OPSET, verbose=False,
+                                  input_names=["kspace", "mask"], output_names=["image"], external_data=False)
     tmp.replace(path)
     return path
 

@@ -1,0 +1,53 @@
+"""``varnet bench all``: the model, ingest and pipeline benchmarks in one run, and one table of
+issue 6's targets (required vs measured) under them."""
+from __future__ import annotations
+
+from .ingest_bench import format_table as ingest_table
+from .ingest_bench import run_ingest_bench
+from .model_bench import BenchCase, IMPLEMENTATIONS
+from .model_bench import format_table as model_table
+from .model_bench import run as run_model_bench
+from .pipeline_bench import format_table as pipeline_table
+from .pipeline_bench import run_pipeline_bench
+
+MAX_REL_DIFF = 1e-4
+
+
+def targets_table(model: dict, ingest: dict, pipeline: dict) -> str:
+    """Rows ``target | required | measured | met`` from the three benchmarks' results."""
+    rows = ["| target | required | measured | met |", "|---|---|---|---|"]
+
+    def row(name, required, measured, ok):
+        rows.append(f"| {name} | {required} | {measured} | {'yes' if ok else 'NO'} |")
+
+    ref = model.get("reference")
+    ours = {k: model[k] for k in ("ours", "ours-static") if k in model}
+    if ref and ours:
+        fastest = min(ours, key=lambda k: ours[k]["vs"])
+        best = ours[fastest]
+        row("CPU wall time vs reference", "≤ 0.5×", f"{best['vs']:.3f}× ({fastest})", best["vs"] <= 0.5)
+        row("max relative difference", f"< {MAX_REL_DIFF:g}", f"{best['max_rel_diff']:.1e}",
+            best["max_rel_diff"] < MAX_REL_DIFF)
+        row("peak memory vs reference", "≤ reference", f"{best['peak_mb']:.0f} vs {ref['peak_mb']:.0f} MB",
+            best["peak_mb"] <= ref["peak_mb"])
+    if "onnxruntime" in model:
+        ort = model["onnxruntime"]
+        row("ONNX (onnxruntime) vs eager", f"< {MAX_REL_DIFF:g}", f"{ort['max_rel_diff']:.1e}, {ort['median_s']:.2f} s",
+            ort["max_rel_diff"] < MAX_REL_DIFF)
+    mb_s = ingest["mb_s"]
+    row("ingest over loopback TCP", "≥ 300 MB/s and ≥ ismrmrd", f"{mb_s['ours']:,.0f} vs {mb_s['ismrmrd']:,.0f} MB/s",
+        mb_s["ours"] >= 300 and mb_s["ours"] >= mb_s["ismrmrd"])
+    row("pipeline overhead (model excluded)", "< 5 % of model time", f"{pipeline['overhead_pct']:.1f} %",
+        pipeline["overhead_pct"] < 5)
+    return "\n".join(rows)
+
+
+def run_all(case: BenchCase, implementations=IMPLEMENTATIONS, progress=print) -> str:
+    progress("model benchmark ...")
+    model = run_model_bench(case, implementations)
+    progress("ingest benchmark ...")
+    ingest = run_ingest_bench(repeats=5)
+    progress("pipeline benchmark ...")
+    pipeline = run_pipeline_bench(threads=case.threads)
+    return "\n\n".join([model_table(case, model), ingest_table(ingest), pipeline_table(pipeline),
+                        "issue 6 targets on this machine:\n" + targets_table(model, ingest, pipeline)])

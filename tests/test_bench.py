@@ -1,0 +1,21 @@
+"""Benchmarks: the fast paths they time agree with the plain model, and the targets table reports misses."""
+from gadget.bench.model_bench import BenchCase, run
+from gadget.bench.summary import targets_table
+
+
+def test_model_bench_paths_agree_and_targets_table_flags_misses():
+    case = BenchCase(config="small", coils=4, readout=64, phase=32, acs=6, repeats=1, threads=1)
+    results = run(case, ("ours", "ours-static"))
+    assert results["base"] == "ours"
+    assert results["ours-static"]["max_rel_diff"] < 1e-4
+    assert results["ours-static"]["peak_mb"] > 0
+    fake_ref = {**results["ours"], "median_s": results["ours-static"]["median_s"] / 0.8, "peak_mb": 1e6}
+    results["reference"] = fake_ref
+    results["ours-static"]["vs"] = 0.8
+    results["ours"]["vs"] = 10.0
+    table = targets_table(results, {"mb_s": {"ours": 250.0, "ismrmrd": 200.0}}, {"overhead_pct": 1.0})
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "0.800× (ours-static)" in lines["CPU wall time vs reference"] and lines["CPU wall time vs reference"].endswith("| NO |")
+    assert lines["max relative difference"].endswith("| yes |")
+    assert lines["ingest over loopback TCP"].endswith("| NO |")  # 250 MB/s < 300
+    assert lines["pipeline overhead (model excluded)"].endswith("| yes |")
