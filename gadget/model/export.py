@@ -122,15 +122,24 @@ def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout:
     path = Path(path)
     static = StaticVarNet(model.eval(), phase, num_low_frequencies).eval()
     inputs = example_inputs(coils, readout, phase)
+    if fmt == "onnx":
+        try:
+            import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+        except ImportError:
+            raise RuntimeError("ONNX export needs onnx and onnxscript: pip install 'varnet-gadget[export]'") from None
     tmp = path.with_name(path.name + ".partial")
-    with torch.no_grad():
-        if fmt == "torchscript":
-            torch.jit.trace(static, inputs, check_trace=False).save(str(tmp))
-        else:
-            with _quiet("onnx_ir", "onnxscript", "torch.onnx"):
-                torch.onnx.export(static, inputs, str(tmp), dynamo=True, opset_version=ONNX_OPSET, verbose=False,
-                                  input_names=["kspace", "mask"], output_names=["image"], external_data=False)
-    tmp.replace(path)
+    try:
+        with torch.no_grad():
+            if fmt == "torchscript":
+                torch.jit.trace(static, inputs, check_trace=False).save(str(tmp))
+            else:
+                with _quiet("onnx_ir", "onnxscript", "torch.onnx"):
+                    torch.onnx.export(static, inputs, str(tmp), dynamo=True, opset_version=ONNX_OPSET,
+                                      verbose=False, input_names=["kspace", "mask"], output_names=["image"],
+                                      external_data=False)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
