@@ -77,13 +77,12 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
     out.mkdir(parents=True, exist_ok=True)
     ckpt = settings.checkpoint or shipped_checkpoint()
     loaded = load_checkpoint(ckpt)
-    model, source, size = loaded.model, settings.source, settings.image_size
     model_id = f"{ckpt.name} (sha256 {loaded.sha256[:12]})"
     progress(f"[1/4] model {ckpt}: {loaded.description.get('data', 'no description')}")
 
-    progress(f"[2/4] simulating a held-out {source} scan: raw ISMRMRD file with a noise scan, "
+    progress(f"[2/4] simulating a held-out {settings.source} scan: raw ISMRMRD file with a noise scan, "
              f"{settings.acceleration}x undersampled")
-    vol = simulate_volume(4, settings.coils, size, seed=settings.seed + 999, source=source,
+    vol = simulate_volume(4, settings.coils, settings.image_size, seed=settings.seed + 999, source=settings.source,
                           orientation=settings.orientation)
     write_fastmri(out / "scan_fully_sampled.h5", vol, with_noise=True)
     raw = out / "scan_raw_ismrmrd.h5"
@@ -95,7 +94,8 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
     # The models were trained on coil data as simulated (not prewhitened), so the stream is not either.
     base = dict(prewhiten=False, checkpoint=str(ckpt), device="auto")
     zf_run = replay_file(raw, ReconConfig(mode="zero-filled", image_series_index=2, **base), None)
-    vn_run = replay_file(raw, ReconConfig(mode="varnet", **base), Reconstructor(model, "auto"), model_id=model_id)
+    vn_run = replay_file(raw, ReconConfig(mode="varnet", **base), Reconstructor(loaded.model, "auto"),
+                         model_id=model_id)
     write_images_h5(out / "images.h5", zf_run.images + vn_run.images, "demo")
     zf = np.stack([image_magnitude(im) for im in zf_run.images])
     recon = np.stack([image_magnitude(im) for im in vn_run.images])
@@ -105,6 +105,6 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
     results = {"zero-filled": volume_metrics(truth, zf), "E2E-VarNet": volume_metrics(truth, recon)}
     mid = truth.shape[0] // 2
     save_comparison_png(out / "comparison.png", truth[mid], {"zero-filled": zf[mid], "E2E-VarNet": recon[mid]},
-                        f"{source} {settings.orientation}, {settings.acceleration}x {settings.mask}, "
+                        f"{settings.source} {settings.orientation}, {settings.acceleration}x {settings.mask}, "
                         f"{plan.num_low} ACS lines, slice {mid}, streamed through the gadget")
     return results

@@ -439,6 +439,9 @@ def test_init_from_copies_weights_and_may_change_the_output(data_dirs, tmp_path)
     tuned = load_checkpoint(tmp_path / "b" / "best.pt")
     assert tuned.config.output == "sense"
     assert tuned.description["init_from"]["sha256"] == source.sha256
+    resumed = Trainer(build_config(cfg.to_dict(), [f"run.resume={tmp_path / 'b' / 'last.pt'}", "optim.epochs=2"]))
+    resumed.fit()
+    assert load_checkpoint(tmp_path / "b" / "final.pt").description["init_from"]["sha256"] == source.sha256
 
 
 def test_init_from_refuses_another_architecture_and_bad_outputs(data_dirs, tmp_path):

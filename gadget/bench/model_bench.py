@@ -95,13 +95,11 @@ def _build(impl: str, case: BenchCase, workdir: Path, kspace: np.ndarray, mask: 
     model.load_state_dict(state, strict=True)
     if impl == "ours":
         return model, (k, torch.from_numpy(mask), case.acs)
-    from gadget.model.export import StaticVarNet
+    from gadget.model.export import trace_static
 
-    args = (torch.view_as_real(k).contiguous(), torch.from_numpy(mask).to(torch.float32))
-    with torch.no_grad():
-        traced = torch.jit.trace(StaticVarNet(model, case.phase, case.acs).eval(), args, check_trace=False)
-        fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-    return fast, args
+    traced = trace_static(model, case.coils, case.readout, case.phase, case.acs)
+    fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+    return fast, (torch.view_as_real(k).contiguous(), torch.from_numpy(mask).to(torch.float32))
 
 
 def worker(impl: str, case: BenchCase, workdir: Path) -> None:

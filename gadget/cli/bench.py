@@ -55,19 +55,8 @@ def add_parser(sub) -> None:
 
 
 def run_model(args) -> int:
-    from ..bench.model_bench import BenchCase, format_table, run
+    from ..bench.model_bench import IMPLEMENTATIONS, BenchCase, format_table, run
     from . import UserError
-
-    if not args.ours_only:
-        try:
-            import fastmri  # noqa: F401
-        except ImportError:
-            raise UserError("the reference needs the 'fastmri' package: pip install --no-deps fastmri==0.3.0 "
-                            "pandas requests tqdm runstats (or pass --ours-only)") from None
-    coils, readout, phase = args.shape
-    case = BenchCase(config=args.config, coils=coils, readout=readout, phase=phase,
-                     acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads)
-    from ..bench.model_bench import IMPLEMENTATIONS
 
     impls = tuple(i.strip() for i in args.implementations.split(",") if i.strip())
     unknown = sorted(set(impls) - set(IMPLEMENTATIONS))
@@ -76,6 +65,19 @@ def run_model(args) -> int:
                         f"(known: {', '.join(IMPLEMENTATIONS)})")
     if args.ours_only:
         impls = tuple(i for i in impls if i != "reference")
+    needs = {"reference": ("fastmri", "pip install --no-deps fastmri==0.3.0 pandas requests tqdm runstats"),
+             "onnxruntime": ("onnxruntime", "pip install 'varnet-gadget[export]'")}
+    for impl in impls:
+        if impl in needs:
+            module, hint = needs[impl]
+            try:
+                __import__(module)
+            except ImportError:
+                raise UserError(f"the {impl} implementation needs the '{module}' package: {hint} "
+                                f"(or leave it out of --implementations)") from None
+    coils, readout, phase = args.shape
+    case = BenchCase(config=args.config, coils=coils, readout=readout, phase=phase,
+                     acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads)
     print(format_table(case, run(case, impls)))
     return 0
 

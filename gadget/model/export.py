@@ -113,6 +113,13 @@ def example_inputs(coils: int, readout: int, phase: int, batch: int = 1) -> tupl
     return torch.zeros(batch, coils, readout, phase, 2), torch.ones(phase)
 
 
+def trace_static(model: VarNet, coils: int, readout: int, phase: int, num_low_frequencies: int):
+    """:class:`StaticVarNet` of ``model`` traced to TorchScript for one k-space shape and ACS width."""
+    static = StaticVarNet(model.eval(), phase, num_low_frequencies).eval()
+    with torch.no_grad():
+        return torch.jit.trace(static, example_inputs(coils, readout, phase), check_trace=False)
+
+
 def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout: int, phase: int,
                  num_low_frequencies: int) -> Path:
     """Write ``model`` for a fixed k-space shape and ACS width as TorchScript (``torch.jit.load``)
@@ -120,8 +127,6 @@ def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout:
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     path = Path(path)
-    static = StaticVarNet(model.eval(), phase, num_low_frequencies).eval()
-    inputs = example_inputs(coils, readout, phase)
     if fmt == "onnx":
         try:
             import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
@@ -129,14 +134,14 @@ def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout:
             raise RuntimeError("ONNX export needs onnx and onnxscript: pip install 'varnet-gadget[export]'") from None
     tmp = path.with_name(path.name + ".partial")
     try:
-        with torch.no_grad():
-            if fmt == "torchscript":
-                torch.jit.trace(static, inputs, check_trace=False).save(str(tmp))
-            else:
-                with _quiet("onnx_ir", "onnxscript", "torch.onnx"):
-                    torch.onnx.export(static, inputs, str(tmp), dynamo=True, opset_version=ONNX_OPSET,
-                                      verbose=False, input_names=["kspace", "mask"], output_names=["image"],
-                                      external_data=False)
+        if fmt == "torchscript":
+            trace_static(model, coils, readout, phase, num_low_frequencies).save(str(tmp))
+        else:
+            static = StaticVarNet(model.eval(), phase, num_low_frequencies).eval()
+            with torch.no_grad(), _quiet("onnx_ir", "onnxscript", "torch.onnx"):
+                torch.onnx.export(static, example_inputs(coils, readout, phase), str(tmp), dynamo=True,
+                                  opset_version=ONNX_OPSET, verbose=False, input_names=["kspace", "mask"],
+                                  output_names=["image"], external_data=False)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -544,6 +544,7 @@ class Trainer:
             "epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
             "best_ssim": p.best_ssim if math.isfinite(p.best_ssim) else None,
             "best_metrics": p.best_metrics, "elapsed_s": self.seconds(), "rng": rng_state(),
+            "init_from": self.init_source,
         }
         tmp = path.with_name(path.name + ".partial")
         torch.save(payload, tmp)
@@ -579,6 +580,7 @@ class Trainer:
                                  best_ssim=-math.inf if best is None else float(best),
                                  best_metrics=state.get("best_metrics"), elapsed_s=float(state["elapsed_s"]))
         set_rng_state(state["rng"])
+        self.init_source = state.get("init_from")  # a resumed fine-tune keeps its record
         if self.dist.is_main:
             log.info("resumed %s at epoch %d, step %d", path, self.progress.epoch, self.progress.global_step)
 
