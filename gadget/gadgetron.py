@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from .recon.config import ReconConfig, from_gadgetron_config
 from .recon.engine import Reconstructor
+from .recon.overlap import overlapped
 from .recon.pipeline import ScanReconstructor, build_engine
 from .stream.types import AcqLine
 
@@ -39,7 +40,7 @@ def reconstruct(connection: Any) -> None:
         engine, model_id = shared_engine(config)
         scan = ScanReconstructor(_text(connection.raw_bytes.header), config, engine, source="gadgetron",
                                  model_id=model_id)
-        for item in scan.run(iter(connection)):
+        for item in overlapped(scan, iter(connection)):
             connection.send(item.to_ismrmrd() if isinstance(item, AcqLine) else item)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional
 from .data.mrd_file import count_acquisitions, iter_acquisitions, read_header_xml
 from .recon.config import ReconConfig
 from .recon.engine import Reconstructor
+from .recon.overlap import overlapped
 from .recon.pipeline import ScanReconstructor
 from .stream.types import AcqLine
 
@@ -45,7 +46,7 @@ def replay_file(in_path, config: ReconConfig, engine: Optional[Reconstructor], g
     xml = read_header_xml(in_path, group)
     scan = ScanReconstructor(xml, config, engine, source=in_path.name, model_id=model_id)
     t0 = time.perf_counter()
-    images = [item for item in scan.run(file_lines(in_path, group, progress)) if _is_image(item)]
+    images = [item for item in overlapped(scan, file_lines(in_path, group, progress)) if _is_image(item)]
     return ReplayResult(images, time.perf_counter() - t0, scan.stats.model_seconds,
                         count_acquisitions(in_path, group), scan.stats.incomplete)
 

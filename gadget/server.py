@@ -2,9 +2,9 @@
 
 One mechanism, two dialects. Each connection is one scan, handled on its own thread:
 
-    socket ─▶ reader thread ─▶ bounded queue ─▶ pipeline (this thread) ─▶ images ─▶ socket
+    socket ─▶ reader thread: parse, prewhiten, assemble ─▶ finished slices ─▶ model (this thread) ─▶ images ─▶ socket
 
-so slice k is reconstructed while slice k+1 is still arriving. The model is loaded once per
+(gadget/recon/overlap.py), so slice k is reconstructed while slice k+1 is still arriving. The model is loaded once per
 process (``ReconService``) and shared by all connections; the engine serialises device access.
 
 Dialects differ only where the peers differ (facts in DESIGN.md §4):
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import socket
 import threading
 from dataclasses import dataclass
@@ -28,11 +27,11 @@ from typing import Any, Iterator, Optional
 from .recon.config import ConfigError, ReconConfig, from_gadgetron_config, from_json_parameters, load_config, \
     parse_yaml, client_merge
 from .recon.engine import Reconstructor
+from .recon.overlap import overlapped
 from .recon.pipeline import ScanReconstructor
 from .stream.codec import Message, MessageId, MessageReader, MessageWriter, ProtocolError
 
 log = logging.getLogger(__name__)
-_END = object()
 
 
 class SessionError(Exception):
@@ -52,9 +51,9 @@ class ReconService:
     """Process-wide state: the operator's base config and the one loaded model."""
 
     def __init__(self, config: ReconConfig, engine: Optional[Reconstructor], model_id: str = "none",
-                 idle_timeout: float = 300.0, max_message_bytes: int = 1 << 30, queue_lines: int = 4096):
+                 idle_timeout: float = 300.0, max_message_bytes: int = 1 << 30, queue_slices: int = 8):
         self.config, self.engine, self.model_id = config, engine, model_id
-        self.idle_timeout, self.max_message_bytes, self.queue_lines = idle_timeout, max_message_bytes, queue_lines
+        self.idle_timeout, self.max_message_bytes, self.queue_slices = idle_timeout, max_message_bytes, queue_slices
         self.recent: collections.deque[SessionResult] = collections.deque(maxlen=64)  # for status and benchmarks
 
     # ------------------------------------------------------------------ one connection
@@ -64,8 +63,6 @@ class ReconService:
         sock.settimeout(self.idle_timeout)
         reader = MessageReader(sock, max_message_bytes=self.max_message_bytes)
         writer = MessageWriter(sock)
-        pump: Optional[threading.Thread] = None
-        stop = threading.Event()
         try:
             setup = self._setup(reader, dialect, peer)
             if setup is None:
@@ -75,10 +72,7 @@ class ReconService:
             config, header_xml = setup
             scan = ScanReconstructor(header_xml, config, self._engine_for(config), source=f"{peer}",
                                      model_id=self.model_id)
-            q: queue.Queue = queue.Queue(maxsize=self.queue_lines)
-            pump = threading.Thread(target=_pump, args=(reader, q, stop), name=f"reader-{peer}", daemon=True)
-            pump.start()
-            for item in scan.run(_drain(q)):
+            for item in overlapped(scan, _messages(reader), self.queue_slices):
                 if type(item).__name__ == "Image":
                     writer.image(item)
                     result.images += 1
@@ -96,11 +90,8 @@ class ReconService:
             self._report(writer, dialect, result.error)
         finally:
             self.recent.append(result)
-            stop.set()
-            _safe(lambda: sock.shutdown(socket.SHUT_RDWR))
+            _safe(lambda: sock.shutdown(socket.SHUT_RDWR))  # also ends a reader thread blocked in recv
             _safe(sock.close)
-            if pump is not None:
-                pump.join(timeout=5)
         return result
 
     def _setup(self, reader: MessageReader, dialect: str, peer: str) -> Optional[tuple[ReconConfig, str]]:
@@ -202,47 +193,20 @@ class ReconService:
             slots.release()
 
 
-def _pump(reader: MessageReader, q: queue.Queue, stop: threading.Event) -> None:
-    """Reader thread: messages after HEADER → queue; END at CLOSE; exceptions are queued too."""
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    try:
-        while not stop.is_set():
-            msg: Optional[Message] = reader.read()
-            if msg is None:
-                put(SessionError("connection closed without CLOSE; incomplete slices discarded"))
-                return
-            if msg.id == MessageId.CLOSE:
-                put(_END)
-                return
-            if msg.id in (MessageId.ACQUISITION, MessageId.IMAGE, MessageId.WAVEFORM):
-                if not put(msg.payload):
-                    return
-            elif msg.id == MessageId.TEXT:
-                log.info("text during scan: %s", msg.payload[:200])
-            else:
-                put(SessionError(f"unexpected {msg.id.name} after HEADER"))
-                return
-    except Exception as exc:
-        if not stop.is_set():
-            put(exc)
-
-
-def _drain(q: queue.Queue) -> Iterator[Any]:
+def _messages(reader: MessageReader) -> Iterator[Any]:
+    """The scan's items after HEADER, up to CLOSE (runs on the reader thread)."""
     while True:
-        item = q.get()
-        if item is _END:
+        msg: Optional[Message] = reader.read()
+        if msg is None:
+            raise SessionError("connection closed without CLOSE; incomplete slices discarded")
+        if msg.id == MessageId.CLOSE:
             return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+        if msg.id in (MessageId.ACQUISITION, MessageId.IMAGE, MessageId.WAVEFORM):
+            yield msg.payload
+        elif msg.id == MessageId.TEXT:
+            log.info("text during scan: %s", msg.payload[:200])
+        else:
+            raise SessionError(f"unexpected {msg.id.name} after HEADER")
 
 
 def _send_passthrough(writer: MessageWriter, item: Any) -> None:

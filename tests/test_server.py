@@ -103,6 +103,46 @@ def test_images_stream_as_slices_complete(server, scan):
         assert len(images_of(read_until_close(s))) == 2
 
 
+class _HeldEngine:
+    """Stands in for the model: its first call waits until the client has sent the whole scan."""
+    device = "cpu"
+
+    def __init__(self, released: threading.Event):
+        self.released, self.calls, self.saw_whole_scan = released, 0, None
+
+    def __call__(self, kspace, mask, num_low=None):
+        self.calls += 1
+        if self.calls == 1:
+            self.saw_whole_scan = self.released.wait(30)
+        return np.zeros((kspace.shape[0],) + kspace.shape[2:], np.float32)
+
+
+def test_later_slices_stream_in_while_a_slice_is_reconstructed():
+    """Acquisition and reconstruction overlap: with the model busy on slice 0, the server keeps
+    receiving slices 1 and 2 (17 MB each, more than loopback's socket buffers hold), so the client's
+    sendall of the whole scan finishes before the first reconstruction does."""
+    from gadget.bench.ingest_bench import LINES_PER_SLICE, build_stream
+
+    coils, samples, slices = 32, 512, 3
+    stream = build_stream(slices * LINES_PER_SLICE, coils, samples)  # HEADER, fully sampled slices, CLOSE
+    sent = threading.Event()
+    held = _HeldEngine(sent)
+    service = ReconService(ReconConfig(checkpoint="model.pt"), held, "held", idle_timeout=60.0)
+    with running(service) as port, connect(port, timeout=60) as s:
+        MessageWriter(s).config_file("default")
+
+        def send():
+            s.sendall(stream)
+            sent.set()
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        got = images_of(read_until_close(s))
+        sender.join(5)
+    assert held.saw_whole_scan is True
+    assert [img.slice for img in got] == list(range(slices))
+
+
 def test_presets_json_and_yaml_configure_a_scan(server, scan):
     xml, lines, _ = scan
     with connect(server) as s:

@@ -74,20 +74,21 @@ class ScanReconstructor:
         self.model_id = model_id
 
     def run(self, items: Iterable[Any]) -> Iterator[Any]:
-        """The pipeline: yields images (and pass-through items) as slices complete."""
+        """The pipeline on one thread: yields images (and pass-through items) as slices complete.
+        :func:`gadget.recon.overlap.overlapped` runs the same two halves on two threads."""
+        yield from self.reconstruct(self.assembled(items))
+
+    def assembled(self, items: Iterable[Any]) -> Iterator[Any]:
+        """The per-line half: items → :class:`SliceData` as slices complete, pass-through items as they
+        come. At the end of the stream, slices never marked complete follow (flagged ``incomplete``)
+        unless ``reconstruct_incomplete`` is off."""
         assembler = SliceAssembler(self.encoding)
-        pending: list[SliceData] = []
         for item in prewhiten(as_lines(items), self.config.prewhiten):
-            if not isinstance(item, AcqLine):
+            if isinstance(item, AcqLine):
+                yield from assembler.add(item)
+            else:
                 self.stats.passthrough += 1
                 yield item
-                continue
-            pending += assembler.add(item)
-            while len(pending) >= self.config.batch_size:
-                batch, pending = pending[:self.config.batch_size], pending[self.config.batch_size:]
-                yield from self._images(batch)
-        if pending:
-            yield from self._images(pending)
         leftovers = assembler.flush()
         if leftovers and not self.config.reconstruct_incomplete:
             self._note(f"{len(leftovers)} slices never marked complete were dropped (reconstruct_incomplete=false)")
@@ -95,10 +96,24 @@ class ScanReconstructor:
         if leftovers:
             self._note(f"{len(leftovers)} slices were never marked complete (no LAST_IN_SLICE flag); "
                        "reconstructed at end of stream")
-        if assembler.seen == 0 and not pending and not leftovers:
+        if assembler.seen == 0:
             self._note("the scan contained no imaging acquisitions; nothing to reconstruct")
-        for start in range(0, len(leftovers), self.config.batch_size):
-            yield from self._images(leftovers[start:start + self.config.batch_size])
+        yield from leftovers
+
+    def reconstruct(self, stream: Iterable[Any]) -> Iterator[Any]:
+        """The per-slice half: :class:`SliceData` → images in batches of ``batch_size``; other items
+        pass through."""
+        pending: list[SliceData] = []
+        for item in stream:
+            if not isinstance(item, SliceData):
+                yield item
+                continue
+            pending.append(item)
+            if len(pending) >= self.config.batch_size:
+                yield from self._images(pending)
+                pending = []
+        if pending:
+            yield from self._images(pending)
 
     def _note(self, text: str) -> None:
         log.warning("%s: %s", self.source, text)
