@@ -72,6 +72,7 @@ class ReconService:
             config, header_xml = setup
             scan = ScanReconstructor(header_xml, config, self._engine_for(config), source=f"{peer}",
                                      model_id=self.model_id)
+            reader.landing = scan.assembler.landing_row  # samples received straight into slice buffers
             for item in overlapped(scan, _messages(reader), self.queue_slices):
                 if type(item).__name__ == "Image":
                     writer.image(item)

@@ -108,6 +108,101 @@ def test_last_in_repetition_and_measurement_complete_groups():
     assert sorted(s.key[0] for s in done) == [0, 1] and all(s.key[3] == 1 for s in done)
 
 
+def _assemble_from_stream(xml, lines, landing):
+    """Write ``lines`` as an MRD stream, read it back (receiving into slice rows when ``landing``),
+    assemble; returns the completed slices (copied) and how many lines landed in their rows."""
+    from gadget.stream.codec import MessageReader, MessageWriter
+
+    class Sink:
+        parts = []
+
+        def sendall(self, b):
+            self.parts.append(bytes(b))
+
+    sink = Sink()
+    writer = MessageWriter(sink)
+    for ln in lines:
+        writer.acquisition(ln)
+    writer.close()
+    reader = MessageReader.from_bytes(b"".join(sink.parts), max_chunk=1000)  # payloads split across reads
+    asm = SliceAssembler(parse_encoding(xml))
+    landed = []
+    if landing:
+        def land(*args):
+            row = asm.landing_row(*args)
+            landed.append(row is not None)
+            return row
+        reader.landing = land
+    out = []
+    for msg in reader:
+        if msg.payload is not None and not msg.payload.has_flag(19):
+            out += [(s.key, s.kspace.copy(), s.mask.copy(), s.lines) for s in asm.add(msg.payload)]
+    return out, sum(landed)
+
+
+def test_lines_received_into_their_slice_rows_give_the_same_slices(raw_scan):
+    """MessageReader.landing = SliceAssembler.landing_row: bitwise the slices of the copying path, for
+    a simulated scan and for averaged, reversed and asymmetric-echo lines (which are copied)."""
+    _, _, xml, lines = raw_scan
+    plain, _ = _assemble_from_stream(xml, lines, landing=False)
+    landed, count = _assemble_from_stream(xml, lines, landing=True)
+    assert count == sum(not ln.has_flag(19) for ln in lines)  # every imaging line received in place
+    assert len(plain) == 3 and [p[0] for p in plain] == [q[0] for q in landed]
+    for p, q in zip(plain, landed):
+        assert p[1].tobytes() == q[1].tobytes() and (p[2] == q[2]).all() and p[3] == q[3]
+    enc_xml = header(readout=8, width=4, coils=2)
+    rng = np.random.default_rng(3)
+    data = [(rng.standard_normal((2, 8)) + 1j * rng.standard_normal((2, 8))).astype(np.complex64) for _ in range(4)]
+    tricky = [_line(1, data[0], idx={"average": 0}), _line(1, data[1], idx={"average": 1}),
+              _line(2, data[2], flags=flag_mask(22)), _line(0, data[3], flags=flag_mask(8)),
+              _line(3, data[3][:, :6], center=2, idx={"slice": 1}, flags=flag_mask(8))]
+    plain, _ = _assemble_from_stream(enc_xml, tricky, landing=False)
+    landed, count = _assemble_from_stream(enc_xml, tricky, landing=True)
+    assert count == 2  # the first average and the e1=0 line; the rest are copied
+    assert len(plain) == len(landed) == 2
+    assert all(p[1].tobytes() == q[1].tobytes() for p, q in zip(plain, landed))
+    np.testing.assert_allclose(landed[0][1][:, :, 1], (data[0] + data[1]) / 2, rtol=1e-6)
+
+
+def test_landing_row_is_handed_out_once_per_position():
+    asm = SliceAssembler(parse_encoding(header(readout=8, width=4, coils=1)))
+    head = _line(1, np.ones((1, 8))).head
+    row = asm.landing_row(head, 1, 8)
+    assert row is not None and row.shape == (1, 8) and row.flags.c_contiguous
+    assert asm.landing_row(head, 1, 8) is None  # a second line at that position, read ahead: its own array
+    assert asm.landing_row(_line(2, np.ones((1, 8)), flags=flag_mask(22)).head, 1, 8) is None  # reversed
+    assert asm.landing_row(_line(2, np.ones((1, 6))).head, 1, 6) is None  # not the whole readout
+
+
+def test_recycled_buffers_are_clean():
+    """A slice assembled in a recycled buffer holds zeros wherever no line arrived (the buffer is
+    poisoned with NaN before it is given back)."""
+    enc = parse_encoding(header(readout=8, width=4, coils=1))
+    asm = SliceAssembler(enc)
+    for e1 in range(4):
+        done = asm.add(_line(e1, np.ones((1, 8)), flags=flag_mask(8) if e1 == 3 else 0))
+    (first,) = done
+    first.kspace.base[...] = np.nan
+    asm.recycle(first)
+    asm.add(_line(1, np.ones((1, 6)), center=2, idx={"slice": 1}))
+    (second,) = asm.add(_line(2, np.full((1, 6), 2.0), center=2, idx={"slice": 1}, flags=flag_mask(8)))
+    assert np.shares_memory(second.kspace, first.kspace)
+    np.testing.assert_array_equal(second.kspace[0, :, 1], [0, 0, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(second.kspace[0, :, 2], [0, 0, 2, 2, 2, 2, 2, 2])
+    assert not second.kspace[:, :, [0, 3]].any()
+
+
+def test_huge_finite_samples_are_accepted():
+    """The fast finite check (sum of |x|^2) overflows for samples near float32's limit; the exact
+    check then accepts them, while a single NaN is still refused."""
+    asm = SliceAssembler(parse_encoding(header(readout=8, width=4, coils=1)))
+    big = np.full((1, 8), 3e37, np.complex64)
+    assert not np.isfinite(np.vdot(big, big))
+    asm.add(_line(1, big))
+    with pytest.raises(AssemblyError, match="NaN or Inf"):
+        asm.add(_line(2, np.where(np.arange(8) == 5, np.nan, 1.0)[None]))
+
+
 # ----------------------------------------------------------------------------- noise
 
 def test_noise_covariance_and_whitening():

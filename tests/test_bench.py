@@ -13,9 +13,12 @@ def test_model_bench_paths_agree_and_targets_table_flags_misses():
     results["reference"] = fake_ref
     results["ours-static"]["vs"] = 0.8
     results["ours"]["vs"] = 10.0
-    table = targets_table(results, {"mb_s": {"ours": 250.0, "ismrmrd": 200.0}}, {"overhead_pct": 1.0})
+    ingests = [{"channels": 32, "samples": 512, "mb_s": {"ours → slices": 250.0, "ismrmrd": 200.0}},
+               {"channels": 16, "samples": 256, "mb_s": {"ours → slices": 400.0, "ismrmrd": 500.0}}]
+    table = targets_table(results, ingests, {"overhead_pct": 1.0})
     lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert "0.800× (ours-static)" in lines["CPU wall time vs reference"] and lines["CPU wall time vs reference"].endswith("| NO |")
     assert lines["max relative difference"].endswith("| yes |")
-    assert lines["ingest over loopback TCP"].endswith("| NO |")  # 250 MB/s < 300
+    assert lines["socket → assembled slices, 32 coils x 512 samples"].endswith("| NO |")  # 250 MB/s < 300
+    assert lines["socket → assembled slices, 16 coils x 256 samples"].endswith("| NO |")  # slower than ismrmrd
     assert lines["pipeline overhead (model excluded)"].endswith("| yes |")

@@ -32,7 +32,8 @@ import numpy as np
 from gadget.data.mrd_header import build_header_xml
 from gadget.stream.assemble import SliceAssembler
 from gadget.stream.codec import MessageId, MessageReader, MessageWriter
-from gadget.stream.types import FLAG_LAST_IN_SLICE, AcqLine, flag_mask, make_head
+from gadget.data.mrd_file import flag_mask
+from gadget.stream.types import FLAG_LAST_IN_SLICE, AcqLine, make_head
 
 READERS = ("ours → slices", "ours", "ismrmrd", "raw recv")
 LINES_PER_SLICE = 256
@@ -106,7 +107,9 @@ class _AssembleOnly:
         return self.scan.assembled(items)
 
     def reconstruct(self, stream):
-        return iter(stream)
+        for sl in stream:
+            yield sl
+            self.scan.assembler.recycle(sl)  # as ScanReconstructor.reconstruct does once images are built
 
 
 def _read_ours_slices(sock: socket.socket, channels: int, samples: int) -> int:
@@ -119,8 +122,10 @@ def _read_ours_slices(sock: socket.socket, channels: int, samples: int) -> int:
     header = reader.read()
     if header is None or header.id != MessageId.HEADER:
         raise RuntimeError("stream did not start with HEADER")
+    scan = _AssembleOnly(header.payload)
+    reader.landing = scan.scan.assembler.landing_row  # as the server does
     lines = 0
-    for sl in overlapped(_AssembleOnly(header.payload), _messages(reader)):
+    for sl in overlapped(scan, _messages(reader)):
         if sl.kspace.shape != (channels, samples, LINES_PER_SLICE) or sl.incomplete:
             raise RuntimeError(f"assembled slice of shape {sl.kspace.shape}, incomplete={sl.incomplete}")
         lines += sl.lines

@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
                    help="comma-separated subset of reference,ours,ours-static,onnxruntime")
     m.set_defaults(run=run_model)
 
-    i = which.add_parser("ingest", help="socket → acquisitions: our codec vs ismrmrd.serialization",
+    i = which.add_parser("ingest", help="socket → assembled slices (and parse only) vs ismrmrd.serialization",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=example_epilog("varnet bench ingest --n-acq 2000 --channels 32 --samples 512"))
     i.add_argument("--n-acq", type=int, default=2000)

@@ -68,6 +68,7 @@ class ScanReconstructor:
                                     series_description=config.series_description,
                                     image_series_index=config.image_series_index)
         self.stats = ScanStats()
+        self.assembler = SliceAssembler(self.encoding)  # a door's reader may land samples in its rows
         self.notes: list[str] = []  # warnings for the peer (doors send them as TEXT where allowed)
         self._next_index = 1
         self._logged_series = False
@@ -82,7 +83,7 @@ class ScanReconstructor:
         """The per-line half: items → :class:`SliceData` as slices complete, pass-through items as they
         come. At the end of the stream, slices never marked complete follow (flagged ``incomplete``)
         unless ``reconstruct_incomplete`` is off."""
-        assembler = SliceAssembler(self.encoding)
+        assembler = self.assembler
         for item in prewhiten(as_lines(items), self.config.prewhiten):
             if isinstance(item, AcqLine):
                 yield from assembler.add(item)
@@ -110,10 +111,15 @@ class ScanReconstructor:
                 continue
             pending.append(item)
             if len(pending) >= self.config.batch_size:
-                yield from self._images(pending)
+                yield from self._images_then_recycle(pending)
                 pending = []
         if pending:
-            yield from self._images(pending)
+            yield from self._images_then_recycle(pending)
+
+    def _images_then_recycle(self, slices: list[SliceData]) -> Iterator[Any]:
+        yield from self._images(slices)
+        for sl in slices:  # their images are built: the assembler may reuse the k-space memory
+            self.assembler.recycle(sl)
 
     def _note(self, text: str) -> None:
         log.warning("%s: %s", self.source, text)

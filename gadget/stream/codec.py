@@ -182,6 +182,10 @@ class MessageReader:
             sock = StreamSource(sock)
         self._recv_into = sock.recv_into
         self.max_message_bytes = int(max_message_bytes)
+        # Optional ``landing(head, channels, samples)`` → a C-contiguous complex64 ``(channels, samples)``
+        # array to receive an acquisition's samples into (its final place, e.g. a slice buffer row), or
+        # None for a new array. See SliceAssembler.landing_row.
+        self.landing: Callable[[np.void, int, int], np.ndarray | None] | None = None
         self._buf = bytearray(max(buffer_size, 4096))
         self._view = memoryview(self._buf)
         self._lo = self._hi = 0      # unread bytes are _buf[_lo:_hi]
@@ -374,7 +378,11 @@ class MessageReader:
             raise self._too_big(f"acquisition payload ({channels} channels x {samples} samples, "
                                 f"{traj_dims} trajectory dims)", traj_bytes + data_bytes)
         traj = self._read_array((samples, traj_dims), np.float32, traj_bytes) if traj_dims else None
-        return AcqLine(head, self._read_array((channels, samples), np.complex64, data_bytes), traj)
+        dest = self.landing(head, channels, samples) if self.landing is not None and data_bytes else None
+        if dest is None:
+            return AcqLine(head, self._read_array((channels, samples), np.complex64, data_bytes), traj)
+        self._readinto(memoryview(dest.reshape(-1).view(np.uint8)))
+        return AcqLine(head, dest, traj)
 
     def _compressed(self, flags: int, scan_counter: int) -> ProtocolError:
         return self._error(f"acquisition scan_counter {scan_counter} has compression flag bit(s) "

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.mrd_file import HEADER_DTYPE, flag_mask
+from ..data.mrd_file import HEADER_DTYPE
 
 assert HEADER_DTYPE.itemsize == 340, "ISMRMRD acquisition header must be 340 packed bytes"
 
@@ -37,7 +37,7 @@ class AcqLine:
     traj: np.ndarray | None = None
 
     def has_flag(self, bit: int) -> bool:
-        return bool(int(self.head["flags"]) & flag_mask(bit))
+        return bool(int(self.head["flags"]) >> (bit - 1) & 1)  # ISMRMRD flag bits are 1-based
 
     @property
     def idx(self) -> np.void:
