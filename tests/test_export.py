@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from gadget.model.export import StaticVarNet, cmul, export_model, fft2c_real, run_exported, verify_export
+from gadget.model.export import (StaticVarNet, cmul, export_model, fft2c_real, fft2c_split_real, run_exported,
+                                  verify_export)
 from gadget.model.varnet import VarNet
 from gadget.mri.fft import fft2c, ifft2c
 from tests.conftest import equispaced_mask
@@ -28,15 +29,25 @@ def test_real_layout_fft_and_product_equal_the_complex_ones(shape):
     assert torch.allclose(torch.view_as_complex(cmul(r, torch.view_as_real(w), conj_b=True)), z * w.conj(), atol=1e-12)
 
 
-@pytest.mark.parametrize("output", ["rss", "sense"])
-def test_static_graph_equals_the_model(small_volume, output):
+@pytest.mark.parametrize("shape", [(1, 2, 640, 368), (2, 1, 46, 15), (1, 1, 7, 5), (1, 1, 16, 8)])
+def test_split_dft_equals_the_fft(shape):
+    """Power-of-two FFTs + twiddles + odd-length matrix DFTs (the ONNX path) = torch.fft, to float64
+    rounding, for lengths with odd factors 5, 23, 3, 7 and powers of two."""
+    z = torch.view_as_real(torch.randn(*shape, dtype=torch.complex128))
+    for inverse in (False, True):
+        want = fft2c_real(z, inverse=inverse)
+        assert torch.allclose(fft2c_split_real(z, inverse=inverse), want, rtol=0, atol=1e-13 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("output,split_dft", [("rss", False), ("sense", False), ("sense", True)])
+def test_static_graph_equals_the_model(small_volume, output, split_dft):
     torch.manual_seed(0)
     model = VarNet(**TINY, output=output).eval().double()
     k, mask = _input(small_volume)
     k = k.to(torch.complex128) * mask
     with torch.no_grad():
         eager = model(k, mask, 8)
-        static = StaticVarNet(model, k.shape[-1], 8)(torch.view_as_real(k), mask.double())
+        static = StaticVarNet(model, k.shape[-1], 8, split_dft=split_dft)(torch.view_as_real(k), mask.double())
     assert torch.allclose(static, eager, rtol=1e-10, atol=1e-12 * float(eager.max()))
 
 

@@ -15,7 +15,9 @@ output          (batch, readout, phase)               float32, magnitude image (
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +44,59 @@ def fft2c_real(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return _shift(torch.view_as_real(z), inverse=False)
 
 
+def _split(n: int) -> tuple[int, int]:
+    """``n = p·q`` with ``p`` the largest power of two dividing ``n`` and ``q`` odd."""
+    p = n & -n
+    return p, n // p
+
+
+@functools.lru_cache(maxsize=64)
+def _split_tables(n: int, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """For :func:`_dft_split`: twiddles ``exp(∓2πi·n2·k1/n)`` as ``(q, p, 2)`` and the ``q``-point DFT
+    matrix ``exp(∓2πi·k2·n2/q)`` as ``(2, q, q)`` (real, imaginary), float64."""
+    p, q = _split(n)
+    sign = 1.0 if inverse else -1.0
+    n2 = torch.arange(q, dtype=torch.float64)
+    twiddle = torch.polar(torch.ones(q, p, dtype=torch.float64),
+                          sign * 2 * math.pi * torch.outer(n2, torch.arange(p, dtype=torch.float64)) / n)
+    matrix = torch.polar(torch.ones(q, q, dtype=torch.float64), sign * 2 * math.pi * torch.outer(n2, n2) / q)
+    return torch.view_as_real(twiddle), torch.stack((matrix.real, matrix.imag))
+
+
+def _dft_split(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Unnormalised DFT over the second-to-last axis of real-layout ``(..., n, 2)``, as one
+    Cooley-Tukey step ``n = p·q``: ``q`` FFTs of length ``p`` (a power of two; ONNX ``DFT``), twiddles,
+    then ``p`` DFTs of length ``q`` as a real matrix product.
+
+    Why: onnxruntime 1.32's ``DFT`` is fast and accurate for power-of-two lengths only; with plain
+    DFT nodes the 640 x 368 model was 1.2e-3 off the eager output and 3.7x slower than it, split
+    3.7e-5 off (benchmark input of gadget/bench/model_bench.py)."""
+    n = x.shape[-2]
+    p, q = _split(n)
+    inv_fft = functools.partial(torch.fft.ifft, norm="forward")  # inverse transform without 1/n
+    fft = inv_fft if inverse else torch.fft.fft
+    if q == 1:
+        return torch.view_as_real(fft(torch.view_as_complex(x.contiguous()), dim=-1))
+    twiddle, matrix = (t.to(x.dtype) for t in _split_tables(n, inverse))
+    lead = x.shape[:-2]
+    grid = x.reshape(*lead, p, q, 2).transpose(-3, -2)                      # (..., n2, n1, 2), n = q·n1 + n2
+    inner = torch.view_as_real(fft(torch.view_as_complex(grid.contiguous()), dim=-1)) if p > 1 else grid
+    inner = cmul(inner, twiddle)                                             # (..., n2, k1, 2)
+    re, im = inner[..., 0], inner[..., 1]
+    out_re = torch.matmul(matrix[0], re) - torch.matmul(matrix[1], im)      # (..., k2, k1)
+    out_im = torch.matmul(matrix[0], im) + torch.matmul(matrix[1], re)
+    return torch.stack((out_re, out_im), dim=-1).reshape(*lead, n, 2)       # k = k1 + p·k2
+
+
+def fft2c_split_real(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """:func:`fft2c_real` with every 1-D transform split by :func:`_dft_split` (for ONNX export)."""
+    rows, cols = x.shape[-3], x.shape[-2]
+    z = _shift(x, inverse=True)
+    z = _dft_split(z, inverse)                                               # over cols
+    z = _dft_split(z.transpose(-3, -2), inverse).transpose(-3, -2)           # over rows
+    return _shift(z * (1.0 / math.sqrt(rows * cols)), inverse=False)
+
+
 def cmul(a: torch.Tensor, b: torch.Tensor, conj_b: bool = False) -> torch.Tensor:
     """Complex product ``a·b`` (or ``a·conj(b)``) of real-layout tensors (broadcasting)."""
     ar, ai, br, bi = a[..., 0], a[..., 1], b[..., 0], b[..., 1]
@@ -57,10 +112,12 @@ def _norm_unet(net: NormUnet, images: torch.Tensor) -> torch.Tensor:
 
 class StaticVarNet(nn.Module):
     """A :class:`VarNet` (weights shared, not copied) fixed to ``width`` phase lines and
-    ``num_low_frequencies`` ACS lines; see the module docstring for layouts."""
+    ``num_low_frequencies`` ACS lines; see the module docstring for layouts. ``split_dft``: FFTs as
+    power-of-two FFTs and small matrix DFTs (:func:`fft2c_split_real`), for ONNX runtimes."""
 
-    def __init__(self, model: VarNet, width: int, num_low_frequencies: int):
+    def __init__(self, model: VarNet, width: int, num_low_frequencies: int, split_dft: bool = False):
         super().__init__()
+        self.fft2c = fft2c_split_real if split_dft else fft2c_real
         if not 0 < num_low_frequencies <= width:
             raise ValueError(f"the ACS width must lie in 1..{width}, got {num_low_frequencies}")
         self.model = model
@@ -74,21 +131,21 @@ class StaticVarNet(nn.Module):
         sens = self.sensitivities(kspace)
         current = kspace
         for cascade in m.cascades:
-            coil_images = fft2c_real(current, inverse=True)
+            coil_images = self.fft2c(current, inverse=True)
             combined = cmul(coil_images, sens, conj_b=True).sum(dim=1)            # (b, h, w, 2)
             refined = _norm_unet(cascade.model, combined).unsqueeze(1)           # (b, 1, h, w, 2)
-            refinement = fft2c_real(cmul(refined, sens))
+            refinement = self.fft2c(cmul(refined, sens))
             current = current - (current - kspace) * sampled * cascade.dc_weight - refinement
         if m.config.output == "sense":
-            combined = cmul(fft2c_real(current, inverse=True), sens, conj_b=True).sum(dim=1)
+            combined = cmul(self.fft2c(current, inverse=True), sens, conj_b=True).sum(dim=1)
             return combined.pow(2).sum(dim=-1).sqrt()
-        return fft2c_real(current, inverse=True).pow(2).sum(dim=(1, -1)).sqrt()
+        return self.fft2c(current, inverse=True).pow(2).sum(dim=(1, -1)).sqrt()
 
     def sensitivities(self, kspace: torch.Tensor) -> torch.Tensor:
         """Normalised maps ``(b, coil, h, w, 2)`` from the fixed ACS block."""
         b, c, h, w, _ = kspace.shape
         acs = kspace * self.acs_mask if self.model.sens_net.mask_center else kspace
-        coil_images = fft2c_real(acs, inverse=True).reshape(b * c, h, w, 2)
+        coil_images = self.fft2c(acs, inverse=True).reshape(b * c, h, w, 2)
         sens = _norm_unet(self.model.sens_net.norm_unet, coil_images).reshape(b, c, h, w, 2)
         norm = sens.pow(2).sum(dim=(1, -1), keepdim=True).sqrt().clamp_min(_EPS)
         return sens / norm
@@ -137,7 +194,7 @@ def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout:
         if fmt == "torchscript":
             trace_static(model, coils, readout, phase, num_low_frequencies).save(str(tmp))
         else:
-            static = StaticVarNet(model.eval(), phase, num_low_frequencies).eval()
+            static = StaticVarNet(model.eval(), phase, num_low_frequencies, split_dft=True).eval()
             with torch.no_grad(), _quiet("onnx_ir", "onnxscript", "torch.onnx"):
                 torch.onnx.export(static, example_inputs(coils, readout, phase), str(tmp), dynamo=True,
                                   opset_version=ONNX_OPSET, verbose=False, input_names=["kspace", "mask"],
