@@ -12,6 +12,12 @@ for src in mni colin; do for ori in axial coronal sagittal; do
   i=$((i+1))
   varnet synth data/ship/train2 --source $src --orientation $ori --volumes 2 --slices 8 --coils 8 --matrix 128 --seed $((30+i)) --threads 1
 done; done
+# stage 4 (pipelines/train/ship-synth-brain-more2.yaml): 12 more
+i=0
+for src in mni colin; do for ori in axial coronal sagittal; do
+  i=$((i+1))
+  varnet synth data/ship/train3 --source $src --orientation $ori --volumes 2 --slices 8 --coils 8 --matrix 128 --seed $((50+i)) --threads 1
+done; done
 varnet synth data/ship/val --source mni --orientation axial --volumes 1 --slices 8 --coils 8 --matrix 128 --seed 100 --threads 1
 varnet synth data/ship/val --source colin --orientation coronal --volumes 1 --slices 8 --coils 8 --matrix 128 --seed 101 --threads 1
 varnet synth data/ship/test --source mni --orientation axial --volumes 1 --slices 8 --coils 8 --matrix 128 --seed 200 --threads 1

@@ -1,6 +1,6 @@
 """Package a trained checkpoint as the shipped weights, with its recipe and evaluation table.
 
-    python bench/ship_weights.py runs/ship-synth-brain-sense/best.pt --evaluation eval4.md eval8.md
+    python bench/ship_weights.py runs/ship-synth-brain-more/best.pt --evaluation eval4.md eval8.md
 
 Reads the checkpoint (our format), keeps its training description, adds the human-readable data
 sentence, the exact recipe and the evaluation tables (``varnet compare`` results.md files), and
@@ -15,13 +15,15 @@ from gadget.model.checkpoint import load_checkpoint, save_checkpoint
 from gadget.model.shipped import SHIPPED_NAME
 
 LIMIT_BYTES = 20 * 2**20
-DATA = ("varnet synth: MNI152 2009 and Colin27 anatomy, axial/coronal/sagittal, 12 training volumes x 8 slices, "
+DATA = ("varnet synth: MNI152 2009 and Colin27 anatomy, axial/coronal/sagittal, 12 training volumes x 8 slices "
+        "(stages 1-2), 24 (stage 3), "
         "8 coils, 128x128 images (k-space 256x128 with 2x readout oversampling), SNR 30 dB; random masks "
         "4x (centre fraction 0.08) and 8x (0.04); target: the noise-free image (bench/make_ship_data.sh)")
 RECIPE = ["bash bench/make_ship_data.sh   # data (after ln -s <dir> data/ship)",
           "varnet train --config pipelines/train/ship-synth-brain.yaml        # stage 1: RSS output, SSIM loss",
           "varnet train --config pipelines/train/ship-synth-brain-sense.yaml  # stage 2: map-combined output, L1",
-          "python bench/ship_weights.py runs/ship-synth-brain-sense/best.pt --evaluation <results.md> ..."]
+          "varnet train --config pipelines/train/ship-synth-brain-more.yaml   # stage 3: twice the volumes",
+          "python bench/ship_weights.py runs/ship-synth-brain-more/best.pt --evaluation <results.md> ..."]
 
 
 def main() -> int:
@@ -35,9 +37,8 @@ def main() -> int:
     loaded = load_checkpoint(args.checkpoint)
     trained = dict(loaded.description)
     stages = [trained]
-    if trained.get("init_from"):
-        first = load_checkpoint(trained["init_from"]["path"]).description
-        stages.insert(0, first)
+    while stages[0].get("init_from"):  # the fine-tuning chain, first stage first
+        stages.insert(0, load_checkpoint(stages[0]["init_from"]["path"]).description)
     description = {
         **{k: v for k, v in trained.items() if k not in ("train_dirs", "val_dirs", "init_from")},
         "data": DATA,

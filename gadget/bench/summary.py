@@ -2,6 +2,8 @@
 issue 6's targets (required vs measured) under them."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .ingest_bench import format_table as ingest_table
 from .ingest_bench import run_ingest_bench
 from .model_bench import BenchCase, IMPLEMENTATIONS
@@ -47,12 +49,21 @@ def targets_table(model: dict, ingests: list[dict], pipeline: dict) -> str:
     return "\n".join(rows)
 
 
+def extra_cases(case: BenchCase) -> list[BenchCase]:
+    """The other shapes and models issue 6 asks for: brain-like 20x640x320 and the shipped architecture."""
+    return [replace(case, coils=20, readout=640, phase=320), replace(case, config="shipped")]
+
+
 def run_all(case: BenchCase, implementations=IMPLEMENTATIONS, progress=print) -> str:
     progress("model benchmark ...")
     model = run_model_bench(case, implementations)
+    extras = []
+    for other in extra_cases(case):
+        progress(f"model benchmark, {other.config} {other.coils}x{other.readout}x{other.phase} ...")
+        extras.append(model_table(other, run_model_bench(other, ("reference", "ours-static"))))
     progress("ingest benchmark ...")
     ingests = [run_ingest_bench(n_acq=n, channels=c, samples=s, repeats=5) for n, c, s in INGEST_SIZES]
     progress("pipeline benchmark ...")
     pipeline = run_pipeline_bench(threads=case.threads)
-    return "\n\n".join([model_table(case, model), *map(ingest_table, ingests), pipeline_table(pipeline),
+    return "\n\n".join([model_table(case, model), *extras, *map(ingest_table, ingests), pipeline_table(pipeline),
                         "issue 6 targets on this machine:\n" + targets_table(model, ingests, pipeline)])

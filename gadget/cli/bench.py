@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=example_epilog("varnet bench model",
                                                "varnet bench model --config small --shape 8 320 256 --repeats 3"))
-    m.add_argument("--config", choices=("default", "small"), default="default")
+    m.add_argument("--config", choices=("default", "small", "shipped"), default="default")
     m.add_argument("--shape", nargs=3, type=int, metavar=("COILS", "READOUT", "PHASE"), default=(15, 640, 368))
     m.add_argument("--acceleration", type=int, default=4)
     m.add_argument("--acs", type=int, default=30)
