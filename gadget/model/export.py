@@ -37,33 +37,11 @@ def _shift(x: torch.Tensor, inverse: bool) -> torch.Tensor:
     return torch.roll(x, shifts=shifts, dims=(-3, -2))
 
 
-def fft2_real(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Orthonormal 2-D (i)FFT of ``(..., rows, cols, 2)`` (not centered)."""
-    z = torch.view_as_complex(x.contiguous())
-    return torch.view_as_real(torch.fft.ifft2(z, norm="ortho") if inverse else torch.fft.fft2(z, norm="ortho"))
-
-
 def fft2c_real(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Centered orthonormal 2-D (i)FFT of ``(..., rows, cols, 2)``; equals :func:`gadget.mri.fft.fft2c`."""
-    return _shift(fft2_real(_shift(x, inverse=True), inverse), inverse=False)
-
-
-def centering_signs(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For even ``rows`` and ``cols``: ±1 patterns ``(s_k, s_img)``, each ``(rows, cols, 1)``, with
-    ``ifft2c(x) = s_img · ifft2(s_k · x)`` and ``s_k · fft2c(y) = fft2(s_img · y)``.
-
-    In 1-D with even n, rolling by n/2 in one domain multiplies the other by (-1)^index, so
-    ``ifftc(x)[m] = (-1)^(n/2) (-1)^m ifft((-1)^k x)[m]`` and ``fftc(y)[k] = (-1)^(n/2) (-1)^k fft((-1)^m y)[k]``.
-    Hence k-space kept multiplied by ``s_k`` and coil maps by ``s_img`` need no fftshift at all."""
-    if rows % 2 or cols % 2:
-        raise ValueError(f"centering by signs needs even dimensions, got {rows} x {cols}")
-
-    def alternating(n: int) -> torch.Tensor:
-        return 1.0 - 2.0 * (torch.arange(n) % 2).to(torch.float32)
-
-    s_k = torch.outer(alternating(rows), alternating(cols))
-    s_img = s_k * (-1.0) ** ((rows // 2 + cols // 2) % 2)
-    return s_k.unsqueeze(-1), s_img.unsqueeze(-1)
+    z = torch.view_as_complex(_shift(x, inverse=True).contiguous())
+    z = torch.fft.ifft2(z, norm="ortho") if inverse else torch.fft.fft2(z, norm="ortho")
+    return _shift(torch.view_as_real(z), inverse=False)
 
 
 def _split(n: int) -> tuple[int, int]:
@@ -110,17 +88,13 @@ def _dft_split(x: torch.Tensor, inverse: bool) -> torch.Tensor:
     return torch.stack((out_re, out_im), dim=-1).reshape(*lead, n, 2)       # k = k1 + p·k2
 
 
-def fft2_split_real(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """:func:`fft2_real` with every 1-D transform split by :func:`_dft_split` (for ONNX export)."""
-    rows, cols = x.shape[-3], x.shape[-2]
-    z = _dft_split(x, inverse)                                               # over cols
-    z = _dft_split(z.transpose(-3, -2), inverse).transpose(-3, -2)           # over rows
-    return z * (1.0 / math.sqrt(rows * cols))
-
-
 def fft2c_split_real(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """:func:`fft2c_real` with every 1-D transform split by :func:`_dft_split`."""
-    return _shift(fft2_split_real(_shift(x, inverse=True), inverse), inverse=False)
+    """:func:`fft2c_real` with every 1-D transform split by :func:`_dft_split` (for ONNX export)."""
+    rows, cols = x.shape[-3], x.shape[-2]
+    z = _shift(x, inverse=True)
+    z = _dft_split(z, inverse)                                               # over cols
+    z = _dft_split(z.transpose(-3, -2), inverse).transpose(-3, -2)           # over rows
+    return _shift(z * (1.0 / math.sqrt(rows * cols)), inverse=False)
 
 
 def cmul(a: torch.Tensor, b: torch.Tensor, conj_b: bool = False) -> torch.Tensor:
@@ -137,47 +111,35 @@ def _norm_unet(net: NormUnet, images: torch.Tensor) -> torch.Tensor:
 
 
 class StaticVarNet(nn.Module):
-    """A :class:`VarNet` (weights shared, not copied) fixed to a ``(rows, width)`` k-space and
+    """A :class:`VarNet` (weights shared, not copied) fixed to ``width`` phase lines and
     ``num_low_frequencies`` ACS lines; see the module docstring for layouts. ``split_dft``: FFTs as
-    power-of-two FFTs and small matrix DFTs (:func:`fft2_split_real`), for ONNX runtimes.
+    power-of-two FFTs and small matrix DFTs (:func:`fft2c_split_real`), for ONNX runtimes."""
 
-    With even dimensions the cascades run on sign-modulated k-space (:func:`centering_signs`), so
-    the 2 x 26 fftshift copies of the 12-cascade model disappear; odd dimensions use fftshifts."""
-
-    def __init__(self, model: VarNet, rows: int, width: int, num_low_frequencies: int, split_dft: bool = False):
+    def __init__(self, model: VarNet, width: int, num_low_frequencies: int, split_dft: bool = False):
         super().__init__()
+        self.fft2c = fft2c_split_real if split_dft else fft2c_real
         if not 0 < num_low_frequencies <= width:
             raise ValueError(f"the ACS width must lie in 1..{width}, got {num_low_frequencies}")
         self.model = model
         self.num_low_frequencies = int(num_low_frequencies)
-        self.fft2 = fft2_split_real if split_dft else fft2_real
-        self.fft2c = fft2c_split_real if split_dft else fft2c_real
         acs = center_lines_mask(width, torch.tensor([num_low_frequencies]))
         self.register_buffer("acs_mask", acs.to(torch.float32).unsqueeze(-1), persistent=False)  # (1,1,1,w,1)
-        self.signs = rows % 2 == 0 and width % 2 == 0
-        s_k, s_img = centering_signs(rows, width) if self.signs else (torch.ones(1, 1, 1), torch.ones(1, 1, 1))
-        self.register_buffer("s_k", s_k, persistent=False)
-        self.register_buffer("s_img", s_img, persistent=False)
 
     def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = self.model
         sampled = mask.reshape(1, 1, 1, -1, 1).to(kspace.dtype)
         sens = self.sensitivities(kspace)
-        if self.signs:  # k-space × s_k and maps × s_img: plain FFTs (see centering_signs)
-            kspace, sens, to_image = kspace * self.s_k, sens * self.s_img, self.fft2
-        else:
-            to_image = self.fft2c
         current = kspace
         for cascade in m.cascades:
-            coil_images = to_image(current, inverse=True)
+            coil_images = self.fft2c(current, inverse=True)
             combined = cmul(coil_images, sens, conj_b=True).sum(dim=1)            # (b, h, w, 2)
             refined = _norm_unet(cascade.model, combined).unsqueeze(1)           # (b, 1, h, w, 2)
-            refinement = to_image(cmul(refined, sens))
+            refinement = self.fft2c(cmul(refined, sens))
             current = current - (current - kspace) * sampled * cascade.dc_weight - refinement
         if m.config.output == "sense":
-            combined = cmul(to_image(current, inverse=True), sens, conj_b=True).sum(dim=1)
+            combined = cmul(self.fft2c(current, inverse=True), sens, conj_b=True).sum(dim=1)
             return combined.pow(2).sum(dim=-1).sqrt()
-        return to_image(current, inverse=True).pow(2).sum(dim=(1, -1)).sqrt()  # |s_img| = 1: no sign needed
+        return self.fft2c(current, inverse=True).pow(2).sum(dim=(1, -1)).sqrt()
 
     def sensitivities(self, kspace: torch.Tensor) -> torch.Tensor:
         """Normalised maps ``(b, coil, h, w, 2)`` from the fixed ACS block."""
@@ -210,7 +172,7 @@ def example_inputs(coils: int, readout: int, phase: int, batch: int = 1) -> tupl
 
 def trace_static(model: VarNet, coils: int, readout: int, phase: int, num_low_frequencies: int):
     """:class:`StaticVarNet` of ``model`` traced to TorchScript for one k-space shape and ACS width."""
-    static = StaticVarNet(model.eval(), readout, phase, num_low_frequencies).eval()
+    static = StaticVarNet(model.eval(), phase, num_low_frequencies).eval()
     with torch.no_grad():
         return torch.jit.trace(static, example_inputs(coils, readout, phase), check_trace=False)
 
@@ -232,7 +194,7 @@ def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout:
         if fmt == "torchscript":
             trace_static(model, coils, readout, phase, num_low_frequencies).save(str(tmp))
         else:
-            static = StaticVarNet(model.eval(), readout, phase, num_low_frequencies, split_dft=True).eval()
+            static = StaticVarNet(model.eval(), phase, num_low_frequencies, split_dft=True).eval()
             with torch.no_grad(), _quiet("onnx_ir", "onnxscript", "torch.onnx"):
                 torch.onnx.export(static, example_inputs(coils, readout, phase), str(tmp), dynamo=True,
                                   opset_version=ONNX_OPSET, verbose=False, input_names=["kspace", "mask"],
