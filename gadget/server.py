@@ -2,10 +2,12 @@
 
 One mechanism, two dialects. Each connection is one scan, handled on its own thread:
 
-    socket ─▶ reader thread: parse, prewhiten, assemble ─▶ finished slices ─▶ model (this thread) ─▶ images ─▶ socket
+    socket ─▶ reader thread: parse, prewhiten, assemble ─▶ finished slices
+           ─▶ model (this thread) ─▶ images ─▶ socket
 
-(gadget/recon/overlap.py), so slice k is reconstructed while slice k+1 is still arriving. The model is loaded once per
-process (``ReconService``) and shared by all connections; the engine serialises device access.
+(gadget/recon/overlap.py), so slice k is reconstructed while slice k+1 is still arriving. The model
+is loaded once per process (``ReconService``) and shared by all connections; the engine serialises
+device access.
 
 Dialects differ only where the peers differ (facts in DESIGN.md §4):
 * ``mrd`` (gadgetron_ismrmrd_client, python-ismrmrd-server's client.py, FIRE): CONFIG_FILE names a

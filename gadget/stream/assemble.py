@@ -32,8 +32,8 @@ import numpy as np
 from ..data.mrd_file import HEADER_DTYPE, flag_mask
 from ..data.mrd_header import EncodingInfo
 from ..mri.masks import contiguous_center_lines
-from .types import (AUXILIARY_FLAGS, FLAG_IS_CALIBRATION, FLAG_IS_CALIBRATION_AND_IMAGING, FLAG_IS_NOISE, FLAG_IS_REVERSE,
-                    FLAG_LAST_IN_MEASUREMENT, FLAG_LAST_IN_REPETITION, FLAG_LAST_IN_SLICE, AcqLine)
+from .types import (AUXILIARY_FLAGS, FLAG_IS_CALIBRATION, FLAG_IS_CALIBRATION_AND_IMAGING, FLAG_IS_NOISE,
+                    FLAG_IS_REVERSE, FLAG_LAST_IN_MEASUREMENT, FLAG_LAST_IN_REPETITION, FLAG_LAST_IN_SLICE, AcqLine)
 
 log = logging.getLogger(__name__)
 KEY_FIELDS = ("slice", "contrast", "phase", "repetition", "set")
@@ -230,7 +230,8 @@ class SliceAssembler:
             if repeated.any():
                 buf.kspace[repeated] /= buf.counts[repeated, None, None]
             num_cal = contiguous_center_lines(buf.calibration) if buf.calibration.any() else None
-            out.append(SliceData(key, buf.kspace.transpose(1, 2, 0), buf.counts > 0, num_cal or None, buf.reference, buf.lines))
+            out.append(SliceData(key, buf.kspace.transpose(1, 2, 0), buf.counts > 0, num_cal or None,
+                                 buf.reference, buf.lines))
         return out
 
 
