@@ -1,6 +1,6 @@
 """Package a trained checkpoint as the shipped weights, with its recipe and evaluation table.
 
-    python bench/ship_weights.py runs/ship-synth-brain-more/best.pt --evaluation eval4.md eval8.md
+    python bench/ship_weights.py runs/ship-synth-brain-more2/best.pt --evaluation eval4.md eval8.md
 
 Reads the checkpoint (our format), keeps its training description, adds the human-readable data
 sentence, the exact recipe and the evaluation tables (``varnet compare`` results.md files), and
@@ -16,14 +16,15 @@ from gadget.model.shipped import SHIPPED_NAME
 
 LIMIT_BYTES = 20 * 2**20
 DATA = ("varnet synth: MNI152 2009 and Colin27 anatomy, axial/coronal/sagittal, 12 training volumes x 8 slices "
-        "(stages 1-2), 24 (stage 3), "
+        "(stages 1-2), 24 (stage 3), 36 (stage 4), "
         "8 coils, 128x128 images (k-space 256x128 with 2x readout oversampling), SNR 30 dB; random masks "
         "4x (centre fraction 0.08) and 8x (0.04); target: the noise-free image (bench/make_ship_data.sh)")
 RECIPE = ["bash bench/make_ship_data.sh   # data (after ln -s <dir> data/ship)",
           "varnet train --config pipelines/train/ship-synth-brain.yaml        # stage 1: RSS output, SSIM loss",
           "varnet train --config pipelines/train/ship-synth-brain-sense.yaml  # stage 2: map-combined output, L1",
           "varnet train --config pipelines/train/ship-synth-brain-more.yaml   # stage 3: twice the volumes",
-          "python bench/ship_weights.py runs/ship-synth-brain-more/best.pt --evaluation <results.md> ..."]
+          "varnet train --config pipelines/train/ship-synth-brain-more2.yaml  # stage 4: three times",
+          "python bench/ship_weights.py runs/ship-synth-brain-more2/best.pt --evaluation <results.md> ..."]
 
 
 def main() -> int:
