@@ -13,8 +13,8 @@ def test_model_bench_paths_agree_and_targets_table_flags_misses():
     results["reference"] = fake_ref
     results["ours-static"]["vs"] = 0.8
     results["ours"]["vs"] = 10.0
-    ingests = [{"channels": 32, "samples": 512, "mb_s": {"ours → slices": 250.0, "ismrmrd": 200.0}},
-               {"channels": 16, "samples": 256, "mb_s": {"ours → slices": 400.0, "ismrmrd": 500.0}}]
+    ingests = [{"channels": 32, "samples": 512, "mb_s": {"ours → slices": 250.0, "ismrmrd": 200.0}, "ratio": 1.25},
+               {"channels": 16, "samples": 256, "mb_s": {"ours → slices": 400.0, "ismrmrd": 500.0}, "ratio": 0.8}]
     table = targets_table(results, ingests, {"overhead_pct": 1.0})
     lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     cpu = lines["CPU wall time vs reference"]

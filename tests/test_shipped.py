@@ -29,7 +29,7 @@ def test_shipped_weights_load_as_the_default_with_their_recipe():
 
 @pytest.fixture(scope="module")
 def unseen_slice():
-    """MNI coronal, seed 4321 (the training data used seeds 11-16, validation 100-101, test 200-203)."""
+    """MNI coronal, seed 4321 (training used seeds 11-16, 31-36 and 51-56, validation 100-101, test 200-203)."""
     return simulate_volume(num_slices=1, num_coils=8, recon_size=(128, 128), seed=4321, source="mni",
                            orientation="coronal")
 

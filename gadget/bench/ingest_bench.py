@@ -29,10 +29,9 @@ import time
 
 import numpy as np
 
-from gadget.data.mrd_header import build_header_xml
-from gadget.stream.assemble import SliceAssembler
-from gadget.stream.codec import MessageId, MessageReader, MessageWriter
 from gadget.data.mrd_file import flag_mask
+from gadget.data.mrd_header import build_header_xml
+from gadget.stream.codec import MessageId, MessageReader, MessageWriter
 from gadget.stream.types import FLAG_LAST_IN_SLICE, AcqLine, make_head
 
 READERS = ("ours → slices", "ours", "ismrmrd", "raw recv")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..model.export import MAX_REL_DIFF
 from .ingest_bench import format_table as ingest_table
 from .ingest_bench import run_ingest_bench
 from .model_bench import BenchCase, IMPLEMENTATIONS
@@ -12,7 +13,6 @@ from .model_bench import run as run_model_bench
 from .pipeline_bench import format_table as pipeline_table
 from .pipeline_bench import run_pipeline_bench
 
-MAX_REL_DIFF = 1e-4
 INGEST_SIZES = ((2000, 32, 512), (8000, 16, 256))  # (acquisitions, coils, samples): 131 KB and 32 KB lines
 
 
@@ -36,15 +36,14 @@ def targets_table(model: dict, ingests: list[dict], pipeline: dict) -> str:
             best["peak_mb"] <= ref["peak_mb"])
     if "onnxruntime" in model:
         ort = model["onnxruntime"]
-        row("ONNX (onnxruntime) vs eager", f"< {MAX_REL_DIFF:g}", f"{ort['max_rel_diff']:.1e}, {ort['median_s']:.2f} s",
-            ort["max_rel_diff"] < MAX_REL_DIFF)
+        row(f"ONNX (onnxruntime) vs {model['base']}", f"< {MAX_REL_DIFF:g}",
+            f"{ort['max_rel_diff']:.1e}, {ort['median_s']:.2f} s", ort["max_rel_diff"] < MAX_REL_DIFF)
     for ingest in ingests:
-        mb_s = ingest["mb_s"]
+        mb_s, ratio = ingest["mb_s"], ingest["ratio"]
         ours = mb_s["ours → slices"]
         row(f"socket → assembled slices, {ingest['channels']} coils x {ingest['samples']} samples",
-            "≥ 300 MB/s and ≥ ismrmrd parse",
-            f"{ours:,.0f} vs {mb_s['ismrmrd']:,.0f} MB/s ({ours / mb_s['ismrmrd']:.2f}×)",
-            ours >= 300 and ours >= mb_s["ismrmrd"])
+            "≥ 300 MB/s and ≥ ismrmrd parse", f"{ours:,.0f} vs {mb_s['ismrmrd']:,.0f} MB/s ({ratio:.2f}×)",
+            ours >= 300 and ratio >= 1)
     row("pipeline overhead (model excluded)", "< 5 % of model time", f"{pipeline['overhead_pct']:.1f} %",
         pipeline["overhead_pct"] < 5)
     return "\n".join(rows)

@@ -9,9 +9,9 @@ def add_parser(sub) -> None:
     from . import example_epilog
 
     p = sub.add_parser("demo", help="simulate an undersampled scan and reconstruct it (built-in data)",
-                       description="Simulates a 4x undersampled raw ISMRMRD brain scan and streams it through the gadget pipeline "
-                                   "with the shipped weights (and zero-filled for comparison); writes images (HDF5), a PNG comparison "
-                                   "and prints metrics.",
+                       description="Simulates a 4x undersampled raw ISMRMRD brain scan and streams it through "
+                                   "the gadget pipeline with the shipped weights (and zero-filled for comparison); "
+                                   "writes images (HDF5), a PNG comparison and prints metrics.",
                        epilog=example_epilog("varnet demo --out demo_out"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")

@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MAX_REL_ERROR = 1e-4
-
 
 def add_parser(sub) -> None:
     from . import example_epilog
@@ -35,7 +33,7 @@ def run(args) -> int:
 
     from ..bench.model_bench import BenchCase, make_input
     from ..model.checkpoint import load_checkpoint
-    from ..model.export import export_model, verify_export
+    from ..model.export import MAX_REL_DIFF, export_model, verify_export
     from ..model.shipped import resolve_checkpoint
     from . import UserError
 
@@ -52,7 +50,7 @@ def run(args) -> int:
         raise UserError(str(exc)) from None
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB); max relative difference to the eager model "
           f"on a simulated {args.coils}x{args.readout}x{args.phase} scan: {error:.2e}")
-    if error > MAX_REL_ERROR:
-        raise UserError(f"exported model differs from the eager one by {error:.2e} (> {MAX_REL_ERROR:g}); "
+    if error > MAX_REL_DIFF:
+        raise UserError(f"exported model differs from the eager one by {error:.2e} (> {MAX_REL_DIFF:g}); "
                         f"the file is kept at {path}")
     return 0

@@ -28,6 +28,7 @@ from .varnet import _EPS, NormUnet, VarNet, center_lines_mask
 
 EXPORT_FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18
+MAX_REL_DIFF = 1e-4  # "same output": max |fast − plain| / max |plain| for exports and fast paths (issue 6)
 
 
 def _shift(x: torch.Tensor, inverse: bool) -> torch.Tensor:

@@ -164,7 +164,8 @@ class VarNetBlock(nn.Module):
 
 class VarNet(nn.Module):
     """E2E-VarNet: sensitivity network + ``num_cascades`` unrolled refinement/data-consistency
-    blocks + RSS output (seed eq. 13) or the map-combined output (``output="sense"``). See the module docstring for layouts."""
+    blocks + RSS output (seed eq. 13) or the map-combined output (``output="sense"``). See the module
+    docstring for layouts."""
 
     def __init__(self, num_cascades: int = 12, sens_chans: int = 8, sens_pools: int = 4,
                  chans: int = 18, pools: int = 4, mask_center: bool = True, output: str = "rss"):
