@@ -192,6 +192,38 @@ def test_recycled_buffers_are_clean():
     assert not second.kspace[:, :, [0, 3]].any()
 
 
+def _landed_slice_with_a_refused_line(asm, sl):
+    """Slice ``sl`` of a 1-coil 8x4 scan: e1=2 received in place (5s), e1=1 handed a row, NaN
+    received into it and refused by add(), e1=0 copied (7s)."""
+    good = _line(2, np.zeros((1, 8)), idx={"slice": sl})
+    row = asm.landing_row(good.head, 1, 8)
+    row[...] = 5  # the reader receives the samples into the row
+    asm.add(AcqLine(good.head, row))
+    bad = _line(1, np.zeros((1, 8)), idx={"slice": sl})
+    bad_row = asm.landing_row(bad.head, 1, 8)
+    bad_row[0, 3] = np.nan
+    with pytest.raises(AssemblyError, match="NaN or Inf"):
+        asm.add(AcqLine(bad.head, bad_row))
+    (done,) = asm.add(_line(0, np.full((1, 8), 7.0), idx={"slice": sl}, flags=flag_mask(8)))
+    np.testing.assert_array_equal(done.mask, [True, False, True, False])
+    np.testing.assert_array_equal(done.kspace[0, :, 0], np.full(8, 7))
+    np.testing.assert_array_equal(done.kspace[0, :, 2], np.full(8, 5))
+    assert not done.kspace[:, :, [1, 3]].any()
+    return done
+
+
+def test_landed_rows_and_a_refused_line_in_fresh_and_recycled_buffers():
+    """Rows received in place keep their samples; a row handed to the reader for a line that add()
+    then refuses holds zeros, not the refused samples, in fresh memory and in recycled memory
+    (poisoned with NaN before it is given back)."""
+    asm = SliceAssembler(parse_encoding(header(readout=8, width=4, coils=1)))
+    first = _landed_slice_with_a_refused_line(asm, 0)
+    first.kspace.base[...] = np.nan
+    asm.recycle(first)
+    second = _landed_slice_with_a_refused_line(asm, 1)
+    assert np.shares_memory(second.kspace, first.kspace)
+
+
 def test_huge_finite_samples_are_accepted():
     """The fast finite check (sum of |x|^2) overflows for samples near float32's limit; the exact
     check then accepts them, while a single NaN is still refused."""
