@@ -23,3 +23,14 @@ def test_model_bench_paths_agree_and_targets_table_flags_misses():
     assert lines["socket → assembled slices, 32 coils x 512 samples"].endswith("| NO |")  # 250 MB/s < 300
     assert lines["socket → assembled slices, 16 coils x 256 samples"].endswith("| NO |")  # slower than ismrmrd
     assert lines["pipeline overhead (model excluded)"].endswith("| yes |")
+
+
+def test_ingest_bench_readers_all_read_every_acquisition():
+    """Each reader of the ingest benchmark reads the whole stream over loopback TCP (the bench raises
+    when a reader returns another count, or when an assembled slice is incomplete or misshapen)."""
+    from gadget.bench.ingest_bench import READERS, run_ingest_bench
+
+    result = run_ingest_bench(n_acq=2 * 256 + 7, channels=2, samples=16, repeats=1)
+    assert set(result["mb_s"]) == set(READERS)
+    assert all(v > 0 for v in result["mb_s"].values())
+    assert result["ratio"] == result["mb_s"]["ours → slices"] / result["mb_s"]["ismrmrd"]

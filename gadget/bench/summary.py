@@ -62,7 +62,7 @@ def run_all(case: BenchCase, implementations=IMPLEMENTATIONS, progress=print) ->
         progress(f"model benchmark, {other.config} {other.coils}x{other.readout}x{other.phase} ...")
         extras.append(model_table(other, run_model_bench(other, ("reference", "ours-static"))))
     progress("ingest benchmark ...")
-    ingests = [run_ingest_bench(n_acq=n, channels=c, samples=s, repeats=5) for n, c, s in INGEST_SIZES]
+    ingests = [run_ingest_bench(n_acq=n, channels=c, samples=s, repeats=9) for n, c, s in INGEST_SIZES]
     progress("pipeline benchmark ...")
     pipeline = run_pipeline_bench(threads=case.threads)
     return "\n\n".join([model_table(case, model), *extras, *map(ingest_table, ingests), pipeline_table(pipeline),

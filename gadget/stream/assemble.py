@@ -21,6 +21,7 @@ Because a line's samples are contiguous in the buffer, a reader can receive them
 """
 from __future__ import annotations
 
+import cmath
 import collections
 import logging
 import struct
@@ -104,7 +105,7 @@ class SliceAssembler:
     buffers: dict[SliceKey, _Buffer] = field(default_factory=dict)
     seen: int = 0
     max_spare: int = 2
-    _last_landing: tuple = (None, None)
+    _last_landing: tuple = (None, None, None, None)  # (head, its fields, buffer, column) of the last landing_row
     _spare: collections.deque = field(default_factory=collections.deque)
 
     @property
@@ -114,17 +115,23 @@ class SliceAssembler:
     def add(self, line: AcqLine) -> list[SliceData]:
         """Place one imaging line; returns the slices it completed (often none)."""
         self.seen += 1
-        landed_head, fields = self._last_landing
-        flags, e1, center, key = fields if landed_head is line.head else _line_fields(line.head)
+        landed_head, fields, landed_buf, col = self._last_landing
+        if landed_head is not line.head:
+            fields, landed_buf = _line_fields(line.head), None
+        flags, e1, center, key = fields
+        if (landed_buf is not None and landed_buf.landed.get(col) is line.data
+                and self.buffers.get(key) is landed_buf):
+            # received into the row landing_row() handed out, which checked the line's place already
+            _check_finite(line, key)
+            del landed_buf.landed[col]
+            self._count(landed_buf, line.head, flags, e1, col)
+            return self._completed_by(flags, key)
         if flags & _AUXILIARY:
             return []
         channels, samples = line.data.shape
         if channels == 0 or samples == 0:
             raise AssemblyError(f"{_what(line, key)}: empty data ({channels} channels x {samples} samples)")
-        # sum |x|^2 is finite unless a sample is NaN/Inf (or it overflows: then the exact check decides);
-        # 4 us for 32x512 samples against 27 us for np.isfinite(x).all()
-        if not np.isfinite(np.vdot(line.data, line.data)) and not np.isfinite(line.data).all():
-            raise AssemblyError(f"{_what(line, key)}: data contains NaN or Inf")
+        _check_finite(line, key)
         buf = self.buffers.get(key)
         if buf is None:
             buf = self._new_buffer(channels, samples)
@@ -133,6 +140,9 @@ class SliceAssembler:
             raise AssemblyError(f"{_what(line, key)}: {channels} channels x {samples} samples, but this slice "
                                 f"started with {buf.channels} x {buf.samples}")
         self._place(buf, line, flags, e1, center, key)
+        return self._completed_by(flags, key)
+
+    def _completed_by(self, flags: int, key: SliceKey) -> list[SliceData]:
         if flags & _LAST_IN_MEASUREMENT:
             return self._complete(list(self.buffers))
         if flags & _LAST_IN_REPETITION:
@@ -148,7 +158,7 @@ class SliceAssembler:
         slice's channel count. Otherwise None, and :meth:`add` copies as usual. Validation stays in
         :meth:`add`; a row is handed out once, so a line read ahead can never overwrite another."""
         flags, e1, center, key = fields = _line_fields(head)
-        self._last_landing = (head, fields)  # add() of this line reuses the unpacked fields
+        self._last_landing = (head, fields, None, None)  # add() of this line reuses the unpacked fields
         enc = self.encoding
         if flags & _NOT_LANDED or channels == 0 or not enc.e1_min <= e1 <= enc.e1_max:
             return None
@@ -161,6 +171,7 @@ class SliceAssembler:
                 or buf.counts[col] or col in buf.landed):
             return None
         row = buf.landed[col] = buf.kspace[col]
+        self._last_landing = (head, fields, buf, col)
         return row
 
     def flush(self) -> list[SliceData]:
@@ -208,21 +219,24 @@ class SliceAssembler:
         if start < 0 or start + buf.samples > readout:
             raise AssemblyError(f"{_what(line, key)}: center_sample {center} with {buf.samples} samples does not fit a "
                                 f"readout of {readout}")
-        if buf.landed.pop(col, None) is data:
-            pass  # the reader received the samples into their place (landing_row)
-        elif buf.counts[col]:
+        buf.landed.pop(col, None)  # handed out for this line, but its samples changed since (prewhitening)
+        if buf.counts[col]:
             buf.kspace[col, :, start:start + buf.samples] += data
         else:  # first arrival: a plain write spares reading the fresh zero pages (one page fault, not two)
             if buf.dirty and buf.samples != readout:
                 buf.kspace[col] = 0  # the readout outside this line's samples
             buf.kspace[col, :, start:start + buf.samples] = data
+        self._count(buf, line.head, flags, e1, col)
+
+    def _count(self, buf: _Buffer, head: np.void, flags: int, e1: int, col: int) -> None:
+        """Bookkeeping for a line whose samples are in place at phase column ``col``."""
         buf.counts[col] += 1
         buf.lines += 1
         if flags & _CALIBRATION:
             buf.calibration[col] = True
-        distance = abs(e1 - enc.e1_center)
+        distance = abs(e1 - self.encoding.e1_center)
         if distance < buf.ref_distance:
-            buf.reference, buf.ref_distance = line.head, distance  # the line's own header; not shared
+            buf.reference, buf.ref_distance = head, distance  # the line's own header; not shared
 
     def _complete(self, keys: list[SliceKey]) -> list[SliceData]:
         out = []
@@ -242,6 +256,13 @@ class SliceAssembler:
             out.append(SliceData(key, buf.kspace.transpose(1, 2, 0), buf.counts > 0, num_cal or None,
                                  buf.reference, buf.lines))
         return out
+
+
+def _check_finite(line: AcqLine, key: SliceKey) -> None:
+    # sum |x|^2 is finite unless a sample is NaN/Inf (or it overflows: then the exact check decides);
+    # 4 us for 32x512 samples against 27 us for np.isfinite(x).all()
+    if not cmath.isfinite(np.vdot(line.data, line.data)) and not np.isfinite(line.data).all():
+        raise AssemblyError(f"{_what(line, key)}: data contains NaN or Inf")
 
 
 def _line_fields(head: np.void) -> tuple[int, int, int, SliceKey]:
