@@ -40,6 +40,7 @@ class BenchCase:
     repeats: int = 5
     threads: int = 2
     seed: int = 0
+    keep_freed_memory: bool = True  # gadget.recon.allocator in every worker, as the engine does; False: glibc defaults
 
 
 def make_input(case: BenchCase) -> tuple[np.ndarray, np.ndarray]:
@@ -107,23 +108,29 @@ def _build(impl: str, case: BenchCase, workdir: Path, kspace: np.ndarray, mask: 
 def worker(impl: str, case: BenchCase, workdir: Path) -> None:
     import torch
 
+    from gadget.recon.allocator import keep_freed_memory
+
     torch.set_num_threads(case.threads)
+    if case.keep_freed_memory:
+        keep_freed_memory()  # every implementation alike, as the engine does in the server
     torch.manual_seed(case.seed)
     kspace = np.load(workdir / "kspace.npy")
     mask = np.load(workdir / "mask.npy")
     model, args = _build(impl, case, workdir, kspace, mask)
     baseline = _rss_mb()
-    times = []
+    times, faults = [], []
     with torch.inference_mode():
         for i in range(case.repeats + 1):  # first run is warm-up
-            t0 = time.perf_counter()
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             out = model(*args)
             if i:
                 times.append(time.perf_counter() - t0)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     np.save(workdir / f"{impl}.npy", out.numpy())
     (workdir / f"{impl}.json").write_text(json.dumps(
-        {"median_s": statistics.median(times), "times": times, "peak_mb": peak - baseline}))
+        {"median_s": statistics.median(times), "times": times, "peak_mb": peak - baseline,
+         "page_faults": statistics.median(faults)}))
 
 
 def run(case: BenchCase, implementations=("reference", "ours")) -> dict:
@@ -167,6 +174,10 @@ def run(case: BenchCase, implementations=("reference", "ours")) -> dict:
     return results
 
 
+ALLOCATOR = {True: "freed memory kept in the process (gadget/recon/allocator.py)",
+             False: "glibc's default mmap/trim thresholds (--glibc-defaults)"}
+
+
 def format_table(case: BenchCase, results: dict) -> str:
     import platform
 
@@ -176,15 +187,16 @@ def format_table(case: BenchCase, results: dict) -> str:
             f"{case.acceleration}x equispaced + {case.acs} ACS, {results['parameters']:,} parameters\n"
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"threads={case.threads}, torch {torch.__version__}, median of {case.repeats} runs "
-            f"(after 1 warm-up), {time.strftime('%Y-%m-%d')}\n")
+            f"(after 1 warm-up), {time.strftime('%Y-%m-%d')}\n"
+            f"allocator: {ALLOCATOR[case.keep_freed_memory]}, every implementation\n")
     base = results["base"]
-    rows = [f"| implementation | median s | runs (s) | peak memory MB | time / {base} | max rel. diff to {base} |",
-            "|---|---|---|---|---|---|"]
+    rows = [f"| implementation | median s | runs (s) | peak memory MB | page faults / run | time / {base} "
+            f"| max rel. diff to {base} |", "|---|---|---|---|---|---|---|"]
     for impl in IMPLEMENTATIONS:
         if impl in results:
             r = results[impl]
             rows.append(f"| {impl} | {r['median_s']:.3f} | {', '.join(f'{t:.2f}' for t in r['times'])} "
-                        f"| {r['peak_mb']:.0f} | {r['vs']:.3f} | {r['max_rel_diff']:.1e} |")
+                        f"| {r['peak_mb']:.0f} | {r['page_faults']:,.0f} | {r['vs']:.3f} | {r['max_rel_diff']:.1e} |")
     notes = "\n".join(f"  {impl}: {DESCRIPTIONS[impl]}" for impl in IMPLEMENTATIONS if impl in results)
     return head + "\n".join(rows) + "\n" + notes
 

@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--threads", type=int, default=2)
     m.add_argument("--ours-only", action="store_true", help="skip the reference (fastmri not installed)")
+    m.add_argument("--glibc-defaults", action="store_true",
+                   help="leave glibc's mmap/trim thresholds as they are in every implementation's process "
+                        "(default: keep freed memory, as the engine does)")
     m.add_argument("--implementations", default="reference,ours,ours-static,onnxruntime",
                    help="comma-separated subset of reference,ours,ours-static,onnxruntime")
     m.set_defaults(run=run_model)
@@ -77,7 +80,8 @@ def run_model(args) -> int:
                                 f"(or leave it out of --implementations)") from None
     coils, readout, phase = args.shape
     case = BenchCase(config=args.config, coils=coils, readout=readout, phase=phase,
-                     acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads)
+                     acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads,
+                     keep_freed_memory=not args.glibc_defaults)
     print(format_table(case, run(case, impls)))
     return 0
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..model.varnet import VarNet
+from .allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Reconstructor:
 
     def __init__(self, model: VarNet, device: str | torch.device = "auto"):
         self.device = resolve_device(device) if isinstance(device, str) else device
+        keep_freed_memory()  # per-slice tensors reuse their pages instead of page-faulting afresh
         self.model = model.to(self.device).eval()
         self._lock = threading.Lock()
 
