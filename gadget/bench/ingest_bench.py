@@ -141,6 +141,7 @@ def _read_ismrmrd(sock: socket.socket, *_shape) -> int:
 
 
 def _read_ismrmrd_slices(sock: socket.socket, channels: int, samples: int) -> int:
+    """ismrmrd's parse plus the least assembly (see the module docstring); returns the lines placed."""
     buffers: dict[int, np.ndarray] = {}
     spare: list[np.ndarray] = []
     lines = 0
