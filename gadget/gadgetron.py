@@ -51,7 +51,7 @@ def reconstruct(connection: Any) -> None:
 
 def shared_engine(config: ReconConfig) -> tuple[Optional[Reconstructor], str]:
     """The model, loaded once per process and reused by later scans."""
-    key = (config.mode, config.checkpoint, config.device)
+    key = (config.mode, config.checkpoint, config.device, config.precision)
     with _ENGINES_LOCK:
         if key not in _ENGINES:
             _ENGINES[key] = build_engine(config)

@@ -153,6 +153,9 @@ class ReconService:
         if config.checkpoint and config.checkpoint != self.config.checkpoint:
             raise SessionError(f"checkpoint '{config.checkpoint}' requested, but this server serves "
                                f"'{self.config.checkpoint}'")
+        if config.precision != self.config.precision:
+            raise SessionError(f"precision '{config.precision}' requested, but this server's model runs "
+                               f"in '{self.config.precision}'")
         return self.engine
 
     @staticmethod

@@ -34,3 +34,19 @@ def test_ingest_bench_readers_all_read_every_acquisition():
     assert set(result["mb_s"]) == set(READERS)
     assert all(v > 0 for v in result["mb_s"].values())
     assert result["ratio"] == result["mb_s"]["ours → slices"] / result["mb_s"]["ismrmrd"]
+
+
+def test_reduced_precision_rows_count_for_the_gpu_target_only():
+    case = BenchCase(config="small", coils=4, readout=64, phase=32, acs=6, repeats=1, threads=1)
+    results = run(case, ("ours", "ours-bf16"))
+    bf16 = results["ours-bf16"]
+    assert 1e-5 < bf16["rel_l2_diff"] < 1.5e-2  # tests/test_precision.py: same bound for the U-Nets in bf16
+    results["reference"] = {**results["ours"], "vs": 1.0, "peak_mb": 1e6}
+    results["ours"]["vs"], bf16["vs"] = 0.9, 0.4
+    pipeline, ingests = {"overhead_pct": 1.0}, []
+    cpu = {line.split("|")[1].strip(): line for line in targets_table(results, ingests, pipeline).splitlines()[2:]}
+    gpu = {line.split("|")[1].strip(): line
+           for line in targets_table(results, ingests, pipeline, "cuda").splitlines()[2:]}
+    assert "0.900× (ours)" in cpu["CPU wall time vs reference"] and cpu["CPU wall time vs reference"].endswith("NO |")
+    assert "0.400× (ours-bf16)" in gpu["GPU wall time vs reference"] and gpu["GPU wall time vs reference"].endswith("yes |")
+    assert "(ours)" in gpu["max relative difference"]  # the 1e-4 bound is checked on the fp32 path

@@ -246,7 +246,7 @@ def test_activation_checkpointing_gives_the_same_gradients(data_dirs):
         assert torch.allclose(grads[1][name], g, rtol=1e-6, atol=1e-12 * float(g.abs().max() + 1)), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (AMP runs on CUDA only)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_and_checkpointing_train_on_cuda(data_dirs, tmp_path, amp):
     cfg = _config(data_dirs, tmp_path / amp, "run.device=cuda", f"run.amp={amp}",
@@ -255,9 +255,19 @@ def test_amp_and_checkpointing_train_on_cuda(data_dirs, tmp_path, amp):
     assert summary["steps"] == 3 and np.isfinite(summary["best_metrics"]["ssim"])
 
 
-def test_amp_on_cpu_is_an_error(data_dirs, tmp_path):
-    with pytest.raises(TrainConfigError, match="needs a CUDA device"):
-        Trainer(_config(data_dirs, tmp_path, "run.device=cpu", "run.amp=bf16"))
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_the_unets_in_reduced_precision_on_cpu(data_dirs, tmp_path, amp):
+    cfg = _config(data_dirs, tmp_path / amp, "run.device=cpu", f"run.amp={amp}",
+                  "run.activation_checkpointing=true", "optim.epochs=1", "run.max_steps_per_epoch=2")
+    trainer = Trainer(cfg)
+    seen = set()
+    conv = trainer.model.cascades[0].model.unet.down_sample_layers[0].layers[0]
+    conv.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+    before = conv.weight.detach().clone()
+    summary = trainer.fit()
+    assert seen == {torch.bfloat16 if amp == "bf16" else torch.float16}
+    assert conv.weight.dtype == torch.float32 and not torch.equal(conv.weight.detach(), before)  # fp32 master weights, updated
+    assert summary["steps"] == 2 and np.isfinite(summary["best_metrics"]["ssim"])
 
 
 # ----------------------------------------------------------------------------- loop

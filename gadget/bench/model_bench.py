@@ -41,6 +41,7 @@ class BenchCase:
     threads: int = 2
     seed: int = 0
     keep_freed_memory: bool = True  # gadget.recon.allocator in every worker, as the engine does; False: glibc defaults
+    device: str = "cpu"             # cpu | cuda[:N]: where every implementation runs (onnxruntime: CPU only)
 
 
 def make_input(case: BenchCase) -> tuple[np.ndarray, np.ndarray]:
@@ -61,10 +62,21 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-IMPLEMENTATIONS = ("reference", "ours", "ours-static", "onnxruntime")
+IMPLEMENTATIONS = ("reference", "ours", "ours-static", "ours-bf16", "ours-fp16", "onnxruntime")
+FP32_OURS = ("ours", "ours-static")          # held to the 1e-4 bound against the reference
+REDUCED_OURS = ("ours-bf16", "ours-fp16")    # U-Nets in reduced precision: for GPUs (slower on AVX2 CPUs)
+
+
+def default_implementations(device: str) -> tuple[str, ...]:
+    """What ``bench all`` compares: on CPU the fp32 paths and ONNX; on CUDA also the reduced-precision U-Nets."""
+    if device.startswith("cuda"):
+        return ("reference", *FP32_OURS, *REDUCED_OURS)
+    return ("reference", *FP32_OURS, "onnxruntime")
 DESCRIPTIONS = {
     "reference": "fastmri.models.VarNet (fastmri 0.3.0), eager",
     "ours": "gadget VarNet, eager, complex tensors",
+    "ours-bf16": "gadget VarNet, eager, U-Nets under torch.autocast(bfloat16), FFTs and coil operators fp32",
+    "ours-fp16": "gadget VarNet, eager, U-Nets under torch.autocast(float16), FFTs and coil operators fp32",
     "ours-static": "StaticVarNet (fixed ACS width, real layout), TorchScript frozen + optimize_for_inference",
     "onnxruntime": "the exported ONNX file (opset 18, DFT) in onnxruntime, CPU provider",
 }
@@ -76,8 +88,11 @@ def _build(impl: str, case: BenchCase, workdir: Path, kspace: np.ndarray, mask: 
 
     cfg = CONFIGS[case.config]
     state = torch.load(workdir / "weights.pt", weights_only=True)
-    k = torch.from_numpy(kspace)
+    device = torch.device(case.device)
+    k = torch.from_numpy(kspace).to(device)
     if impl == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError("the onnxruntime implementation runs on the CPU provider only")
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -91,18 +106,22 @@ def _build(impl: str, case: BenchCase, workdir: Path, kspace: np.ndarray, mask: 
 
         model = RefVarNet(**cfg).eval()
         model.load_state_dict(state, strict=True)
-        return model, (torch.view_as_real(k), torch.from_numpy(mask).view(1, 1, 1, -1, 1), case.acs)
+        m = torch.from_numpy(mask).view(1, 1, 1, -1, 1).to(device)
+        return model.to(device), (torch.view_as_real(k), m, case.acs)
     from gadget.model.varnet import VarNet
 
     model = VarNet(**cfg).eval()
     model.load_state_dict(state, strict=True)
-    if impl == "ours":
-        return model, (k, torch.from_numpy(mask), case.acs)
+    model.to(device)
+    if impl.startswith("ours-") and impl != "ours-static":
+        model.set_precision(impl.removeprefix("ours-"))
+    if impl != "ours-static":
+        return model, (k, torch.from_numpy(mask).to(device), case.acs)
     from gadget.model.export import trace_static
 
     traced = trace_static(model, case.coils, case.readout, case.phase, case.acs)
     fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-    return fast, (torch.view_as_real(k).contiguous(), torch.from_numpy(mask).to(torch.float32))
+    return fast, (torch.view_as_real(k).contiguous(), torch.from_numpy(mask).to(device, torch.float32))
 
 
 def worker(impl: str, case: BenchCase, workdir: Path) -> None:
@@ -117,19 +136,28 @@ def worker(impl: str, case: BenchCase, workdir: Path) -> None:
     kspace = np.load(workdir / "kspace.npy")
     mask = np.load(workdir / "mask.npy")
     model, args = _build(impl, case, workdir, kspace, mask)
-    baseline = _rss_mb()
+    cuda = torch.device(case.device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2**20
+    else:
+        baseline = _rss_mb()
     times, faults = [], []
     with torch.inference_mode():
         for i in range(case.repeats + 1):  # first run is warm-up
+            sync()
             f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             out = model(*args)
+            sync()
             if i:
                 times.append(time.perf_counter() - t0)
                 faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    np.save(workdir / f"{impl}.npy", out.numpy())
+    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    np.save(workdir / f"{impl}.npy", out.float().cpu().numpy())
     (workdir / f"{impl}.json").write_text(json.dumps(
-        {"median_s": statistics.median(times), "times": times, "peak_mb": peak - baseline,
+        {"median_s": statistics.median(times), "times": times, "peak_mb": peak / 2**20 - baseline,
          "page_faults": statistics.median(faults)}))
 
 
@@ -178,6 +206,14 @@ ALLOCATOR = {True: "freed memory kept in the process (gadget/recon/allocator.py)
              False: "glibc's default mmap/trim thresholds (--glibc-defaults)"}
 
 
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda})"
+    return "cpu"
+
+
 def format_table(case: BenchCase, results: dict) -> str:
     import platform
 
@@ -188,14 +224,18 @@ def format_table(case: BenchCase, results: dict) -> str:
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"threads={case.threads}, torch {torch.__version__}, median of {case.repeats} runs "
             f"(after 1 warm-up), {time.strftime('%Y-%m-%d')}\n"
+            f"device: {_device_name(case.device)}\n"
             f"allocator: {ALLOCATOR[case.keep_freed_memory]}, every implementation\n")
     base = results["base"]
-    rows = [f"| implementation | median s | runs (s) | peak memory MB | page faults / run | time / {base} "
+    cuda = case.device.startswith("cuda")
+    unit, scale = ("ms", 1000.0) if cuda else ("s", 1.0)  # a GPU forward takes milliseconds
+    memory = "peak GPU memory MB (allocated)" if cuda else "peak memory MB"
+    rows = [f"| implementation | median {unit} | runs ({unit}) | {memory} | page faults / run | time / {base} "
             f"| max rel. diff to {base} |", "|---|---|---|---|---|---|---|"]
     for impl in IMPLEMENTATIONS:
         if impl in results:
             r = results[impl]
-            rows.append(f"| {impl} | {r['median_s']:.3f} | {', '.join(f'{t:.2f}' for t in r['times'])} "
+            rows.append(f"| {impl} | {r['median_s'] * scale:.3f} | {', '.join(f'{t * scale:.2f}' for t in r['times'])} "
                         f"| {r['peak_mb']:.0f} | {r['page_faults']:,.0f} | {r['vs']:.3f} | {r['max_rel_diff']:.1e} |")
     notes = "\n".join(f"  {impl}: {DESCRIPTIONS[impl]}" for impl in IMPLEMENTATIONS if impl in results)
     return head + "\n".join(rows) + "\n" + notes

@@ -7,7 +7,7 @@ from dataclasses import replace
 from ..model.export import MAX_REL_DIFF
 from .ingest_bench import format_table as ingest_table
 from .ingest_bench import run_ingest_bench
-from .model_bench import BenchCase, IMPLEMENTATIONS
+from .model_bench import FP32_OURS, REDUCED_OURS, BenchCase, default_implementations
 from .model_bench import format_table as model_table
 from .model_bench import run as run_model_bench
 from .pipeline_bench import format_table as pipeline_table
@@ -16,24 +16,30 @@ from .pipeline_bench import run_pipeline_bench
 INGEST_SIZES = ((2000, 32, 512), (8000, 16, 256))  # (acquisitions, coils, samples): 131 KB and 32 KB lines
 
 
-def targets_table(model: dict, ingests: list[dict], pipeline: dict) -> str:
+def targets_table(model: dict, ingests: list[dict], pipeline: dict, device: str = "cpu") -> str:
     """Rows ``target | required | measured | met`` from the benchmarks' results (one ingest result per
-    acquisition size)."""
+    acquisition size). On CUDA the reduced-precision U-Nets compete for the time target; the 1e-4
+    bound applies to the fp32 paths."""
     rows = ["| target | required | measured | met |", "|---|---|---|---|"]
 
     def row(name, required, measured, ok):
         rows.append(f"| {name} | {required} | {measured} | {'yes' if ok else 'NO'} |")
 
     ref = model.get("reference")
-    ours = {k: model[k] for k in ("ours", "ours-static") if k in model}
+    cuda = device.startswith("cuda")
+    exact = {k: model[k] for k in FP32_OURS if k in model}
+    ours = {**exact, **({k: model[k] for k in REDUCED_OURS if k in model} if cuda else {})}
     if ref and ours:
         fastest = min(ours, key=lambda k: ours[k]["vs"])
         best = ours[fastest]
-        row("CPU wall time vs reference", "≤ 0.5×", f"{best['vs']:.3f}× ({fastest})", best["vs"] <= 0.5)
-        row("max relative difference", f"< {MAX_REL_DIFF:g}", f"{best['max_rel_diff']:.1e}",
-            best["max_rel_diff"] < MAX_REL_DIFF)
-        row("peak memory vs reference", "≤ reference", f"{best['peak_mb']:.0f} vs {ref['peak_mb']:.0f} MB",
-            best["peak_mb"] <= ref["peak_mb"])
+        row(f"{'GPU' if cuda else 'CPU'} wall time vs reference", "≤ 0.5×", f"{best['vs']:.3f}× ({fastest})",
+            best["vs"] <= 0.5)
+        if exact:
+            closest = min(exact, key=lambda k: exact[k]["vs"])
+            row("max relative difference", f"< {MAX_REL_DIFF:g}", f"{exact[closest]['max_rel_diff']:.1e} ({closest})",
+                exact[closest]["max_rel_diff"] < MAX_REL_DIFF)
+        row("peak memory vs reference", "≤ reference",
+            f"{best['peak_mb']:.0f} vs {ref['peak_mb']:.0f} MB ({fastest})", best["peak_mb"] <= ref["peak_mb"])
     if "onnxruntime" in model:
         ort = model["onnxruntime"]
         row(f"ONNX (onnxruntime) vs {model['base']}", f"< {MAX_REL_DIFF:g}",
@@ -54,9 +60,9 @@ def extra_cases(case: BenchCase) -> list[BenchCase]:
     return [replace(case, coils=20, readout=640, phase=320), replace(case, config="shipped")]
 
 
-def run_all(case: BenchCase, implementations=IMPLEMENTATIONS, progress=print) -> str:
-    progress("model benchmark ...")
-    model = run_model_bench(case, implementations)
+def run_all(case: BenchCase, implementations=None, progress=print) -> str:
+    progress(f"model benchmark ({case.device}) ...")
+    model = run_model_bench(case, implementations or default_implementations(case.device))
     extras = []
     for other in extra_cases(case):
         progress(f"model benchmark, {other.config} {other.coils}x{other.readout}x{other.phase} ...")
@@ -66,4 +72,4 @@ def run_all(case: BenchCase, implementations=IMPLEMENTATIONS, progress=print) ->
     progress("pipeline benchmark ...")
     pipeline = run_pipeline_bench(threads=case.threads)
     return "\n\n".join([model_table(case, model), *extras, *map(ingest_table, ingests), pipeline_table(pipeline),
-                        "issue 6 targets on this machine:\n" + targets_table(model, ingests, pipeline)])
+                        "issue 6 targets on this machine:\n" + targets_table(model, ingests, pipeline, case.device)])

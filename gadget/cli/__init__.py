@@ -50,3 +50,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def example_epilog(*lines: str) -> str:
     return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # gadget.model.varnet.PRECISIONS (not imported: keeps torch out of --help)
+
+
+def add_precision_argument(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=default,
+                   help="arithmetic of the U-Nets (torch.autocast); FFTs and coil operators stay fp32. "
+                        "bf16/fp16 pay on GPUs; on CPUs without bf16/fp16 units they are slower"
+                        + ("" if default else " (default: the config's, fp32)"))
+
+
+def operator_overrides(args) -> dict:
+    """``--checkpoint``, ``--device``, ``--precision`` given on the command line, as config settings."""
+    return {k: getattr(args, k) for k in ("checkpoint", "device", "precision") if getattr(args, k, None)}

@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
                          epilog=example_epilog("varnet bench all", "varnet bench all --repeats 3 --threads 2"))
     a.add_argument("--repeats", type=int, default=5)
     a.add_argument("--threads", type=int, default=2)
+    a.add_argument("--device", default="cpu", help="where the model benchmark runs: cpu or cuda[:N] (ingest and "
+                                                   "pipeline stay on the CPU); on CUDA the bf16/fp16 U-Nets join")
     a.set_defaults(run=run_all)
 
     m = which.add_parser("model", help="E2E-VarNet forward pass: ours vs fastmri.models.VarNet",
@@ -33,7 +35,10 @@ def add_parser(sub) -> None:
                    help="leave glibc's mmap/trim thresholds as they are in every implementation's process "
                         "(default: keep freed memory, as the engine does)")
     m.add_argument("--implementations", default="reference,ours,ours-static,onnxruntime",
-                   help="comma-separated subset of reference,ours,ours-static,onnxruntime")
+                   help="comma-separated subset of reference,ours,ours-static,ours-bf16,ours-fp16,onnxruntime "
+                        "(ours-bf16/-fp16: the U-Nets in reduced precision; they pay on GPUs)")
+    m.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every implementation runs (onnxruntime: "
+                                                   "CPU only); on CUDA, times in ms and peak GPU memory")
     m.set_defaults(run=run_model)
 
     i = which.add_parser("ingest", help="socket → assembled slices (and parse only) vs ismrmrd.serialization",
@@ -78,19 +83,35 @@ def run_model(args) -> int:
             except ImportError:
                 raise UserError(f"the {impl} implementation needs the '{module}' package: {hint} "
                                 f"(or leave it out of --implementations)") from None
+    _check_device(args.device, impls)
     coils, readout, phase = args.shape
     case = BenchCase(config=args.config, coils=coils, readout=readout, phase=phase,
                      acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads,
-                     keep_freed_memory=not args.glibc_defaults)
+                     keep_freed_memory=not args.glibc_defaults, device=args.device)
     print(format_table(case, run(case, impls)))
     return 0
 
 
+def _check_device(device: str, impls) -> None:
+    from ..recon.engine import resolve_device
+    from . import UserError
+
+    if device == "cpu":
+        return
+    try:
+        resolve_device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"--device: {exc}") from None
+    if "onnxruntime" in impls:
+        raise UserError(f"--device {device}: leave onnxruntime out of --implementations (it runs on the CPU provider)")
+
+
 def run_all(args) -> int:
-    from ..bench.model_bench import BenchCase
+    from ..bench.model_bench import BenchCase, default_implementations
     from ..bench.summary import run_all as run_everything
 
-    print(run_everything(BenchCase(repeats=args.repeats, threads=args.threads)))
+    _check_device(args.device, default_implementations(args.device))
+    print(run_everything(BenchCase(repeats=args.repeats, threads=args.threads, device=args.device)))
     return 0
 
 

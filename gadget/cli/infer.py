@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    from . import example_epilog
+    from . import add_precision_argument, example_epilog
 
     p = sub.add_parser(
         "infer", help="reconstruct fastMRI test-format files with a checkpoint",
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--input", required=True, type=Path, help="one .h5 file or a directory of them")
     p.add_argument("--output", required=True, type=Path, help="output directory")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    add_precision_argument(p, default="fp32")
     p.add_argument("--batch-size", type=int, default=1, help="slices per forward pass")
     p.add_argument("--acs", choices=("auto", "attrs", "mask"), default="auto",
                    help="ACS line count: file attribute num_low_frequency (attrs), fastMRI's detection from "
@@ -59,10 +60,11 @@ def run(args) -> int:
 
     loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
     try:
-        engine = Reconstructor(loaded.model, args.device)
+        engine = Reconstructor(loaded.model, args.device, args.precision)
     except (RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    log.info("checkpoint %s (%s, sha256 %s), device %s", loaded.path, loaded.kind, loaded.sha256[:12], engine.device)
+    log.info("checkpoint %s (%s, sha256 %s), device %s, U-Nets in %s", loaded.path, loaded.kind,
+             loaded.sha256[:12], engine.device, args.precision)
     args.output.mkdir(parents=True, exist_ok=True)
     for path in files:
         with open_volume(path) as volume, tqdm(total=volume.num_slices, desc=path.name, unit="slice",

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 
 def add_parser(sub) -> None:
-    from . import example_epilog
+    from . import add_precision_argument, example_epilog
 
     p = sub.add_parser("replay", help="reconstruct an ISMRMRD raw file through the streaming pipeline",
                        description="Reads acquisitions from an ISMRMRD HDF5 file, runs the pipeline (noise "
@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default="default", help="preset name from pipelines/ or a YAML file")
     p.add_argument("--checkpoint", default=None, help="model checkpoint (overrides the config)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (overrides the config)")
+    add_precision_argument(p)
     p.add_argument("--group", default="dataset", help="ISMRMRD group in the input file")
     p.add_argument("--out-group", default=None, help="group in the output file (default: input file stem)")
     p.add_argument("--png", type=Path, default=None, help="write PNG previews into this directory")
@@ -35,12 +36,11 @@ def run(args) -> int:
     from ..recon.pipeline import build_engine
     from ..replay import replay_file
     from ..stream.sinks import save_png_previews, write_dicom, write_images_h5
-    from . import UserError
+    from . import UserError, operator_overrides
 
     try:
         config = load_config(args.config)
-        overrides = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v}
-        config = config.merged(overrides, "command line")
+        config = config.merged(operator_overrides(args), "command line")
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     engine, model_id = build_engine(config)

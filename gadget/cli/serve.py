@@ -8,7 +8,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    from . import example_epilog
+    from . import add_precision_argument, example_epilog
 
     p = sub.add_parser(
         "serve", help="MRD stream server (or Gadgetron <connect> listener with --gadgetron)",
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default="default", help="base preset name or YAML file")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default=None)
+    add_precision_argument(p)
     p.add_argument("--max-connections", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=4,
                    help="slices from concurrent scans reconstructed in one forward pass (1 = no batching)")
@@ -36,10 +37,10 @@ def run(args) -> int:
     from ..recon.config import load_config
     from ..recon.pipeline import build_engine
     from ..server import ReconService
+    from . import operator_overrides
 
     config = load_config(args.config)
-    config = config.merged({k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v},
-                           "command line")
+    config = config.merged(operator_overrides(args), "command line")
     from ..recon.batching import BatchingEngine
 
     engine, model_id = build_engine(config)

@@ -121,6 +121,9 @@ class StaticVarNet(nn.Module):
         self.fft2c = fft2c_split_real if split_dft else fft2c_real
         if not 0 < num_low_frequencies <= width:
             raise ValueError(f"the ACS width must lie in 1..{width}, got {num_low_frequencies}")
+        if model.precision != "fp32":
+            raise ValueError(f"the static graph runs in fp32, but the model is set to {model.precision}; "
+                             "call model.set_precision('fp32') first")
         self.model = model
         self.num_low_frequencies = int(num_low_frequencies)
         acs = center_lines_mask(width, torch.tensor([num_low_frequencies]))
@@ -172,10 +175,13 @@ def example_inputs(coils: int, readout: int, phase: int, batch: int = 1) -> tupl
 
 
 def trace_static(model: VarNet, coils: int, readout: int, phase: int, num_low_frequencies: int):
-    """:class:`StaticVarNet` of ``model`` traced to TorchScript for one k-space shape and ACS width."""
+    """:class:`StaticVarNet` of ``model`` traced to TorchScript for one k-space shape and ACS width,
+    on the device the model's weights are on."""
     static = StaticVarNet(model.eval(), phase, num_low_frequencies).eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return torch.jit.trace(static, example_inputs(coils, readout, phase), check_trace=False)
+        inputs = tuple(t.to(device) for t in example_inputs(coils, readout, phase))
+        return torch.jit.trace(static, inputs, check_trace=False)
 
 
 def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout: int, phase: int,

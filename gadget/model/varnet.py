@@ -43,6 +43,9 @@ from .unet import Unet
 
 AcsCount = Union[None, int, torch.Tensor]
 OUTPUTS = ("rss", "sense")
+# Arithmetic of the U-Nets (convolutions under torch.autocast); normalisation, FFTs, coil
+# operators and data consistency always run in float32 / complex64.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _EPS = 1e-12  # far below any real std / RSS of fp32 MR data; only guards exact zeros
 
 
@@ -78,6 +81,7 @@ class NormUnet(nn.Module):
         super().__init__()
         self.unet = Unet(in_chans=2, out_chans=2, chans=chans,
                          num_pool_layers=num_pools, drop_prob=drop_prob)
+        self.compute_dtype: Optional[torch.dtype] = None  # None: fp32; else the U-Net runs under autocast
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         b, c, h, w = image.shape
@@ -98,7 +102,13 @@ class NormUnet(nn.Module):
         h_mult, w_mult = ((h - 1) | 15) + 1, ((w - 1) | 15) + 1  # next multiple of 16
         top, left = (h_mult - h) // 2, (w_mult - w) // 2
         x = F.pad(x, [left, w_mult - w - left, top, h_mult - h - top])
-        x = self.unet(x)[..., top:top + h, left:left + w]
+        if self.compute_dtype is None:
+            x = self.unet(x)
+        else:  # inputs normalised in fp32 above; the output returns to fp32 before de-normalising
+            with torch.autocast(device_type=x.device.type, dtype=self.compute_dtype):
+                x = self.unet(x)
+            x = x.float()
+        x = x[..., top:top + h, left:left + w]
 
         return x * std + mean
 
@@ -175,6 +185,19 @@ class VarNet(nn.Module):
                                    mask_center=mask_center, output=output)
         self.sens_net = SensitivityModel(sens_chans, sens_pools, mask_center=mask_center)
         self.cascades = nn.ModuleList(VarNetBlock(NormUnet(chans, pools)) for _ in range(num_cascades))
+        self.precision = "fp32"
+
+    def set_precision(self, precision: str) -> "VarNet":
+        """Run every U-Net's arithmetic in ``precision`` (``fp32``, ``bf16`` or ``fp16``, see
+        :data:`PRECISIONS`) through ``torch.autocast``; everything outside the U-Nets stays fp32.
+        A runtime choice, not part of the weights or the config. Returns ``self``."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        for module in self.modules():
+            if isinstance(module, NormUnet):
+                module.compute_dtype = PRECISIONS[precision]
+        self.precision = precision
+        return self
 
     @classmethod
     def from_config(cls, config: VarNetConfig) -> "VarNet":
@@ -216,5 +239,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["VarNet", "VarNetConfig", "VarNetBlock", "NormUnet", "SensitivityModel",
+__all__ = ["VarNet", "VarNetConfig", "PRECISIONS", "VarNetBlock", "NormUnet", "SensitivityModel",
            "detect_num_low_frequencies", "count_parameters"]

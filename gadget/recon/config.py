@@ -21,6 +21,7 @@ CHOICES = {
     "mode": ("varnet", "zero-filled"),
     "image_dtype": ("float32", "uint16"),
     "acs_source": ("flags", "mask"),
+    "precision": ("fp32", "bf16", "fp16"),  # gadget.model.varnet.PRECISIONS
 }
 
 
@@ -35,6 +36,7 @@ class ReconConfig:
     mode: str = "varnet"                 # varnet | zero-filled (no model; debugging, comparison)
     checkpoint: Optional[str] = None     # a path given by the operator (never by a client)
     device: str = "auto"                 # auto (CUDA when present) | cpu | cuda | cuda:N
+    precision: str = "fp32"              # fp32 | bf16 | fp16: the U-Nets' arithmetic (FFTs, coil maths stay fp32)
     batch_size: int = 1                  # slices per forward pass
     prewhiten: bool = True               # noise prewhitening from noise-measurement acquisitions
     acs_source: str = "flags"            # flags (calibration flags; detection as fallback) | mask
@@ -160,8 +162,8 @@ def from_json_parameters(text: str, base: ReconConfig, source: str = "JSON param
 
 
 def client_merge(base: ReconConfig, values: Mapping[str, Any], source: str) -> ReconConfig:
-    """Settings from a network client: the model file and device stay the operator's choice."""
-    for forbidden in ("checkpoint", "device"):
+    """Settings from a network client: the model file, device and precision stay the operator's choice."""
+    for forbidden in ("checkpoint", "device", "precision"):
         if forbidden in values:
             raise ConfigError(f"{source}: '{forbidden}' cannot be set by a client")
     return base.merged(values, source)

@@ -30,11 +30,16 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class Reconstructor:
-    """Runs E2E-VarNet on batches; thread-safe (one forward at a time per engine)."""
+    """Runs E2E-VarNet on batches; thread-safe (one forward at a time per engine).
 
-    def __init__(self, model: VarNet, device: str | torch.device = "auto"):
+    ``precision``: the U-Nets' arithmetic (``fp32``, ``bf16``, ``fp16``; see
+    :meth:`VarNet.set_precision`); ``None`` keeps the model's current setting."""
+
+    def __init__(self, model: VarNet, device: str | torch.device = "auto", precision: Optional[str] = None):
         self.device = resolve_device(device) if isinstance(device, str) else device
         keep_freed_memory()  # per-slice tensors reuse their pages instead of page-faulting afresh
+        if precision is not None:
+            model.set_precision(precision)
         self.model = model.to(self.device).eval()
         self._lock = threading.Lock()
 

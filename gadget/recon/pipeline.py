@@ -202,5 +202,5 @@ def build_engine(config: ReconConfig) -> tuple[Optional[Reconstructor], str]:
     from ..model.shipped import resolve_checkpoint
 
     loaded = load_checkpoint(resolve_checkpoint(config.checkpoint))  # none given: the shipped weights
-    engine = Reconstructor(loaded.model, config.device)
-    return engine, f"{loaded.path} ({loaded.kind}, sha256 {loaded.sha256[:12]})"
+    engine = Reconstructor(loaded.model, config.device, config.precision)
+    return engine, f"{loaded.path} ({loaded.kind}, sha256 {loaded.sha256[:12]}, U-Nets in {config.precision})"

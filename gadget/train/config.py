@@ -76,7 +76,7 @@ class RunConfig:
     out_dir: str = "runs/varnet"
     seed: int = 42
     device: str = "auto"                      # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    amp: str = "off"                          # off | bf16 | fp16 — mixed precision, CUDA only
+    amp: str = "off"                          # off | bf16 | fp16 — the U-Nets' arithmetic (FFTs stay fp32)
     activation_checkpointing: bool = False    # recompute each cascade in backward (less memory)
     resume: Optional[str] = None              # a last.pt written by an earlier run
     init_from: Optional[str] = None           # start from these weights (any checkpoint; fresh optimizer)

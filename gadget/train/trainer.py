@@ -33,7 +33,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -61,7 +60,6 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "varnet-gadget-train-state"
 STATE_VERSION = 1
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- model wrapper
@@ -257,8 +255,6 @@ class Trainer:
         self.config = config
         run, data = config.run, config.data
         self.dist, self.device = setup_distributed(run.device)
-        if run.amp != "off" and self.device.type != "cuda":
-            raise TrainConfigError(f"run.amp={run.amp} needs a CUDA device (device is {self.device})")
         seed_everything(run.seed)
         self.out_dir = Path(run.out_dir)
         if not run.resume and (self.out_dir / "last.pt").exists():  # every rank checks: no rank is left waiting
@@ -280,6 +276,7 @@ class Trainer:
                 raise TrainConfigError(f"data.batch_size={data.batch_size} needs slices of one shape, but the "
                                        f"{name} files differ ({detail}); use data.batch_size=1")
         self.model = VarNet.from_config(config.model).to(self.device)
+        self.model.set_precision("fp32" if run.amp == "off" else run.amp)  # autocast around the U-Nets only
         self.init_source: Optional[dict] = None
         if run.init_from and not run.resume:  # a resumed run's weights come from last.pt
             self.init_weights(run.init_from)
@@ -291,8 +288,7 @@ class Trainer:
                                           weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.optim.lr_step_size,
                                                          config.optim.lr_gamma)
-        self.amp_dtype = AMP_DTYPES.get(run.amp)
-        self.scaler = torch.amp.GradScaler("cuda") if run.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if run.amp == "fp16" else None
         self.loss_fn = TrainingLoss(config.loss.kind)
         self.progress = Progress()
         self._started = time.perf_counter()
@@ -300,11 +296,6 @@ class Trainer:
             self.load_state(run.resume)
 
     # ------------------------------------------------------------------ helpers
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def seconds(self) -> float:
         return self.progress.elapsed_s + time.perf_counter() - self._started
@@ -318,9 +309,8 @@ class Trainer:
     def forward_loss(self, batch: TrainSample, net: Optional[nn.Module] = None):
         """``(loss, cropped output, cropped target)`` of one batch."""
         kspace, mask, num_low, target, max_value = self._to_device(batch)
-        with self._autocast():
-            output = (net or self.net)(kspace, mask, num_low)
-        output, target = crop_pair(output.float(), target, batch.crop_size)
+        output = (net or self.net)(kspace, mask, num_low)
+        output, target = crop_pair(output, target, batch.crop_size)
         return self.loss_fn(output, target, max_value), output, target
 
     def train_step(self, batch: TrainSample) -> float:
