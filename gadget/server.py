@@ -130,7 +130,8 @@ class ReconService:
             return config
         preset = load_config(name, base=ReconConfig())
         return client_merge(config, {k: v for k, v in preset.to_dict().items()
-                                     if k not in ("checkpoint", "device") and v != getattr(ReconConfig(), k)},
+                                     if k not in ("checkpoint", "device", "precision")
+                                     and v != getattr(ReconConfig(), k)},
                             f"preset {name}")
 
     def _config_text(self, text: str, config: ReconConfig, dialect: str) -> ReconConfig:

@@ -50,3 +50,17 @@ def test_reduced_precision_rows_count_for_the_gpu_target_only():
     assert "0.900× (ours)" in cpu["CPU wall time vs reference"] and cpu["CPU wall time vs reference"].endswith("NO |")
     assert "0.400× (ours-bf16)" in gpu["GPU wall time vs reference"] and gpu["GPU wall time vs reference"].endswith("yes |")
     assert "(ours)" in gpu["max relative difference"]  # the 1e-4 bound is checked on the fp32 path
+
+
+def test_train_bench_checkpointing_gives_the_plain_steps_gradients():
+    from gadget.bench.train_bench import TrainBenchCase, format_table
+    from gadget.bench.train_bench import run as run_train
+
+    case = TrainBenchCase(config="small", coils=4, readout=64, phase=32, acs=6, steps=1, threads=1)
+    results = run_train(case, ("plain", "checkpointing"))
+    assert results["base"] == "plain"
+    assert results["checkpointing"]["grad_rel_diff"] < 1e-6  # the same arithmetic, recomputed in backward
+    assert float((results["plain"]["grads"] ** 2).sum()) > 0
+    assert all(results[v]["peak_mb"] > 0 and results[v]["median_s"] > 0 for v in ("plain", "checkpointing"))
+    table = format_table(case, results)
+    assert "| checkpointing |" in table and "| plain |" in table

@@ -7,12 +7,10 @@ random-weight network amplifies fp32 rounding and the comparison says little).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .fresh_process import peak_rss_mb, rss_mb, run_worker
 
 CONFIGS = {
     "default": dict(num_cascades=12, chans=18, pools=4, sens_chans=8, sens_pools=4),
@@ -55,11 +55,6 @@ def make_input(case: BenchCase) -> tuple[np.ndarray, np.ndarray]:
     start = (case.phase - case.acs + 1) // 2
     mask[start:start + case.acs] = True
     return vol.kspace * mask, mask
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 IMPLEMENTATIONS = ("reference", "ours", "ours-static", "ours-bf16", "ours-fp16", "onnxruntime")
@@ -143,7 +138,7 @@ def worker(impl: str, case: BenchCase, workdir: Path) -> None:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated() / 2**20
     else:
-        baseline = _rss_mb()
+        baseline = rss_mb()
     times, faults = [], []
     with torch.inference_mode():
         for i in range(case.repeats + 1):  # first run is warm-up
@@ -154,10 +149,10 @@ def worker(impl: str, case: BenchCase, workdir: Path) -> None:
             if i:
                 times.append(time.perf_counter() - t0)
                 faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     np.save(workdir / f"{impl}.npy", out.float().cpu().numpy())
     (workdir / f"{impl}.json").write_text(json.dumps(
-        {"median_s": statistics.median(times), "times": times, "peak_mb": peak / 2**20 - baseline,
+        {"median_s": statistics.median(times), "times": times, "peak_mb": peak - baseline,
          "page_faults": statistics.median(faults)}))
 
 
@@ -182,13 +177,7 @@ def run(case: BenchCase, implementations=("reference", "ours")) -> dict:
 
             export_model(model, work / "model.onnx", "onnx", case.coils, case.readout, case.phase, case.acs)
         for impl in implementations:
-            cmd = [sys.executable, "-m", "gadget.bench.model_bench", "--worker", impl, str(work),
-                   json.dumps(case.__dict__)]
-            env = {**os.environ, "OMP_NUM_THREADS": str(case.threads), "MKL_NUM_THREADS": str(case.threads)}
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"{impl} benchmark failed:\n{done.stderr[-2000:]}")
-            results[impl] = json.loads((work / f"{impl}.json").read_text())
+            results[impl] = run_worker("gadget.bench.model_bench", impl, work, case.__dict__, case.threads)
             results[impl]["output"] = np.load(work / f"{impl}.npy")
     base = "reference" if "reference" in results else implementations[0]
     ref = results[base]["output"]

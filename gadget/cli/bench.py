@@ -41,6 +41,21 @@ def add_parser(sub) -> None:
                                                    "CPU only); on CUDA, times in ms and peak GPU memory")
     m.set_defaults(run=run_model)
 
+    t = which.add_parser("train", help="one training step: memory and time with activation checkpointing",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=example_epilog("varnet bench train", "varnet bench train --device cuda",
+                                               "varnet bench train --config small --shape 8 320 256"))
+    t.add_argument("--config", choices=("default", "small", "shipped"), default="default")
+    t.add_argument("--shape", nargs=3, type=int, metavar=("COILS", "READOUT", "PHASE"), default=(15, 640, 368))
+    t.add_argument("--acs", type=int, default=30)
+    t.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    t.add_argument("--variants", default=None,
+                   help="comma-separated subset of plain,checkpointing,checkpointing-bf16,checkpointing-fp16 "
+                        "(default: the first two on CPU, all four on CUDA)")
+    t.set_defaults(run=run_train)
+
     i = which.add_parser("ingest", help="socket → assembled slices (and parse only) vs ismrmrd.serialization",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=example_epilog("varnet bench ingest --n-acq 2000 --channels 32 --samples 512"))
@@ -62,15 +77,22 @@ def add_parser(sub) -> None:
     p2.set_defaults(run=run_pipeline)
 
 
+def _names(text: str, known, flag: str) -> tuple[str, ...]:
+    """A comma-separated list of names from ``known``; anything else is a UserError naming ``flag``."""
+    from . import UserError
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        raise UserError(f"{flag}: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(known)})")
+    return names
+
+
 def run_model(args) -> int:
     from ..bench.model_bench import IMPLEMENTATIONS, BenchCase, format_table, run
     from . import UserError
 
-    impls = tuple(i.strip() for i in args.implementations.split(",") if i.strip())
-    unknown = sorted(set(impls) - set(IMPLEMENTATIONS))
-    if unknown or not impls:
-        raise UserError(f"--implementations: unknown {', '.join(unknown) or '(none given)'} "
-                        f"(known: {', '.join(IMPLEMENTATIONS)})")
+    impls = _names(args.implementations, IMPLEMENTATIONS, "--implementations")
     if args.ours_only:
         impls = tuple(i for i in impls if i != "reference")
     needs = {"reference": ("fastmri", "pip install --no-deps fastmri==0.3.0 pandas requests tqdm runstats"),
@@ -104,6 +126,21 @@ def _check_device(device: str, impls) -> None:
         raise UserError(f"--device: {exc}") from None
     if "onnxruntime" in impls:
         raise UserError(f"--device {device}: leave onnxruntime out of --implementations (it runs on the CPU provider)")
+
+
+def run_train(args) -> int:
+    from ..bench.train_bench import VARIANTS, TrainBenchCase, format_table, run
+    from . import UserError
+
+    variants = _names(args.variants, VARIANTS, "--variants") if args.variants is not None else None
+    if args.steps < 1:
+        raise UserError("--steps must be >= 1")
+    _check_device(args.device, ())
+    coils, readout, phase = args.shape
+    case = TrainBenchCase(config=args.config, coils=coils, readout=readout, phase=phase, acs=args.acs,
+                          steps=args.steps, threads=args.threads, device=args.device)
+    print(format_table(case, run(case, variants)))
+    return 0
 
 
 def run_all(args) -> int:
