@@ -59,7 +59,9 @@ def test_train_bench_checkpointing_gives_the_plain_steps_gradients():
     case = TrainBenchCase(config="small", coils=4, readout=64, phase=32, acs=6, steps=1, threads=1)
     results = run_train(case, ("plain", "checkpointing"))
     assert results["base"] == "plain"
-    assert results["checkpointing"]["grad_rel_diff"] < 1e-6  # the same arithmetic, recomputed in backward
+    # the same arithmetic, recomputed in backward; only the per-coil split of the sensitivity U-Net sums its
+    # weight gradients in another order (fp32 rounding, measured 3.5e-6; exact in float64: tests/test_train.py)
+    assert results["checkpointing"]["grad_rel_diff"] < 1e-5
     assert float((results["plain"]["grads"] ** 2).sum()) > 0
     assert all(results[v]["peak_mb"] > 0 and results[v]["median_s"] > 0 for v in ("plain", "checkpointing"))
     table = format_table(case, results)

@@ -30,7 +30,7 @@ detection only when it is not given), and zero/constant inputs give finite outpu
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -132,13 +132,15 @@ class SensitivityModel(nn.Module):
         self.norm_unet = NormUnet(chans, num_pools, drop_prob)
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
-                num_low_frequencies: AcsCount = None) -> torch.Tensor:
+                num_low_frequencies: AcsCount = None, run_unet: Optional[Callable] = None) -> torch.Tensor:
+        """``run_unet``: applies ``self.norm_unet`` to the ``(b·c, 1, h, w)`` coil images in
+        another way (training runs it per coil with checkpointing); default: one call."""
         b, c, h, w = masked_kspace.shape
         if self.mask_center:
             num_low = resolve_num_low_frequencies(mask, num_low_frequencies, b)
             masked_kspace = masked_kspace * center_lines_mask(w, num_low)
         coil_images = ifft2c(masked_kspace).reshape(b * c, 1, h, w)
-        sens = self.norm_unet(coil_images).reshape(b, c, h, w)
+        sens = (run_unet or self.norm_unet)(coil_images).reshape(b, c, h, w)
         return normalize_sens(sens, _EPS)
 
 
