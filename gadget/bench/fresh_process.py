@@ -30,3 +30,35 @@ def rss_mb() -> float:
 def peak_rss_mb() -> float:
     """Highest resident set size this process has had, MB (``ru_maxrss`` is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MemoryProbe:
+    """Peak memory growth from construction on: the resident set on CPU, or on CUDA what
+    ``torch.cuda`` has allocated (live tensors, not the caching allocator's reserve). ``sync()``
+    waits for queued GPU work (a no-op on CPU), so timings around it are complete."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.baseline = rss_mb()
+
+    def peak_growth_mb(self) -> float:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else peak_rss_mb()
+        return peak - self.baseline
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda})"
+    return "cpu"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fresh_process import peak_rss_mb, rss_mb, run_worker
+from .fresh_process import MemoryProbe, device_name, run_worker
 
 CONFIGS = {
     "default": dict(num_cascades=12, chans=18, pools=4, sens_chans=8, sens_pools=4),
@@ -131,28 +131,20 @@ def worker(impl: str, case: BenchCase, workdir: Path) -> None:
     kspace = np.load(workdir / "kspace.npy")
     mask = np.load(workdir / "mask.npy")
     model, args = _build(impl, case, workdir, kspace, mask)
-    cuda = torch.device(case.device).type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated() / 2**20
-    else:
-        baseline = rss_mb()
+    memory = MemoryProbe(case.device)
     times, faults = [], []
     with torch.inference_mode():
         for i in range(case.repeats + 1):  # first run is warm-up
-            sync()
+            memory.sync()
             f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             out = model(*args)
-            sync()
+            memory.sync()
             if i:
                 times.append(time.perf_counter() - t0)
                 faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     np.save(workdir / f"{impl}.npy", out.float().cpu().numpy())
     (workdir / f"{impl}.json").write_text(json.dumps(
-        {"median_s": statistics.median(times), "times": times, "peak_mb": peak - baseline,
+        {"median_s": statistics.median(times), "times": times, "peak_mb": memory.peak_growth_mb(),
          "page_faults": statistics.median(faults)}))
 
 
@@ -195,14 +187,6 @@ ALLOCATOR = {True: "freed memory kept in the process (gadget/recon/allocator.py)
              False: "glibc's default mmap/trim thresholds (--glibc-defaults)"}
 
 
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda})"
-    return "cpu"
-
-
 def format_table(case: BenchCase, results: dict) -> str:
     import platform
 
@@ -213,7 +197,7 @@ def format_table(case: BenchCase, results: dict) -> str:
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"threads={case.threads}, torch {torch.__version__}, median of {case.repeats} runs "
             f"(after 1 warm-up), {time.strftime('%Y-%m-%d')}\n"
-            f"device: {_device_name(case.device)}\n"
+            f"device: {device_name(case.device)}\n"
             f"allocator: {ALLOCATOR[case.keep_freed_memory]}, every implementation\n")
     base = results["base"]
     cuda = case.device.startswith("cuda")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fresh_process import peak_rss_mb, rss_mb, run_worker
+from .fresh_process import MemoryProbe, device_name, run_worker
 from .model_bench import CONFIGS, BenchCase, make_input
 
 VARIANTS = {  # name → (activation checkpointing, U-Net precision)
@@ -69,17 +69,10 @@ def worker(name: str, case: TrainBenchCase, workdir: Path) -> None:
     target = torch.from_numpy(np.load(workdir / "target.npy")).to(device)
     max_value = target.amax().reshape(1)
 
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated() / 2**20
-    else:
-        baseline = rss_mb()
+    memory = MemoryProbe(case.device)
     times, grads = [], None
     for i in range(case.steps + 1):  # first step is warm-up (and the one whose gradients are compared)
-        sync()
+        memory.sync()
         t0 = time.perf_counter()
         loss = ssim_loss(net(kspace, mask, case.acs), target, max_value)
         optimizer.zero_grad(set_to_none=True)
@@ -87,13 +80,12 @@ def worker(name: str, case: TrainBenchCase, workdir: Path) -> None:
         if grads is None:
             grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).float().cpu().numpy()
         optimizer.step()
-        sync()
+        memory.sync()
         if i:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     np.save(workdir / f"{name}.npy", grads)
     (workdir / f"{name}.json").write_text(json.dumps(
-        {"median_s": statistics.median(times), "times": times, "peak_mb": peak - baseline}))
+        {"median_s": statistics.median(times), "times": times, "peak_mb": memory.peak_growth_mb()}))
 
 
 def run(case: TrainBenchCase, variants=None) -> dict:
@@ -130,13 +122,11 @@ def run(case: TrainBenchCase, variants=None) -> dict:
 
 
 def format_table(case: TrainBenchCase, results: dict) -> str:
-    from .model_bench import _device_name
-
     base = results["base"]
     memory = "peak GPU memory MB (allocated)" if case.device.startswith("cuda") else "peak memory MB (RSS growth)"
     head = (f"training-step benchmark: config={case.config}, k-space 1x{case.coils}x{case.readout}x{case.phase}, "
             f"SSIM loss + Adam, median of {case.steps} steps (after 1 warm-up), threads={case.threads}, "
-            f"{time.strftime('%Y-%m-%d')}\ndevice: {_device_name(case.device)}\n")
+            f"{time.strftime('%Y-%m-%d')}\ndevice: {device_name(case.device)}\n")
     rows = [f"| variant | median s / step | {memory} | memory / {base} | time / {base} "
             f"| gradient rel. L2 diff to {base} |", "|---|---|---|---|---|---|"]
     for name in VARIANTS:
