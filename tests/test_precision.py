@@ -84,11 +84,14 @@ def test_precision_errors_name_the_choices():
         StaticVarNet(VarNet(**SMALL).set_precision("bf16"), 48, 8)
 
 
-def test_engine_sets_precision_or_keeps_the_models(small_volume):
+def test_engine_sets_precision_or_keeps_the_models(small_volume, caplog):
     k, mask = _input(small_volume)
     model = VarNet(**SMALL)
+    Reconstructor(model, "cpu", "fp32")
+    assert "far slower than fp32" not in caplog.text
     engine = Reconstructor(model, "cpu", "bf16")
     assert model.precision == "bf16"
+    assert "U-Nets in bf16 on the CPU" in caplog.text and "far slower than fp32" in caplog.text
     Reconstructor(model, "cpu")                       # None: left as it is (a training model passed in)
     assert model.precision == "bf16"
     out = engine(k.numpy(), mask.numpy(), 8)
