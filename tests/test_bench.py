@@ -53,10 +53,10 @@ def test_reduced_precision_rows_count_for_the_gpu_target_only():
 
 
 def test_train_bench_checkpointing_gives_the_plain_steps_gradients():
-    from gadget.bench.train_bench import TrainBenchCase, format_table
+    from gadget.bench.train_bench import format_table
     from gadget.bench.train_bench import run as run_train
 
-    case = TrainBenchCase(config="small", coils=4, readout=64, phase=32, acs=6, steps=1, threads=1)
+    case = BenchCase(config="small", coils=4, readout=64, phase=32, acs=6, repeats=1, threads=1)
     results = run_train(case, ("plain", "checkpointing"))
     assert results["base"] == "plain"
     # the same arithmetic, recomputed in backward; only the per-coil split of the sensitivity U-Net sums its

@@ -62,3 +62,8 @@ def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda})"
     return "cpu"
+
+
+def memory_column(device: str) -> str:
+    """The table heading for :meth:`MemoryProbe.peak_growth_mb` on ``device``."""
+    return "peak GPU memory MB (allocated)" if device.startswith("cuda") else "peak memory MB (RSS growth)"

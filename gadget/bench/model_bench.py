@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fresh_process import MemoryProbe, device_name, run_worker
+from .fresh_process import MemoryProbe, device_name, memory_column, run_worker
 
 CONFIGS = {
     "default": dict(num_cascades=12, chans=18, pools=4, sens_chans=8, sens_pools=4),
@@ -202,8 +202,7 @@ def format_table(case: BenchCase, results: dict) -> str:
     base = results["base"]
     cuda = case.device.startswith("cuda")
     unit, scale = ("ms", 1000.0) if cuda else ("s", 1.0)  # a GPU forward takes milliseconds
-    memory = "peak GPU memory MB (allocated)" if cuda else "peak memory MB"
-    rows = [f"| implementation | median {unit} | runs ({unit}) | {memory} | page faults / run | time / {base} "
+    rows = [f"| implementation | median {unit} | runs ({unit}) | {memory_column(case.device)} | page faults / run | time / {base} "
             f"| max rel. diff to {base} |", "|---|---|---|---|---|---|---|"]
     for impl in IMPLEMENTATIONS:
         if impl in results:

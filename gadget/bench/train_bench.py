@@ -1,7 +1,8 @@
 """Training-step benchmark: peak memory and time of one optimizer step (forward, SSIM loss,
 backward, Adam) with and without activation checkpointing, and with the U-Nets in reduced
 precision, each variant in a fresh process, same weights and batch; the gradients are compared
-with the plain step's.
+with the plain step's. The case is the model benchmark's :class:`BenchCase` (``repeats``: timed
+steps after one warm-up step).
 
 Memory: on CPU the growth of the resident set from just before the first step to its peak; on
 CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before the first step
@@ -13,12 +14,11 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .fresh_process import MemoryProbe, device_name, run_worker
+from .fresh_process import MemoryProbe, device_name, memory_column, run_worker
 from .model_bench import CONFIGS, BenchCase, make_input
 
 VARIANTS = {  # name → (activation checkpointing, U-Net precision)
@@ -29,25 +29,12 @@ VARIANTS = {  # name → (activation checkpointing, U-Net precision)
 }
 
 
-@dataclass
-class TrainBenchCase:
-    config: str = "default"
-    coils: int = 15
-    readout: int = 640
-    phase: int = 368
-    acs: int = 30
-    steps: int = 2        # timed steps, after 1 warm-up step
-    threads: int = 2
-    device: str = "cpu"
-    seed: int = 0
-
-
 def default_variants(device: str) -> tuple[str, ...]:
     """Reduced precision only on CUDA: on CPUs without bf16/fp16 units it is slower, not smaller."""
     return tuple(VARIANTS) if device.startswith("cuda") else ("plain", "checkpointing")
 
 
-def worker(name: str, case: TrainBenchCase, workdir: Path) -> None:
+def worker(name: str, case: BenchCase, workdir: Path) -> None:
     import torch
 
     from gadget.model.varnet import VarNet
@@ -56,7 +43,8 @@ def worker(name: str, case: TrainBenchCase, workdir: Path) -> None:
     from gadget.train.trainer import TrainingVarNet
 
     torch.set_num_threads(case.threads)
-    keep_freed_memory()
+    if case.keep_freed_memory:
+        keep_freed_memory()
     device = torch.device(case.device)
     checkpointing, precision = VARIANTS[name]
     model = VarNet(**CONFIGS[case.config])
@@ -71,7 +59,7 @@ def worker(name: str, case: TrainBenchCase, workdir: Path) -> None:
 
     memory = MemoryProbe(case.device)
     times, grads = [], None
-    for i in range(case.steps + 1):  # first step is warm-up (and the one whose gradients are compared)
+    for i in range(case.repeats + 1):  # first step is warm-up (and the one whose gradients are compared)
         memory.sync()
         t0 = time.perf_counter()
         loss = ssim_loss(net(kspace, mask, case.acs), target, max_value)
@@ -88,7 +76,7 @@ def worker(name: str, case: TrainBenchCase, workdir: Path) -> None:
         {"median_s": statistics.median(times), "times": times, "peak_mb": memory.peak_growth_mb()}))
 
 
-def run(case: TrainBenchCase, variants=None) -> dict:
+def run(case: BenchCase, variants=None) -> dict:
     """Each variant in a fresh process; gradients of the first step compared with ``plain``'s."""
     import torch
 
@@ -100,8 +88,7 @@ def run(case: TrainBenchCase, variants=None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="varnet-train-bench-") as tmp:
         work = Path(tmp)
-        kspace, mask = make_input(BenchCase(coils=case.coils, readout=case.readout, phase=case.phase,
-                                            acs=case.acs, seed=case.seed))
+        kspace, mask = make_input(case)
         np.save(work / "kspace.npy", kspace)
         np.save(work / "mask.npy", mask)
         # the target is the zero-filled RSS image: the step's cost does not depend on what it learns
@@ -121,13 +108,12 @@ def run(case: TrainBenchCase, variants=None) -> dict:
     return results
 
 
-def format_table(case: TrainBenchCase, results: dict) -> str:
+def format_table(case: BenchCase, results: dict) -> str:
     base = results["base"]
-    memory = "peak GPU memory MB (allocated)" if case.device.startswith("cuda") else "peak memory MB (RSS growth)"
     head = (f"training-step benchmark: config={case.config}, k-space 1x{case.coils}x{case.readout}x{case.phase}, "
-            f"SSIM loss + Adam, median of {case.steps} steps (after 1 warm-up), threads={case.threads}, "
+            f"SSIM loss + Adam, median of {case.repeats} steps (after 1 warm-up), threads={case.threads}, "
             f"{time.strftime('%Y-%m-%d')}\ndevice: {device_name(case.device)}\n")
-    rows = [f"| variant | median s / step | {memory} | memory / {base} | time / {base} "
+    rows = [f"| variant | median s / step | {memory_column(case.device)} | memory / {base} | time / {base} "
             f"| gradient rel. L2 diff to {base} |", "|---|---|---|---|---|---|"]
     for name in VARIANTS:
         if name in results:
@@ -142,6 +128,6 @@ if __name__ == "__main__":
 
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         name, workdir, case_json = sys.argv[2:]
-        worker(name, TrainBenchCase(**json.loads(case_json)), Path(workdir))
+        worker(name, BenchCase(**json.loads(case_json)), Path(workdir))
     else:
         raise SystemExit("use: varnet bench train")

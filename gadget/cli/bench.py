@@ -129,7 +129,8 @@ def _check_device(device: str, impls) -> None:
 
 
 def run_train(args) -> int:
-    from ..bench.train_bench import VARIANTS, TrainBenchCase, format_table, run
+    from ..bench.model_bench import BenchCase
+    from ..bench.train_bench import VARIANTS, format_table, run
     from . import UserError
 
     variants = _names(args.variants, VARIANTS, "--variants") if args.variants is not None else None
@@ -137,8 +138,8 @@ def run_train(args) -> int:
         raise UserError("--steps must be >= 1")
     _check_device(args.device, ())
     coils, readout, phase = args.shape
-    case = TrainBenchCase(config=args.config, coils=coils, readout=readout, phase=phase, acs=args.acs,
-                          steps=args.steps, threads=args.threads, device=args.device)
+    case = BenchCase(config=args.config, coils=coils, readout=readout, phase=phase, acs=args.acs,
+                     repeats=args.steps, threads=args.threads, device=args.device)
     print(format_table(case, run(case, variants)))
     return 0
 
