@@ -86,7 +86,6 @@ class TrainingVarNet(nn.Module):
             kspace = checkpoint(cascade, kspace, masked_kspace, mask, sens, use_reentrant=False)
         return self.varnet.final_image(kspace, sens)
 
-
     def _sens_unet_per_coil(self, coil_images: torch.Tensor) -> torch.Tensor:
         """The sensitivity U-Net on ``(b·coil, 1, h, w)`` images, one image per checkpoint: its
         activations for all coils at once (15 × 8 channels at full resolution: ≈ 3 GB at 640×368)
