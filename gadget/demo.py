@@ -96,6 +96,7 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
     zf_run = replay_file(raw, ReconConfig(mode="zero-filled", image_series_index=2, **base), None)
     vn_run = replay_file(raw, ReconConfig(mode="varnet", **base), Reconstructor(loaded.model, "auto"),
                          model_id=model_id)
+    (out / "images.h5").unlink(missing_ok=True)  # the demo's own output: a rerun replaces it
     write_images_h5(out / "images.h5", zf_run.images + vn_run.images, "demo")
     zf = np.stack([image_magnitude(im) for im in zf_run.images])
     recon = np.stack([image_magnitude(im) for im in vn_run.images])

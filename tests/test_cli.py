@@ -49,6 +49,11 @@ def test_bench_reports_missing_reference(monkeypatch, capsys):
 
 def test_demo_runs_and_writes_outputs(tmp_path, capsys):
     out = tmp_path / "demo"
+    out.mkdir()
+    import h5py
+
+    with h5py.File(out / "images.h5", "w") as f:  # an earlier run's file: `make demo` twice replaces it
+        f.create_group("demo/image_9")
     assert main(["demo", "--out", str(out)]) == 0  # the shipped weights
     text = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:5]]
