@@ -26,8 +26,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from .recon.config import ConfigError, ReconConfig, from_gadgetron_config, from_json_parameters, load_config, \
-    parse_yaml, client_merge
+from .recon.config import ConfigError, ReconConfig, from_gadgetron_config, from_json_parameters, \
+    gadgetron_properties, load_config, parse_yaml, client_merge
 from .recon.engine import Reconstructor
 from .recon.overlap import overlapped
 from .recon.pipeline import ScanReconstructor
@@ -137,10 +137,11 @@ class ReconService:
     def _config_text(self, text: str, config: ReconConfig, dialect: str) -> ReconConfig:
         stripped = text.strip()
         if stripped.startswith("<"):
+            if dialect == "gadgetron":  # the chain file is the operator's: it may name the model (and is
+                # checked against what this server runs, also where it names a default, e.g. precision fp32)
+                return config.merged(gadgetron_properties(stripped), "Gadgetron configuration")
             values = from_gadgetron_config(stripped, ReconConfig(), "configuration XML")
             changed = {k: v for k, v in values.to_dict().items() if v != getattr(ReconConfig(), k)}
-            if dialect == "gadgetron":  # the chain file is the operator's: it may name the model
-                return config.merged(changed, "Gadgetron configuration")
             return client_merge(config, changed, "configuration XML")
         if dialect == "gadgetron":
             raise ConfigError("Gadgetron configuration is not XML")

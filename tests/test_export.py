@@ -93,3 +93,9 @@ def test_cli_export_verifies_the_file(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--format", "torchscript", "--coils", "4",
                  "--readout", "64", "--phase", "32", "--acs", "40", "--out", str(out)]) == 2
     assert "--acs" in capsys.readouterr().err
+
+
+def test_static_graph_constants_live_where_the_weights_do():
+    """A graph traced on a GPU must not keep CPU constants (``meta`` stands in for CUDA here)."""
+    model = VarNet(**TINY).to("meta")
+    assert StaticVarNet(model, 48, 8).acs_mask.device == torch.device("meta")

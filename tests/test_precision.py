@@ -68,13 +68,13 @@ def test_unets_run_reduced_while_ffts_stay_fp32(small_volume, monkeypatch, preci
 
 
 def test_fp32_is_the_default_and_unchanged(small_volume, monkeypatch):
-    plain, again = _pair("fp32")
+    untouched, again = _pair("fp32")              # a fresh model, and one set to fp32 explicitly
     k, mask = _input(small_volume)
     with torch.no_grad():
-        spy = _DtypeSpy(again, monkeypatch)
-        out = again(k, mask, 8)
-        assert torch.equal(out, plain(k, mask, 8))
-    assert plain.precision == "fp32" and spy.conv == {torch.float32}
+        spy = _DtypeSpy(untouched, monkeypatch)
+        out = untouched(k, mask, 8)
+        assert torch.equal(out, again(k, mask, 8))
+    assert untouched.precision == "fp32" and spy.conv == {torch.float32} and spy.fft == {torch.complex64}
 
 
 def test_precision_errors_name_the_choices():
@@ -120,11 +120,20 @@ def test_reduced_precision_on_cuda_matches_fp32(small_volume, monkeypatch, preci
     assert 1e-6 < _rel(out, expected) < TOLERANCE[precision]
 
 
-def test_server_refuses_a_preset_asking_for_another_precision():
+def test_server_refuses_a_gadgetron_chain_asking_for_another_precision():
+    """The shipped external chain names precision fp32 (the default): a bf16 server must see that."""
+    from pathlib import Path
+
     from gadget.server import ReconService, SessionError
 
-    engine = Reconstructor(VarNet(**SMALL), "cpu", "fp32")
-    service = ReconService(ReconConfig(precision="fp32"), engine, "test-model")
-    assert service._engine_for(ReconConfig(precision="fp32")) is engine
-    with pytest.raises(SessionError, match="precision 'bf16' requested, but this server's model runs in 'fp32'"):
-        service._engine_for(ReconConfig(precision="bf16"))
+    chain = (Path(__file__).resolve().parents[1] / "pipelines" / "varnet-external.xml").read_text()
+    assert '<property name="precision" value="fp32"/>' in chain
+    engine = Reconstructor(VarNet(**SMALL), "cpu", "bf16")
+    base = ReconConfig(checkpoint="/opt/varnet/model.pt", precision="bf16")  # the chain's model path
+    service = ReconService(base, engine, "test-model")
+    asked = service._config_text(chain, base, "gadgetron")
+    assert asked.precision == "fp32"
+    with pytest.raises(SessionError, match="precision 'fp32' requested, but this server's model runs in 'bf16'"):
+        service._engine_for(asked)
+    bf16_chain = chain.replace('value="fp32"', 'value="bf16"')
+    assert service._engine_for(service._config_text(bf16_chain, base, "gadgetron")) is engine

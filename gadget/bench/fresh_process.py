@@ -40,19 +40,25 @@ class MemoryProbe:
     def __init__(self, device: str):
         import torch
 
-        self.cuda = torch.device(device).type == "cuda"
-        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.sync()
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
         else:
             self.baseline = rss_mb()
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
 
     def peak_growth_mb(self) -> float:
         import torch
 
-        peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else peak_rss_mb()
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else peak_rss_mb()
         return peak - self.baseline
 
 

@@ -18,8 +18,9 @@ INGEST_SIZES = ((2000, 32, 512), (8000, 16, 256))  # (acquisitions, coils, sampl
 
 def targets_table(model: dict, ingests: list[dict], pipeline: dict, device: str = "cpu") -> str:
     """Rows ``target | required | measured | met`` from the benchmarks' results (one ingest result per
-    acquisition size). On CUDA the reduced-precision U-Nets compete for the time target; the 1e-4
-    bound applies to the fp32 paths."""
+    acquisition size). On CUDA the reduced-precision U-Nets compete for the time target (the issue's
+    GPU path: autocast around the U-Nets), and the time row shows the winner's own difference; the
+    1e-4 bound is judged on the fp32 paths."""
     rows = ["| target | required | measured | met |", "|---|---|---|---|"]
 
     def row(name, required, measured, ok):
@@ -32,12 +33,12 @@ def targets_table(model: dict, ingests: list[dict], pipeline: dict, device: str 
     if ref and ours:
         fastest = min(ours, key=lambda k: ours[k]["vs"])
         best = ours[fastest]
-        row(f"{'GPU' if cuda else 'CPU'} wall time vs reference", "≤ 0.5×", f"{best['vs']:.3f}× ({fastest})",
-            best["vs"] <= 0.5)
+        row(f"{'GPU' if cuda else 'CPU'} wall time vs reference", "≤ 0.5×",
+            f"{best['vs']:.3f}× ({fastest}, max rel. diff {best['max_rel_diff']:.1e})", best["vs"] <= 0.5)
         if exact:
-            closest = min(exact, key=lambda k: exact[k]["vs"])
-            row("max relative difference", f"< {MAX_REL_DIFF:g}", f"{exact[closest]['max_rel_diff']:.1e} ({closest})",
-                exact[closest]["max_rel_diff"] < MAX_REL_DIFF)
+            fast_exact = min(exact, key=lambda k: exact[k]["vs"])
+            row("max relative difference" + (" (fp32 paths)" if cuda else ""), f"< {MAX_REL_DIFF:g}",
+                f"{exact[fast_exact]['max_rel_diff']:.1e} ({fast_exact})", exact[fast_exact]["max_rel_diff"] < MAX_REL_DIFF)
         row("peak memory vs reference", "≤ reference",
             f"{best['peak_mb']:.0f} vs {ref['peak_mb']:.0f} MB ({fastest})", best["peak_mb"] <= ref["peak_mb"])
     if "onnxruntime" in model:

@@ -52,6 +52,8 @@ def worker(name: str, case: BenchCase, workdir: Path) -> None:
     model.set_precision(precision).to(device).train()
     net = TrainingVarNet(model, activation_checkpointing=checkpointing)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    # as Trainer.train_step: fp16 gradients need loss scaling (SSIM's are far below fp16's smallest normal)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     kspace = torch.from_numpy(np.load(workdir / "kspace.npy")).to(device)
     mask = torch.from_numpy(np.load(workdir / "mask.npy")).to(device)
     target = torch.from_numpy(np.load(workdir / "target.npy")).to(device)
@@ -64,10 +66,18 @@ def worker(name: str, case: BenchCase, workdir: Path) -> None:
         t0 = time.perf_counter()
         loss = ssim_loss(net(kspace, mask, case.acs), target, max_value)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # true gradients, for the comparison and the step
         if grads is None:
             grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).float().cpu().numpy()
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         memory.sync()
         if i:
             times.append(time.perf_counter() - t0)

@@ -105,27 +105,27 @@ def run_model(args) -> int:
             except ImportError:
                 raise UserError(f"the {impl} implementation needs the '{module}' package: {hint} "
                                 f"(or leave it out of --implementations)") from None
-    _check_device(args.device, impls)
+    device = _check_device(args.device, impls)
     coils, readout, phase = args.shape
     case = BenchCase(config=args.config, coils=coils, readout=readout, phase=phase,
                      acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads,
-                     keep_freed_memory=not args.glibc_defaults, device=args.device)
+                     keep_freed_memory=not args.glibc_defaults, device=device)
     print(format_table(case, run(case, impls)))
     return 0
 
 
-def _check_device(device: str, impls) -> None:
+def _check_device(device: str, impls) -> str:
+    """``--device`` resolved (``auto`` → cuda or cpu) and checked against the implementations asked for."""
     from ..recon.engine import resolve_device
     from . import UserError
 
-    if device == "cpu":
-        return
     try:
-        resolve_device(device)
+        resolved = str(resolve_device(device))
     except (RuntimeError, ValueError) as exc:
         raise UserError(f"--device: {exc}") from None
-    if "onnxruntime" in impls:
+    if resolved != "cpu" and "onnxruntime" in impls:
         raise UserError(f"--device {device}: leave onnxruntime out of --implementations (it runs on the CPU provider)")
+    return resolved
 
 
 def run_train(args) -> int:
@@ -136,20 +136,20 @@ def run_train(args) -> int:
     variants = _names(args.variants, VARIANTS, "--variants") if args.variants is not None else None
     if args.steps < 1:
         raise UserError("--steps must be >= 1")
-    _check_device(args.device, ())
+    device = _check_device(args.device, ())
     coils, readout, phase = args.shape
     case = BenchCase(config=args.config, coils=coils, readout=readout, phase=phase, acs=args.acs,
-                     repeats=args.steps, threads=args.threads, device=args.device)
+                     repeats=args.steps, threads=args.threads, device=device)
     print(format_table(case, run(case, variants)))
     return 0
 
 
 def run_all(args) -> int:
-    from ..bench.model_bench import BenchCase, default_implementations
+    from ..bench.model_bench import BenchCase
     from ..bench.summary import run_all as run_everything
 
-    _check_device(args.device, default_implementations(args.device))
-    print(run_everything(BenchCase(repeats=args.repeats, threads=args.threads, device=args.device)))
+    device = _check_device(args.device, ())
+    print(run_everything(BenchCase(repeats=args.repeats, threads=args.threads, device=device)))
     return 0
 
 

@@ -126,7 +126,8 @@ class StaticVarNet(nn.Module):
                              "call model.set_precision('fp32') first")
         self.model = model
         self.num_low_frequencies = int(num_low_frequencies)
-        acs = center_lines_mask(width, torch.tensor([num_low_frequencies]))
+        device = next(model.parameters()).device  # a graph traced on a GPU needs its constants there
+        acs = center_lines_mask(width, torch.tensor([num_low_frequencies], device=device))
         self.register_buffer("acs_mask", acs.to(torch.float32).unsqueeze(-1), persistent=False)  # (1,1,1,w,1)
 
     def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -169,13 +169,14 @@ def client_merge(base: ReconConfig, values: Mapping[str, Any], source: str) -> R
     return base.merged(values, source)
 
 
-def from_gadgetron_config(xml_text: str, base: ReconConfig, source: str = "Gadgetron configuration") -> ReconConfig:
-    """``<property name="batch_size" value="2"/>`` elements anywhere in the ``<configuration>``."""
+def gadgetron_properties(xml_text: str, source: str = "Gadgetron configuration") -> dict[str, str]:
+    """The ``<property name="batch_size" value="2"/>`` elements anywhere in the ``<configuration>``,
+    as named there (values unchecked; :meth:`ReconConfig.merged` checks them)."""
     import xml.etree.ElementTree as ET
 
     text = xml_text.rstrip("\x00 \n")
     if not text:
-        return base
+        return {}
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:
@@ -184,4 +185,9 @@ def from_gadgetron_config(xml_text: str, base: ReconConfig, source: str = "Gadge
     for el in root.iter():
         if el.tag.split("}")[-1] == "property" and "name" in el.attrib:
             props[el.attrib["name"]] = el.attrib.get("value", el.text or "")
-    return base.merged(props, source)
+    return props
+
+
+def from_gadgetron_config(xml_text: str, base: ReconConfig, source: str = "Gadgetron configuration") -> ReconConfig:
+    """``base`` with the chain's ``<property>`` elements applied (:func:`gadgetron_properties`)."""
+    return base.merged(gadgetron_properties(xml_text, source), source)

@@ -33,7 +33,8 @@ class Reconstructor:
     """Runs E2E-VarNet on batches; thread-safe (one forward at a time per engine).
 
     ``precision``: the U-Nets' arithmetic (``fp32``, ``bf16``, ``fp16``; see
-    :meth:`VarNet.set_precision`); ``None`` keeps the model's current setting."""
+    :meth:`VarNet.set_precision`), set on ``model`` itself (engines sharing one model share it);
+    ``None`` keeps the model's current setting."""
 
     def __init__(self, model: VarNet, device: str | torch.device = "auto", precision: Optional[str] = None):
         self.device = resolve_device(device) if isinstance(device, str) else device
