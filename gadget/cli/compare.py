@@ -8,7 +8,7 @@ from pathlib import Path
 def add_parser(sub) -> None:
     from ..baselines.bart import BartConfig
     from ..baselines.sense import SenseConfig
-    from . import example_epilog
+    from . import add_precision_argument, example_epilog
 
     sense, bart = SenseConfig(), BartConfig()
 
@@ -57,6 +57,7 @@ def add_parser(sub) -> None:
                    help=f"pics -i (default {bart.iterations})")
     g.add_argument("--device", default="auto", help="E2E-VarNet device: auto, cpu, cuda, cuda:N")
     g.add_argument("--batch-size", type=int, default=1, help="E2E-VarNet slices per forward pass")
+    add_precision_argument(g, default="fp32")
     p.set_defaults(run=run)
 
 
@@ -85,7 +86,7 @@ def run(args) -> int:
             undersample=undersample, target_key=args.target_key,
             sense_config=SenseConfig(iterations=args.sense_iterations, lam=args.sense_lambda),
             bart_config=BartConfig(lam=args.bart_lambda, iterations=args.bart_iterations),
-            device=args.device, batch_size=args.batch_size)
+            device=args.device, batch_size=args.batch_size, precision=args.precision)
     except (EvaluationError, ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     print((args.out / "results.md").read_text())

@@ -197,7 +197,7 @@ class MethodResult:
                 "status": self.status, "note": self.note, "per_volume": list(self.per_volume)}
 
 
-def _load_engine(checkpoint, device: str):
+def _load_engine(checkpoint, device: str, precision: Optional[str] = None):
     """A :class:`Reconstructor` from a checkpoint path or a VarNet module (its mode is restored
     by the caller). Returns ``(engine, description, module_or_None, was_training)``."""
     from ..recon.engine import Reconstructor
@@ -206,11 +206,16 @@ def _load_engine(checkpoint, device: str):
         was_training = checkpoint.training
         if device == "auto":  # stay where the caller keeps the model (e.g. its training GPU)
             device = next(checkpoint.parameters()).device
-        return Reconstructor(checkpoint, device), "model passed in", checkpoint, was_training
-    from ..model.checkpoint import load_checkpoint
+        engine, desc, module = Reconstructor(checkpoint, device, precision), "model passed in", checkpoint
+    else:
+        from ..model.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(checkpoint)
-    return Reconstructor(loaded.model, device), f"{Path(loaded.path).name} (sha256 {loaded.sha256[:12]})", None, False
+        loaded = load_checkpoint(checkpoint)
+        engine, module, was_training = Reconstructor(loaded.model, device, precision), None, False
+        desc = f"{Path(loaded.path).name} (sha256 {loaded.sha256[:12]})"
+    if engine.model.precision != "fp32":
+        desc += f", U-Nets in {engine.model.precision}"
+    return engine, desc, module, was_training
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -237,6 +242,7 @@ def compare_methods(files: Sequence[str | Path], methods: str | Sequence[str] = 
                     undersample: Optional[Undersample] = None, target_key: str = "auto",
                     espirit: EspiritConfig = EspiritConfig(), sense_config: SenseConfig = SenseConfig(),
                     bart_config: BartConfig = BartConfig(), device: str = "auto", batch_size: int = 1,
+                    precision: Optional[str] = None,
                     progress: Optional[Callable[[str, str], None]] = None) -> list[dict]:
     """Run ``methods`` on every file and score them.
 
@@ -250,6 +256,7 @@ def compare_methods(files: Sequence[str | Path], methods: str | Sequence[str] = 
         undersample: mask for fully sampled files (test-layout files use their own mask).
         target_key: ``auto`` (noise-free target when present, else ``reconstruction_rss``) or a key.
         device, batch_size: for E2E-VarNet (``auto`` with a module: the module's own device).
+        precision: the U-Nets' arithmetic for E2E-VarNet (``None``: the model's, fp32 when loaded).
         progress: called as ``progress(method, file_name)`` before each reconstruction.
 
     Returns:
@@ -274,7 +281,7 @@ def compare_methods(files: Sequence[str | Path], methods: str | Sequence[str] = 
         if checkpoint is None:
             results["varnet"].status, results["varnet"].note = "skipped", "no checkpoint given (--checkpoint)"
         else:
-            engine, desc, module, was_training = _load_engine(checkpoint, device)
+            engine, desc, module, was_training = _load_engine(checkpoint, device, precision)
             restore = (module, was_training)
             runners["varnet"] = lambda c: varnet(c, engine, batch_size)
             results["varnet"].note = desc
