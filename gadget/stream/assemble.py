@@ -244,11 +244,15 @@ class SliceAssembler:
             buf = self.buffers.pop(key, None)
             if buf is None or buf.lines == 0:
                 continue
-            empty = buf.counts == 0
-            if buf.dirty and empty.any():
-                buf.kspace[empty] = 0  # an old slice's samples (recycled memory)
-            for col in buf.landed:  # rows handed to a reader for lines that add() then refused
-                buf.kspace[col] = 0
+            # Rows no line was counted in: in recycled memory all of them hold an old slice's samples; in
+            # fresh (zero) memory only those handed to a reader for a line add() then refused need zeros.
+            if buf.dirty:
+                stale = buf.counts == 0  # includes the landed rows: a counted line leaves buf.landed
+                if stale.any():
+                    buf.kspace[stale] = 0
+            else:
+                for col in buf.landed:
+                    buf.kspace[col] = 0
             repeated = buf.counts > 1
             if repeated.any():
                 buf.kspace[repeated] /= buf.counts[repeated, None, None]
