@@ -99,6 +99,10 @@ def test_engine_sets_precision_or_keeps_the_models(small_volume, caplog):
 
 
 def test_precision_is_an_operator_setting():
+    from gadget.model.varnet import PRECISIONS
+    from gadget.recon.config import CHOICES
+
+    assert CHOICES["precision"] == tuple(PRECISIONS)  # the config (and CLI) list, kept torch-free, is the model's
     cfg = ReconConfig().merged({"precision": "bf16"}, "command line")
     assert cfg.precision == "bf16"
     with pytest.raises(ConfigError, match="'precision' = 'half' must be one of fp32, bf16, fp16"):

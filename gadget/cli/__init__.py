@@ -52,11 +52,10 @@ def example_epilog(*lines: str) -> str:
     return "example:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-PRECISION_CHOICES = ("fp32", "bf16", "fp16")  # gadget.model.varnet.PRECISIONS (not imported: keeps torch out of --help)
-
-
 def add_precision_argument(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default=default,
+    from ..recon.config import CHOICES  # not gadget.model.varnet.PRECISIONS: keeps torch out of --help
+
+    p.add_argument("--precision", choices=CHOICES["precision"], default=default,
                    help="arithmetic of the U-Nets (torch.autocast); FFTs and coil operators stay fp32. "
                         "bf16/fp16 pay on GPUs; on CPUs without bf16/fp16 units they are slower"
                         + ("" if default else " (default: the config's, fp32)"))
