@@ -35,6 +35,7 @@ import ismrmrd
 import numpy as np
 from ismrmrd.serialization import ProtocolDeserializer
 
+from gadget.bench.table import markdown_table
 from gadget.data.mrd_file import flag_mask
 from gadget.data.mrd_header import build_header_xml
 from gadget.recon.config import ReconConfig
@@ -43,7 +44,6 @@ from gadget.recon.pipeline import ScanReconstructor
 from gadget.server import _messages
 from gadget.stream.codec import MessageId, MessageReader, MessageWriter
 from gadget.stream.types import FLAG_LAST_IN_SLICE, AcqLine, make_head
-
 READERS = ("ours → slices", "ismrmrd → slices", "ours", "ismrmrd", "raw recv")
 LINES_PER_SLICE = 256
 
@@ -239,16 +239,14 @@ def format_table(result: dict) -> str:
             f"sender in a separate process\n"
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, median of {result['repeats']} runs, {time.strftime('%Y-%m-%d')}\n")
-    rows = ["| reader | median MB/s | acquisitions/s | MB per receiver CPU s | runs (s) | vs ismrmrd |",
-            "|---|---|---|---|---|---|"]
     ref = result["mb_s"].get("ismrmrd")
+    rows = []
     for reader, mbs in result["mb_s"].items():
         per_s = result["n_acq"] / statistics.median(result["seconds"][reader])
-        ratio = f"{mbs / ref:.2f}x" if ref else "-"
-        runs = ", ".join(f"{t:.3f}" for t in result["seconds"][reader])
-        rows.append(f"| {reader} | {mbs:,.0f} | {per_s:,.0f} | {result['mb_per_cpu_s'][reader]:,.0f} | {runs} "
-                    f"| {ratio} |")
-    return head + "\n".join(rows)
+        rows.append([reader, f"{mbs:,.0f}", f"{per_s:,.0f}", f"{result['mb_per_cpu_s'][reader]:,.0f}",
+                     ", ".join(f"{t:.3f}" for t in result["seconds"][reader]), f"{mbs / ref:.2f}x" if ref else "-"])
+    return head + markdown_table(["reader", "median MB/s", "acquisitions/s", "MB per receiver CPU s", "runs (s)",
+                                  "vs ismrmrd"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

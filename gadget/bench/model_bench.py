@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .fresh_process import MemoryProbe, device_name, memory_column, run_worker
+from .table import markdown_table
 
 CONFIGS = {
     "default": dict(num_cascades=12, chans=18, pools=4, sens_chans=8, sens_pools=4),
@@ -147,21 +148,30 @@ def worker(impl: str, case: BenchCase, workdir: Path) -> None:
          "page_faults": statistics.median(faults)}))
 
 
-def run(case: BenchCase, implementations=("reference", "ours")) -> dict:
-    """Run each implementation in a fresh process; outputs compared with the reference's (else ours)."""
+def write_case(case: BenchCase, work: Path):
+    """The workers' inputs in ``work``: ``kspace.npy``, ``mask.npy`` (:func:`make_input`) and
+    ``weights.pt`` (random weights, seeded). Returns ``(model, kspace)``."""
     import torch
 
-    from gadget.model.varnet import VarNet, count_parameters
+    from gadget.model.varnet import VarNet
+
+    kspace, mask = make_input(case)
+    np.save(work / "kspace.npy", kspace)
+    np.save(work / "mask.npy", mask)
+    torch.manual_seed(case.seed)
+    model = VarNet(**CONFIGS[case.config])
+    torch.save(model.state_dict(), work / "weights.pt")
+    return model, kspace
+
+
+def run(case: BenchCase, implementations=("reference", "ours")) -> dict:
+    """Run each implementation in a fresh process; outputs compared with the reference's (else ours)."""
+    from gadget.model.varnet import count_parameters
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="varnet-bench-") as tmp:
         work = Path(tmp)
-        kspace, mask = make_input(case)
-        np.save(work / "kspace.npy", kspace)
-        np.save(work / "mask.npy", mask)
-        torch.manual_seed(case.seed)
-        model = VarNet(**CONFIGS[case.config])
-        torch.save(model.state_dict(), work / "weights.pt")
+        model, _ = write_case(case, work)
         params = count_parameters(model)
         if "onnxruntime" in implementations:
             from gadget.model.export import export_model
@@ -201,15 +211,16 @@ def format_table(case: BenchCase, results: dict) -> str:
     base = results["base"]
     cuda = case.device.startswith("cuda")
     unit, scale = ("ms", 1000.0) if cuda else ("s", 1.0)  # a GPU forward takes milliseconds
-    rows = [f"| implementation | median {unit} | runs ({unit}) | {memory_column(case.device)} | page faults / run | time / {base} "
-            f"| max rel. diff to {base} |", "|---|---|---|---|---|---|---|"]
-    for impl in IMPLEMENTATIONS:
-        if impl in results:
-            r = results[impl]
-            rows.append(f"| {impl} | {r['median_s'] * scale:.3f} | {', '.join(f'{t * scale:.2f}' for t in r['times'])} "
-                        f"| {r['peak_mb']:.0f} | {r['page_faults']:,.0f} | {r['vs']:.3f} | {r['max_rel_diff']:.1e} |")
-    notes = "\n".join(f"  {impl}: {DESCRIPTIONS[impl]}" for impl in IMPLEMENTATIONS if impl in results)
-    return head + "\n".join(rows) + "\n" + notes
+    done = [impl for impl in IMPLEMENTATIONS if impl in results]
+    rows = []
+    for impl in done:
+        r = results[impl]
+        rows.append([impl, f"{r['median_s'] * scale:.3f}", ", ".join(f"{t * scale:.2f}" for t in r["times"]),
+                     f"{r['peak_mb']:.0f}", f"{r['page_faults']:,.0f}", f"{r['vs']:.3f}", f"{r['max_rel_diff']:.1e}"])
+    table = markdown_table(["implementation", f"median {unit}", f"runs ({unit})", memory_column(case.device),
+                            "page faults / run", f"time / {base}", f"max rel. diff to {base}"], rows)
+    notes = "\n".join(f"  {impl}: {DESCRIPTIONS[impl]}" for impl in done)
+    return head + table + "\n" + notes
 
 
 def _worker_main(argv: list[str]) -> None:

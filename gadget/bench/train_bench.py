@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .fresh_process import MemoryProbe, device_name, memory_column, run_worker
-from .model_bench import CONFIGS, BenchCase, make_input
+from .model_bench import CONFIGS, BenchCase, write_case
+from .table import markdown_table
 
 VARIANTS = {  # name → (activation checkpointing, U-Net precision)
     "plain": (False, "fp32"),
@@ -90,7 +91,6 @@ def run(case: BenchCase, variants=None) -> dict:
     """Each variant in a fresh process; gradients of the first step compared with ``plain``'s."""
     import torch
 
-    from gadget.model.varnet import VarNet
     from gadget.mri.coils import rss
     from gadget.mri.fft import ifft2c
 
@@ -98,13 +98,9 @@ def run(case: BenchCase, variants=None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="varnet-train-bench-") as tmp:
         work = Path(tmp)
-        kspace, mask = make_input(case)
-        np.save(work / "kspace.npy", kspace)
-        np.save(work / "mask.npy", mask)
+        _, kspace = write_case(case, work)
         # the target is the zero-filled RSS image: the step's cost does not depend on what it learns
         np.save(work / "target.npy", rss(ifft2c(torch.from_numpy(kspace)), dim=1).numpy())
-        torch.manual_seed(case.seed)
-        torch.save(VarNet(**CONFIGS[case.config]).state_dict(), work / "weights.pt")
         for name in variants:
             results[name] = run_worker("gadget.bench.train_bench", name, work, case.__dict__, case.threads)
             results[name]["grads"] = np.load(work / f"{name}.npy")
@@ -123,14 +119,13 @@ def format_table(case: BenchCase, results: dict) -> str:
     head = (f"training-step benchmark: config={case.config}, k-space 1x{case.coils}x{case.readout}x{case.phase}, "
             f"SSIM loss + Adam, median of {case.repeats} steps (after 1 warm-up), threads={case.threads}, "
             f"{time.strftime('%Y-%m-%d')}\ndevice: {device_name(case.device)}\n")
-    rows = [f"| variant | median s / step | {memory_column(case.device)} | memory / {base} | time / {base} "
-            f"| gradient rel. L2 diff to {base} |", "|---|---|---|---|---|---|"]
-    for name in VARIANTS:
-        if name in results:
-            r = results[name]
-            rows.append(f"| {name} | {r['median_s']:.2f} | {r['peak_mb']:.0f} | {r['memory_vs']:.2f} "
-                        f"| {r['time_vs']:.2f} | {r['grad_rel_diff']:.1e} |")
-    return head + "\n".join(rows)
+    rows = []
+    for name in (n for n in VARIANTS if n in results):
+        r = results[name]
+        rows.append([name, f"{r['median_s']:.2f}", f"{r['peak_mb']:.0f}", f"{r['memory_vs']:.2f}",
+                     f"{r['time_vs']:.2f}", f"{r['grad_rel_diff']:.1e}"])
+    return head + markdown_table(["variant", "median s / step", memory_column(case.device), f"memory / {base}",
+                                  f"time / {base}", f"gradient rel. L2 diff to {base}"], rows)
 
 
 if __name__ == "__main__":
