@@ -29,6 +29,7 @@ class ReplayResult:
     model_seconds: float
     acquisitions: int
     incomplete: int
+    flagged: int = 0  # network images the safety check flagged (their fallback was written)
 
 
 def file_lines(path: Path, group: str = "dataset", progress: Optional[Callable[[int], None]] = None
@@ -48,7 +49,7 @@ def replay_file(in_path, config: ReconConfig, engine: Optional[Reconstructor], g
     t0 = time.perf_counter()
     images = [item for item in overlapped(scan, file_lines(in_path, group, progress)) if _is_image(item)]
     return ReplayResult(images, time.perf_counter() - t0, scan.stats.model_seconds,
-                        count_acquisitions(in_path, group), scan.stats.incomplete)
+                        count_acquisitions(in_path, group), scan.stats.incomplete, scan.stats.flagged)
 
 
 def _is_image(item) -> bool:

@@ -75,15 +75,18 @@ class ReconService:
             scan = ScanReconstructor(header_xml, config, self._engine_for(config), source=f"{peer}",
                                      model_id=self.model_id)
             reader.landing = scan.assembler.landing_row  # samples received straight into slice buffers
+            sent_notes = 0
             for item in overlapped(scan, _messages(reader), self.queue_slices):
                 if type(item).__name__ == "Image":
                     writer.image(item)
                     result.images += 1
                 elif dialect == "gadgetron":
                     _send_passthrough(writer, item)
+                if dialect == "mrd":  # notes (e.g. a slice the safety check flagged) follow as they arise;
+                    # Gadgetron's channel never gets TEXT: there they are in the log only
+                    sent_notes = _send_notes(writer, scan.notes, sent_notes)
             if dialect == "mrd":
-                for note in scan.notes:
-                    writer.text(f"WARNING: {note}")
+                _send_notes(writer, scan.notes, sent_notes)
             writer.close()
             result.model_seconds = scan.stats.model_seconds
             log.info("%s: scan done, %d images, model %.2f s", peer, result.images, scan.stats.model_seconds)
@@ -215,6 +218,13 @@ def _messages(reader: MessageReader) -> Iterator[Any]:
             log.info("text during scan: %s", msg.payload[:200])
         else:
             raise SessionError(f"unexpected {msg.id.name} after HEADER")
+
+
+def _send_notes(writer: MessageWriter, notes: list[str], sent: int) -> int:
+    """TEXT ``WARNING: ...`` for the notes from index ``sent`` on; returns how many are sent now."""
+    for note in notes[sent:]:
+        writer.text(f"WARNING: {note}")
+    return len(notes)
 
 
 def _send_passthrough(writer: MessageWriter, item: Any) -> None:

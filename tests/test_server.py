@@ -110,11 +110,11 @@ class _HeldEngine:
     def __init__(self, released: threading.Event):
         self.released, self.calls, self.saw_whole_scan = released, 0, None
 
-    def __call__(self, kspace, mask, num_low=None):
+    def run(self, kspace, mask, num_low=None):
         self.calls += 1
         if self.calls == 1:
             self.saw_whole_scan = self.released.wait(30)
-        return np.zeros((kspace.shape[0],) + kspace.shape[2:], np.float32)
+        return np.zeros((kspace.shape[0],) + kspace.shape[2:], np.float32), np.zeros_like(kspace)
 
 
 def test_later_slices_stream_in_while_a_slice_is_reconstructed():
@@ -127,7 +127,9 @@ def test_later_slices_stream_in_while_a_slice_is_reconstructed():
     stream = build_stream(slices * LINES_PER_SLICE, coils, samples)  # HEADER, fully sampled slices, CLOSE
     sent = threading.Event()
     held = _HeldEngine(sent)
-    service = ReconService(ReconConfig(checkpoint="model.pt"), held, "held", idle_timeout=60.0)
+    # the slices are fully sampled: fully_sampled_below=1 still sends them through the (held) model
+    config = ReconConfig(checkpoint="model.pt", fully_sampled_below=1.0, fallback="none")
+    service = ReconService(config, held, "held", idle_timeout=60.0)
     with running(service) as port, connect(port, timeout=60) as s:
         MessageWriter(s).config_file("default")
 

@@ -56,5 +56,6 @@ def run(args) -> int:
     if args.dicom:
         write_dicom(result.images, args.dicom, {"PatientID": args.input.stem})
     print(f"{args.input} -> {args.output}:/{group}: {len(result.images)} images in {result.seconds:.1f} s "
-          f"(model {result.model_seconds:.1f} s){'; ' + str(result.incomplete) + ' from incomplete slices' if result.incomplete else ''}")
+          f"(model {result.model_seconds:.1f} s){'; ' + str(result.incomplete) + ' from incomplete slices' if result.incomplete else ''}"
+          f"{f'; {result.flagged} flagged by the safety check (fallback: {config.fallback})' if result.flagged else ''}")
     return 0

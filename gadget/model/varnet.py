@@ -207,12 +207,19 @@ class VarNet(nn.Module):
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
                 num_low_frequencies: AcsCount = None) -> torch.Tensor:
+        return self.forward_with_kspace(masked_kspace, mask, num_low_frequencies)[0]
+
+    def forward_with_kspace(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
+                            num_low_frequencies: AcsCount = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` that also returns the final multi-coil k-space ``(batch, coil, readout,
+        phase)`` (the last cascade's output, from which the image is formed): ``(image, kspace)``.
+        The safety check (``gadget.recon.safety``) measures its departure from the measured lines."""
         masked_kspace, mask = check_inputs(masked_kspace, mask)
         sens = self.sens_net(masked_kspace, mask, num_low_frequencies)
         kspace = masked_kspace
         for cascade in self.cascades:
             kspace = cascade(kspace, masked_kspace, mask, sens)
-        return self.final_image(kspace, sens)
+        return self.final_image(kspace, sens), kspace
 
     def final_image(self, kspace: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
         """Final multi-coil k-space ``(b, c, h, w)`` → real image ``(b, h, w)`` (``config.output``)."""

@@ -24,7 +24,8 @@ class _Request:
     mask: np.ndarray            # bool (phase,)
     num_low: Optional[int]
     done: threading.Event = field(default_factory=threading.Event)
-    result: Optional[np.ndarray] = None
+    result: Optional[np.ndarray] = None          # images (b, readout, phase)
+    final_kspace: Optional[np.ndarray] = None    # the model's final k-space (b, coil, readout, phase)
     error: Optional[BaseException] = None
 
     @property
@@ -48,6 +49,10 @@ class BatchingEngine:
         self._worker.start()
 
     def __call__(self, kspace, mask, num_low_frequencies: Optional[int] = None) -> np.ndarray:
+        return self.run(kspace, mask, num_low_frequencies)[0]
+
+    def run(self, kspace, mask, num_low_frequencies: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`Reconstructor.run` through the shared queue: ``(images, final k-space)``."""
         k = np.asarray(kspace, np.complex64)
         req = _Request(k if k.ndim == 4 else k[None], np.asarray(mask, bool).reshape(-1), num_low_frequencies)
         with self._cond:
@@ -58,7 +63,7 @@ class BatchingEngine:
         req.done.wait()
         if req.error is not None:
             raise req.error
-        return req.result
+        return req.result, req.final_kspace
 
     def close(self) -> None:
         with self._cond:
@@ -112,8 +117,8 @@ class BatchingEngine:
             num_low = torch.tensor(np.repeat([r.num_low for r in batch], counts))
         mask = torch.from_numpy(np.ascontiguousarray(masks)).view(len(masks), 1, 1, -1)
         self.forward_calls += 1
-        out = self.engine(kspace, mask, num_low)
+        out, final = self.engine.run(kspace, mask, num_low)
         start = 0
         for r, n in zip(batch, counts):
-            r.result = out[start:start + n]
+            r.result, r.final_kspace = out[start:start + n], final[start:start + n]
             start += n

@@ -22,6 +22,7 @@ CHOICES = {
     "image_dtype": ("float32", "uint16"),
     "acs_source": ("flags", "mask"),
     "precision": ("fp32", "bf16", "fp16"),  # gadget.model.varnet.PRECISIONS
+    "fallback": ("none", "sense", "zero-filled"),
 }
 
 
@@ -46,6 +47,16 @@ class ReconConfig:
     series_description: str = "E2E-VarNet"
     image_series_index: int = 1
     reconstruct_incomplete: bool = True  # at end of stream, reconstruct buffers never marked complete
+    # A slice sampled at an acceleration below this (lines in the acquired range / lines measured) is
+    # sent as the RSS coil combination of its data, not a network's rewrite (README "Pipeline behaviour").
+    fully_sampled_below: float = 1.5
+    # The safety check (gadget/recon/safety.py; thresholds measured there for the shipped weights):
+    # a network image whose consistency or departure exceeds its maximum is flagged and ``fallback``
+    # is sent instead: sense (ESPIRiT + CG-SENSE; the default: a scanner user expects the conventional
+    # image rather than a flagged guess) | zero-filled (RSS of the measured lines) | none (the network's).
+    fallback: str = "sense"
+    safety_consistency_max: float = 0.13
+    safety_departure_max: float = 0.30
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,6 +106,10 @@ def _convert(name: str, annotation: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: setting '{name}' = {out!r} must be one of {', '.join(CHOICES[name])}")
     if name in ("batch_size", "uint16_max", "image_series_index") and out < 1:
         raise ConfigError(f"{source}: setting '{name}' must be >= 1, got {out}")
+    if name in ("safety_consistency_max", "safety_departure_max") and not out > 0:
+        raise ConfigError(f"{source}: setting '{name}' must be > 0 (a relative norm; inf switches it off), got {out}")
+    if name == "fully_sampled_below" and not out >= 1:
+        raise ConfigError(f"{source}: setting 'fully_sampled_below' must be >= 1 (an acceleration), got {out}")
     if name == "dither_sigma" and out < 0:
         raise ConfigError(f"{source}: setting 'dither_sigma' must be >= 0, got {out}")
     return out

@@ -51,10 +51,29 @@ class Reconstructor:
     @torch.inference_mode()
     def __call__(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
                  num_low_frequencies: Optional[int] = None) -> np.ndarray:
+        k, m = self._inputs(kspace, mask)
+        with self._lock:
+            out = self.model(k, m, num_low_frequencies)
+        return out.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def run(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
+            num_low_frequencies: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Like calling the engine, but also returns the model's final multi-coil k-space:
+        ``(images (batch, readout, phase) float32, kspace (batch, coil, readout, phase) complex64)``.
+        Needs a model with ``forward_with_kspace`` (:class:`VarNet`)."""
+        forward = getattr(self.model, "forward_with_kspace", None)
+        if forward is None:
+            raise TypeError(f"{type(self.model).__name__} has no forward_with_kspace: the safety check needs "
+                            "the final k-space (use gadget.model.varnet.VarNet)")
+        k, m = self._inputs(kspace, mask)
+        with self._lock:
+            image, final = forward(k, m, num_low_frequencies)
+        return image.float().cpu().numpy(), final.to(torch.complex64).cpu().numpy()
+
+    def _inputs(self, kspace, mask) -> tuple[torch.Tensor, torch.Tensor]:
         k = torch.as_tensor(kspace)
         if k.ndim == 3:
             k = k.unsqueeze(0)
         m = torch.as_tensor(np.asarray(mask, dtype=bool) if not isinstance(mask, torch.Tensor) else mask)
-        with self._lock:
-            out = self.model(k.to(self.device, torch.complex64), m.to(self.device), num_low_frequencies)
-        return out.float().cpu().numpy()
+        return k.to(self.device, torch.complex64), m.to(self.device)

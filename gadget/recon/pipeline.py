@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
-import torch
 
 from ..data.mrd_header import EncodingInfo, parse_encoding
-from ..mri.coils import rss
-from ..mri.fft import ifft2c
+from ..mri.masks import contiguous_center_lines
 from ..mri.metrics import center_crop_at_most
 from ..stream.assemble import SliceAssembler, SliceData
 from ..stream.images import ImageOptions, build_image
@@ -27,6 +25,7 @@ from ..stream.noise import prewhiten
 from ..stream.types import AcqLine
 from .config import ReconConfig
 from .engine import Reconstructor
+from .safety import safety_figures, sense_image, zero_filled_rss
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,8 @@ class ScanStats:
     passthrough: int = 0
     first_image_at: Optional[float] = None
     acs_counts: set = field(default_factory=set)
+    flagged: int = 0              # network images the safety check flagged
+    safety_seconds: float = 0.0   # safety check and fallbacks of flagged slices (not in model_seconds)
 
 
 class ScanReconstructor:
@@ -129,62 +130,146 @@ class ScanReconstructor:
 
     def _images(self, slices: list[SliceData]) -> Iterator[Any]:
         for group in _same_shape_groups(slices):
-            magnitudes = self._reconstruct(group)
-            for sl, mag in zip(group, magnitudes):
-                yield self._image(sl, mag)
+            for sl, result in zip(group, self._reconstruct(group)):
+                yield self._image(sl, result)
 
-    def _reconstruct(self, group: list[SliceData]) -> np.ndarray:
-        """``(batch, readout, phase)`` float32 magnitudes, uncropped."""
-        kspace = np.stack([s.kspace for s in group])
+    def _reconstruct(self, group: list[SliceData]) -> list["_Result"]:
+        """One :class:`_Result` per slice (magnitudes ``(readout, phase)`` float32, uncropped): the
+        network for undersampled slices (one forward per distinct mask and ACS count), the RSS coil
+        combination for fully sampled ones and in zero-filled mode."""
         t0 = time.perf_counter()
-        if self.config.mode == "zero-filled":
-            out = rss(ifft2c(torch.from_numpy(kspace)), dim=1).numpy()
-        else:
-            masks = {s.mask.tobytes() for s in group}
-            if len(masks) == 1:
-                acs = self._acs(group[0])
-                out = self.engine(kspace, group[0].mask, acs)
-            else:  # different masks in one batch: one forward per slice
-                out = np.concatenate([self.engine(s.kspace[None], s.mask, self._acs(s)) for s in group])
+        results: list[Optional[_Result]] = [None] * len(group)
+        batches: dict[tuple, list[int]] = {}
+        for i, sl in enumerate(group):
+            accel = self._acceleration(sl)
+            if self.config.mode == "zero-filled":
+                results[i] = _Result(zero_filled_rss(sl.kspace), "zero-filled", accel)
+            elif accel < self.config.fully_sampled_below:
+                results[i] = _Result(zero_filled_rss(sl.kspace), "fully-sampled", accel)
+                log.info("%s: slice %s sampled at acceleration %.2f (< %g): sent as the RSS coil combination of "
+                         "its data, not the network's", self.source, sl.key_dict(), accel,
+                         self.config.fully_sampled_below)
+            else:
+                batches.setdefault((sl.mask.tobytes(), self._acs(sl)), []).append(i)
+        for (_, acs), members in batches.items():
+            kspace = np.stack([group[i].kspace for i in members])
+            images, finals = self.engine.run(kspace, group[members[0]].mask, acs)
+            for j, i in enumerate(members):
+                results[i] = _Result(images[j], "varnet", self._acceleration(group[i]), acs, finals[j])
         dt = time.perf_counter() - t0
         self.stats.model_seconds += dt
-        self._log_series(group[0], dt / len(group))
-        return out
+        self._log_series(group[0], results[0], dt / len(group))
+        return results
 
-    def _acs(self, sl: SliceData) -> Optional[int]:
+    def _acceleration(self, sl: SliceData) -> float:
+        """Lines in the header's acquired phase range over the lines measured there (inf: none)."""
+        left, right = self.encoding.padding
+        left, right = max(left, 0), min(right, sl.mask.size)
+        acquired = sl.mask[left:right] if right > left else sl.mask
+        n = int(acquired.sum())
+        return acquired.size / n if n else float("inf")
+
+    def _acs(self, sl: SliceData) -> int:
+        """ACS lines for the sensitivity network, always explicit: the calibration-flagged lines; where
+        none are flagged (or ``acs_source: mask``) the run of sampled columns containing the k-space
+        centre column (fastMRI's ``2*min(left, right)`` detection gives 1 for a full mask and under-counts
+        odd or asymmetric blocks)."""
         if self.config.acs_source == "flags" and sl.num_calibration:
-            return sl.num_calibration
+            return int(sl.num_calibration)
         if not sl.mask[sl.mask.size // 2]:
             raise ReconError(f"{self.source}: slice {sl.key_dict()} has no calibration (ACS) lines: no line is "
                              "flagged as calibration and the k-space centre line was not acquired")
-        return None  # the model detects it from the mask (fastMRI's rule)
+        return contiguous_center_lines(sl.mask)
 
-    def _image(self, sl: SliceData, magnitude: np.ndarray):
-        crop = np.ascontiguousarray(center_crop_at_most(magnitude, self.encoding.recon_size), dtype=np.float32)
+    def _image(self, sl: SliceData, result: "_Result"):
+        size = self.encoding.recon_size
         comments = [f"E2E-VarNet ({self.config.mode})", f"lines {int(sl.mask.sum())}/{sl.mask.size}"]
+        processing: tuple[str, ...] = ("ZEROFILLED",)
+        magnitude, output, extra = result.magnitude, "zero-filled RSS", {}
+        if result.method == "fully-sampled":
+            processing, output = ("RSS",), "RSS coil combination (fully sampled)"
+            comments.append(f"fully sampled (acceleration {result.acceleration:.2f}): RSS coil combination of the "
+                            "measured data, not the network")
+        elif result.method == "varnet":
+            processing, output = ("VARNET",), "E2E-VarNet"
+            magnitude, output, processing, extra = self._checked(sl, result, comments)
+        extra["VarNetOutput"] = output
+        crop = np.ascontiguousarray(center_crop_at_most(magnitude, size), dtype=np.float32)
         if sl.incomplete:
             self.stats.incomplete += 1
             comments.append("reconstructed at end of stream: slice was never marked complete")
         img = build_image(crop, sl.reference, self.encoding, self._next_index, self.options, comments=comments,
-                          processing=("VARNET",) if self.config.mode == "varnet" else ("ZEROFILLED",))
+                          processing=processing, extra_meta=extra)
         self._next_index += 1
         self.stats.slices += 1
         if self.stats.first_image_at is None:
             self.stats.first_image_at = time.perf_counter()
         return img
 
-    def _log_series(self, sl: SliceData, seconds_per_slice: float) -> None:
-        acs = sl.num_calibration if self.config.acs_source == "flags" else None
+    def _checked(self, sl: SliceData, result: "_Result", comments: list[str]):
+        """The safety check of one network image (gadget/recon/safety.py): ``(magnitude to send, what it
+        is, ImageProcessingHistory, extra meta)``; a flagged slice gets the configured fallback."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        figures = safety_figures(sl.kspace, sl.mask, result.acs, result.magnitude, result.final_kspace,
+                                 self.encoding.recon_size)
+        extra = {"VarNetConsistency": f"{figures.consistency:.6g}", "VarNetDeparture": f"{figures.departure:.6g}"}
+        exceeded = figures.exceeds(cfg.safety_consistency_max, cfg.safety_departure_max)
+        log.info("%s: slice %s safety: consistency %.4f (max %g), departure %.4f (max %g)%s", self.source,
+                 sl.key_dict(), figures.consistency, cfg.safety_consistency_max, figures.departure,
+                 cfg.safety_departure_max, ": FLAGGED" if exceeded else "")
+        magnitude, output, processing = result.magnitude, "E2E-VarNet", ("VARNET",)
+        if not exceeded:
+            extra["VarNetSafety"] = "pass"
+            comments.append(f"safety check passed (consistency {figures.consistency:.3f}, "
+                            f"departure {figures.departure:.3f})")
+            return magnitude, output, processing, extra
+        self.stats.flagged += 1
+        extra["VarNetSafety"] = "flagged"
+        fallback = cfg.fallback
+        if fallback == "sense":
+            try:
+                magnitude, output, processing = sense_image(sl.kspace, sl.mask, result.acs), \
+                    "CG-SENSE (ESPIRiT) fallback", ("VARNET", "SAFETYFLAG", "CGSENSE")
+            except ValueError as exc:  # ESPIRiT needs >= 2 centre lines
+                log.warning("%s: slice %s: CG-SENSE fallback impossible (%s); zero-filled sent", self.source,
+                            sl.key_dict(), exc)
+                fallback = "zero-filled"
+        if fallback == "zero-filled":
+            magnitude, output, processing = zero_filled_rss(sl.kspace), "zero-filled RSS fallback", \
+                ("VARNET", "SAFETYFLAG", "ZEROFILLED")
+        elif fallback == "none":
+            output, processing = "E2E-VarNet (flagged)", ("VARNET", "SAFETYFLAG")
+        flag = (f"SAFETY FLAG: the network image departs from the measured data ({'; '.join(exceeded)}); "
+                f"sent: {output}")
+        comments.append(flag)
+        self._note(f"slice {sl.key_dict()}: {flag}")
+        self.stats.safety_seconds += time.perf_counter() - t0
+        return magnitude, output, processing, extra
+
+    def _log_series(self, sl: SliceData, result: "_Result", seconds_per_slice: float) -> None:
+        acs = result.acs
         self.stats.acs_counts.add(acs)
         if self._logged_series:
             log.debug("%s: slice %s reconstructed in %.3f s", self.source, sl.key_dict(), seconds_per_slice)
             return
         self._logged_series = True
         device = self.engine.device if self.engine else "cpu"
-        accel = sl.mask.size / max(int(sl.mask.sum()), 1)
+        source = "calibration flags" if self.config.acs_source == "flags" and sl.num_calibration \
+            else "centre run of the mask"
         log.info("%s: series %d, mode %s, model %s, device %s, k-space %s, acceleration %.2f, ACS %s, "
                  "%.3f s/slice", self.source, self.config.image_series_index, self.config.mode, self.model_id,
-                 device, tuple(sl.kspace.shape), accel, acs if acs else "detected from mask", seconds_per_slice)
+                 device, tuple(sl.kspace.shape), result.acceleration,
+                 f"{acs} ({source})" if acs else "none (no network)", seconds_per_slice)
+
+
+@dataclass
+class _Result:
+    magnitude: np.ndarray                      # float32 (readout, phase), uncropped
+    method: str                                # varnet | fully-sampled | zero-filled
+    acceleration: float
+    acs: Optional[int] = None                  # ACS lines given to the network
+    final_kspace: Optional[np.ndarray] = None  # the network's final k-space (coil, readout, phase)
 
 
 def _same_shape_groups(slices: list[SliceData]) -> list[list[SliceData]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import ismrmrd
 import numpy as np
@@ -223,7 +223,8 @@ def _header(reference: np.void, geometry: Geometry, fov: Sequence[float], image_
 
 
 def _meta(head: ismrmrd.ImageHeader, window: tuple[Any, Any], scale: float, options: ImageOptions,
-          comments: Sequence[str], processing: Sequence[str], data_role: str) -> ismrmrd.Meta:
+          comments: Sequence[str], processing: Sequence[str], data_role: str,
+          extra: Mapping[str, Any] = {}) -> ismrmrd.Meta:
     meta = ismrmrd.Meta()
     meta["DataRole"] = data_role
     meta["ImageProcessingHistory"] = [str(p) for p in processing]
@@ -236,12 +237,17 @@ def _meta(head: ismrmrd.ImageHeader, window: tuple[Any, Any], scale: float, opti
     meta["ImageRowDir"] = [_DIR_FMT.format(v) for v in head.read_dir]
     meta["ImageColumnDir"] = [_DIR_FMT.format(v) for v in head.phase_dir]
     meta[SCALE_KEY] = repr(float(scale))
+    for key, value in extra.items():
+        if key in meta.keys():
+            raise ValueError(f"extra meta attribute '{key}' would replace one build_image sets")
+        meta[key] = value
     return meta
 
 
 def build_image(magnitude: np.ndarray, reference: AcqLine | np.void, encoding: EncodingInfo,
                 image_index: int, options: ImageOptions | None = None, comments: Sequence[str] = (),
-                processing: Sequence[str] = ("VARNET",), data_role: str = "Image") -> ismrmrd.Image:
+                processing: Sequence[str] = ("VARNET",), data_role: str = "Image",
+                extra_meta: Mapping[str, Any] = {}) -> ismrmrd.Image:
     """One reconstructed slice as an ``ismrmrd.Image`` (magnitude, 1 channel, 1 partition).
 
     magnitude: real ``(readout, phase)`` float image, finite and ≥ 0 (else ValueError).
@@ -249,6 +255,7 @@ def build_image(magnitude: np.ndarray, reference: AcqLine | np.void, encoding: E
         position, directions, table position, idx counters, measurement uid and timestamps.
     encoding: supplies the reconSpace FOV (mm) and matrix.
     image_index: 0..65535, also seeds the dither noise.
+    extra_meta: further meta attributes (e.g. the pipeline's safety figures), names not set here.
     Returns an image with ``data`` ``(1, 1, phase, readout)`` (float32 or uint16) and the meta
     attributes listed in the module docstring.
     """
@@ -263,7 +270,7 @@ def build_image(magnitude: np.ndarray, reference: AcqLine | np.void, encoding: E
     head = _header(head_in, geometry_defaults(head_in), _field_of_view(values.shape, encoding),
                    image_index, options)
     data = np.ascontiguousarray(stored.T)[np.newaxis, np.newaxis]  # (1, 1, y=phase, x=readout)
-    meta = _meta(head, _window(stored, options), scale, options, comments, processing, data_role)
+    meta = _meta(head, _window(stored, options), scale, options, comments, processing, data_role, extra_meta)
     return ismrmrd.Image(head=head, data=data, meta=meta)
 
 
