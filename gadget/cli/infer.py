@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="slices per forward pass")
     p.add_argument("--acs", choices=("auto", "attrs", "mask"), default="auto",
                    help="ACS line count: file attribute num_low_frequency (attrs), fastMRI's detection from "
-                        "the mask (mask; what the reference does), or the attribute when present (auto)")
+                        "the mask (mask; what the reference does), or the attribute when present, else the run "
+                        "of sampled columns around the centre column (auto)")
     p.set_defaults(run=run)
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Literal, Optional
 import numpy as np
 
 from ..data.fastmri_file import FastMRIFileError, FastMRIVolume
-from ..mri.masks import detect_acs_count
+from ..mri.masks import contiguous_center_lines, detect_acs_count
 from ..mri.metrics import center_crop
 from .engine import Reconstructor
 
@@ -40,12 +40,20 @@ def acquired_mask(volume: FastMRIVolume) -> np.ndarray:
 
 
 def acs_count(volume: FastMRIVolume, mask: np.ndarray, source: AcsSource = "auto") -> int:
-    """ACS lines: ``attrs`` = the file's ``num_low_frequency``; ``mask`` = fastMRI's detection;
-    ``auto`` = the attribute when present, else detection."""
+    """ACS lines: ``attrs`` = the file's ``num_low_frequency``; ``mask`` = fastMRI's detection
+    (``2*min(left, right)``, reproduces the reference); ``auto`` = the attribute when present, else the
+    run of sampled columns containing the centre column ``W // 2`` (the whole width for a full mask,
+    where detection gives 1), else — centre column unsampled — detection, logged."""
     if source in ("auto", "attrs") and volume.num_low_frequency is not None:
         return volume.num_low_frequency
     if source == "attrs":
         raise FastMRIFileError(f"{volume.path}: attribute 'num_low_frequency' missing (use --acs mask)")
+    if source == "auto":
+        run = contiguous_center_lines(mask)
+        if run:
+            return run
+        log.warning("%s: no num_low_frequency attribute and the centre column %d is not sampled: ACS count from "
+                    "fastMRI's detection", volume.path.name, mask.size // 2)
     return detect_acs_count(mask)
 
 
