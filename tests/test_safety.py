@@ -1,0 +1,204 @@
+"""The per-slice safety check: figures against independent references, flags on shipped-weights failures,
+each fallback mode, meta fields, TEXT notes on the MRD server and none on the Gadgetron channel."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+from converters.simulate import simulate_volume, write_fastmri
+from gadget.baselines.espirit import espirit_maps
+from gadget.baselines.sense import cg_sense
+from gadget.model.checkpoint import load_checkpoint
+from gadget.model.shipped import shipped_checkpoint
+from gadget.model.varnet import VarNet
+from gadget.recon.config import ConfigError, ReconConfig, from_gadgetron_config, from_json_parameters, load_config
+from gadget.recon.engine import Reconstructor
+from gadget.recon.safety import acs_window, consistency, departure
+from gadget.replay import replay_file
+from gadget.server import ReconService
+from gadget.stream.codec import MessageId
+from gadget.stream.images import image_magnitude
+from tests.server_harness import connect, images_of, make_scan, read_until_close, running, send_scan, texts_of
+
+SMALL = dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2)
+
+
+def np_ifft2c(k):
+    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+
+
+def np_fft2c(x):
+    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+
+
+def np_rss(k):
+    return np.sqrt((np.abs(np_ifft2c(k)) ** 2).sum(0))
+
+
+def crop(x, shape):
+    h, w = x.shape[-2:]
+    top, left = (h - shape[0]) // 2, (w - shape[1]) // 2
+    return x[..., top:top + shape[0], left:left + shape[1]]
+
+
+# ----------------------------------------------------------------------------- the figures
+
+
+def test_figures_against_numpy():
+    rng = np.random.default_rng(0)
+    k = (rng.standard_normal((3, 32, 24)) + 1j * rng.standard_normal((3, 32, 24))).astype(np.complex64)
+    mask = np.zeros(24, bool)
+    mask[::3] = True
+    mask[9:15] = True
+    y = k * mask
+    k_hat = y + 0.1 * (rng.standard_normal(y.shape) + 1j * rng.standard_normal(y.shape))
+    want = np.linalg.norm((k_hat - y)[..., mask]) / np.linalg.norm(y[..., mask])
+    assert consistency(k_hat, y, mask) == pytest.approx(want, rel=1e-5)
+    assert consistency(y, y, mask) == 0.0
+
+    image = np.abs(rng.standard_normal((32, 24))).astype(np.float32)
+    w = np.zeros(24)
+    w[9:15] = np.hanning(8)[1:-1]  # 6 ACS lines at (24 - 6 + 1) // 2 = 9
+    assert np.allclose(acs_window(mask, 6), w)
+    ref = np.sqrt((np.abs(np_ifft2c(y * w)) ** 2).sum(0))
+    low = np.abs(np_ifft2c(np_fft2c(image) * w))
+    want = np.linalg.norm(crop(low - ref, (16, 24))) / np.linalg.norm(crop(ref, (16, 24)))
+    assert departure(image, y, mask, 6, (16, 24)) == pytest.approx(want, rel=1e-4)
+
+
+def test_figures_reject_mismatched_inputs():
+    y = np.zeros((2, 8, 6), np.complex64)
+    with pytest.raises(ValueError, match="mask has 5 columns"):
+        consistency(y, y, np.ones(5, bool))
+    with pytest.raises(ValueError, match="does not match"):
+        departure(np.zeros((8, 5)), y, np.ones(6, bool), 2)
+    with pytest.raises(ValueError, match="ACS count"):
+        acs_window(np.ones(6, bool), 0)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_keys_from_every_source(tmp_path):
+    assert ReconConfig().fallback == "sense"
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("fallback: zero-filled\nsafety_consistency_max: 0.2\n")
+    cfg = load_config(str(yaml_file))
+    assert (cfg.fallback, cfg.safety_consistency_max) == ("zero-filled", 0.2)
+    xml = '<configuration><property name="fallback" value="none"/><property name="safety_departure_max" ' \
+          'value="0.5"/></configuration>'
+    cfg = from_gadgetron_config(xml, ReconConfig())
+    assert (cfg.fallback, cfg.safety_departure_max) == ("none", 0.5)
+    assert from_json_parameters('{"parameters": {"fallback": "none"}}', ReconConfig()).fallback == "none"
+    with pytest.raises(ConfigError, match="'fallback' = 'bart' must be one of none, sense, zero-filled"):
+        ReconConfig().merged({"fallback": "bart"}, "test")
+    with pytest.raises(ConfigError, match="safety_consistency_max"):
+        ReconConfig().merged({"safety_consistency_max": 0}, "test")
+
+
+# ----------------------------------------------------------------------------- fallbacks (a random model: flagged)
+
+
+@pytest.fixture(scope="module")
+def small_scan(tmp_path_factory):
+    return make_scan(tmp_path_factory.mktemp("safety"), slices=2, coils=4, size=(32, 48), accel=4, cf=0.17)
+
+
+@pytest.fixture(scope="module")
+def random_engine():
+    torch.manual_seed(0)
+    return Reconstructor(VarNet(**SMALL), "cpu")
+
+
+def _fastmri_kspace(raw_path):
+    """The scan's measured k-space per slice, read back independently (the test-format file of the scan)."""
+    from converters.ismrmrd_to_fastmri import convert_ismrmrd_to_fastmri
+    import h5py
+
+    out = raw_path.with_name(raw_path.stem + "_fm.h5")
+    if not out.exists():
+        convert_ismrmrd_to_fastmri(raw_path, out)
+    with h5py.File(out, "r") as f:
+        return f["kspace"][()], f["mask"][()].astype(bool), int(f.attrs["num_low_frequency"])
+
+
+@pytest.mark.parametrize("fallback", ["none", "zero-filled", "sense"])
+def test_each_fallback_sends_what_it_says(small_scan, random_engine, fallback):
+    _, _, raw = small_scan
+    cfg = ReconConfig(prewhiten=False, fallback=fallback)
+    result = replay_file(raw, cfg, random_engine)
+    assert result.flagged == len(result.images) == 2
+    kspace, mask, acs = _fastmri_kspace(raw)
+    for sl, img in enumerate(result.images):
+        got = image_magnitude(img)
+        meta = img.meta
+        for key in ("VarNetConsistency", "VarNetDeparture"):
+            assert math.isfinite(float(meta[key]))
+        assert meta["VarNetSafety"] == "flagged"
+        assert any(c.startswith("SAFETY FLAG") for c in meta["ImageComments"])
+        assert "SAFETYFLAG" in meta["ImageProcessingHistory"]
+        if fallback == "zero-filled":
+            want = crop(np_rss(kspace[sl]), got.shape)
+            assert meta["VarNetOutput"] == "zero-filled RSS fallback"
+            assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+        elif fallback == "sense":
+            maps = espirit_maps(kspace[sl], acs)
+            want = crop(cg_sense(torch.from_numpy(kspace[sl]), maps, mask).abs().numpy(), got.shape)
+            assert meta["VarNetOutput"] == "CG-SENSE (ESPIRiT) fallback"
+            assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+        else:
+            want = crop(random_engine(kspace[sl], mask, acs)[0], got.shape)
+            assert meta["VarNetOutput"] == "E2E-VarNet (flagged)"
+            assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+
+
+def test_mrd_server_sends_the_flag_as_text_and_gadgetron_never(small_scan, random_engine):
+    xml, lines, _ = small_scan
+    service = ReconService(ReconConfig(checkpoint="m.pt", fallback="zero-filled"), random_engine, "random",
+                           idle_timeout=10.0)
+    with running(service) as port, connect(port) as s:
+        send_scan(s, xml, lines)
+        msgs = read_until_close(s)
+    assert len(images_of(msgs)) == 2 and msgs[-1].id == MessageId.CLOSE
+    notes = [t for t in texts_of(msgs) if "SAFETY FLAG" in t]
+    assert len(notes) == 2 and all(t.startswith("WARNING: ") for t in notes)
+
+    gadgetron_cfg = '<configuration><property name="fallback" value="zero-filled"/></configuration>'
+    service = ReconService(ReconConfig(checkpoint="m.pt"), random_engine, "random", idle_timeout=10.0)
+    with running(service, dialect="gadgetron") as port, connect(port) as s:
+        send_scan(s, xml, lines, config_file=None, config_text=gadgetron_cfg)
+        msgs = read_until_close(s)
+    imgs = images_of(msgs)
+    assert len(imgs) == 2 and all(i.meta["VarNetSafety"] == "flagged" for i in imgs)
+    assert [m.id for m in msgs if m.id not in (MessageId.IMAGE, MessageId.ACQUISITION)] == [MessageId.CLOSE]
+
+
+# ----------------------------------------------------------------------------- the shipped weights
+
+
+@pytest.fixture(scope="module")
+def shipped_engine():
+    return Reconstructor(load_checkpoint(shipped_checkpoint()).model, "cpu")
+
+
+def _replay_synth(tmp_path, engine, **sim):
+    vol = simulate_volume(num_slices=1, num_coils=8, recon_size=(128, 128), seed=4242, **sim)
+    write_fastmri(tmp_path / "v.h5", vol)
+    convert_fastmri_to_ismrmrd(tmp_path / "v.h5", tmp_path / "raw.h5", "random", 4, 0.08, seed=3)
+    (img,) = replay_file(tmp_path / "raw.h5", ReconConfig(prewhiten=False, fallback="none"), engine).images
+    return img.meta
+
+
+def test_shipped_weights_pass_in_distribution_and_are_flagged_out_of_it(tmp_path, shipped_engine):
+    """In distribution: MNI brain, 128 matrix, 8 coils, 4x random (what the weights were trained on).
+    Out of it: the Colin27 head filling a 150 mm field of view (image NMSE 0.12, worse than zero-filled)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    good = _replay_synth(tmp_path / "in", shipped_engine, source="mni")
+    assert good["VarNetSafety"] == "pass", dict(good.items())
+    assert float(good["VarNetConsistency"]) < 0.12
+    bad = _replay_synth(tmp_path / "out", shipped_engine, source="colin", fov_mm=150.0)
+    assert bad["VarNetSafety"] == "flagged", dict(bad.items())
+    assert float(bad["VarNetConsistency"]) > 0.13
