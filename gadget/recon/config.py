@@ -40,7 +40,7 @@ class ReconConfig:
     precision: str = "fp32"              # fp32 | bf16 | fp16: the U-Nets' arithmetic (FFTs, coil maths stay fp32)
     batch_size: int = 1                  # slices per forward pass
     prewhiten: bool = True               # noise prewhitening from noise-measurement acquisitions
-    acs_source: str = "flags"            # flags (calibration flags; detection as fallback) | mask
+    acs_source: str = "flags"            # flags (calibration flags; else the centre run of the mask) | mask (the centre run)
     image_dtype: str = "float32"         # float32 | uint16 (scale recorded in the meta)
     uint16_max: int = 4095
     dither_sigma: float = 0.0
