@@ -238,7 +238,7 @@ def voxel_anatomy(name: str, contrast: str, volume: np.ndarray, affine: np.ndarr
 
     extent = np.stack([lo - centre, hi - centre], axis=1)
     central = np.percentile(ras - centre, [25, 75], axis=0).T
-    return Anatomy(name, contrast, extent, central, radius, DEFAULT_FOV_MM[name.lower()], sampler)
+    return Anatomy(name, contrast, extent, central, radius, DEFAULT_FOV_MM.get(name.lower(), 256.0), sampler)
 
 
 # ----------------------------------------------------------------------------- phantom

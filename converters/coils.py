@@ -190,3 +190,39 @@ def noise_covariance(sensitivities: np.ndarray, rng: np.random.Generator, body_f
     cov = cov * np.outer(gains, gains)
     cov = 0.5 * (cov + cov.conj().T)
     return cov / np.mean(np.real(np.diag(cov)))
+
+
+def head_array(num_coils: int, semi_axes_mm: tuple[float, float], length_mm: float, rng: np.random.Generator,
+               segments: int = 32) -> CoilArray:
+    """A receive array hugging a head: ``num_coils`` flat elliptic loops tangent to an elliptic
+    cylinder of semi-axes ``semi_axes_mm`` (x, y) around the z axis, normals pointing at the axis.
+
+    Layout drawn from ``rng`` (varied like commercial head arrays): 6–12 loops per ring (so 1–5
+    rings), each ring turned by a random azimuth, every loop's azimuth jittered by up to 20 % of the
+    spacing; loops as wide as the arc between neighbours (slight overlap, at most 70 mm) and tall
+    enough that the rings cover ``length_mm`` along z. Wires stay on or outside the cylinder.
+    """
+    check_num_coils(num_coils)
+    ax, ay = (float(v) for v in semi_axes_mm)
+    if not (ax > 0 and ay > 0):
+        raise ValueError(f"semi-axes must be > 0 mm, got {semi_axes_mm}")
+    per_ring = int(rng.integers(6, 13))
+    rings = max(1, math.ceil(num_coils / per_ring))
+    base, extra = divmod(num_coils, rings)
+    sizes = [base + (i < extra) for i in range(rings)]
+    perimeter = np.pi * (3 * (ax + ay) - np.sqrt((3 * ax + ay) * (ax + 3 * ay)))  # Ramanujan
+    height = float(np.clip(max(length_mm, 60.0) / (1.7 * rings), 25.0, 120.0))
+    t = np.linspace(0, 2 * np.pi, segments + 1)
+    axial = np.array([0.0, 0.0, 1.0])
+    loops = []
+    for ring, count in enumerate(sizes):
+        z = (ring - (rings - 1) / 2) * 1.7 * height
+        width = min(0.55 * perimeter / count, 70.0)
+        offset = rng.uniform(0, 2 * np.pi)
+        for k in range(count):
+            phi = offset + 2 * np.pi * (k + rng.uniform(-0.2, 0.2)) / count
+            centre = np.array([ax * np.cos(phi), ay * np.sin(phi), z])
+            tangent = np.array([-ax * np.sin(phi), ay * np.cos(phi), 0.0])
+            tangent /= np.linalg.norm(tangent)
+            loops.append(centre + width * np.cos(t)[:, None] * tangent + height * np.sin(t)[:, None] * axial)
+    return CoilArray(np.stack(loops), float(min(ax, ay)), float(width), height)

@@ -55,6 +55,11 @@ class SynthConfig:
     contrast: str = "t1w"
     fov_mm: Optional[float] = None
     threads: int = 1
+    head: bool = False                          # domain-randomised whole heads (converters.headsim)
+    head_sources: tuple[str, ...] = ("mni", "colin")
+    matrix_limits: tuple[int, int] = (96, 384)  # head mode: image matrix range
+    coil_limits: tuple[int, int] = (8, 32)      # head mode: coil count range
+    snr_limits_db: tuple[float, float] = (15.0, 40.0)
 
     def __post_init__(self) -> None:
         _choice("source", self.source, SOURCES)
@@ -88,6 +93,8 @@ def _choice(name: str, value: str, options: Sequence[str]) -> None:
 
 
 def volume_name(config: SynthConfig, index: int) -> str:
+    if config.head:
+        return f"synth_head_{'-'.join(config.head_sources)}_{config.seed}_{index:04d}.h5"
     return f"synth_{config.source}_{config.orientation}_{index:03d}.h5"
 
 
@@ -96,8 +103,9 @@ def volume_seed(seed: int, index: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, index, stream]).generate_state(1)[0])
 
 
-def volume_mask(config: SynthConfig, index: int) -> tuple[np.ndarray, int, float] | None:
-    """``(mask bool (matrix,), num_low_frequency, acceleration)`` for volume ``index``, or None for full data."""
+def volume_mask(config: SynthConfig, index: int, width: Optional[int] = None) -> tuple[np.ndarray, int, float] | None:
+    """``(mask bool (width,), num_low_frequency, acceleration)`` for volume ``index`` (``width``
+    phase columns, ``config.matrix`` when None), or None for full data."""
     if not config.accelerations:
         return None
     from gadget.mri.masks import MaskSampler, MaskSpec
@@ -106,7 +114,7 @@ def volume_mask(config: SynthConfig, index: int) -> tuple[np.ndarray, int, float
     acceleration = float(config.accelerations[int(rng.integers(len(config.accelerations)))])
     acceleration = int(acceleration) if acceleration.is_integer() else acceleration
     sampler = MaskSampler(MaskSpec(config.mask, [config.center_fraction], [acceleration]))
-    mask, num_low = sampler(config.matrix, seed=volume_seed(config.seed, index, 2))
+    mask, num_low = sampler(width or config.matrix, seed=volume_seed(config.seed, index, 2))
     return mask, int(num_low), float(acceleration)
 
 
@@ -116,7 +124,13 @@ def run_synth(config: SynthConfig, progress: Optional[Callable[[int], None]] = N
     Raises ``ValueError`` for bad settings, :class:`converters.anatomy.AnatomyUnavailable` when the
     anatomy files are missing, ``ImportError`` when the ISMRMRD converter is unavailable.
     """
-    load_anatomy(config.source, config.contrast)  # fail before creating anything
+    if config.head:
+        from .tissue import HEAD_SOURCES
+        bad = [s for s in config.head_sources if s not in HEAD_SOURCES]
+        if bad or not config.head_sources:
+            raise ValueError(f"unknown head source {bad[0] if bad else ''!r}; choose from {', '.join(HEAD_SOURCES)}")
+    else:
+        load_anatomy(config.source, config.contrast)  # fail before creating anything
     for index in range(config.volumes):
         volume_mask(config, index)                  # validate mask settings up front
     convert = _converter() if config.format == "ismrmrd" else None
@@ -125,7 +139,7 @@ def run_synth(config: SynthConfig, progress: Optional[Callable[[int], None]] = N
     written = []
     for index in range(config.volumes):
         path = out_dir / volume_name(config, index)
-        _write_volume(config, index, path, convert, progress)
+        (_write_head_volume if config.head else _write_volume)(config, index, path, convert, progress)
         written.append(path)
     return written
 
@@ -142,8 +156,12 @@ def _write_volume(config: SynthConfig, index: int, path: Path, convert, progress
         seed=volume_seed(config.seed, index), noise_samples=NOISE_READOUTS * 2 * config.matrix,
         source=config.source, orientation=config.orientation, contrast=config.contrast,
         fov_mm=config.fov_mm, workers=config.threads, progress=progress)
-    patient = f"synth-{config.source}-{config.seed}-{index:03d}"
-    undersampling = volume_mask(config, index)
+    _write_simulated(config, index, path, vol, convert)
+
+
+def _write_simulated(config: SynthConfig, index: int, path: Path, vol, convert) -> None:
+    patient = f"synth-{'head' if config.head else config.source}-{config.seed}-{index:03d}"
+    undersampling = volume_mask(config, index, vol.kspace.shape[-1])
     if convert is None:
         if undersampling is None:
             write_fastmri(path, vol, patient_id=patient, with_noise=True)
@@ -163,3 +181,13 @@ def _write_volume(config: SynthConfig, index: int, path: Path, convert, progress
                     center_fraction=config.center_fraction, seed=volume_seed(config.seed, index, 2))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _write_head_volume(config: SynthConfig, index: int, path: Path, convert, progress) -> None:
+    from .headsim import random_head_scan, simulate_head_volume
+
+    rng = np.random.default_rng(volume_seed(config.seed, index))
+    scan = random_head_scan(rng, config.head_sources, config.matrix_limits, config.coil_limits, config.snr_limits_db)
+    vol = simulate_head_volume(scan, config.slices, rng, noise_samples=NOISE_READOUTS * 512,
+                               workers=config.threads, progress=progress)
+    _write_simulated(config, index, path, vol, convert)

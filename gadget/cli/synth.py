@@ -46,6 +46,17 @@ def add_parser(sub) -> None:
                    help="tissue contrast (pdw needs --source mni; default t1w)")
     p.add_argument("--fov", type=float, metavar="MM", help="recon field of view in mm (default per source)")
     p.add_argument("--threads", type=int, default=2, help="FFT threads (default 2)")
+    p.add_argument("--head", action="store_true",
+                   help="domain-randomised whole heads (scalp, fat, skull; random contrast, deformation, bias, "
+                        "texture, FOV with fold-over, matrix, oversampling, head-hugging coils, SNR per volume); "
+                        "--source then takes a comma-separated list of mni,colin,inia and --matrix/--coils/--snr/"
+                        "--contrast/--orientation/--fov are replaced by the ranges below")
+    p.add_argument("--matrix-range", type=int, nargs=2, default=(96, 384), metavar=("LO", "HI"),
+                   help="--head: image matrix limits (default 96 384)")
+    p.add_argument("--coil-range", type=int, nargs=2, default=(8, 32), metavar=("LO", "HI"),
+                   help="--head: coil count limits (default 8 32)")
+    p.add_argument("--snr-range", type=float, nargs=2, default=(15.0, 40.0), metavar=("LO", "HI"),
+                   help="--head: SNR limits in dB (default 15 40)")
     p.set_defaults(run=run)
 
 
@@ -66,17 +77,24 @@ def run(args) -> int:
 
     from . import UserError
 
-    for name, options in (("source", SOURCES), ("orientation", tuple(ORIENTATIONS)), ("format", FORMATS),
+    from converters.tissue import HEAD_SOURCES
+
+    for name, options in (("orientation", tuple(ORIENTATIONS)), ("format", FORMATS),
                           ("mask", MASK_KINDS), ("contrast", CONTRASTS)):
         _check(name, getattr(args, name), options)
+    head_sources = tuple(s.strip() for s in args.source.split(","))
+    for src in head_sources if args.head else (args.source,):
+        _check("source", src, HEAD_SOURCES if args.head else SOURCES)
     if not MIN_COILS <= args.coils <= MAX_COILS:
         raise UserError(f"--coils must be between {MIN_COILS} and {MAX_COILS}, got {args.coils}")
     try:
         config = SynthConfig(
-            out_dir=args.out_dir, source=args.source, volumes=args.volumes, slices=args.slices,
+            out_dir=args.out_dir, source="mni" if args.head else args.source, volumes=args.volumes, slices=args.slices,
             orientation=args.orientation, coils=args.coils, matrix=args.matrix, snr_db=args.snr, seed=args.seed,
             format=args.format, accelerations=tuple(args.acceleration or ()), mask=args.mask,
-            center_fraction=args.center_fraction, contrast=args.contrast, fov_mm=args.fov, threads=args.threads)
+            center_fraction=args.center_fraction, contrast=args.contrast, fov_mm=args.fov, threads=args.threads,
+            head=args.head, head_sources=head_sources, matrix_limits=tuple(args.matrix_range),
+            coil_limits=tuple(args.coil_range), snr_limits_db=tuple(args.snr_range))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:

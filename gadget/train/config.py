@@ -42,7 +42,8 @@ class DataConfig:
 
     train_dirs: list[str] = field(default_factory=list)   # directories of *.h5 (fastMRI or `varnet synth`)
     val_dirs: list[str] = field(default_factory=list)     # train/val layout, or test layout with `mask`
-    mask: str = "random"                                  # random | equispaced | equispaced-fraction
+    mask: str = "random"                                  # random | equispaced | equispaced-fraction, or several
+                                                          # joined by commas (one drawn per mask)
     center_fractions: list[float] = field(default_factory=lambda: [0.08, 0.04])
     accelerations: list[float] = field(default_factory=lambda: [4.0, 8.0])
     target: str = TARGET_AUTO                             # dataset name, or auto
@@ -100,6 +101,11 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def mask_kinds(mask: str) -> list[str]:
+    """``"random,equispaced-fraction"`` → ``["random", "equispaced-fraction"]``."""
+    return [kind.strip() for kind in str(mask).split(",")]
 
 
 SECTIONS = {f.name: f.default_factory for f in fields(TrainConfig)}  # name -> section class
@@ -246,8 +252,8 @@ def validate(config: TrainConfig, source: str = "config") -> None:
     for key in ("num_cascades", "chans", "pools", "sens_chans", "sens_pools"):
         if getattr(m, key) < 1:
             fail(f"model.{key} must be >= 1, got {getattr(m, key)}")
-    if d.mask not in MASK_KINDS:
-        fail(f"data.mask = {d.mask!r} must be one of {', '.join(MASK_KINDS)}")
+    if not d.mask or any(kind not in MASK_KINDS for kind in mask_kinds(d.mask)):
+        fail(f"data.mask = {d.mask!r} must be one of {', '.join(MASK_KINDS)}, or several joined by commas")
     if len(d.center_fractions) != len(d.accelerations):
         fail(f"data.center_fractions ({len(d.center_fractions)} values) and data.accelerations "
              f"({len(d.accelerations)} values) must pair up one to one")
@@ -306,4 +312,4 @@ def resolve_config_path(spec: str) -> Path:
 
 __all__ = ["TrainConfig", "DataConfig", "OptimConfig", "LossConfig", "RunConfig", "VarNetConfig",
            "TrainConfigError", "build_config", "load_config", "parse_override", "resolve_config_path",
-           "preset_names", "MASK_KINDS", "LOSS_KINDS", "AMP_MODES"]
+           "preset_names", "mask_kinds", "MASK_KINDS", "LOSS_KINDS", "AMP_MODES"]

@@ -132,6 +132,25 @@ def read_volume_info(path: Path, target: str = AUTO_TARGET, require_target: bool
                           num_low_frequency=vol.num_low_frequency or 0)
 
 
+class MixedMaskSampler:
+    """Masks from one of several :class:`MaskSpec` (e.g. random and equispaced-fraction kinds),
+    the spec drawn per call from the call's seed, so a seeded mask stays reproducible. With one
+    spec it is exactly :class:`MaskSampler` (fastMRI's masks bit for bit)."""
+
+    def __init__(self, specs: MaskSpec | Sequence[MaskSpec]):
+        self.samplers = [MaskSampler(s) for s in ([specs] if isinstance(specs, MaskSpec) else specs)]
+        if not self.samplers:
+            raise ValueError("at least one mask spec is needed")
+
+    def __call__(self, num_cols: int, seed) -> tuple[np.ndarray, int]:
+        sampler = self.samplers[0]
+        if len(self.samplers) > 1:
+            entropy = list(seed) if isinstance(seed, (tuple, list)) else [int(seed)]
+            pick = np.random.default_rng(np.random.SeedSequence([*entropy, 7919])).integers(len(self.samplers))
+            sampler = self.samplers[int(pick)]
+        return sampler(num_cols, seed=seed)
+
+
 def restrict_to_padding(mask: np.ndarray, padding: tuple[int, int]) -> np.ndarray:
     """Clear the columns outside ``[left, right)`` (fastMRI's ``apply_mask(padding=...)``)."""
     mask = np.asarray(mask, dtype=bool).copy()
@@ -146,19 +165,20 @@ class SliceDataset(Dataset):
 
     Args:
         dirs: directories of ``*.h5`` files (or files).
-        mask_spec: how to undersample fully sampled files (None: test-layout files only).
+        mask_spec: how to undersample fully sampled files (None: test-layout files only); a
+            list of specs draws one per mask (:class:`MixedMaskSampler`).
         target: target dataset name, or ``auto``.
         fixed_masks: seed each volume's mask from its file name (validation); else a new
             mask per slice and epoch, seeded with ``(seed, epoch, index)``.
         seed: base seed of the training masks.
     """
 
-    def __init__(self, dirs: Sequence[str | os.PathLike], mask_spec: Optional[MaskSpec],
+    def __init__(self, dirs: Sequence[str | os.PathLike], mask_spec: Optional[MaskSpec | Sequence[MaskSpec]],
                  target: str = AUTO_TARGET, fixed_masks: bool = False, seed: int = 0):
         self.volumes = [read_volume_info(p, target) for p in list_files(dirs)]
         if not self.volumes:
             raise FastMRIFileError(f"no files in {', '.join(map(str, dirs))}")
-        self.sampler = MaskSampler(mask_spec) if mask_spec is not None else None
+        self.sampler = MixedMaskSampler(mask_spec) if mask_spec is not None else None
         self.fixed_masks = fixed_masks
         self.seed = int(seed)
         self.epoch = 0
@@ -296,6 +316,6 @@ def worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-__all__ = ["SliceDataset", "TrainSample", "VolumeInfo", "EpochSampler", "collate", "list_files",
+__all__ = ["SliceDataset", "MixedMaskSampler", "TrainSample", "VolumeInfo", "EpochSampler", "collate", "list_files",
            "read_volume_info", "resolve_target_key", "restrict_to_padding", "NOISE_FREE_TARGET",
            "FASTMRI_TARGET", "worker_init"]

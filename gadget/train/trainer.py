@@ -52,7 +52,7 @@ from ..mri.masks import MaskSpec, detect_num_low_frequencies
 from ..mri.metrics import VolumeMetrics, center_crop, center_crop_at_most
 from ..recon.engine import resolve_device
 from ..recon.fastmri_infer import crop_size_for
-from .config import TrainConfig, TrainConfigError
+from .config import TrainConfig, TrainConfigError, mask_kinds
 from .data import EpochSampler, SliceDataset, TrainSample, collate, worker_init
 from .losses import TrainingLoss
 
@@ -272,7 +272,7 @@ class Trainer:
         if not data.train_dirs:
             raise TrainConfigError("data.train_dirs is empty: give directories of fastMRI-layout .h5 files "
                                    "(e.g. --set data.train_dirs=[data/synth/train])")
-        self.mask_spec = MaskSpec(data.mask, data.center_fractions, data.accelerations)
+        self.mask_spec = [MaskSpec(kind, data.center_fractions, data.accelerations) for kind in mask_kinds(data.mask)]
         self.train_set = SliceDataset(data.train_dirs, self.mask_spec, data.target, fixed_masks=False, seed=run.seed)
         self.val_set = (SliceDataset(data.val_dirs, self.mask_spec, data.target, fixed_masks=True)
                         if data.val_dirs else None)
