@@ -160,9 +160,12 @@ def test_compare_writes_outputs_with_expected_rows(compare_files, tmp_path):
     assert math.isnan(by["bart"]["ssim"])
     assert {p.name for p in out.iterdir()} == {"results.md", "results.csv", "figure.png"}
     table = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["method"] for r in table] == ["zero-filled", "sense", "bart", "varnet"]
-    assert list(table[0]) == ["method", "ssim", "psnr", "nmse", "seconds_per_slice", "target", "volumes",
+    methods = ["zero-filled", "sense", "bart", "varnet"]
+    assert [(r["source"], r["method"]) for r in table] == [("test", m) for m in methods] + [("all", m) for m in methods]
+    assert list(table[0]) == ["source", "method", "ssim", "psnr", "nmse", "seconds_per_slice", "target", "volumes",
                               "slices", "status", "note"]
+    for r in table[:4]:  # one source: its row is the pooled row
+        assert r == dict(table[4 + methods.index(r["method"])], source="test")
     md = (out / "results.md").read_text()
     assert "| bart | — | — | — | — | — | skipped: 'bart-not-installed-here' not found on PATH" in md
     assert f"scored against: {NOISE_FREE_TARGET}" in md

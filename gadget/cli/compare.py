@@ -23,17 +23,27 @@ def add_parser(sub) -> None:
             "  varnet       E2E-VarNet from --checkpoint (default: the shipped weights).\n"
             "Test-layout files (kspace + mask) use their own mask; fully sampled files need --acceleration\n"
             "and are undersampled with a fastMRI mask seeded by the file name.\n"
-            "Writes OUT/results.md, OUT/results.csv (method, SSIM, PSNR, NMSE, s/slice, target) and\n"
-            "OUT/figure.png (truth, each method and error maps for the middle slice of the first file)."),
+            "Each DIR_OR_FILE is one source, named by its directory name or file stem, or NAME=PATH (inputs\n"
+            "given the same NAME are one source). Scores are means over volumes, per source and pooled ('all').\n"
+            "--checkpoint NAME=PATH, repeated, adds one row per model (varnet:NAME) on the same masks;\n"
+            "PATH 'shipped' is the packaged weights.\n"
+            "Writes OUT/results.md (a table per source and the pooled one), OUT/results.csv (source, method,\n"
+            "SSIM, PSNR, NMSE, s/slice, target; source 'all' = pooled) and OUT/figure.png (truth, each method\n"
+            "and error maps for the middle slice of the first file)."),
         epilog=example_epilog(
             "varnet synth data/test --matrix 256 --slices 4 --acceleration 4",
             "varnet compare data/test --checkpoint model.pt --out results/ --max-slices 2",
             "varnet compare data/train/synth_mni_axial_000.h5 --acceleration 8 --center-fraction 0.04 "
-            "--methods zero-filled,sense"),
+            "--methods zero-filled,sense",
+            "varnet compare mni=data/test_mni colin=data/test_colin --acceleration 4 "
+            "--checkpoint new=runs/small/best.pt --checkpoint shipped-v1=shipped --out results/"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", type=Path, metavar="DIR_OR_FILE", help="fastMRI .h5 files or directories")
-    p.add_argument("--checkpoint", help="E2E-VarNet checkpoint (fastMRI state dict, Lightning .ckpt or ours; "
-                                        "default: the shipped weights)")
+    p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE",
+                   help="fastMRI .h5 files or directories, each one source; NAME=PATH names it")
+    p.add_argument("--checkpoint", action="append", metavar="[NAME=]PATH",
+                   help="E2E-VarNet checkpoint (fastMRI state dict, Lightning .ckpt or ours; default: the shipped "
+                        "weights); repeat as NAME=PATH to compare several models (rows varnet:NAME); "
+                        "PATH 'shipped' = the packaged weights")
     p.add_argument("--methods", default="zero-filled,sense,bart,varnet",
                    help="comma-separated subset of zero-filled,sense,bart,varnet (default all)")
     p.add_argument("--out", type=Path, default=Path("compare_results"),
@@ -64,7 +74,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..baselines.bart import BartConfig
     from ..baselines.sense import SenseConfig
-    from ..evaluation.compare import Undersample, compare_methods
+    from ..evaluation.compare import Undersample, compare_methods, parse_methods
     from ..evaluation.scoring import EvaluationError
     from . import UserError
 
@@ -75,12 +85,12 @@ def run(args) -> int:
     undersample = None
     if args.acceleration is not None:
         undersample = Undersample(args.acceleration, args.center_fraction, args.mask)
-    checkpoint = args.checkpoint
-    if checkpoint is None and "varnet" in args.methods:
-        from ..model.shipped import resolve_checkpoint
-
-        checkpoint = resolve_checkpoint(None)  # the shipped weights
+    checkpoint = args.checkpoint  # a list of [NAME=]PATH (parsed by compare_methods) or None
     try:
+        if checkpoint is None and "varnet" in parse_methods(args.methods):
+            from ..model.shipped import resolve_checkpoint
+
+            checkpoint = resolve_checkpoint(None)  # the shipped weights
         rows = compare_methods(
             args.inputs, args.methods, checkpoint, out_dir=args.out, max_slices=args.max_slices,
             undersample=undersample, target_key=args.target_key,

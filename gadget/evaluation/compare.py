@@ -13,6 +13,10 @@ seeded by the file name (as fastMRI's data transforms do). Every method sees the
 images are cropped to the header's recon size as in ``varnet infer`` and scored as in
 :mod:`gadget.evaluation.scoring` (fastMRI semantics, mean over volumes). Timing: wall seconds per
 slice, ESPIRiT included in ``sense``, BART's own calibration included in ``bart``.
+
+Each input is a *source* (:mod:`gadget.evaluation.sources`): scores are reported per source and
+pooled over all volumes (``all``). Several checkpoints give one ``varnet:NAME`` row each, all
+scored on the same masks.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from ..mri.masks import MaskSampler, MaskSpec, contiguous_center_lines
 from ..mri.metrics import center_crop
 from ..recon.fastmri_infer import acquired_mask, crop_size_for
 from .scoring import EvaluationError, fastmri_eval_crop, mean_std, resolve_target_key, score_volume
+from .sources import POOLED, parse_checkpoints, parse_sources
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +180,15 @@ def varnet(case: Case, engine, batch_size: int = 1) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- driver
 
+_SCORES = ("ssim", "psnr", "nmse")
+
 
 @dataclass
 class MethodResult:
-    """Accumulates one method's scores over volumes."""
+    """Accumulates one method's scores over the volumes of one source."""
 
     method: str
+    source: str = POOLED
     per_volume: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     slices: int = 0
@@ -188,13 +196,33 @@ class MethodResult:
     note: str = ""
 
     def row(self) -> dict:
-        means = {m: mean_std(v[m] for v in self.per_volume)[0] if self.per_volume else math.nan
-                 for m in ("ssim", "psnr", "nmse")}
+        """Means over volumes (NaN for all three when the method failed: a partial mean would mislead)."""
+        means = {m: mean_std(v[m] for v in self.per_volume)[0] if self.per_volume and self.status != "failed"
+                 else math.nan for m in _SCORES}
         targets = ", ".join(sorted({v["target"] for v in self.per_volume}))
-        return {"method": self.method, **means,
+        return {"source": self.source, "method": self.method, **means,
                 "seconds_per_slice": self.seconds / self.slices if self.slices else math.nan,
                 "target": targets, "volumes": len(self.per_volume), "slices": self.slices,
                 "status": self.status, "note": self.note, "per_volume": list(self.per_volume)}
+
+
+def pooled(method: str, parts: Sequence[MethodResult]) -> MethodResult:
+    """One method over every source: all volumes together (the mean is over volumes, not sources);
+    failed when it failed on any source, skipped when skipped on all."""
+    out = MethodResult(method, POOLED)
+    for part in parts:
+        out.per_volume += part.per_volume
+        out.seconds += part.seconds
+        out.slices += part.slices
+    failed = [p for p in parts if p.status == "failed"]
+    if failed:
+        out.status = "failed"
+        out.note = "; ".join(f"{p.source}: {p.note}" for p in failed) if len(parts) > 1 else failed[0].note
+    elif parts and all(p.status == "skipped" for p in parts):
+        out.status, out.note = "skipped", parts[0].note
+    else:
+        out.note = next((p.note for p in parts if p.status == "ok"), "")
+    return out
 
 
 def _load_engine(checkpoint, device: str, precision: Optional[str] = None):
@@ -219,38 +247,28 @@ def _load_engine(checkpoint, device: str, precision: Optional[str] = None):
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, directories expanded to their ``*.h5`` files (sorted)."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(p.glob("*.h5"))
-            if not found:
-                raise EvaluationError(f"no .h5 files in {p}")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise EvaluationError(f"input not found: {p}")
-    if not files:
-        raise EvaluationError("no input files")
-    return files
+    """Files as given, directories expanded to their ``*.h5`` files (sorted); ``NAME=PATH`` accepted."""
+    return [f for src in parse_sources(inputs) for f in src.files]
 
 
-def compare_methods(files: Sequence[str | Path], methods: str | Sequence[str] = METHODS, checkpoint=None, *,
+def compare_methods(files, methods: str | Sequence[str] = METHODS, checkpoint=None, *,
                     out_dir: Optional[str | Path] = None, max_slices: Optional[int] = None,
                     undersample: Optional[Undersample] = None, target_key: str = "auto",
                     espirit: EspiritConfig = EspiritConfig(), sense_config: SenseConfig = SenseConfig(),
                     bart_config: BartConfig = BartConfig(), device: str = "auto", batch_size: int = 1,
                     precision: Optional[str] = None,
                     progress: Optional[Callable[[str, str], None]] = None) -> list[dict]:
-    """Run ``methods`` on every file and score them.
+    """Run ``methods`` on every file of every source and score them, per source and pooled.
 
     Args:
-        files: fastMRI-layout ``.h5`` files or directories of them.
+        files: the sources (:func:`gadget.evaluation.sources.parse_sources`): fastMRI-layout ``.h5``
+            files or directories of them, each one source named by its directory name or file stem;
+            ``"NAME=PATH"`` or ``(name, path)`` names it; a mapping ``{name: path(s)}`` too.
         methods: names from :data:`METHODS` (list or comma-separated string).
         checkpoint: E2E-VarNet checkpoint path, or a VarNet ``nn.Module`` (e.g. from a training
-            loop; its train/eval mode is restored afterwards). ``None`` skips ``varnet``.
+            loop; its train/eval mode is restored afterwards) → row ``varnet``; or several, as a
+            mapping ``{name: path or module}`` or a list of ``"NAME=PATH"`` → rows ``varnet:NAME``
+            (:func:`gadget.evaluation.sources.parse_checkpoints`). ``None`` skips ``varnet``.
         out_dir: when given, write ``results.md``, ``results.csv`` and ``figure.png`` there.
         max_slices: score only the middle ``max_slices`` slices of each file.
         undersample: mask for fully sampled files (test-layout files use their own mask).
@@ -260,73 +278,86 @@ def compare_methods(files: Sequence[str | Path], methods: str | Sequence[str] = 
         progress: called as ``progress(method, file_name)`` before each reconstruction.
 
     Returns:
-        One dict per method, in order: ``method``, ``ssim``, ``psnr``, ``nmse`` (means over
-        volumes; NaN when not run), ``seconds_per_slice``, ``target`` (dataset(s) scored against),
+        One dict per method row (``varnet`` expanded per checkpoint), pooled over all sources:
+        ``source`` (``"all"``), ``method``, ``ssim``, ``psnr``, ``nmse`` (means over volumes; NaN
+        when not run or failed), ``seconds_per_slice``, ``target`` (dataset(s) scored against),
         ``volumes``, ``slices``, ``status`` (``ok`` | ``skipped`` | ``failed``), ``note`` (why),
-        ``per_volume`` (list of ``{file, ssim, psnr, nmse, target}``).
+        ``per_volume`` (list of ``{source, file, ssim, psnr, nmse, target}``) and ``by_source``
+        (the same dicts, without ``by_source``, for each source in order). A method that fails
+        on a file is not run on the rest of that source, but is on the other sources.
     """
     methods = parse_methods(methods)
-    paths = expand_inputs(files)
-    results = {m: MethodResult(m) for m in methods}
+    sources = parse_sources(files)
+    models = parse_checkpoints(checkpoint) if "varnet" in methods else []
+    row_names: list[str] = []
+    for m in methods:
+        row_names += [name for name, _ in models] if m == "varnet" and models else [m]
+    results = {row: {s.name: MethodResult(row, s.name) for s in sources} for row in row_names}
+
+    def mark(row: str, status: str, note: str) -> None:
+        for res in results[row].values():
+            res.status, res.note = status, note
+
     runners: dict[str, Callable[[Case], np.ndarray]] = {
         "zero-filled": zero_filled,
         "sense": lambda c: sense(c, espirit, sense_config),
         "bart": lambda c: bart(c, bart_config),
     }
     if "bart" in results and find_bart(bart_config.binary) is None:
-        results["bart"].status = "skipped"
-        results["bart"].note = f"'{bart_config.binary}' not found on PATH; {INSTALL_HINT}"
-    restore = None
-    if "varnet" in results:
-        if checkpoint is None:
-            results["varnet"].status, results["varnet"].note = "skipped", "no checkpoint given (--checkpoint)"
-        else:
-            engine, desc, module, was_training = _load_engine(checkpoint, device, precision)
-            restore = (module, was_training)
-            runners["varnet"] = lambda c: varnet(c, engine, batch_size)
-            results["varnet"].note = desc
+        mark("bart", "skipped", f"'{bart_config.binary}' not found on PATH; {INSTALL_HINT}")
+    if "varnet" in methods and not models:
+        mark("varnet", "skipped", "no checkpoint given (--checkpoint)")
+    restore = []
     figure = None
     try:
-        for path in paths:
-            case = load_case(path, target_key, max_slices, undersample)
-            log.info("%s: slices %d-%d, %d of %d lines (%s), ACS %d, target %s", case.name, case.slices[0],
-                     case.slices[-1], int(case.mask.sum()), case.mask.size, case.mask_source, case.num_low,
-                     case.target_key)
-            images = {}
-            for name, res in results.items():
-                if res.status != "ok":
-                    continue
-                if progress:
-                    progress(name, case.name)
-                start = time.perf_counter()
-                try:
-                    recon = runners[name](case)
-                except (BartError, ValueError, RuntimeError) as exc:
-                    log.error("%s failed on %s: %s", name, case.name, exc)
-                    res.status, res.note = "failed", f"{case.name}: {exc}"
-                    continue
-                res.seconds += time.perf_counter() - start
-                res.slices += len(case.slices)
-                res.per_volume.append({"file": case.name, "target": case.target_key,
-                                       **score_volume(case.target, recon)})
-                images[name] = recon
-            if figure is None and images:
-                figure = _figure_data(case, images)
+        for row, ckpt in models:
+            engine, desc, module, was_training = _load_engine(ckpt, device, precision)
+            if module is not None:
+                restore.append((module, was_training))
+            runners[row] = lambda c, engine=engine: varnet(c, engine, batch_size)
+            mark(row, "ok", desc)
+        for src in sources:
+            for path in src.files:
+                case = load_case(path, target_key, max_slices, undersample)
+                log.info("%s/%s: slices %d-%d, %d of %d lines (%s), ACS %d, target %s", src.name, case.name,
+                         case.slices[0], case.slices[-1], int(case.mask.sum()), case.mask.size, case.mask_source,
+                         case.num_low, case.target_key)
+                images = {}
+                for name in row_names:
+                    res = results[name][src.name]
+                    if res.status != "ok":
+                        continue
+                    if progress:
+                        progress(name, case.name)
+                    start = time.perf_counter()
+                    try:
+                        recon = runners[name](case)
+                    except (BartError, ValueError, RuntimeError) as exc:
+                        log.error("%s failed on %s/%s: %s", name, src.name, case.name, exc)
+                        res.status, res.note = "failed", f"{case.name}: {exc}"
+                        continue
+                    res.seconds += time.perf_counter() - start
+                    res.slices += len(case.slices)
+                    res.per_volume.append({"source": src.name, "file": case.name, "target": case.target_key,
+                                           **score_volume(case.target, recon)})
+                    images[name] = recon
+                if figure is None and images:
+                    figure = _figure_data(case, images)
     finally:
-        if restore is not None and restore[0] is not None:
-            restore[0].train(restore[1])
-    rows = [res.row() for res in results.values()]
-    for row in rows:
-        if row["status"] == "failed":  # a partial mean over fewer volumes would mislead
-            for m in ("ssim", "psnr", "nmse"):
-                row[m] = math.nan
+        for module, was_training in restore:
+            module.train(was_training)
+    rows = []
+    for name in row_names:
+        parts = [results[name][s.name] for s in sources]
+        rows.append(dict(pooled(name, parts).row(), by_source=[p.row() for p in parts]))
     if out_dir is not None:
         from .report import write_report
 
         mask_note = ("each file's own mask" if undersample is None else
                      f"{undersample.kind} mask, R={undersample.acceleration:g}, center fraction "
                      f"{undersample.center_fraction:g}, seeded by file name")
-        write_report(out_dir, rows, figure, files=[p.name for p in paths], mask_note=mask_note)
+        write_report(out_dir, rows, figure, sources={s.name: [p.name for p in s.files] for s in sources},
+                     mask_note=mask_note)
     return rows
 
 
