@@ -330,3 +330,22 @@ def test_training_config_accepts_several_mask_kinds():
     assert mask_kinds(cfg.data.mask) == ["random", "equispaced-fraction"]
     with pytest.raises(TrainConfigError, match="radial"):
         build_config({}, ["data.mask=random,radial"])
+
+
+def test_preview_sheet_shows_each_volume(tmp_path):
+    from converters.preview import preview_panels, write_preview
+    from converters.simulate import simulate_volume, write_fastmri
+
+    paths = []
+    for seed in (1, 2):
+        vol = simulate_volume(num_slices=3, num_coils=4, recon_size=(32, 24), seed=seed)
+        write_fastmri(tmp_path / f"v{seed}.h5", vol)
+        paths.append(tmp_path / f"v{seed}.h5")
+    title, target, coil = preview_panels(paths[0])
+    np.testing.assert_array_equal(target, vol_target := simulate_volume(
+        num_slices=3, num_coils=4, recon_size=(32, 24), seed=1).target_rss[1])
+    assert coil.shape == (64, 24) and "(4, 64, 24)" in title and vol_target.max() > 0
+    png = write_preview(paths, tmp_path / "preview.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no files"):
+        write_preview([], tmp_path / "none.png")

@@ -51,6 +51,8 @@ def add_parser(sub) -> None:
                         "texture, FOV with fold-over, matrix, oversampling, head-hugging coils, SNR per volume); "
                         "--source then takes a comma-separated list of mni,colin,inia and --matrix/--coils/--snr/"
                         "--contrast/--orientation/--fov are replaced by the ranges below")
+    p.add_argument("--preview", action="store_true",
+                   help="also write OUT_DIR/preview.png: the middle slice of up to 8 volumes (target and coil 1)")
     p.add_argument("--matrix-range", type=int, nargs=2, default=(96, 384), metavar=("LO", "HI"),
                    help="--head: image matrix limits (default 96 384)")
     p.add_argument("--coil-range", type=int, nargs=2, default=(8, 32), metavar=("LO", "HI"),
@@ -108,4 +110,8 @@ def run(args) -> int:
         raise UserError(str(exc)) from None
     for path in paths:
         print(path)
+    if args.preview:
+        from converters.preview import write_preview
+
+        print(write_preview(paths, config.out_dir / "preview.png"))
     return 0
