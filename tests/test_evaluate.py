@@ -17,6 +17,7 @@ from gadget.cli import compare as compare_cli
 from gadget.cli import evaluate as evaluate_cli
 from gadget.evaluation import EvaluationError, Undersample, compare_methods, evaluate_predictions
 from gadget.evaluation.scoring import TARGET_KEYS, fastmri_eval_crop, score_volume
+from gadget.evaluation.sources import parse_checkpoints, parse_sources
 from gadget.model.checkpoint import save_checkpoint
 from gadget.model.varnet import VarNet
 from tests.conftest import equispaced_mask
@@ -234,3 +235,120 @@ def test_compare_marks_failures_and_model_mode_is_restored(compare_files, tmp_pa
     assert _cli(compare_cli, ["compare", str(tmp_path / "noacs.h5"), "--methods", "sense",
                               "--out", str(tmp_path / "o")]) == 1
     assert not (tmp_path / "o" / "figure.png").exists()
+
+
+# ----------------------------------------------------------------------------- several sources and models
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    """Source ``a``: two fully sampled files, source ``b``: one (32×32, 1 slice, 4 coils); two
+    random-weights checkpoints."""
+    root = tmp_path_factory.mktemp("sources")
+    for src, names in (("a", ("a0.h5", "a1.h5")), ("b", ("b0.h5",))):
+        (root / src).mkdir()
+        for i, name in enumerate(names):
+            seed = 10 + 3 * i + (src == "b")
+            write_fastmri(root / src / name, simulate_volume(num_slices=1, num_coils=4, recon_size=(32, 32), seed=seed))
+    for seed, name in ((0, "old.pt"), (1, "new.pt")):
+        torch.manual_seed(seed)
+        save_checkpoint(root / name, VarNet(num_cascades=1, chans=4, pools=2, sens_chans=4, sens_pools=2))
+    return root
+
+
+_US = Undersample(acceleration=4, center_fraction=0.25, kind="equispaced")
+
+
+def test_compare_reports_per_source_and_pooled_means(two_sources, tmp_path):
+    r = two_sources
+    out = tmp_path / "out"
+    rows = compare_methods([r / "a", f"bee={r / 'b'}"], "zero-filled,varnet",
+                           {"old": r / "old.pt", "new": r / "new.pt"}, undersample=_US, out_dir=out, device="cpu")
+    assert [x["method"] for x in rows] == ["zero-filled", "varnet:old", "varnet:new"]
+    # independent per-volume scores: each file compared on its own
+    single = {f.name: {x["method"]: x for x in compare_methods([f], "zero-filled,varnet", {"old": r / "old.pt"},
+                                                               undersample=_US, device="cpu")}
+              for f in sorted((r / "a").glob("*.h5")) + [r / "b" / "b0.h5"]}
+    files = {"a": ["a0.h5", "a1.h5"], "bee": ["b0.h5"]}
+    for row in rows[:2]:
+        assert row["source"] == "all" and [p["source"] for p in row["by_source"]] == ["a", "bee"]
+        for part in row["by_source"]:
+            assert part["volumes"] == len(files[part["source"]])
+            for m in ("ssim", "psnr", "nmse"):
+                expect = np.mean([single[f][row["method"]][m] for f in files[part["source"]]])
+                assert part[m] == pytest.approx(expect, rel=1e-12)
+        for m in ("ssim", "psnr", "nmse"):
+            every = [single[f][row["method"]][m] for f in single]
+            assert row[m] == pytest.approx(np.mean(every), rel=1e-12)  # mean over volumes...
+            src_means = np.mean([p[m] for p in row["by_source"]])
+            assert abs(row[m] - src_means) > 1e-9  # ...not over sources
+    # two models on the same masks: different weights, different scores; same volumes and files
+    old, new = rows[1], rows[2]
+    assert [v["file"] for v in old["per_volume"]] == [v["file"] for v in new["per_volume"]]
+    assert old["ssim"] != new["ssim"] and "old.pt" in old["note"] and "new.pt" in new["note"]
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [(t["source"], t["method"]) for t in table] == [
+        (s, m) for s in ("a", "bee", "all") for m in ("zero-filled", "varnet:old", "varnet:new")]
+    got = {(t["source"], t["method"]): float(t["ssim"]) for t in table}
+    assert got[("bee", "varnet:new")] == pytest.approx(new["by_source"][1]["ssim"], rel=1e-6)
+    assert got[("all", "zero-filled")] == pytest.approx(rows[0]["ssim"], rel=1e-6)
+    md = (out / "results.md").read_text()
+    assert "## a (2 files; per source)" in md and "## bee (1 file; per source)" in md
+    assert "## all (3 files; pooled" in md and md.count("| varnet:old |") == 3
+    assert "sources (2): a (2 files: a0.h5, a1.h5); bee (1 file: b0.h5)" in md
+
+
+def test_compare_failure_is_per_source(compare_files, tmp_path):
+    vol = simulate_volume(num_slices=1, num_coils=4, recon_size=(32, 32), seed=4)
+    no_acs = np.zeros(32, bool)
+    no_acs[::4] = True
+    write_fastmri(tmp_path / "noacs.h5", vol, mask=no_acs, acceleration=4, keep_targets=True)
+    rows = compare_methods([f"good={compare_files / 'test'}", f"bad={tmp_path / 'noacs.h5'}"], "sense",
+                           max_slices=1)
+    good, bad = rows[0]["by_source"]
+    assert good["status"] == "ok" and good["volumes"] == 1 and math.isfinite(good["ssim"])
+    assert bad["status"] == "failed" and math.isnan(bad["ssim"])
+    assert rows[0]["status"] == "failed" and rows[0]["note"].startswith("bad: noacs.h5") and math.isnan(rows[0]["ssim"])
+
+
+def test_source_and_checkpoint_errors(two_sources, tmp_path):
+    r = two_sources
+    (tmp_path / "x" / "a").mkdir(parents=True)
+    shutil.copy(r / "a" / "a0.h5", tmp_path / "x" / "a" / "c.h5")
+    with pytest.raises(EvaluationError, match="both named 'a'.*NAME=PATH"):
+        parse_sources([r / "a", tmp_path / "x" / "a"])
+    assert [s.name for s in parse_sources([f"a={r / 'a'}", f"a={tmp_path / 'x' / 'a'}"])] == ["a"]  # merged
+    with pytest.raises(EvaluationError, match="reserved"):
+        parse_sources([f"all={r / 'a'}"])
+    with pytest.raises(EvaluationError, match="bad name 'a b'"):
+        parse_sources([f"a b={r / 'a'}"])
+    with pytest.raises(EvaluationError, match="in sources 'a' and 'again'"):
+        parse_sources([r / "a", f"again={r / 'a' / 'a1.h5'}"])
+    with pytest.raises(EvaluationError, match="nope=.*input not found"):
+        parse_sources([f"nope={tmp_path / 'missing'}"])
+    assert parse_sources({"m": [r / "a" / "a0.h5", r / "b"]})[0].files == (r / "a" / "a0.h5", r / "b" / "b0.h5")
+    assert parse_checkpoints([str(r / "old.pt")]) == [("varnet", str(r / "old.pt"))]
+    assert [n for n, _ in parse_checkpoints([f"o={r / 'old.pt'}", "v1=shipped"])] == ["varnet:o", "varnet:v1"]
+    with pytest.raises(EvaluationError, match="name each one as NAME=PATH.*old.pt"):
+        parse_checkpoints([str(r / "old.pt"), f"n={r / 'new.pt'}"])
+    with pytest.raises(EvaluationError, match="more than once: m"):
+        parse_checkpoints([f"m={r / 'old.pt'}", f"m={r / 'new.pt'}"])
+    with pytest.raises(EvaluationError, match="checkpoint not found: .*missing.pt"):
+        parse_checkpoints([f"m={tmp_path / 'missing.pt'}"])
+
+
+def test_compare_cli_sources_and_checkpoints(two_sources, tmp_path, capsys):
+    r, out = two_sources, tmp_path / "cli"
+    argv = ["compare", f"first={r / 'a' / 'a0.h5'}", str(r / "b"), "--methods", "zero-filled,varnet",
+            "--acceleration", "4", "--center-fraction", "0.25", "--mask", "equispaced", "--out", str(out),
+            "--device", "cpu", "--checkpoint", f"old={r / 'old.pt'}", "--checkpoint", f"new={r / 'new.pt'}"]
+    assert _cli(compare_cli, argv) == 0
+    assert "## first (1 file; per source)" in capsys.readouterr().out
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert {t["source"] for t in table} == {"first", "b", "all"} and len(table) == 9
+    with pytest.raises(UserError, match="name each one as NAME=PATH"):
+        _cli(compare_cli, argv[:-4] + ["--checkpoint", str(r / "old.pt"), "--checkpoint", str(r / "new.pt")])
+    (tmp_path / "other" / "b").mkdir(parents=True)
+    shutil.copy(r / "b" / "b0.h5", tmp_path / "other" / "b" / "b9.h5")
+    with pytest.raises(UserError, match="both named 'b'"):
+        _cli(compare_cli, ["compare", str(r / "b"), str(tmp_path / "other" / "b"), "--out", str(out)])
