@@ -4,7 +4,10 @@
   volumes and per acquisition (``varnet evaluate``);
 * :mod:`.compare` — zero-filled, CG-SENSE, BART and E2E-VarNet on the same data
   (``varnet compare``, :func:`compare_methods` for training scripts);
-* :mod:`.report` — ``results.md``, ``results.csv``, ``figure.png``.
+* :mod:`.sources` — naming inputs (sources, ``NAME=PATH``) and checkpoints (``varnet:NAME`` rows);
+* :mod:`.report` — ``results.md``, ``results.csv`` (per source and pooled), ``figure.png``;
+* :mod:`.generalisation` — models × test sets seen in training or held out
+  (``bench/generalisation_matrix.py``).
 """
 from .compare import METHODS, Undersample, compare_methods
 from .scoring import (

@@ -35,14 +35,16 @@ class Source:
 
 
 def check_name(name: str, what: str) -> str:
-    """``name`` when it is a usable source/model name (letters, digits, ``._+-``), else an error naming ``what``."""
+    """``name`` when it is a usable source/model name (letters, digits, ``._+-``), else an error
+    naming ``what``."""
     if not _NAME.fullmatch(name):
-        raise EvaluationError(f"{what}: bad name {name!r} (use letters, digits and . _ + -, starting with a letter or digit)")
+        raise EvaluationError(f"{what}: bad name {name!r} (use letters, digits and . _ + -, "
+                              "starting with a letter or digit)")
     return name
 
 
 def split_named(item: str) -> tuple[str | None, str]:
-    """``"NAME=PATH"`` → ``(NAME, PATH)``; a plain path (or an existing path containing ``=``) → ``(None, PATH)``."""
+    """``"NAME=PATH"`` → ``(NAME, PATH)``; a plain path (or an existing path with ``=``) → ``(None, PATH)``."""
     if "=" in item and not Path(item).exists():
         name, path = item.split("=", 1)
         if not path:
