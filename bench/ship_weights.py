@@ -1,10 +1,12 @@
 """Package a trained checkpoint as the shipped weights, with its recipe and evaluation table.
 
-    python bench/ship_weights.py runs/ship-synth-brain-more2/best.pt --evaluation eval4.md eval8.md
+    python bench/ship_weights.py runs/head-rss/best.pt --evaluation results/generalisation/matrix.md
 
 Reads the checkpoint (our format), keeps its training description, adds the human-readable data
-sentence, the exact recipe and the evaluation tables (``varnet compare`` results.md files), and
-writes ``gadget/weights/varnet_synth_brain_v1.pt`` (refusing anything over 20 MB).
+sentence, the exact recipe and the evaluation tables (``varnet compare`` results.md or the
+generalisation matrix), and writes ``gadget/weights/<SHIPPED_NAME>`` (refusing anything over 20 MB).
+Earlier stages (``init_from``) are followed while their files exist; a stage that was itself shipped
+brings its own recorded stages.
 """
 from __future__ import annotations
 
@@ -15,16 +17,17 @@ from gadget.model.checkpoint import load_checkpoint, save_checkpoint
 from gadget.model.shipped import SHIPPED_NAME
 
 LIMIT_BYTES = 20 * 2**20
-DATA = ("varnet synth: MNI152 2009 and Colin27 anatomy, axial/coronal/sagittal, 12 training volumes x 8 slices "
-        "(stages 1-2), 24 (stage 3), 36 (stage 4), "
-        "8 coils, 128x128 images (k-space 256x128 with 2x readout oversampling), SNR 30 dB; random masks "
-        "4x (centre fraction 0.08) and 8x (0.04); target: the noise-free image (bench/make_ship_data.sh)")
-RECIPE = ["bash bench/make_ship_data.sh   # data (after ln -s <dir> data/ship)",
-          "varnet train --config pipelines/train/ship-synth-brain.yaml        # stage 1: RSS output, SSIM loss",
-          "varnet train --config pipelines/train/ship-synth-brain-sense.yaml  # stage 2: map-combined output, L1",
-          "varnet train --config pipelines/train/ship-synth-brain-more.yaml   # stage 3: twice the volumes",
-          "varnet train --config pipelines/train/ship-synth-brain-more2.yaml  # stage 4: three times",
-          "python bench/ship_weights.py runs/ship-synth-brain-more2/best.pt --evaluation <results.md> ..."]
+DATA = ("varnet synth --head: domain-randomised whole heads from MNI152 (derived scalp, fat, skull) and Colin27 "
+        "(real head), 160 volumes x 4 slices; T1w/T2w/PDw/FLAIR-like or random contrasts, deformations, bias, "
+        "texture; phase FOV 0.8-1.15 x the head (folding), matrices 96-224 odd/even, with and without 2x readout "
+        "oversampling; 8-16 head-hugging loops; SNR 15-40 dB; random and equispaced-fraction masks at 4x/8x "
+        "(fastMRI centre fractions) and 2x/3x; target: RSS of the noisy, fully sampled k-space "
+        "(bench/make_head_data.sh). INIA19 held out. Initialised from varnet_synth_brain_v1 (its stages below).")
+RECIPE = ["bash bench/make_head_data.sh                                   # data",
+          "varnet train --config pipelines/train/head-rss.yaml            # from varnet_synth_brain_v1",
+          "python bench/make_ood_data.py data/ood                         # BART and ismrmrd-tools test sets",
+          "python bench/generalisation_matrix.py bench/generalisation_matrix.head.yaml --out results/generalisation",
+          "python bench/ship_weights.py runs/head-rss/best.pt --evaluation results/generalisation/matrix.md"]
 
 
 def main() -> int:
@@ -38,8 +41,12 @@ def main() -> int:
     loaded = load_checkpoint(args.checkpoint)
     trained = dict(loaded.description)
     stages = [trained]
-    while stages[0].get("init_from"):  # the fine-tuning chain, first stage first
-        stages.insert(0, load_checkpoint(stages[0]["init_from"]["path"]).description)
+    while stages[0].get("init_from") and Path(stages[0]["init_from"]["path"]).is_file():  # first stage first
+        earlier = load_checkpoint(stages[0]["init_from"]["path"]).description
+        if earlier.get("stages"):  # a shipped checkpoint: its chain is recorded already
+            stages[:0] = earlier["stages"]
+            break
+        stages.insert(0, earlier)
     description = {
         **{k: v for k, v in trained.items() if k not in ("train_dirs", "val_dirs", "init_from")},
         "data": DATA,
