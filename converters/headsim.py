@@ -39,13 +39,12 @@ from .coils import (
 )
 from .geometry import NORMAL_AXIS, ORIENTATIONS, SlicePlane, axis_positions, central_slice_positions, random_pose
 from .simulate import (
-    OBJECT_THRESHOLD,
     SIGNAL_SCALE,
     SimulatedVolume,
     SmoothPhase,
+    add_coil_noise,
     centred_fft,
-    correlated_noise,
-    noise_sigma,
+    kspace_to_rss,
     random_phase,
 )
 from .tissue import HEAD_SOURCES, head_tissues, random_signals
@@ -247,21 +246,14 @@ def simulate_head_volume(scan: HeadScan, num_slices: int, rng: np.random.Generat
         magnitude *= fine_texture(magnitude.shape, rng, scan.texture)
         images = fold_phase(maps * magnitude, 2 * w)
         kspace[s] = fine_images_to_kspace(images, num_read, w, workers)
-        target[s] = rss_image(kspace[s], h, workers)
+        target[s] = kspace_to_rss(kspace[s], h, workers)
         if s == num_slices // 2:
             mag_coarse = anatomy.sample(pose.to_object(coarse_pts))
             support_coarse = (coarse_sens, mag_coarse > 0.05 * max(float(mag_coarse.max()), 1e-12))
     sens, support = support_coarse
     psi = noise_covariance(sens[:, support] if support.any() else sens.reshape(num_coils, -1), rng)
-    sigma = noise_sigma(target, scan.snr_db)
-    cov = psi * sigma**2
-    target_rss = np.empty_like(target)
-    for s in range(num_slices):
-        kspace[s] += correlated_noise(kspace[s].shape, cov, rng)
-        target_rss[s] = rss_image(kspace[s], h, workers)
-        if progress is not None:
-            progress(1)
-    noise = correlated_noise((num_coils, noise_samples), cov, rng)
+    target_rss, noise, cov, sigma = add_coil_noise(kspace, target, psi, scan.snr_db, rng, noise_samples, workers,
+                                                   progress)
     tag = f"SIM_{tissues.name}HEAD_{scan.contrast.upper()}"
     return SimulatedVolume(
         kspace, target, target_rss, noise, cov, acquisition=tag, fov_mm=(float(fov_read), float(fov_phase)),
@@ -280,10 +272,3 @@ def fine_images_to_kspace(images: np.ndarray, num_read: int, num_phase: int, wor
     start = k.shape[-2] // 2 - num_read // 2
     return (k[:, start:start + num_read] * np.float32(0.5)).astype(np.complex64)
 
-
-def rss_image(kspace: np.ndarray, height: int, workers: int = 1) -> np.ndarray:
-    """RSS of ``(coil, readout, phase)`` k-space, centre-cropped to ``height`` readout rows → float32."""
-    img = centred_fft(centred_fft(kspace, -1, workers, inverse=True), -2, workers, inverse=True)
-    rss = np.sqrt((img.real ** 2 + img.imag ** 2).sum(0))
-    start = rss.shape[0] // 2 - height // 2
-    return rss[start:start + height].astype(np.float32)

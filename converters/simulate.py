@@ -198,6 +198,25 @@ def noise_sigma(target: np.ndarray, snr_db: float) -> float:
     return mean / 10 ** (snr_db / 20)
 
 
+def add_coil_noise(kspace: np.ndarray, target: np.ndarray, psi: np.ndarray, snr_db: float,
+                   rng: np.random.Generator, noise_samples: int, workers: int = 1,
+                   progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Step 5 for a volume, in place: ``kspace`` ``(slice, coil, readout, phase)`` gets noise of
+    covariance ``σ² psi`` with σ from ``snr_db`` and the noise-free RSS ``target`` ``(slice, H, W)``.
+    Returns ``(target_rss (slice, H, W), noise-only samples (coil, noise_samples), covariance, σ)``;
+    ``progress(1)`` after each slice."""
+    sigma = noise_sigma(target, snr_db)
+    cov = psi * sigma**2
+    target_rss = np.empty_like(target)
+    for s in range(kspace.shape[0]):
+        kspace[s] += correlated_noise(kspace[s].shape, cov, rng)
+        target_rss[s] = kspace_to_rss(kspace[s], target.shape[-2], workers)
+        if progress is not None:
+            progress(1)
+    noise = correlated_noise((kspace.shape[1], noise_samples), cov, rng)
+    return target_rss, noise, cov, float(sigma)
+
+
 # ----------------------------------------------------------------------------- the scan
 
 
@@ -319,15 +338,7 @@ def simulate_volume(num_slices: int = 4, num_coils: int = 8, recon_size: tuple[i
     for s, plane in enumerate(geo.planes):
         kspace[s] = simulate_clean_slice(geo, plane, workers)
         target[s] = kspace_to_rss(kspace[s], h, workers)
-    sigma = noise_sigma(target, snr_db)
-    cov = psi * sigma**2
-    target_rss = np.empty_like(target)
-    for s in range(num_slices):
-        kspace[s] += correlated_noise(kspace[s].shape, cov, rng)
-        target_rss[s] = kspace_to_rss(kspace[s], h, workers)
-        if progress is not None:
-            progress(1)
-    noise = correlated_noise((num_coils, noise_samples), cov, rng)
+    target_rss, noise, cov, sigma = add_coil_noise(kspace, target, psi, snr_db, rng, noise_samples, workers, progress)
     return SimulatedVolume(
         kspace, target, target_rss, noise, cov, acquisition=f"SIM_{anatomy.name}_{contrast[:-1].upper()}",
         fov_mm=geo.fov_mm, slice_thickness_mm=geo.slice_spacing_mm, orientation=orientation,
