@@ -58,15 +58,17 @@ def test_demo_runs_and_writes_outputs(tmp_path, capsys):
     text = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:5]]
             for line in text.splitlines() if line.startswith("| zero-filled") or line.startswith("| E2E-VarNet")}
-    assert rows["E2E-VarNet"][0] > rows["zero-filled"][0] + 0.1  # SSIM
-    assert rows["E2E-VarNet"][1] > rows["zero-filled"][1] + 3  # PSNR dB
+    # a whole-head slice at 4x; measured 0.883 vs 0.746 SSIM, 31.5 vs 27.5 dB (shipped v2 weights)
+    assert rows["E2E-VarNet"][0] > rows["zero-filled"][0] + 0.08  # SSIM
+    assert rows["E2E-VarNet"][1] > rows["zero-filled"][1] + 2.5  # PSNR dB
     from gadget.stream.sinks import read_images_h5
 
     series = read_images_h5(out / "images.h5")
     assert sorted(series) == ["demo/image_1", "demo/image_2"]  # E2E-VarNet and zero-filled
     assert [len(v) for v in series.values()] == [4, 4]  # one image per slice
     data = np.asarray(series["demo/image_1"][0].data)
-    assert data.shape == (1, 1, 128, 128) and np.isfinite(data).all()
+    assert data.shape[:2] == (1, 1) and min(data.shape[2:]) >= 96 and np.isfinite(data).all()
+    assert series["demo/image_1"][0].meta["VarNetSafety"] == "pass"   # the network's image, not a fallback
     assert (out / "scan_raw_ismrmrd.h5").stat().st_size > 0
     png = (out / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -1,10 +1,11 @@
 """The weights shipped inside the package: they load as the default, carry their recipe, and
-reconstruct a simulated volume no training run saw better than zero-filling."""
+reconstruct a whole-head scan no training run saw better than zero-filling."""
 import numpy as np
 import pytest
 import torch
 
-from converters.simulate import simulate_volume
+from converters.headsim import HeadScan, simulate_head_volume
+from converters.tissue import CONTRAST_SIGNALS
 from gadget.model.checkpoint import load_checkpoint
 from gadget.model.shipped import SHIPPED_NAME, shipped_checkpoint
 from gadget.mri.coils import rss
@@ -27,21 +28,33 @@ def test_shipped_weights_load_as_the_default_with_their_recipe():
     assert engine.model.config == loaded.config
 
 
+# Measured (v2 weights): 4x SSIM 0.868 vs zero-filled 0.762, PSNR 29.5 vs 25.8 dB; 8x 0.696 vs 0.558,
+# 23.0 vs 20.9 dB. The v1 weights (template brains) scored below zero-filled here (4x 0.566, 20.6 dB).
+SSIM_MARGIN = {4: 0.07, 8: 0.09}
+PSNR_MARGIN = {4: 2.5, 8: 1.2}
+
+
 @pytest.fixture(scope="module")
 def unseen_slice():
-    """MNI coronal, seed 4321 (training used seeds 11-16, 31-36 and 51-56, validation 100-101, test 200-203)."""
-    return simulate_volume(num_slices=1, num_coils=8, recon_size=(128, 128), seed=4321, source="mni",
-                           orientation="coronal")
+    """A PD-weighted coronal MNI whole head, 10 coils, no readout oversampling, phase FOV 0.9 × the
+    head (it folds in), seed 4321 (training volumes were drawn from seeds 11 and 12, validation 13,
+    tests 14 and 15, by `varnet synth --head`, whose per-volume seeds are hashed from those)."""
+    scan = HeadScan("mni", "pdw", np.array(CONTRAST_SIGNALS["pdw"], np.float32), "coronal", swap_axes=True,
+                    read_margin=1.15, phase_ratio=0.9, pixel_mm=1.5, phase_pixel_ratio=1.1, oversampling=1,
+                    coils=10, coil_gap_mm=8.0, snr_db=28.0, texture=0.05, bias=0.2)
+    return simulate_head_volume(scan, 1, np.random.default_rng(4321))
 
 
 @pytest.mark.parametrize("acceleration,center_fraction", [(4, 0.08), (8, 0.04)])
-def test_shipped_weights_beat_zero_filled_on_an_unseen_volume(unseen_slice, acceleration, center_fraction):
-    mask, num_low = MaskSampler(MaskSpec("random", [center_fraction], [acceleration]))(128, seed=7)
+def test_shipped_weights_beat_zero_filled_on_an_unseen_head(unseen_slice, acceleration, center_fraction):
+    width = unseen_slice.kspace.shape[-1]
+    mask, num_low = MaskSampler(MaskSpec("equispaced-fraction", [center_fraction], [acceleration]))(width, seed=7)
     k = torch.from_numpy(unseen_slice.kspace) * torch.from_numpy(mask)
     model = load_checkpoint(shipped_checkpoint()).model
+    shape = unseen_slice.target_rss.shape[-2:]
     with torch.no_grad():
-        recon = center_crop(model(k, torch.from_numpy(mask), num_low), (128, 128)).numpy()
-    zero = center_crop(rss(ifft2c(k), dim=1), (128, 128)).numpy()
-    truth = unseen_slice.target
-    assert ssim(truth, recon) > ssim(truth, zero) + 0.2
-    assert psnr(truth, recon) > psnr(truth, zero) + 3.0
+        recon = center_crop(model(k, torch.from_numpy(mask), num_low), shape).numpy()
+    zero = center_crop(rss(ifft2c(k), dim=1), shape).numpy()
+    truth = unseen_slice.target_rss
+    assert ssim(truth, recon) > ssim(truth, zero) + SSIM_MARGIN[acceleration]
+    assert psnr(truth, recon) > psnr(truth, zero) + PSNR_MARGIN[acceleration]

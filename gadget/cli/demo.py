@@ -9,7 +9,7 @@ def add_parser(sub) -> None:
     from . import example_epilog
 
     p = sub.add_parser("demo", help="simulate an undersampled scan and reconstruct it (built-in data)",
-                       description="Simulates a 4x undersampled raw ISMRMRD brain scan and streams it through "
+                       description="Simulates a 4x undersampled raw ISMRMRD whole-head scan and streams it through "
                                    "the gadget pipeline with the shipped weights (and zero-filled for comparison); "
                                    "writes images (HDF5), a PNG comparison and prints metrics.",
                        epilog=example_epilog("varnet demo --out demo_out"),
@@ -17,8 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="model checkpoint (default: the weights shipped with the package)")
-    p.add_argument("--source", choices=("mni", "colin", "phantom"), default="mni",
-                   help="anatomy of the simulated scan (colin needs Debian mricron-data)")
+    p.add_argument("--source", choices=("mni", "colin", "inia"), default="mni",
+                   help="anatomy of the simulated head (colin and inia need Debian mricron-data)")
     p.add_argument("--acceleration", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 
-SHIPPED_NAME = "varnet_synth_brain_v1.pt"
+SHIPPED_NAME = "varnet_head_v2.pt"
 
 
 def shipped_checkpoint() -> Path:

@@ -212,17 +212,19 @@ class ScanReconstructor:
         cfg = self.config
         t0 = time.perf_counter()
         figures = safety_figures(sl.kspace, sl.mask, result.acs, result.magnitude, result.final_kspace,
-                                 self.encoding.recon_size)
-        extra = {"VarNetConsistency": f"{figures.consistency:.6g}", "VarNetDeparture": f"{figures.departure:.6g}"}
-        exceeded = figures.exceeds(cfg.safety_consistency_max, cfg.safety_departure_max)
-        log.info("%s: slice %s safety: consistency %.4f (max %g), departure %.4f (max %g)%s", self.source,
-                 sl.key_dict(), figures.consistency, cfg.safety_consistency_max, figures.departure,
-                 cfg.safety_departure_max, ": FLAGGED" if exceeded else "")
+                                 self.encoding.recon_size, run=self.engine.run)
+        extra = {"VarNetConsistency": f"{figures.consistency:.6g}", "VarNetDeparture": f"{figures.departure:.6g}",
+                 "VarNetPrediction": "n/a" if figures.prediction is None else f"{figures.prediction:.6g}"}
+        exceeded = figures.exceeds(cfg.safety_consistency_max, cfg.safety_departure_max, cfg.safety_prediction_max)
+        log.info("%s: slice %s safety: prediction %s (max %g), consistency %.4f (max %g), departure %.4f (max %g)%s",
+                 self.source, sl.key_dict(), extra["VarNetPrediction"], cfg.safety_prediction_max,
+                 figures.consistency, cfg.safety_consistency_max, figures.departure, cfg.safety_departure_max,
+                 ": FLAGGED" if exceeded else "")
         magnitude, output, processing = result.magnitude, "E2E-VarNet", ("VARNET",)
         if not exceeded:
             extra["VarNetSafety"] = "pass"
-            comments.append(f"safety check passed (consistency {figures.consistency:.3f}, "
-                            f"departure {figures.departure:.3f})")
+            comments.append(f"safety check passed (prediction {extra['VarNetPrediction']}, consistency "
+                            f"{figures.consistency:.3f}, departure {figures.departure:.3f})")
             return magnitude, output, processing, extra
         self.stats.flagged += 1
         extra["VarNetSafety"] = "flagged"

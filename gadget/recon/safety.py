@@ -1,7 +1,12 @@
 """The per-slice safety check: how far a network's image departs from what was measured.
 
-Two figures per slice, both relative L2 norms (unitless, 0 = identical):
+Three figures per slice, all relative L2 norms (unitless, 0 = identical):
 
+* **prediction** (flags by default) — the network is run again without the measured lines nearest
+  the ACS band (:func:`withheld_columns`) and its final k-space is compared with those lines:
+  ``||k̂_W − y_W|| / ||y_W||``. Zero-filling scores exactly 1; above 1 the network's guess of k-space
+  it did not see is worse than no guess — the one figure here that looks at content the network
+  invents rather than at lines it was given. Costs one more forward per slice.
 * **consistency** — ``||M (k̂ − y)|| / ||M y||``: the network's final multi-coil k-space ``k̂``
   (the last cascade's output, from which its image is formed) against the measured k-space ``y``
   on the sampled lines ``M``. E2E-VarNet's data consistency is soft (a learned weight per
@@ -19,12 +24,16 @@ lines (8x with 5 lines: NMSE 1.45 against the fully sampled RSS), so a departure
 network images (0.80 and 0.95 on the in-distribution 8x and 64-matrix cases below). The band figure is
 biased (the low-passed magnitude is not the RSS of low-passed coil images where the phase or the coil
 maps vary within the band's point-spread function: the fully sampled RSS itself scores 0.10-0.35), so
-its threshold only catches gross failures; the consistency figure is the sharper one.
+a threshold on it only catches gross failures.
 
-Thresholds (config keys ``safety_consistency_max`` = 0.13, ``safety_departure_max`` = 0.30, defaults in
-:class:`gadget.recon.config.ReconConfig`), measured with the shipped weights ``varnet_synth_brain_v1.pt``
-(``python -m gadget.recon.safety DIR --acceleration R --center-fraction F --mask random``), NMSE of the
-network image against the fully sampled RSS of the middle slice in brackets:
+Defaults (:class:`gadget.recon.config.ReconConfig`): ``safety_prediction_max`` = 1.05,
+``safety_consistency_max`` = ``safety_departure_max`` = inf (reported only). Measured with the shipped
+weights ``varnet_head_v2.pt`` and the earlier ``varnet_synth_brain_v1.pt`` on held-out whole heads
+(README "Pipeline behaviour" has the table): consistency and departure did not separate the failing v1
+from v2 (v1 scored *lower* consistency on the same slices — both figures grow with the noise the
+network removes and neither sees unmeasured k-space); the prediction figure did, weakly: 1.05 flagged
+3 of 4 v1 failures and no v2 slice. The first measurements of consistency and departure (v1 weights on
+template brains) are kept here for reference:
 
 =====================================================  ===============  ===============  ==============
 case (``varnet synth``, 8 coils unless noted)          consistency      departure        NMSE net (zf)
@@ -38,17 +47,15 @@ OOD: ismrmrd-tools Shepp-Logan 128, 2x oversampled, 4x 0.120            0.093   
 OOD: ismrmrd-tools Shepp-Logan 128, no oversampling,4x 0.141            0.454            0.326 (0.208)
 =====================================================  ===============  ===============  ==============
 
-The consistency maximum sits between the in-distribution worst (0.110, 8x) and the Colin27 failure
-(0.143, an image worse than zero-filled); the departure maximum above every in-distribution and
-resolution case (0.222) and below the Shepp-Logan failure without oversampling (0.454). The oversampled
-Shepp-Logan (better than zero-filled, worse than CG-SENSE) passes both. Both figures scale with the
-data's noise (measured lines hold noise the network removes): re-measure for other SNRs and weights.
+On those template brains consistency 0.13 / departure 0.30 separated the cases above; on whole heads
+with coils close to the scalp the same v1 weights score 0.13-0.23 / 0.11-0.48 and a good model
+0.17-0.28 / 0.14-0.38, so those maxima would flag good images: re-measure for other data and weights.
 
 Layouts: ``kspace`` / ``final_kspace`` complex ``(coil, readout, phase)``; ``mask`` bool
 ``(phase,)``; ``image`` real ``(readout, phase)`` (the model's magnitude output, uncropped, in
 k-space units: orthonormal FFT, as RSS of the coil images).
 
-``python -m gadget.recon.safety DIR --checkpoint PT`` prints both figures for every slice of a directory
+``python -m gadget.recon.safety DIR --checkpoint PT`` prints the three figures for every slice of a directory
 of fastMRI-layout files (test layout: the file's mask; train layout: undersampled with ``--acceleration``).
 """
 from __future__ import annotations
@@ -74,15 +81,54 @@ log = logging.getLogger(__name__)
 class SafetyFigures:
     consistency: float  # ||M(k̂ − y)|| / ||M y||
     departure: float    # ||LP(x̂) − RSS_band(y)|| / ||RSS_band(y)||
+    prediction: Optional[float] = None  # ||k̂_W − y_W|| / ||y_W|| on withheld measured lines (None: not run)
 
-    def exceeds(self, consistency_max: float, departure_max: float) -> list[str]:
+    def exceeds(self, consistency_max: float, departure_max: float, prediction_max: float = math.inf) -> list[str]:
         """The figures past their thresholds, described (empty: the slice passes). NaN fails."""
         out = []
         if not self.consistency <= consistency_max:
             out.append(f"consistency {self.consistency:.3f} > {consistency_max:g}")
         if not self.departure <= departure_max:
             out.append(f"departure {self.departure:.3f} > {departure_max:g}")
+        if self.prediction is not None and not self.prediction <= prediction_max:
+            out.append(f"prediction {self.prediction:.3f} > {prediction_max:g}")
         return out
+
+
+def withheld_columns(mask, acs: int, count: int = 4) -> np.ndarray:
+    """Sampled columns outside the ACS band (fastMRI's placement) to withhold: the ``count`` nearest
+    the band (about half on each side), where the signal stands far above the noise, so a wrong
+    guess shows and a right one is not drowned in noise. int ``(n,)``, maybe empty."""
+    m = np.asarray(mask, bool).reshape(-1)
+    band = np.zeros_like(m)
+    start = (m.size - int(acs) + 1) // 2
+    band[start:start + int(acs)] = True
+    outer = np.flatnonzero(m & ~band)
+    centre = start + (int(acs) - 1) / 2
+    return np.sort(outer[np.argsort(np.abs(outer - centre), kind="stable")[:count]])
+
+
+def prediction_error(run, kspace, mask, acs: int, count: int = 4) -> Optional[float]:
+    """How well the network predicts measured lines it was not given: withhold
+    :func:`withheld_columns`, reconstruct from the rest with ``run(kspace, mask, acs) -> (image,
+    final k-space)`` (``(1, …)`` batches, as :meth:`Reconstructor.run`), and return
+    ``||k̂_W − y_W|| / ||y_W||`` over the withheld columns ``W``. Zero-filling predicts 0 there and
+    scores exactly 1; above 1 the network's guess of unmeasured k-space is worse than no guess. None
+    when fewer than 2 lines can be withheld (or they hold no signal)."""
+    y, m = _slice_inputs(kspace, mask)
+    cols = withheld_columns(m, acs, count)
+    if cols.size < 2:
+        return None
+    reduced = m.copy()
+    reduced[cols] = False
+    given = y * torch.from_numpy(reduced)
+    _, final = run(given.numpy()[None], reduced, int(acs))
+    k_hat = torch.as_tensor(np.asarray(final)[0])
+    idx = torch.from_numpy(cols)
+    norm = float(torch.linalg.vector_norm(y[..., idx]))
+    if norm == 0.0:
+        return None
+    return float(torch.linalg.vector_norm(k_hat[..., idx] - y[..., idx])) / norm
 
 
 def _slice_inputs(kspace, mask) -> tuple[torch.Tensor, np.ndarray]:
@@ -142,10 +188,13 @@ def departure(image, kspace, mask, acs: int, crop: Optional[Sequence[int]] = Non
 
 
 def safety_figures(kspace, mask, acs: int, image, final_kspace,
-                   crop: Optional[Sequence[int]] = None) -> SafetyFigures:
-    """Both figures for one slice: measured ``kspace`` ``(coil, readout, phase)``, ``mask`` ``(phase,)``,
-    ACS count, the network's ``image`` ``(readout, phase)`` and ``final_kspace`` (coil, readout, phase)."""
-    return SafetyFigures(consistency(final_kspace, kspace, mask), departure(image, kspace, mask, acs, crop))
+                   crop: Optional[Sequence[int]] = None, run=None) -> SafetyFigures:
+    """The figures for one slice: measured ``kspace`` ``(coil, readout, phase)``, ``mask`` ``(phase,)``,
+    ACS count, the network's ``image`` ``(readout, phase)`` and ``final_kspace`` (coil, readout, phase);
+    with ``run`` (the engine's ``run``) also the withheld-line :func:`prediction_error` (one more forward)."""
+    predicted = prediction_error(run, kspace, mask, acs) if run is not None else None
+    return SafetyFigures(consistency(final_kspace, kspace, mask), departure(image, kspace, mask, acs, crop),
+                         predicted)
 
 
 def zero_filled_rss(kspace) -> np.ndarray:
@@ -201,9 +250,10 @@ def measure_directory(directory, checkpoint: Optional[str] = None, acceleration:
             for s in chosen:
                 k = np.asarray(vol.kspace[s], np.complex64) * mask
                 image, final = engine.run(k, mask, acs)
-                f = safety_figures(k, mask, acs, image[0], final[0], vol.encoding.recon_size)
+                f = safety_figures(k, mask, acs, image[0], final[0], vol.encoding.recon_size, run=engine.run)
                 rows.append(dict(file=path.name, slice=s, acceleration=mask.size / mask.sum(), acs=acs,
-                                 consistency=f.consistency, departure=f.departure))
+                                 consistency=f.consistency, departure=f.departure,
+                                 prediction=math.nan if f.prediction is None else f.prediction))
     return rows
 
 
@@ -221,15 +271,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     rows = measure_directory(args.directory, args.checkpoint, args.acceleration, args.center_fraction, args.mask,
                              args.max_slices, args.device)
-    print("file\tslice\tacceleration\tacs\tconsistency\tdeparture")
+    print("file\tslice\tacceleration\tacs\tconsistency\tdeparture\tprediction")
     for r in rows:
         print(f"{r['file']}\t{r['slice']}\t{r['acceleration']:.2f}\t{r['acs']}\t{r['consistency']:.4f}\t"
-              f"{r['departure']:.4f}")
+              f"{r['departure']:.4f}\t{r['prediction']:.4f}")
     if rows:
-        c = np.array([r["consistency"] for r in rows])
-        d = np.array([r["departure"] for r in rows])
-        print(f"# {len(rows)} slices: consistency min/median/max {c.min():.4f}/{np.median(c):.4f}/{c.max():.4f}; "
-              f"departure {d.min():.4f}/{np.median(d):.4f}/{d.max():.4f}")
+        summary = []
+        for key in ("consistency", "departure", "prediction"):
+            v = np.array([r[key] for r in rows])
+            summary.append(f"{key} {np.nanmin(v):.4f}/{np.nanmedian(v):.4f}/{np.nanmax(v):.4f}")
+        print(f"# {len(rows)} slices, min/median/max: " + "; ".join(summary))
     return 0
 
 
