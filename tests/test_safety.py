@@ -92,7 +92,7 @@ def test_figures_reject_mismatched_inputs():
 
 
 def test_config_keys_from_every_source(tmp_path):
-    assert (ReconConfig().fallback, ReconConfig().safety_prediction_max) == ("zero-filled", 1.05)
+    assert (ReconConfig().fallback, ReconConfig().safety_prediction_max) == ("zero-filled", 1.1)
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("fallback: zero-filled\nsafety_consistency_max: 0.2\n")
     cfg = load_config(str(yaml_file))
@@ -194,13 +194,13 @@ V1_WEIGHTS = Path(__file__).resolve().parents[1] / "bench" / "weights" / "varnet
 
 
 def _head_case():
-    """An INIA19 whole head (held out of training), T2w, 8 coils, 2x readout oversampling, 4x
-    equispaced-fraction: the v1 weights (simulated template brains only) invent structure here
-    (image NMSE 0.14 vs 0.07 for the shipped weights)."""
-    scan = HeadScan("inia", "t2w", np.array(CONTRAST_SIGNALS["t2w"], np.float32), "axial", swap_axes=False,
-                    read_margin=1.1, phase_ratio=1.0, pixel_mm=2.0, phase_pixel_ratio=1.0, oversampling=2, coils=8,
+    """An MNI whole head, FLAIR-like, 8 coils, no readout oversampling, phase FOV 0.9 x the head, 4x
+    equispaced-fraction: the v1 weights (template brains only) invent structure here (image NMSE 0.32
+    vs 0.047 for the shipped weights; prediction figure 1.23 vs 1.01)."""
+    scan = HeadScan("mni", "flair", np.array(CONTRAST_SIGNALS["flair"], np.float32), "axial", swap_axes=False,
+                    read_margin=1.1, phase_ratio=0.9, pixel_mm=2.0, phase_pixel_ratio=1.0, oversampling=1, coils=8,
                     coil_gap_mm=6.0, snr_db=30.0, texture=0.04, bias=0.1)
-    k = simulate_head_volume(scan, 1, np.random.default_rng(78)).kspace[0]
+    k = simulate_head_volume(scan, 1, np.random.default_rng(80)).kspace[0]
     mask, _ = MaskSampler(MaskSpec("equispaced-fraction", [0.08], [4]))(k.shape[-1], seed=5)
     return k * mask, mask, contiguous_center_lines(mask)
 
@@ -219,7 +219,7 @@ def test_prediction_check_passes_the_shipped_weights_and_flags_v1_out_of_distrib
         figures[name] = safety_figures(kspace, mask, acs, image[0], final[0], run=engine.run)
     assert figures["shipped"].exceeds(math.inf, math.inf, limit) == []
     assert figures["v1"].exceeds(math.inf, math.inf, limit) != []
-    assert figures["shipped"].prediction < 0.9 < limit < figures["v1"].prediction
+    assert figures["shipped"].prediction < 1.05 < limit < 1.15 < figures["v1"].prediction
 
 
 def test_withheld_columns_are_the_sampled_ones_nearest_the_band():

@@ -57,7 +57,7 @@ class ReconConfig:
     # the default: it invents nothing, and on our held-out heads ESPIRiT + CG-SENSE was worse than it)
     # | sense (ESPIRiT + CG-SENSE) | none (the network's image, flagged).
     fallback: str = "zero-filled"
-    safety_prediction_max: float = 1.05
+    safety_prediction_max: float = 1.1
     safety_consistency_max: float = math.inf
     safety_departure_max: float = math.inf
 
