@@ -56,12 +56,18 @@ def crop(x, shape):
 # ----------------------------------------------------------------------------- the figures
 
 
+def _slice_and_mask(rng, shape, band: slice, every: int = 3):
+    """Random complex k-space ``shape`` (coil, readout, phase) and a mask: every ``every``-th column plus ``band``."""
+    k = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    mask = np.zeros(shape[-1], bool)
+    mask[::every] = True
+    mask[band] = True
+    return k, mask
+
+
 def test_figures_against_numpy():
     rng = np.random.default_rng(0)
-    k = (rng.standard_normal((3, 32, 24)) + 1j * rng.standard_normal((3, 32, 24))).astype(np.complex64)
-    mask = np.zeros(24, bool)
-    mask[::3] = True
-    mask[9:15] = True
+    k, mask = _slice_and_mask(rng, (3, 32, 24), slice(9, 15))
     y = k * mask
     k_hat = y + 0.1 * (rng.standard_normal(y.shape) + 1j * rng.standard_normal(y.shape))
     want = np.linalg.norm((k_hat - y)[..., mask]) / np.linalg.norm(y[..., mask])
@@ -234,11 +240,7 @@ def test_withheld_columns_are_the_sampled_ones_nearest_the_band():
 
 def test_prediction_error_is_one_for_zero_filling():
     """A "network" that returns its zero-filled input scores exactly 1 on the withheld lines."""
-    rng = np.random.default_rng(0)
-    k = (rng.standard_normal((3, 16, 40)) + 1j * rng.standard_normal((3, 16, 40))).astype(np.complex64)
-    mask = np.zeros(40, bool)
-    mask[::3] = True
-    mask[17:23] = True
+    k, mask = _slice_and_mask(np.random.default_rng(0), (3, 16, 40), slice(17, 23))
     run = lambda given, m, acs: (None, given)               # noqa: E731  final k-space = what it was given
     assert prediction_error(run, k * mask, mask, 6) == pytest.approx(1.0)
     perfect = lambda given, m, acs: (None, (k * mask)[None])  # noqa: E731  knows every measured line
