@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.simulate import SimulatedVolume, correlated_noise, noise_sigma, write_fastmri
+from converters.simulate import SimulatedVolume, correlated_noise, kspace_to_rss, noise_sigma, write_fastmri
 from gadget.baselines.bart import read_cfl, run_bart
 
 
 def rss(kspace: np.ndarray) -> np.ndarray:
-    img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-    return np.sqrt((np.abs(img) ** 2).sum(-3)).astype(np.float32)
+    """``(slice, coil, readout, phase)`` → RSS images ``(slice, readout, phase)`` float32, uncropped."""
+    return np.stack([kspace_to_rss(k, k.shape[-2]) for k in kspace])
 
 
 def bart_case(out: Path, name: str, size: int, coils: int, extra: list[str], snr_db: float, seed: int) -> Path:

@@ -56,7 +56,7 @@ TISSUE_SIGNAL = {
 }
 
 #: Default recon field of view (mm, along the image rows) per source: the object fits with margin.
-DEFAULT_FOV_MM = {"mni": 220.0, "colin": 256.0, "phantom": 240.0}
+DEFAULT_FOV_MM = {"mni": 220.0, "colin": 256.0, "phantom": 240.0, "inia": 220.0}  # inia: converters.tissue
 
 
 class AnatomyUnavailable(ValueError):
@@ -238,7 +238,7 @@ def voxel_anatomy(name: str, contrast: str, volume: np.ndarray, affine: np.ndarr
 
     extent = np.stack([lo - centre, hi - centre], axis=1)
     central = np.percentile(ras - centre, [25, 75], axis=0).T
-    return Anatomy(name, contrast, extent, central, radius, DEFAULT_FOV_MM.get(name.lower(), 256.0), sampler)
+    return Anatomy(name, contrast, extent, central, radius, DEFAULT_FOV_MM[name.lower()], sampler)
 
 
 # ----------------------------------------------------------------------------- phantom

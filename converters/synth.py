@@ -83,6 +83,13 @@ class SynthConfig:
         for r in self.accelerations:
             if not r >= 1:
                 raise ValueError(f"acceleration must be >= 1, got {r}")
+        if self.head:
+            from .tissue import HEAD_SOURCES
+
+            if not self.head_sources:
+                raise ValueError(f"no head source given; choose from {', '.join(HEAD_SOURCES)}")
+            for src in self.head_sources:
+                _choice("head source", src, HEAD_SOURCES)
         if self.fov_mm is not None and not self.fov_mm > 0:
             raise ValueError(f"field of view must be > 0 mm, got {self.fov_mm}")
 
@@ -124,12 +131,7 @@ def run_synth(config: SynthConfig, progress: Optional[Callable[[int], None]] = N
     Raises ``ValueError`` for bad settings, :class:`converters.anatomy.AnatomyUnavailable` when the
     anatomy files are missing, ``ImportError`` when the ISMRMRD converter is unavailable.
     """
-    if config.head:
-        from .tissue import HEAD_SOURCES
-        bad = [s for s in config.head_sources if s not in HEAD_SOURCES]
-        if bad or not config.head_sources:
-            raise ValueError(f"unknown head source {bad[0] if bad else ''!r}; choose from {', '.join(HEAD_SOURCES)}")
-    else:
+    if not config.head:  # head sources are checked by SynthConfig; their files load per volume
         load_anatomy(config.source, config.contrast)  # fail before creating anything
     for index in range(config.volumes):
         volume_mask(config, index)                  # validate mask settings up front

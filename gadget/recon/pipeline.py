@@ -51,7 +51,7 @@ class ScanStats:
     first_image_at: Optional[float] = None
     acs_counts: set = field(default_factory=set)
     flagged: int = 0              # network images the safety check flagged
-    safety_seconds: float = 0.0   # safety check and fallbacks of flagged slices (not in model_seconds)
+    safety_seconds: float = 0.0   # safety checks and fallbacks, without the check's network re-run (in model_seconds)
 
 
 class ScanReconstructor:
@@ -140,8 +140,8 @@ class ScanReconstructor:
         t0 = time.perf_counter()
         results: list[Optional[_Result]] = [None] * len(group)
         batches: dict[tuple, list[int]] = {}
-        for i, sl in enumerate(group):
-            accel = self._acceleration(sl)
+        accels = [self._acceleration(sl) for sl in group]
+        for i, (sl, accel) in enumerate(zip(group, accels)):
             if self.config.mode == "zero-filled":
                 results[i] = _Result(zero_filled_rss(sl.kspace), "zero-filled", accel)
             elif accel < self.config.fully_sampled_below:
@@ -155,7 +155,7 @@ class ScanReconstructor:
             kspace = np.stack([group[i].kspace for i in members])
             images, finals = self.engine.run(kspace, group[members[0]].mask, acs)
             for j, i in enumerate(members):
-                results[i] = _Result(images[j], "varnet", self._acceleration(group[i]), acs, finals[j])
+                results[i] = _Result(images[j], "varnet", accels[i], acs, finals[j])
         dt = time.perf_counter() - t0
         self.stats.model_seconds += dt
         self._log_series(group[0], results[0], dt / len(group))
@@ -191,7 +191,6 @@ class ScanReconstructor:
             comments.append(f"fully sampled (acceleration {result.acceleration:.2f}): RSS coil combination of the "
                             "measured data, not the network")
         elif result.method == "varnet":
-            processing, output = ("VARNET",), "E2E-VarNet"
             magnitude, output, processing, extra = self._checked(sl, result, comments)
         extra["VarNetOutput"] = output
         crop = np.ascontiguousarray(center_crop_at_most(magnitude, size), dtype=np.float32)
@@ -211,8 +210,19 @@ class ScanReconstructor:
         is, ImageProcessingHistory, extra meta)``; a flagged slice gets the configured fallback."""
         cfg = self.config
         t0 = time.perf_counter()
+        forward_seconds = 0.0
+
+        def run(*args):  # the check's own network forward counts as model time, not check time
+            nonlocal forward_seconds
+            start = time.perf_counter()
+            try:
+                return self.engine.run(*args)
+            finally:
+                forward_seconds = time.perf_counter() - start
+                self.stats.model_seconds += forward_seconds
+
         figures = safety_figures(sl.kspace, sl.mask, result.acs, result.magnitude, result.final_kspace,
-                                 self.encoding.recon_size, run=self.engine.run)
+                                 self.encoding.recon_size, run=run)
         extra = {"VarNetConsistency": f"{figures.consistency:.6g}", "VarNetDeparture": f"{figures.departure:.6g}",
                  "VarNetPrediction": "n/a" if figures.prediction is None else f"{figures.prediction:.6g}"}
         exceeded = figures.exceeds(cfg.safety_consistency_max, cfg.safety_departure_max, cfg.safety_prediction_max)
@@ -225,6 +235,7 @@ class ScanReconstructor:
             extra["VarNetSafety"] = "pass"
             comments.append(f"safety check passed (prediction {extra['VarNetPrediction']}, consistency "
                             f"{figures.consistency:.3f}, departure {figures.departure:.3f})")
+            self.stats.safety_seconds += time.perf_counter() - t0 - forward_seconds
             return magnitude, output, processing, extra
         self.stats.flagged += 1
         extra["VarNetSafety"] = "flagged"
@@ -246,7 +257,7 @@ class ScanReconstructor:
                 f"sent: {output}")
         comments.append(flag)
         self._note(f"slice {sl.key_dict()}: {flag}")
-        self.stats.safety_seconds += time.perf_counter() - t0
+        self.stats.safety_seconds += time.perf_counter() - t0 - forward_seconds
         return magnitude, output, processing, extra
 
     def _log_series(self, sl: SliceData, result: "_Result", seconds_per_slice: float) -> None:

@@ -73,9 +73,11 @@ from ..baselines.espirit import espirit_maps
 from ..baselines.sense import cg_sense
 from ..mri.coils import rss
 from ..mri.fft import fft2c, ifft2c
+from ..mri.masks import center_block
 from ..mri.metrics import center_crop_at_most
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SafetyFigures:
@@ -100,11 +102,9 @@ def withheld_columns(mask, acs: int, count: int = 4) -> np.ndarray:
     the band (about half on each side), where the signal stands far above the noise, so a wrong
     guess shows and a right one is not drowned in noise. int ``(n,)``, maybe empty."""
     m = np.asarray(mask, bool).reshape(-1)
-    band = np.zeros_like(m)
-    start = (m.size - int(acs) + 1) // 2
-    band[start:start + int(acs)] = True
+    band = center_block(m.size, int(acs))
     outer = np.flatnonzero(m & ~band)
-    centre = start + (int(acs) - 1) / 2
+    centre = np.flatnonzero(band).mean()
     return np.sort(outer[np.argsort(np.abs(outer - centre), kind="stable")[:count]])
 
 
@@ -163,10 +163,8 @@ def acs_window(mask, acs: int) -> np.ndarray:
     acs = int(acs)
     if not 1 <= acs <= width:
         raise ValueError(f"ACS count must be in 1..{width}, got {acs}")
-    start = (width - acs + 1) // 2
-    taper = np.hanning(acs + 2)[1:-1]  # no zero end points: a 1- or 2-line band keeps its lines
     w = np.zeros(width)
-    w[start:start + acs] = taper
+    w[center_block(width, acs)] = np.hanning(acs + 2)[1:-1]  # no zero end points: 1 or 2 lines keep theirs
     return w * m
 
 

@@ -252,7 +252,7 @@ def validate(config: TrainConfig, source: str = "config") -> None:
     for key in ("num_cascades", "chans", "pools", "sens_chans", "sens_pools"):
         if getattr(m, key) < 1:
             fail(f"model.{key} must be >= 1, got {getattr(m, key)}")
-    if not d.mask or any(kind not in MASK_KINDS for kind in mask_kinds(d.mask)):
+    if any(kind not in MASK_KINDS for kind in mask_kinds(d.mask)):
         fail(f"data.mask = {d.mask!r} must be one of {', '.join(MASK_KINDS)}, or several joined by commas")
     if len(d.center_fractions) != len(d.accelerations):
         fail(f"data.center_fractions ({len(d.center_fractions)} values) and data.accelerations "
