@@ -24,6 +24,7 @@ CHOICES = {
     "acs_source": ("flags", "mask"),
     "precision": ("fp32", "bf16", "fp16"),  # gadget.model.varnet.PRECISIONS
     "fallback": ("none", "sense", "zero-filled"),
+    "also_send": ("none", "zero-filled", "sense"),
 }
 
 
@@ -44,9 +45,20 @@ class ReconConfig:
     acs_source: str = "flags"            # flags (calibration flags; else the centre run of the mask) | mask (the centre run)
     image_dtype: str = "float32"         # float32 | uint16 (scale recorded in the meta)
     uint16_max: int = 4095
+    # uint16 only: stored = float · scale, one scale for the whole series. 0 = chosen from the first
+    # complete slice (its maximum maps to uint16_max; later slices brighter than it clip); > 0 = this factor.
+    uint16_scale: float = 0.0
     dither_sigma: float = 0.0
     series_description: str = "E2E-VarNet"
+    sequence_description_additional: str = "VARNET"
     image_series_index: int = 1
+    # A second series for side-by-side reading, numbered image_series_index + 1: none | zero-filled | sense.
+    also_send: str = "none"
+    # Receiver noise bandwidth relative to the sampling bandwidth, used when the header does not give
+    # acquisitionSystemInformation/relativeReceiverNoiseBandwidth (Gadgetron's NoiseAdjustGadget default).
+    noise_bandwidth_ratio: float = 0.793
+    # Virtual coils kept by PCA coil compression from the calibration region (0 = off).
+    coil_compression: int = 0
     reconstruct_incomplete: bool = True  # at end of stream, reconstruct buffers never marked complete
     # A slice sampled at an acceleration below this (lines in the acquired range / lines measured) is
     # sent as the RSS coil combination of its data, not a network's rewrite (README "Pipeline behaviour").
@@ -113,6 +125,15 @@ def _convert(name: str, annotation: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: setting '{name}' must be > 0 (a relative norm; inf switches it off), got {out}")
     if name == "fully_sampled_below" and not out >= 1:
         raise ConfigError(f"{source}: setting 'fully_sampled_below' must be >= 1 (an acceleration), got {out}")
+    if name == "uint16_max" and out > 65535:
+        raise ConfigError(f"{source}: setting 'uint16_max' must be <= 65535, got {out}")
+    if name in ("coil_compression",) and out < 0:
+        raise ConfigError(f"{source}: setting 'coil_compression' must be >= 0 (0 = off), got {out}")
+    if name in ("uint16_scale",) and not (out >= 0 and math.isfinite(out)):
+        raise ConfigError(f"{source}: setting 'uint16_scale' must be a finite number >= 0 (0 = from the first "
+                          f"slice), got {out}")
+    if name == "noise_bandwidth_ratio" and not 0 < out <= 1:
+        raise ConfigError(f"{source}: setting 'noise_bandwidth_ratio' must be in (0, 1], got {out}")
     if name == "dither_sigma" and out < 0:
         raise ConfigError(f"{source}: setting 'dither_sigma' must be >= 0, got {out}")
     return out
