@@ -10,8 +10,9 @@ is loaded once per process (``ReconService``) and shared by all connections; the
 device access.
 
 Dialects differ only where the peers differ (facts in DESIGN.md §4):
-* ``mrd`` (gadgetron_ismrmrd_client, python-ismrmrd-server's client.py, FIRE): CONFIG_FILE names a
-  preset (whitelist), CONFIG_TEXT may carry YAML, a JSON TEXT carries parameters; errors go
+* ``mrd`` (gadgetron_ismrmrd_client, python-ismrmrd-server's client.py, FIRE, OpenRecon): CONFIG_FILE
+  names a preset (whitelist; OpenRecon's ``openrecon`` is one), CONFIG_TEXT may carry YAML, a JSON TEXT
+  before or right after the HEADER carries parameters (gadget/recon/ui_parameters.py); errors go
   back as TEXT then CLOSE; only images are sent back (clients crash on echoed acquisitions).
 * ``gadgetron`` (Gadgetron's external channel): CONFIG_TEXT is the ``<configuration>`` XML with
   ``<property>`` elements; errors go back as ERROR(8) then CLOSE, never TEXT; items we do not
@@ -20,14 +21,17 @@ Dialects differ only where the peers differ (facts in DESIGN.md §4):
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from .recon.config import ConfigError, ReconConfig, from_gadgetron_config, from_json_parameters, \
-    gadgetron_properties, load_config, parse_yaml, client_merge
+from .recon.config import OPERATOR_ONLY, ConfigError, ReconConfig, from_gadgetron_config, \
+    from_json_parameters, gadgetron_properties, load_config, parse_yaml, client_merge
+from .recon.ui_parameters import apply_ui_parameters
+from .data.mrd_header import parse_encoding
 from .recon.engine import Reconstructor
 from .recon.overlap import overlapped
 from .recon.pipeline import ScanReconstructor
@@ -66,17 +70,17 @@ class ReconService:
         reader = MessageReader(sock, max_message_bytes=self.max_message_bytes)
         writer = MessageWriter(sock)
         try:
-            setup = self._setup(reader, dialect, peer)
+            setup = self._setup(reader, writer, dialect, peer)
             if setup is None:
                 result.config_only = True
                 _safe(writer.close)
                 return result
-            config, header_xml = setup
+            config, header_xml, first = setup
             scan = ScanReconstructor(header_xml, config, self._engine_for(config), source=f"{peer}",
                                      model_id=self.model_id)
             reader.landing = scan.assembler.landing_row  # samples received straight into slice buffers
             sent_notes = 0
-            for item in overlapped(scan, _messages(reader), self.queue_slices):
+            for item in overlapped(scan, _messages(reader, first), self.queue_slices):
                 if type(item).__name__ == "Image":
                     writer.image(item)
                     result.images += 1
@@ -100,8 +104,12 @@ class ReconService:
             _safe(sock.close)
         return result
 
-    def _setup(self, reader: MessageReader, dialect: str, peer: str) -> Optional[tuple[ReconConfig, str]]:
-        """Config and header phase. ``None`` = the peer closed after config only (answer CLOSE)."""
+    def _setup(self, reader: MessageReader, writer: MessageWriter, dialect: str,
+               peer: str) -> Optional[tuple[ReconConfig, str, Optional[Message]]]:
+        """Config and header phase: ``(config, header XML, first message after them)``; ``None`` = the
+        peer closed after config only (answer CLOSE). OpenRecon/FIRE send their parameters as a JSON TEXT
+        right after the header (DESIGN.md §4c), so the message after HEADER is read here: a JSON TEXT is
+        applied, anything else is the scan's first message."""
         config = self.config
         while True:
             msg = reader.read()
@@ -111,19 +119,36 @@ class ReconService:
             if msg.id == MessageId.CLOSE:
                 return None
             if msg.id == MessageId.HEADER:
+                parse_encoding(msg.payload, source=peer)  # a bad header fails now, not after the next read
+                header_xml, first = msg.payload, reader.read()
+                if first is not None and first.id == MessageId.TEXT and _is_json(first.payload, dialect):
+                    config, first = self._json_text(first.payload, config, writer, peer), None
                 log.info("%s: resolved config: %s", peer, config.summary())
-                return config, msg.payload
+                return config, header_xml, first
             if msg.id == MessageId.CONFIG_FILE:
                 config = self._preset(msg.payload, config)
             elif msg.id == MessageId.CONFIG_TEXT:
                 config = self._config_text(msg.payload, config, dialect)
+            elif msg.id == MessageId.TEXT and _is_json(msg.payload, dialect):
+                config = self._json_text(msg.payload, config, writer, peer)
             elif msg.id == MessageId.TEXT:
-                if dialect == "mrd" and msg.payload.lstrip().startswith("{"):
-                    config = from_json_parameters(msg.payload, config)
-                else:
-                    log.info("%s: text: %s", peer, msg.payload[:200])
+                log.info("%s: text: %s", peer, msg.payload[:200])
             else:
                 raise SessionError(f"{msg.id.name} before HEADER: send the ISMRMRD header first")
+
+    def _json_text(self, text: str, config: ReconConfig, writer: MessageWriter, peer: str) -> ReconConfig:
+        """A JSON parameters TEXT. The OpenRecon/FIRE form ``{"version": .., "parameters": {..}}`` applies
+        the keys we know and answers each other key with a WARNING TEXT; a bare object of settings
+        (python-ismrmrd-server style) must name known settings only."""
+        if not isinstance(_json_object(text).get("parameters"), dict):
+            return from_json_parameters(text, config)
+        result = apply_ui_parameters(text, config, self._preset)
+        log.info("%s: parameters applied%s: %s", peer, f" (preset {result.preset})" if result.preset else "",
+                 result.summary())
+        for warning in result.ignored:
+            log.warning("%s: %s", peer, warning)
+            writer.text(f"WARNING: {warning}")
+        return result.config
 
     def _preset(self, name: str, config: ReconConfig) -> ReconConfig:
         name = name.strip()
@@ -133,7 +158,7 @@ class ReconService:
             return config
         preset = load_config(name, base=ReconConfig())
         return client_merge(config, {k: v for k, v in preset.to_dict().items()
-                                     if k not in ("checkpoint", "device", "precision")
+                                     if k not in OPERATOR_ONLY
                                      and v != getattr(ReconConfig(), k)},
                             f"preset {name}")
 
@@ -204,10 +229,25 @@ class ReconService:
             slots.release()
 
 
-def _messages(reader: MessageReader) -> Iterator[Any]:
-    """The scan's items after HEADER, up to CLOSE (runs on the reader thread)."""
+def _is_json(text: str, dialect: str) -> bool:
+    return dialect == "mrd" and text.lstrip().startswith("{")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"JSON parameters: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("JSON parameters: expected a JSON object")
+    return data
+
+
+def _messages(reader: MessageReader, first: Optional[Message] = None) -> Iterator[Any]:
+    """The scan's items after HEADER (``first``: one already read), up to CLOSE (runs on the reader
+    thread)."""
     while True:
-        msg: Optional[Message] = reader.read()
+        msg, first = (first, None) if first is not None else (reader.read(), None)
         if msg is None:
             raise SessionError("connection closed without CLOSE; incomplete slices discarded")
         if msg.id == MessageId.CLOSE:

@@ -28,6 +28,10 @@ CHOICES = {
 }
 
 
+# Settings only the operator sets (command line, preset file, Gadgetron chain), never a network client.
+OPERATOR_ONLY = ("checkpoint", "device", "precision")
+
+
 class ConfigError(ValueError):
     """A configuration key or value is not acceptable; the message names it."""
 
@@ -188,7 +192,8 @@ def load_config(spec: Optional[str] = None, base: ReconConfig = ReconConfig()) -
 
 def from_json_parameters(text: str, base: ReconConfig, source: str = "JSON parameters") -> ReconConfig:
     """MRD clients may send a JSON object of parameters (python-ismrmrd-server style); a
-    ``parameters`` sub-object is accepted too. Only known settings, and never ``checkpoint``."""
+    ``parameters`` sub-object is accepted too. Only known settings, and never ``checkpoint``. (The
+    OpenRecon form, where unknown keys are warnings, is gadget.recon.ui_parameters.)"""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -202,7 +207,7 @@ def from_json_parameters(text: str, base: ReconConfig, source: str = "JSON param
 
 def client_merge(base: ReconConfig, values: Mapping[str, Any], source: str) -> ReconConfig:
     """Settings from a network client: the model file, device and precision stay the operator's choice."""
-    for forbidden in ("checkpoint", "device", "precision"):
+    for forbidden in OPERATOR_ONLY:
         if forbidden in values:
             raise ConfigError(f"{source}: '{forbidden}' cannot be set by a client")
     return base.merged(values, source)

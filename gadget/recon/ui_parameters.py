@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import CHOICES, ConfigError, ReconConfig
+from .config import CHOICES, OPERATOR_ONLY, ConfigError, ReconConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,36 +90,39 @@ class AppliedParameters:
 
 def apply_ui_parameters(text: str, base: ReconConfig, preset_loader,
                         source: str = "OpenRecon parameters") -> AppliedParameters:
-    """Apply a JSON parameters TEXT (``{"version": ..., "parameters": {id: value}}``, or a bare object).
+    """Apply an OpenRecon/FIRE parameters TEXT: ``{"version": ..., "parameters": {key: value}}``.
 
     ``parameters.config`` (when it names a preset other than ``openrecon``/``default``) is applied
-    first through ``preset_loader(name, config) -> config``; then each declared UI id is converted to its
-    setting's type and validated (a bad value is a :class:`ConfigError`); every other key is returned
-    in ``ignored`` with the reason, for the server to log and report."""
+    first through ``preset_loader(name, config) -> config``. Then each key that is a declared UI id, or
+    the name of a setting a client may change (gadget.recon.config.client_merge), is converted to the
+    setting's type and validated (a bad value is a :class:`ConfigError`). Every other key (e.g. the
+    ``sendoriginal`` of OpenRecon's example UI, or ``checkpoint``) is not applied: it is returned in
+    ``ignored`` for the server to log and report to the client."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{source}: not valid JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a JSON object")
-    nested = data.get("parameters")
-    values = nested if isinstance(nested, dict) else {k: v for k, v in data.items() if k != "version"}
+    values = data.get("parameters") if isinstance(data, dict) else None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a JSON object with a 'parameters' object")
     config, preset, applied, ignored = base, None, {}, []
     name = values.get(CONFIG_ID)
     if name is not None and str(name).strip() not in ("", "default", "openrecon"):
         preset = str(name).strip()
         config = preset_loader(preset, config)
+    settings = {f.name for f in dataclasses.fields(ReconConfig)} - set(OPERATOR_ONLY)
     for key, value in values.items():
         if key == CONFIG_ID:
             continue
         param = _BY_ID.get(key)
-        if param is None:
-            reason = ("a setting a client cannot change" if key in ("checkpoint", "device", "precision")
+        setting = param.setting if param else str(key).replace("-", "_")
+        if param is None and setting not in settings:
+            reason = ("set by the operator, never by a client" if setting in OPERATOR_ONLY
                       else "not a parameter of this reconstruction")
-            ignored.append(f"{source}: '{key}' ignored ({reason}; known: {', '.join(_BY_ID)})")
+            ignored.append(f"parameter '{key}' ignored: {reason} (known: {', '.join(_BY_ID)})")
             continue
-        config = config.merged({param.setting: value}, f"{source} '{key}'")
-        applied[param.setting] = getattr(config, param.setting)
+        config = config.merged({setting: value}, f"{source} '{key}'")
+        applied[setting] = getattr(config, setting)
     return AppliedParameters(config, preset, applied, ignored)
 
 
@@ -130,5 +133,5 @@ def check_table() -> None:
     for p in UI_PARAMETERS:
         assert _ID.match(p.id), p.id
         assert p.setting in names, p.setting
-        assert p.setting not in ("checkpoint", "device", "precision"), p.setting
+        assert p.setting not in OPERATOR_ONLY, p.setting
 
