@@ -6,7 +6,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
 
-.PHONY: install test demo bench gpu-wheels clean
+.PHONY: install test demo bench openrecon gpu-wheels clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: install
 
 bench: install
 	$(BIN)/varnet bench model
+
+# Siemens OpenRecon package: label + PDF manual (always), then docker build/save and the zip
+# (needs Docker Engine < 25; without docker it stops with an error after the label and manual).
+openrecon: install
+	$(BIN)/varnet openrecon package --out-dir dist/openrecon
 
 # Wheels for a CUDA machine that cannot download (Python 3.12 there, PyTorch already installed):
 # what the package and its GPU checks import beyond that image. Used by bench/gpu_checks.sh.

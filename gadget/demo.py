@@ -77,7 +77,7 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
     from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
 
     from .model.checkpoint import load_checkpoint
-    from .model.shipped import shipped_checkpoint
+    from .model.shipped import resolve_checkpoint
     from .recon.config import ReconConfig
     from .replay import replay_file
     from .stream.images import image_magnitude
@@ -85,7 +85,7 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
 
     out = settings.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = settings.checkpoint or shipped_checkpoint()
+    ckpt = Path(resolve_checkpoint(settings.checkpoint))
     loaded = load_checkpoint(ckpt)
     model_id = f"{ckpt.name} (sha256 {loaded.sha256[:12]})"
     progress(f"[1/4] model {ckpt}: {loaded.description.get('data', 'no description')}")

@@ -34,3 +34,55 @@ def write_raw(path, xml, lines, seed=0):
         w.write_header(xml)
         w.append(heads, datas)
     return datas
+
+
+def with_noise_bandwidth(xml: str, ratio) -> str:
+    """``xml`` with ``acquisitionSystemInformation/relativeReceiverNoiseBandwidth`` set to ``ratio``."""
+    element = f"<relativeReceiverNoiseBandwidth>{ratio}</relativeReceiverNoiseBandwidth>"
+    if "<acquisitionSystemInformation>" in xml:
+        return xml.replace("<acquisitionSystemInformation>", "<acquisitionSystemInformation>" + element, 1)
+    return xml.replace("<encoding>", f"<acquisitionSystemInformation>{element}</acquisitionSystemInformation>"
+                       "<encoding>", 1)
+
+
+def header_3d(readout=16, width=12, coils=3, partitions=8, recon_partitions=None, thickness_mm=2.0,
+              accel_e2=1, calibration_mode="other") -> str:
+    """A 3-D Cartesian header: encoded matrix z ``partitions`` (kspace_encoding_step_2 limits 0..partitions-1,
+    centre partitions // 2), recon matrix z ``recon_partitions`` (default: the same), both with partitions
+    ``thickness_mm`` thick; readout oversampled 2x in the encoded space."""
+    recon_partitions = partitions if recon_partitions is None else recon_partitions
+    return build_header_xml(encoded_matrix=(readout, width, partitions),
+                            recon_matrix=(readout // 2, width, recon_partitions),
+                            encoded_fov_mm=(200, 100, thickness_mm * partitions),
+                            recon_fov_mm=(100, 100, thickness_mm * recon_partitions),
+                            e1_max=width - 1, e1_center=width // 2, num_coils=coils, acceleration_e1=1,
+                            calibration_mode=calibration_mode, e2_max=partitions - 1, e2_center=partitions // 2,
+                            acceleration_e2=accel_e2)
+
+
+def cartesian_lines(kspace, columns, *, e2=None, flags=None, position=(0.0, 0.0, 0.0),
+                    directions=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)), last=True, start_counter=0):
+    """AcqLines of a Cartesian k-space, one per ``(e2, column)``: ``kspace`` complex ``(coil, readout, phase)``
+    (2-D) or ``(kz, coil, readout, phase)`` (3-D, with ``e2`` the kz rows to send; the row index is the e2
+    counter). e1 = the column (headers with e1 centre = width // 2, no padding). ``flags``: column → tuple
+    of flag bits; ``last``: LAST_IN_SLICE on the final line. Geometry: ``position`` (mm) and read/phase/slice
+    directions on every line."""
+    from gadget.stream.types import AcqLine, make_head
+
+    flags = flags or {}
+    volume = np.asarray(kspace)[None] if e2 is None else np.asarray(kspace)
+    rows = [None] if e2 is None else list(e2)
+    out = []
+    for r in rows:
+        for col in columns:
+            bits = tuple(flags.get(int(col), ()))
+            idx = {"kspace_encode_step_1": int(col)}
+            if r is not None:
+                idx["kspace_encode_step_2"] = int(r)
+            head = make_head(idx=idx, flags=flag_mask(*bits) if bits else 0, center_sample=volume.shape[-2] // 2,
+                             position=position, read_dir=directions[0], phase_dir=directions[1],
+                             slice_dir=directions[2], scan_counter=start_counter + len(out))
+            out.append(AcqLine(head, np.ascontiguousarray(volume[0 if r is None else r][..., col], np.complex64)))
+    if last and out:
+        out[-1].head["flags"] = int(out[-1].head["flags"]) | flag_mask(8)
+    return out

@@ -133,7 +133,7 @@ def test_server_refuses_a_gadgetron_chain_asking_for_another_precision():
     chain = (Path(__file__).resolve().parents[1] / "pipelines" / "varnet-external.xml").read_text()
     assert '<property name="precision" value="fp32"/>' in chain
     engine = Reconstructor(VarNet(**SMALL), "cpu", "bf16")
-    base = ReconConfig(checkpoint="/opt/varnet/model.pt", precision="bf16")  # the chain's model path
+    base = ReconConfig(checkpoint="/models/model.pt", precision="bf16")  # the operator gave this server its model
     service = ReconService(base, engine, "test-model")
     asked = service._config_text(chain, base, "gadgetron")
     assert asked.precision == "fp32"

@@ -83,3 +83,34 @@ def test_replay_synth_ismrmrd_file(tmp_path):
     (images,) = read_images_h5(tmp_path / "img.h5").values()
     assert [im.slice for im in images] == [0, 1, 2]
     assert all(np.asarray(im.data).shape == (1, 1, 32, 32) for im in images)
+
+
+def test_replay_output_carries_the_scan_header_as_ismrmrd_writes_it(tmp_path, test_format_file):
+    """/<group>/xml: the input's header, stored as ismrmrd.Dataset.write_xml_header stores it (the
+    layout python-ismrmrd-server's client writes), and read back by the ismrmrd package."""
+    import ismrmrd
+
+    from gadget.data.mrd_file import read_header_xml
+
+    raw = tmp_path / "raw.h5"
+    convert_fastmri_to_ismrmrd(test_format_file, raw)
+    out = tmp_path / "img.h5"
+    assert main(["replay", str(raw), str(out), "--config", "zero-filled", "--out-group", "scan"]) == 0
+    want = read_header_xml(raw)
+    reference = tmp_path / "reference.h5"  # the layout the ismrmrd package itself writes
+    with ismrmrd.Dataset(str(reference), "scan", create_if_needed=True) as dset:
+        dset.write_xml_header(want.encode("utf-8"))
+    with h5py.File(out, "r") as ours, h5py.File(reference, "r") as theirs:
+        mine, ref = ours["scan/xml"], theirs["scan/xml"]
+        assert mine.shape == ref.shape == (1,)
+        assert h5py.check_string_dtype(mine.dtype) == h5py.check_string_dtype(ref.dtype) is not None
+        assert mine[0] == ref[0]
+        assert {"xml", "image_2"} <= set(ours["scan"].keys())  # images stay where they were
+    with ismrmrd.Dataset(str(out), "scan", mode="r") as dset:
+        assert dset.read_xml_header().decode("utf-8") == want
+    with ismrmrd.File(str(out), mode="r") as f:  # the strict header parser of ismrmrd 1.15
+        header = f["scan"].header
+        assert header is not None
+        assert header.encoding[0].encodedSpace.matrixSize.x == ismrmrd.xsd.CreateFromDocument(want).encoding[0] \
+            .encodedSpace.matrixSize.x
+    assert set(read_images_h5(out)) == {"scan/image_2"}

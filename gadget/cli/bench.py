@@ -67,13 +67,21 @@ def add_parser(sub) -> None:
 
     p2 = which.add_parser("pipeline", help="stream-to-image overhead of the MRD server, model time excluded",
                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                          epilog=example_epilog("varnet bench pipeline --slices 16 --coils 12 --config default"))
+                          epilog=example_epilog("varnet bench pipeline --slices 16 --coils 12 --config default",
+                                                "varnet bench pipeline --skip-overhead --coil-compression 12"))
     p2.add_argument("--slices", type=int, default=16)
     p2.add_argument("--coils", type=int, default=12)
     p2.add_argument("--size", type=int, nargs=2, default=(160, 128), metavar=("H", "W"),
                     help="image matrix; k-space readout is 2H")
     p2.add_argument("--config", choices=("default", "small"), default="small")
     p2.add_argument("--threads", type=int, default=2)
+    p2.add_argument("--coil-compression", type=int, default=0, metavar="N",
+                    help="also measure PCA coil compression to N virtual coils against all coils, with the "
+                         "shipped weights (or --checkpoint): time per slice, SSIM/PSNR (0 = skip)")
+    p2.add_argument("--compression-coils", type=int, default=32, help="coils of the compression scan")
+    p2.add_argument("--compression-slices", type=int, default=3, help="slices of the compression scan")
+    p2.add_argument("--checkpoint", default=None, help="weights for the compression measurement (default: shipped)")
+    p2.add_argument("--skip-overhead", action="store_true", help="only the coil compression measurement")
     p2.set_defaults(run=run_pipeline)
 
 
@@ -161,7 +169,20 @@ def run_ingest(args) -> int:
 
 
 def run_pipeline(args) -> int:
-    from ..bench.pipeline_bench import format_table, run_pipeline_bench
+    from ..bench.pipeline_bench import (format_compression_table, format_table, run_compression_bench,
+                                        run_pipeline_bench)
+    from . import UserError
 
-    print(format_table(run_pipeline_bench(args.slices, args.coils, tuple(args.size), args.config, args.threads)))
+    n = args.coil_compression
+    if n < 0 or (n and not n < args.compression_coils):
+        raise UserError(f"--coil-compression must be 0 (skip) or in 1..{args.compression_coils - 1} (below "
+                        f"--compression-coils), got {n}")
+    if args.skip_overhead and not n:
+        raise UserError("--skip-overhead leaves nothing to measure without --coil-compression N")
+    if not args.skip_overhead:
+        print(format_table(run_pipeline_bench(args.slices, args.coils, tuple(args.size), args.config, args.threads)))
+    if n:
+        print(format_compression_table(run_compression_bench(args.compression_slices, args.compression_coils, n,
+                                                             tuple(args.size), args.threads,
+                                                             checkpoint=args.checkpoint)))
     return 0

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("replay", help="reconstruct an ISMRMRD raw file through the streaming pipeline",
                        description="Reads acquisitions from an ISMRMRD HDF5 file, runs the pipeline (noise "
                                    "prewhitening, slice assembly, E2E-VarNet, image building) and writes images "
-                                   "as Gadgetron's client does: /<group>/image_<series>/.",
+                                   "as Gadgetron's client does: /<group>/image_<series>/, with the scan's "
+                                   "XML header at /<group>/xml.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=example_epilog("varnet replay scan.h5 images.h5 --checkpoint model.pt --png previews/",
                                              "varnet replay scan.h5 zf.h5 --config zero-filled"))
@@ -31,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..data.mrd_file import count_acquisitions
+    from ..data.mrd_file import count_acquisitions, read_header_xml
     from ..recon.config import ConfigError, load_config
     from ..recon.pipeline import build_engine
     from ..replay import replay_file
@@ -50,7 +51,7 @@ def run(args) -> int:
     if not result.images:
         raise UserError(f"{args.input}: no complete slice was found; nothing reconstructed")
     group = args.out_group or args.input.stem
-    write_images_h5(args.output, result.images, group)
+    write_images_h5(args.output, result.images, group, header_xml=read_header_xml(args.input, args.group))
     if args.png:
         save_png_previews(result.images, args.png, args.input.stem)
     if args.dicom:

@@ -22,7 +22,9 @@ class HeaderError(ValueError):
 class EncodingInfo:
     """What reconstruction needs from ``<encoding>`` (the first one).
 
-    Sizes in samples; FOV in mm. ``kspace_encoding_step_1`` limits index phase-encode lines.
+    Sizes in samples; FOV in mm. ``kspace_encoding_step_1`` limits index phase-encode lines,
+    ``kspace_encoding_step_2`` limits the partitions of a 3-D scan (``encoded_matrix[2] > 1``);
+    a 2-D scan has ``e2_min == e2_max == e2_center == 0``.
     """
 
     encoded_matrix: tuple[int, int, int]  # (x=readout, y=phase, z)
@@ -34,6 +36,33 @@ class EncodingInfo:
     e1_center: int
     acceleration_e1: Optional[int] = None
     calibration_mode: Optional[str] = None
+    e2_min: int = 0
+    e2_max: int = 0
+    e2_center: int = 0
+    acceleration_e2: Optional[int] = None
+
+    @property
+    def is_3d(self) -> bool:
+        """A 3-D Cartesian scan: more than one partition in the encoded matrix (z)."""
+        return self.encoded_matrix[2] > 1
+
+    @property
+    def separate_reference(self) -> bool:
+        """``parallelImaging/calibrationMode`` is ``separate``: lines flagged only
+        ACQ_IS_PARALLEL_CALIBRATION are reference data, not imaging data."""
+        return (self.calibration_mode or "").strip().lower() == "separate"
+
+    @property
+    def partition_thickness_mm(self) -> float:
+        """Thickness of one reconstructed partition (mm): reconSpace FOV z / reconSpace matrix z.
+        For a 2-D scan (matrix z 1) this is the slice thickness, reconSpace FOV z."""
+        return self.recon_fov_mm[2] / max(self.recon_matrix[2], 1)
+
+    @property
+    def e2_padding(self) -> int:
+        """Row of partition ``e2 = 0`` in the encoded z grid: ``encoded z // 2 - e2 center`` (the
+        e1 rule along kz; non-zero for partial Fourier along kz)."""
+        return self.encoded_matrix[2] // 2 - self.e2_center
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -91,6 +120,7 @@ def parse_encoding(text: str | bytes, source: str = "header") -> EncodingInfo:
     enc_matrix = triple("encodedSpace", "matrixSize", int)
     lim = "encodingLimits/kspace_encoding_step_1"
     e1_max = _find(enc, f"{lim}/maximum", source, default=enc_matrix[1] - 1)
+    lim2 = "encodingLimits/kspace_encoding_step_2"
     return EncodingInfo(
         encoded_matrix=enc_matrix,
         recon_matrix=triple("reconSpace", "matrixSize", int),
@@ -102,6 +132,11 @@ def parse_encoding(text: str | bytes, source: str = "header") -> EncodingInfo:
         acceleration_e1=_find(enc, "parallelImaging/accelerationFactor/kspace_encoding_step_1",
                               source, required=False),
         calibration_mode=_find(enc, "parallelImaging/calibrationMode", source, str, required=False),
+        e2_min=_find(enc, f"{lim2}/minimum", source, default=0),
+        e2_max=_find(enc, f"{lim2}/maximum", source, default=enc_matrix[2] - 1),
+        e2_center=_find(enc, f"{lim2}/center", source, default=enc_matrix[2] // 2),
+        acceleration_e2=_find(enc, "parallelImaging/accelerationFactor/kspace_encoding_step_2",
+                              source, required=False),
     )
 
 
@@ -109,8 +144,10 @@ def build_header_xml(*, encoded_matrix: tuple[int, int, int], recon_matrix: tupl
                      encoded_fov_mm: tuple[float, float, float], recon_fov_mm: tuple[float, float, float],
                      e1_max: int, e1_center: int, num_coils: int, num_slices: int = 1,
                      acceleration_e1: int = 1, calibration_mode: str = "other",
-                     field_strength_t: float = 3.0, system_vendor: str = "varnet-gadget simulation") -> str:
-    """A minimal, schema-valid ISMRMRD header for a 2-D Cartesian multi-slice scan."""
+                     field_strength_t: float = 3.0, system_vendor: str = "varnet-gadget simulation",
+                     e2_max: int = 0, e2_center: int = 0, acceleration_e2: int = 1) -> str:
+    """A minimal, schema-valid ISMRMRD header for a 2-D Cartesian multi-slice scan (or, with
+    ``encoded_matrix[2] > 1`` and the ``e2_*`` limits, a 3-D Cartesian one)."""
     def xyz(tag, vals, fmt):
         return f"<{tag}>" + "".join(f"<{a}>{fmt(v)}</{a}>" for a, v in zip("xyz", vals)) + f"</{tag}>"
 
@@ -131,12 +168,12 @@ def build_header_xml(*, encoded_matrix: tuple[int, int, int], recon_matrix: tupl
         + space("reconSpace", recon_matrix, recon_fov_mm)
         + "<encodingLimits>"
         + limit("kspace_encoding_step_1", e1_max, e1_center)
-        + limit("kspace_encoding_step_2", 0, 0)
+        + limit("kspace_encoding_step_2", e2_max, e2_center)
         + limit("slice", max(num_slices - 1, 0), max(num_slices - 1, 0) // 2)
         + "</encodingLimits><trajectory>cartesian</trajectory>"
         "<parallelImaging><accelerationFactor>"
         f"<kspace_encoding_step_1>{acceleration_e1}</kspace_encoding_step_1>"
-        "<kspace_encoding_step_2>1</kspace_encoding_step_2></accelerationFactor>"
+        f"<kspace_encoding_step_2>{acceleration_e2}</kspace_encoding_step_2></accelerationFactor>"
         f"<calibrationMode>{calibration_mode}</calibrationMode></parallelImaging>"
         "</encoding></ismrmrdHeader>"
     )

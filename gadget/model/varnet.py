@@ -8,6 +8,7 @@ name               shape                                       dtype
 masked_kspace      (batch, coil, readout, phase)               complex64/complex128
 mask               (batch or 1, 1, 1, phase) or (phase,)       bool (True = sampled)
 num_low_freqs      None, int, or (batch,) int tensor           ACS lines per sample
+sens_kspace        None or as masked_kspace                    separate reference k-space
 sens_maps          (batch, coil, readout, phase)               complex, Σ|S|² = 1
 output image       (batch, readout, phase)                     real magnitude (see below)
 =================  ==========================================  ======================
@@ -206,16 +207,27 @@ class VarNet(nn.Module):
         return cls(**config.to_dict())
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
-                num_low_frequencies: AcsCount = None) -> torch.Tensor:
-        return self.forward_with_kspace(masked_kspace, mask, num_low_frequencies)[0]
+                num_low_frequencies: AcsCount = None, sens_kspace: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_with_kspace(masked_kspace, mask, num_low_frequencies, sens_kspace)[0]
 
     def forward_with_kspace(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
-                            num_low_frequencies: AcsCount = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            num_low_frequencies: AcsCount = None,
+                            sens_kspace: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` that also returns the final multi-coil k-space ``(batch, coil, readout,
         phase)`` (the last cascade's output, from which the image is formed): ``(image, kspace)``.
-        The safety check (``gadget.recon.safety``) measures its departure from the measured lines."""
+        The safety check (``gadget.recon.safety``) measures its departure from the measured lines.
+
+        ``sens_kspace``: optional k-space of a separate reference scan, the layout and dtype of
+        ``masked_kspace``, holding only the reference lines; the sensitivity network then reads it
+        instead of ``masked_kspace`` (its ``num_low_frequencies`` centre lines, which must be given
+        explicitly: the imaging mask says nothing about the reference). None (default): the
+        sensitivities come from ``masked_kspace``, as in fastMRI."""
         masked_kspace, mask = check_inputs(masked_kspace, mask)
-        sens = self.sens_net(masked_kspace, mask, num_low_frequencies)
+        if sens_kspace is None:
+            sens = self.sens_net(masked_kspace, mask, num_low_frequencies)
+        else:
+            sens = self.sens_net(_check_sens_kspace(sens_kspace, masked_kspace, num_low_frequencies), mask,
+                                 num_low_frequencies)
         kspace = masked_kspace
         for cascade in self.cascades:
             kspace = cascade(kspace, masked_kspace, mask, sens)
@@ -242,6 +254,18 @@ def check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> tuple[torch
             or mask.shape[0] not in (1, masked_kspace.shape[0]):
         raise ValueError(f"mask must be (batch or 1, 1, 1, {width}) or ({width},); got {tuple(mask.shape)}")
     return masked_kspace, mask.to(torch.bool)
+
+
+def _check_sens_kspace(sens_kspace: torch.Tensor, masked_kspace: torch.Tensor,
+                       num_low_frequencies: AcsCount) -> torch.Tensor:
+    """Validate a separate reference k-space against the imaging k-space (same shape, complex)."""
+    if not torch.is_complex(sens_kspace) or tuple(sens_kspace.shape) != tuple(masked_kspace.shape):
+        raise ValueError("sens_kspace must be complex with the shape of masked_kspace "
+                         f"{tuple(masked_kspace.shape)}; got {sens_kspace.dtype} {tuple(sens_kspace.shape)}")
+    if num_low_frequencies is None or (isinstance(num_low_frequencies, int) and num_low_frequencies <= 0):
+        raise ValueError("sens_kspace needs an explicit num_low_frequencies (the reference's line count): "
+                         "detecting it from the imaging mask would ignore the reference")
+    return sens_kspace
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -23,6 +23,7 @@ class _Request:
     kspace: np.ndarray          # complex64 (b, coil, readout, phase)
     mask: np.ndarray            # bool (phase,)
     num_low: Optional[int]
+    sens_kspace: Optional[np.ndarray]            # a separate reference (b, coil, readout, phase), or None
     done: threading.Event = field(default_factory=threading.Event)
     result: Optional[np.ndarray] = None          # images (b, readout, phase)
     final_kspace: Optional[np.ndarray] = None    # the model's final k-space (b, coil, readout, phase)
@@ -30,7 +31,7 @@ class _Request:
 
     @property
     def key(self) -> tuple:
-        return self.kspace.shape[1:], self.num_low is None
+        return self.kspace.shape[1:], self.num_low is None, self.sens_kspace is None
 
 
 class BatchingEngine:
@@ -48,13 +49,15 @@ class BatchingEngine:
         self._worker = threading.Thread(target=self._run, name="batching-engine", daemon=True)
         self._worker.start()
 
-    def __call__(self, kspace, mask, num_low_frequencies: Optional[int] = None) -> np.ndarray:
-        return self.run(kspace, mask, num_low_frequencies)[0]
+    def __call__(self, kspace, mask, num_low_frequencies: Optional[int] = None, sens_kspace=None) -> np.ndarray:
+        return self.run(kspace, mask, num_low_frequencies, sens_kspace)[0]
 
-    def run(self, kspace, mask, num_low_frequencies: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`Reconstructor.run` through the shared queue: ``(images, final k-space)``."""
-        k = np.asarray(kspace, np.complex64)
-        req = _Request(k if k.ndim == 4 else k[None], np.asarray(mask, bool).reshape(-1), num_low_frequencies)
+    def run(self, kspace, mask, num_low_frequencies: Optional[int] = None,
+            sens_kspace=None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`Reconstructor.run` through the shared queue: ``(images, final k-space)``. Requests with
+        a separate reference (``sens_kspace``) are batched only with others that have one."""
+        k, ref = _batched(kspace), None if sens_kspace is None else _batched(sens_kspace)
+        req = _Request(k, np.asarray(mask, bool).reshape(-1), num_low_frequencies, ref)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the reconstruction engine has been shut down")
@@ -116,9 +119,16 @@ class BatchingEngine:
         else:
             num_low = torch.tensor(np.repeat([r.num_low for r in batch], counts))
         mask = torch.from_numpy(np.ascontiguousarray(masks)).view(len(masks), 1, 1, -1)
+        sens = None if batch[0].sens_kspace is None else np.concatenate([r.sens_kspace for r in batch])
         self.forward_calls += 1
-        out, final = self.engine.run(kspace, mask, num_low)
+        out, final = self.engine.run(kspace, mask, num_low, sens_kspace=sens)
         start = 0
         for r, n in zip(batch, counts):
             r.result, r.final_kspace = out[start:start + n], final[start:start + n]
             start += n
+
+
+def _batched(kspace) -> np.ndarray:
+    """complex64 ``(b, coil, readout, phase)`` from one slice or a batch."""
+    k = np.asarray(kspace, np.complex64)
+    return k if k.ndim == 4 else k[None]

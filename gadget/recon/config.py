@@ -25,6 +25,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),  # gadget.model.varnet.PRECISIONS
     "fallback": ("none", "sense", "zero-filled"),
     "also_send": ("none", "zero-filled", "sense"),
+    "noise_units": ("scan", "gadgetron"),  # gadget.stream.noise.UNITS
 }
 
 
@@ -61,6 +62,10 @@ class ReconConfig:
     # Receiver noise bandwidth relative to the sampling bandwidth, used when the header does not give
     # acquisitionSystemInformation/relativeReceiverNoiseBandwidth (Gadgetron's NoiseAdjustGadget default).
     noise_bandwidth_ratio: float = 0.793
+    # The whitened noise level (gadget/stream/noise.py): scan = the imaging data's own per-coil level, which
+    # no dwell-time difference between noise scan and data can change; gadgetron = NoiseAdjustGadget's
+    # absolute units, scaled by sqrt(2 · imaging dwell / noise dwell · noise_bandwidth_ratio).
+    noise_units: str = "scan"
     # Virtual coils kept by PCA coil compression from the calibration region (0 = off).
     coil_compression: int = 0
     reconstruct_incomplete: bool = True  # at end of stream, reconstruct buffers never marked complete

@@ -1,7 +1,9 @@
 """The reconstruction engine: one loaded model on one device, fed batches of slices.
 
 Layouts: k-space ``(batch, coil, readout, phase)`` complex64; mask ``(phase,)`` bool;
-images out ``(batch, readout, phase)`` float32 (RSS magnitude, not cropped).
+images out ``(batch, readout, phase)`` float32 (RSS magnitude, not cropped). ``sens_kspace`` (optional):
+a separate reference scan's k-space in the layout of the k-space, holding only its reference lines; the
+sensitivity network reads it instead of the imaging k-space (``VarNet.forward``'s ``sens_kspace``).
 """
 from __future__ import annotations
 
@@ -50,30 +52,39 @@ class Reconstructor:
 
     @torch.inference_mode()
     def __call__(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
-                 num_low_frequencies: Optional[int] = None) -> np.ndarray:
+                 num_low_frequencies: Optional[int] = None,
+                 sens_kspace: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
         k, m = self._inputs(kspace, mask)
+        extra = {} if sens_kspace is None else {"sens_kspace": self._kspace(sens_kspace)}
         with self._lock:
-            out = self.model(k, m, num_low_frequencies)
+            out = self.model(k, m, num_low_frequencies, **extra)
         return out.float().cpu().numpy()
 
     @torch.inference_mode()
     def run(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
-            num_low_frequencies: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+            num_low_frequencies: Optional[int] = None,
+            sens_kspace: np.ndarray | torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Like calling the engine, but also returns the model's final multi-coil k-space:
         ``(images (batch, readout, phase) float32, kspace (batch, coil, readout, phase) complex64)``.
-        Needs a model with ``forward_with_kspace`` (:class:`VarNet`)."""
+        Needs a model with ``forward_with_kspace`` (:class:`VarNet`). ``sens_kspace``: see the module
+        docstring (None: the sensitivities come from ``kspace``, as always before)."""
         forward = getattr(self.model, "forward_with_kspace", None)
         if forward is None:
             raise TypeError(f"{type(self.model).__name__} has no forward_with_kspace: the safety check needs "
                             "the final k-space (use gadget.model.varnet.VarNet)")
         k, m = self._inputs(kspace, mask)
+        extra = {} if sens_kspace is None else {"sens_kspace": self._kspace(sens_kspace)}
         with self._lock:
-            image, final = forward(k, m, num_low_frequencies)
+            image, final = forward(k, m, num_low_frequencies, **extra)
         return image.float().cpu().numpy(), final.to(torch.complex64).cpu().numpy()
 
     def _inputs(self, kspace, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        m = torch.as_tensor(np.asarray(mask, dtype=bool) if not isinstance(mask, torch.Tensor) else mask)
+        return self._kspace(kspace), m.to(self.device)
+
+    def _kspace(self, kspace) -> torch.Tensor:
+        """``(batch, coil, readout, phase)`` (or one slice without batch) → complex64 on the device."""
         k = torch.as_tensor(kspace)
         if k.ndim == 3:
             k = k.unsqueeze(0)
-        m = torch.as_tensor(np.asarray(mask, dtype=bool) if not isinstance(mask, torch.Tensor) else mask)
-        return k.to(self.device, torch.complex64), m.to(self.device)
+        return k.to(self.device, torch.complex64)

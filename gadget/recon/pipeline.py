@@ -20,9 +20,10 @@ from ..data.mrd_header import EncodingInfo, parse_encoding
 from ..mri.masks import contiguous_center_lines
 from ..mri.metrics import center_crop_at_most
 from ..stream.assemble import SliceAssembler, SliceData
-from ..stream.images import ImageOptions, build_image
-from ..stream.noise import prewhiten
+from ..stream.images import ImageOptions, SeriesScale, build_image
+from ..stream.noise import prewhiten, receiver_noise_bandwidth
 from ..stream.types import AcqLine
+from .coil_compression import CompressionError, compress
 from .config import ReconConfig
 from .engine import Reconstructor
 from .safety import safety_figures, sense_image, zero_filled_rss
@@ -64,14 +65,12 @@ class ScanReconstructor:
             raise ValueError("mode 'varnet' needs a loaded model (engine)")
         self.encoding: EncodingInfo = parse_encoding(header_xml, source=source)
         self.config, self.engine, self.source = config, engine, source
-        self.options = ImageOptions(dtype=config.image_dtype, uint16_max=config.uint16_max,
-                                    dither_sigma=config.dither_sigma,
-                                    series_description=config.series_description,
-                                    image_series_index=config.image_series_index)
+        self.series = _output_series(config)
         self.stats = ScanStats()
+        # relative receiver noise bandwidth: the header's, else the config's (gadget/stream/noise.py)
+        self.noise_bandwidth, _ = receiver_noise_bandwidth(header_xml, config.noise_bandwidth_ratio, source)
         self.assembler = SliceAssembler(self.encoding)  # a door's reader may land samples in its rows
         self.notes: list[str] = []  # warnings for the peer (doors send them as TEXT where allowed)
-        self._next_index = 1
         self._logged_series = False
         self.model_id = model_id
 
@@ -85,7 +84,8 @@ class ScanReconstructor:
         come. At the end of the stream, slices never marked complete follow (flagged ``incomplete``)
         unless ``reconstruct_incomplete`` is off."""
         assembler = self.assembler
-        for item in prewhiten(as_lines(items), self.config.prewhiten):
+        for item in prewhiten(as_lines(items), self.config.prewhiten, self.noise_bandwidth,
+                              self.config.noise_units):
             if isinstance(item, AcqLine):
                 yield from assembler.add(item)
             else:
@@ -106,16 +106,36 @@ class ScanReconstructor:
         """The per-slice half: :class:`SliceData` → images in batches of ``batch_size``; other items
         pass through."""
         pending: list[SliceData] = []
+        compressed_log: list[str] = []  # coil compression is logged once per scan
         for item in stream:
             if not isinstance(item, SliceData):
                 yield item
                 continue
+            if 0 < self.config.coil_compression < item.kspace.shape[0]:
+                item = self._compressed(item, compressed_log)
             pending.append(item)
             if len(pending) >= self.config.batch_size:
                 yield from self._images_then_recycle(pending)
                 pending = []
         if pending:
             yield from self._images_then_recycle(pending)
+
+    def _compressed(self, sl: SliceData, logged: list[str]) -> SliceData:
+        """``sl`` with ``coil_compression`` virtual coils (gadget/recon/coil_compression.py; the matrix from
+        the slice's own centre run of sampled lines). The original k-space goes back to the assembler at
+        once; the compressed one owns its memory and is never recycled."""
+        try:
+            out, matrix, energy = compress(sl, self.config.coil_compression)
+        except CompressionError as exc:
+            raise ReconError(f"{self.source}: slice {sl.key_dict()}: coil compression: {exc}") from None
+        self.assembler.recycle(sl)
+        text = f"coil compression {matrix.shape[1]} -> {matrix.shape[0]} coils, energy kept {100 * energy:.2f}%"
+        if not logged:
+            logged.append(text)
+            log.info("%s: %s (slice %s; per slice from its calibration region)", self.source, text, sl.key_dict())
+        else:
+            log.debug("%s: slice %s: %s", self.source, sl.key_dict(), text)
+        return out
 
     def _images_then_recycle(self, slices: list[SliceData]) -> Iterator[Any]:
         yield from self._images(slices)
@@ -132,11 +152,15 @@ class ScanReconstructor:
         for group in _same_shape_groups(slices):
             for sl, result in zip(group, self._reconstruct(group)):
                 yield self._image(sl, result)
+                if self.config.also_send != "none":
+                    yield self._conventional_image(sl, result)
 
     def _reconstruct(self, group: list[SliceData]) -> list["_Result"]:
         """One :class:`_Result` per slice (magnitudes ``(readout, phase)`` float32, uncropped): the
         network for undersampled slices (one forward per distinct mask and ACS count), the RSS coil
-        combination for fully sampled ones and in zero-filled mode."""
+        combination for fully sampled ones and in zero-filled mode. A slice with a separate reference
+        (``calibration_kspace``) is batched only with others that have one, and the network's sensitivity
+        module reads the stacked references instead of the imaging k-space."""
         t0 = time.perf_counter()
         results: list[Optional[_Result]] = [None] * len(group)
         batches: dict[tuple, list[int]] = {}
@@ -150,10 +174,12 @@ class ScanReconstructor:
                          "its data, not the network's", self.source, sl.key_dict(), accel,
                          self.config.fully_sampled_below)
             else:
-                batches.setdefault((sl.mask.tobytes(), self._acs(sl)), []).append(i)
-        for (_, acs), members in batches.items():
+                separate = sl.calibration_kspace is not None
+                batches.setdefault((sl.mask.tobytes(), self._acs(sl), separate), []).append(i)
+        for (_, acs, separate), members in batches.items():
             kspace = np.stack([group[i].kspace for i in members])
-            images, finals = self.engine.run(kspace, group[members[0]].mask, acs)
+            extra = {"sens_kspace": np.stack([group[i].calibration_kspace for i in members])} if separate else {}
+            images, finals = self.engine.run(kspace, group[members[0]].mask, acs, **extra)
             for j, i in enumerate(members):
                 results[i] = _Result(images[j], "varnet", accels[i], acs, finals[j])
         dt = time.perf_counter() - t0
@@ -162,7 +188,8 @@ class ScanReconstructor:
         return results
 
     def _acceleration(self, sl: SliceData) -> float:
-        """Lines in the header's acquired phase range over the lines measured there (inf: none)."""
+        """Lines in the header's acquired phase range over the lines measured there (inf: none). Imaging
+        lines only: a separate reference is not in ``sl.mask``."""
         left, right = self.encoding.padding
         left, right = max(left, 0), min(right, sl.mask.size)
         acquired = sl.mask[left:right] if right > left else sl.mask
@@ -173,7 +200,13 @@ class ScanReconstructor:
         """ACS lines for the sensitivity network, always explicit: the calibration-flagged lines; where
         none are flagged (or ``acs_source: mask``) the run of sampled columns containing the k-space
         centre column (fastMRI's ``2*min(left, right)`` detection gives 1 for a full mask and under-counts
-        odd or asymmetric blocks)."""
+        odd or asymmetric blocks). With a separate reference (``calibration_kspace``) always the reference's
+        line count (whatever ``acs_source``: the sensitivities come from the reference, not the mask)."""
+        if sl.calibration_kspace is not None:
+            if not sl.num_calibration:
+                raise ReconError(f"{self.source}: slice {sl.key_dict()}: the separate reference lines do not "
+                                 "cover the k-space centre column; no calibration (ACS) lines for the sensitivities")
+            return int(sl.num_calibration)
         if self.config.acs_source == "flags" and sl.num_calibration:
             return int(sl.num_calibration)
         if not sl.mask[sl.mask.size // 2]:
@@ -182,7 +215,6 @@ class ScanReconstructor:
         return contiguous_center_lines(sl.mask)
 
     def _image(self, sl: SliceData, result: "_Result"):
-        size = self.encoding.recon_size
         comments = [f"E2E-VarNet ({self.config.mode})", f"lines {int(sl.mask.sum())}/{sl.mask.size}"]
         processing: tuple[str, ...] = ("ZEROFILLED",)
         magnitude, output, extra = result.magnitude, "zero-filled RSS", {}
@@ -193,16 +225,42 @@ class ScanReconstructor:
         elif result.method == "varnet":
             magnitude, output, processing, extra = self._checked(sl, result, comments)
         extra["VarNetOutput"] = output
-        crop = np.ascontiguousarray(center_crop_at_most(magnitude, size), dtype=np.float32)
         if sl.incomplete:
             self.stats.incomplete += 1
             comments.append("reconstructed at end of stream: slice was never marked complete")
-        img = build_image(crop, sl.reference, self.encoding, self._next_index, self.options, comments=comments,
-                          processing=processing, extra_meta=extra)
-        self._next_index += 1
+        img = self._build(self.series[0], sl, magnitude, comments, processing, extra)
         self.stats.slices += 1
         if self.stats.first_image_at is None:
             self.stats.first_image_at = time.perf_counter()
+        return img
+
+    def _conventional_image(self, sl: SliceData, result: "_Result"):
+        """The ``also_send`` series' image of a slice: zero-filled RSS, or ESPIRiT + CG-SENSE."""
+        kind = self.config.also_send
+        comments = [f"conventional reconstruction ({kind}) for side-by-side reading",
+                    f"lines {int(sl.mask.sum())}/{sl.mask.size}"]
+        if kind == "sense":
+            try:
+                return self._build(self.series[1], sl, sense_image(sl.kspace, sl.mask, result.acs or self._acs(sl)),
+                                   comments, ("CGSENSE",), {"VarNetOutput": "CG-SENSE (ESPIRiT)"})
+            except ValueError as exc:  # ESPIRiT needs >= 2 centre lines
+                self._note(f"slice {sl.key_dict()}: CG-SENSE image impossible ({exc}); zero-filled sent in its series")
+                comments.append(f"CG-SENSE impossible ({exc}): zero-filled RSS instead")
+        return self._build(self.series[1], sl, zero_filled_rss(sl.kspace), comments, ("ZEROFILLED",),
+                           {"VarNetOutput": "zero-filled RSS"})
+
+    def _build(self, series: "_Series", sl: SliceData, magnitude: np.ndarray, comments: list[str],
+               processing: tuple[str, ...], extra: dict):
+        """An image of ``series``, cropped to the recon matrix, with the series' scale and window."""
+        crop = np.ascontiguousarray(center_crop_at_most(magnitude, self.encoding.recon_size), dtype=np.float32)
+        clipped_before = series.scale.clipped
+        img = build_image(crop, sl.reference, self.encoding, series.next_index, series.options, comments=comments,
+                          processing=processing, extra_meta=extra, series=series.scale)
+        series.next_index += 1
+        if series.scale.clipped > clipped_before and not clipped_before:
+            self._note(f"series {series.options.image_series_index}: slice {sl.key_dict()} is brighter than the "
+                       f"uint16 scale the first slice set allows; {series.scale.clipped - clipped_before} pixels clip "
+                       f"at {series.options.uint16_max} (set uint16_scale to choose the scale)")
         return img
 
     def _checked(self, sl: SliceData, result: "_Result", comments: list[str]):
@@ -212,11 +270,13 @@ class ScanReconstructor:
         t0 = time.perf_counter()
         forward_seconds = 0.0
 
+        reference = {} if sl.calibration_kspace is None else {"sens_kspace": sl.calibration_kspace[None]}
+
         def run(*args):  # the check's own network forward counts as model time, not check time
             nonlocal forward_seconds
             start = time.perf_counter()
             try:
-                return self.engine.run(*args)
+                return self.engine.run(*args, **reference)
             finally:
                 forward_seconds = time.perf_counter() - start
                 self.stats.model_seconds += forward_seconds
@@ -268,12 +328,44 @@ class ScanReconstructor:
             return
         self._logged_series = True
         device = self.engine.device if self.engine else "cpu"
-        source = "calibration flags" if self.config.acs_source == "flags" and sl.num_calibration \
-            else "centre run of the mask"
+        if sl.calibration_kspace is not None:
+            source = "separate reference lines"
+        elif self.config.acs_source == "flags" and sl.num_calibration:
+            source = "calibration flags"
+        else:
+            source = "centre run of the mask"
         log.info("%s: series %d, mode %s, model %s, device %s, k-space %s, acceleration %.2f, ACS %s, "
                  "%.3f s/slice", self.source, self.config.image_series_index, self.config.mode, self.model_id,
                  device, tuple(sl.kspace.shape), result.acceleration,
                  f"{acs} ({source})" if acs else "none (no network)", seconds_per_slice)
+
+
+UINT16_HEADROOM = 2.0  # a uint16 series' scale maps the first slice's maximum to uint16_max / 2
+
+
+@dataclass
+class _Series:
+    """One output series: how its images are encoded, its shared scale and window, its image counter."""
+    options: ImageOptions
+    scale: SeriesScale
+    next_index: int = 1
+
+
+def _output_series(config: ReconConfig) -> list[_Series]:
+    """The network's series (``image_series_index``) and, with ``also_send``, the conventional one
+    (``image_series_index + 1``): each with one intensity scale and window (gadget/stream/images.py)."""
+    kinds = [("", "")] + ([(f" ({config.also_send})", "ZF" if config.also_send == "zero-filled" else "SENSE")]
+                          if config.also_send != "none" else [])
+    out = []
+    for n, (description, suffix) in enumerate(kinds):
+        options = ImageOptions(dtype=config.image_dtype, uint16_max=config.uint16_max,
+                               dither_sigma=config.dither_sigma,
+                               series_description=config.series_description + description,
+                               sequence_description_additional="_".join(
+                                   p for p in (config.sequence_description_additional, suffix) if p),
+                               image_series_index=config.image_series_index + n)
+        out.append(_Series(options, SeriesScale(config.uint16_scale, UINT16_HEADROOM)))
+    return out
 
 
 @dataclass

@@ -16,11 +16,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import CHOICES, OPERATOR_ONLY, ConfigError, ReconConfig
+from .config import CHOICES, OPERATOR_ONLY, ConfigError, ReconConfig, load_config
 
 log = logging.getLogger(__name__)
 
 CONFIG_ID = "config"
+LABEL_PRESET = "openrecon"  # the preset whose values are the label's defaults (the config name OpenRecon sends)
 MAX_PARAMETERS = 14  # OpenRecon's label schema allows at most 14 UI parameters
 _ID = re.compile(r"^[A-Za-z0-9]+$")
 
@@ -44,7 +45,8 @@ class UiParameter:
 
     @property
     def default(self) -> Any:
-        return getattr(ReconConfig(), self.setting)
+        """The label's default: the setting's value in the ``openrecon`` preset."""
+        return getattr(load_config(LABEL_PRESET), self.setting)
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -93,7 +95,9 @@ def apply_ui_parameters(text: str, base: ReconConfig, preset_loader,
     """Apply an OpenRecon/FIRE parameters TEXT: ``{"version": ..., "parameters": {key: value}}``.
 
     ``parameters.config`` (when it names a preset other than ``openrecon``/``default``) is applied
-    first through ``preset_loader(name, config) -> config``. Then each key that is a declared UI id, or
+    first through ``preset_loader(name, config) -> config``. OpenRecon sends every UI parameter, so
+    with such a preset a UI parameter left at its label default does not undo the preset's value.
+    Then each key that is a declared UI id, or
     the name of a setting a client may change (gadget.recon.config.client_merge), is converted to the
     setting's type and validated (a bad value is a :class:`ConfigError`). Every other key (e.g. the
     ``sendoriginal`` of OpenRecon's example UI, or ``checkpoint``) is not applied: it is returned in
@@ -121,7 +125,10 @@ def apply_ui_parameters(text: str, base: ReconConfig, preset_loader,
                       else "not a parameter of this reconstruction")
             ignored.append(f"parameter '{key}' ignored: {reason} (known: {', '.join(_BY_ID)})")
             continue
-        config = config.merged({setting: value}, f"{source} '{key}'")
+        updated = config.merged({setting: value}, f"{source} '{key}'")
+        if preset and param is not None and getattr(updated, setting) == param.default:
+            continue
+        config = updated
         applied[setting] = getattr(config, setting)
     return AppliedParameters(config, preset, applied, ignored)
 

@@ -13,15 +13,16 @@ Layouts and conventions
   is not the recon matrix size, so that the pixel spacing stays ``recon_fov / recon_matrix``.
 - ``position`` (mm, patient coordinates) is the centre of the slice as the reference acquisition
   gives it; the directions are unit vectors in the same (DICOM LPS) patient coordinates.
-- Stored values: float32 as given (``VarNetScale`` = 1), or uint16 scaled so the image max maps to
-  ``uint16_max``; in both cases ``float_value = pixel / VarNetScale``. int16 is never produced
-  (Gadgetron has no reader for it). ``WindowCenter``/``WindowWidth`` are in stored units.
+- Stored values: float32 as given (``VarNetScale`` = 1), or uint16 with one scale per series
+  (:class:`SeriesScale`; a lone image: its max maps to ``uint16_max``); in both cases
+  ``float_value = pixel / VarNetScale``. int16 is never produced (Gadgetron has no reader for it).
+  ``WindowCenter``/``WindowWidth`` are in stored units, one window per series.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import ismrmrd
 import numpy as np
@@ -30,7 +31,7 @@ from ..data.mrd_header import EncodingInfo
 from .types import AcqLine
 
 __all__ = [
-    "ImageOptions", "Geometry", "build_image", "geometry_defaults", "dither_noise", "local_median",
+    "ImageOptions", "Geometry", "SeriesScale", "build_image", "geometry_defaults", "dither_noise", "local_median",
     "SCALE_KEY", "DEFAULT_READ_DIR", "DEFAULT_PHASE_DIR", "DEFAULT_SLICE_DIR",
 ]
 
@@ -47,17 +48,19 @@ _DIR_FMT = "{:.18f}"  # the format scanners' tools write ImageRowDir / ImageColu
 class ImageOptions:
     """How images are encoded. One source of defaults for the CLI and the gadget.
 
-    dtype: ``"float32"`` (stored as given) or ``"uint16"`` (max → ``uint16_max``). Never int16.
-    uint16_max: the stored value the image maximum maps to for uint16 (1..65535; 4095 = 12 bit).
+    dtype: ``"float32"`` (stored as given) or ``"uint16"`` (scaled, see :class:`SeriesScale`). Never int16.
+    uint16_max: the largest stored value for uint16 (1..65535; 4095 = 12 bit).
     dither_sigma: std of added noise relative to the image max, shaped by the square root of
         the 11×11 local median of the max-normalised image; 0 disables. Seeded per image index.
-    series_description, image_series_index, keep_image_geometry: written to header / meta.
+    series_description, sequence_description_additional (omitted when empty), image_series_index,
+    keep_image_geometry: written to header / meta.
     """
 
     dtype: str = "float32"
     uint16_max: int = 4095
     dither_sigma: float = 0.0
     series_description: str = "E2E-VarNet"
+    sequence_description_additional: str = ""
     image_series_index: int = 1
     keep_image_geometry: bool = True
 
@@ -165,14 +168,38 @@ def dither_noise(magnitude: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     return (rng.standard_normal(magnitude.shape) * (sigma * peak) * shape).astype(np.float32)
 
 
-def _encode(values: np.ndarray, options: ImageOptions) -> tuple[np.ndarray, float]:
-    """Float image → (stored array, scale) with ``stored / scale == values`` (to rounding)."""
-    if options.dtype == "float32":
-        return values.astype(np.float32), 1.0
-    peak = float(values.max())
-    scale = float(options.uint16_max) / peak if peak > 0 else 1.0
-    stored = np.clip(np.rint(values.astype(np.float64) * scale), 0, _UINT16_MAX).astype(np.uint16)
-    return stored, scale
+@dataclass
+class SeriesScale:
+    """One intensity scale and one window for every image of a series: a uint16 series scaled per
+    slice flickers between slices (DESIGN.md §4c). Mutable: the first image fixes what is not given.
+
+    scale: uint16 only; > 0 is used as given (stored = float · scale); 0 = set by the first image so that
+        its maximum maps to ``uint16_max / headroom``. Later pixels brighter than ``uint16_max / scale``
+        clip at ``uint16_max``; ``clipped`` counts them. float32 images are stored as given (scale 1).
+    headroom: ≥ 1; 2 lets slices up to twice as bright as the first keep their peaks.
+    window: (centre, width) in stored units, the first image's (centre = its peak / 2, width = its peak).
+    """
+    scale: float = 0.0
+    headroom: float = 1.0
+    window: Optional[tuple[Any, Any]] = None
+    clipped: int = 0
+
+    def encode(self, values: np.ndarray, options: ImageOptions) -> tuple[np.ndarray, float, tuple[Any, Any]]:
+        """Float image → ``(stored array, scale, window)`` with ``stored / scale == values`` (to rounding,
+        below the clip)."""
+        if options.dtype == "float32":
+            stored, scale = values.astype(np.float32), 1.0
+        else:
+            if self.scale <= 0:
+                peak = float(values.max())
+                self.scale = float(options.uint16_max) / (peak * self.headroom) if peak > 0 else 0.0
+            scale = self.scale or 1.0  # an all-zero first image leaves the scale to the next one
+            scaled = np.rint(values.astype(np.float64) * scale)
+            self.clipped += int(np.count_nonzero(scaled > options.uint16_max))
+            stored = np.clip(scaled, 0, options.uint16_max).astype(np.uint16)
+        if self.window is None and float(stored.max()) > 0:
+            self.window = _window(stored, options)
+        return stored, scale, self.window or _window(stored, options)
 
 
 def _window(stored: np.ndarray, options: ImageOptions) -> tuple[Any, Any]:
@@ -197,7 +224,7 @@ def _reference_head(reference: Any) -> np.void:
 def _field_of_view(shape: tuple[int, int], encoding: EncodingInfo) -> tuple[float, float, float]:
     fov = encoding.recon_fov_mm
     mat = encoding.recon_matrix
-    return (fov[0] * shape[0] / mat[0], fov[1] * shape[1] / mat[1], fov[2])
+    return (fov[0] * shape[0] / mat[0], fov[1] * shape[1] / mat[1], encoding.partition_thickness_mm)
 
 
 def _header(reference: np.void, geometry: Geometry, fov: Sequence[float], image_index: int,
@@ -232,6 +259,8 @@ def _meta(head: ismrmrd.ImageHeader, window: tuple[Any, Any], scale: float, opti
     meta["SeriesDescription"] = options.series_description
     if comments:
         meta["ImageComments"] = [str(c) for c in comments]
+    if options.sequence_description_additional:
+        meta["SequenceDescriptionAdditional"] = options.sequence_description_additional
     if options.keep_image_geometry:
         meta["Keep_image_geometry"] = 1
     meta["ImageRowDir"] = [_DIR_FMT.format(v) for v in head.read_dir]
@@ -247,7 +276,7 @@ def _meta(head: ismrmrd.ImageHeader, window: tuple[Any, Any], scale: float, opti
 def build_image(magnitude: np.ndarray, reference: AcqLine | np.void, encoding: EncodingInfo,
                 image_index: int, options: ImageOptions | None = None, comments: Sequence[str] = (),
                 processing: Sequence[str] = ("VARNET",), data_role: str = "Image",
-                extra_meta: Mapping[str, Any] = {}) -> ismrmrd.Image:
+                extra_meta: Mapping[str, Any] = {}, series: SeriesScale | None = None) -> ismrmrd.Image:
     """One reconstructed slice as an ``ismrmrd.Image`` (magnitude, 1 channel, 1 partition).
 
     magnitude: real ``(readout, phase)`` float image, finite and ≥ 0 (else ValueError).
@@ -256,6 +285,7 @@ def build_image(magnitude: np.ndarray, reference: AcqLine | np.void, encoding: E
     encoding: supplies the reconSpace FOV (mm) and matrix.
     image_index: 0..65535, also seeds the dither noise.
     extra_meta: further meta attributes (e.g. the pipeline's safety figures), names not set here.
+    series: the series' shared scale and window (:class:`SeriesScale`); None = a series of this image.
     Returns an image with ``data`` ``(1, 1, phase, readout)`` (float32 or uint16) and the meta
     attributes listed in the module docstring.
     """
@@ -266,11 +296,11 @@ def build_image(magnitude: np.ndarray, reference: AcqLine | np.void, encoding: E
     head_in = _reference_head(reference)
     if options.dither_sigma > 0:
         values = np.maximum(values + dither_noise(values, options.dither_sigma, image_index), 0)
-    stored, scale = _encode(values, options)
+    stored, scale, window = (series or SeriesScale()).encode(values, options)
     head = _header(head_in, geometry_defaults(head_in), _field_of_view(values.shape, encoding),
                    image_index, options)
     data = np.ascontiguousarray(stored.T)[np.newaxis, np.newaxis]  # (1, 1, y=phase, x=readout)
-    meta = _meta(head, _window(stored, options), scale, options, comments, processing, data_role, extra_meta)
+    meta = _meta(head, window, scale, options, comments, processing, data_role, extra_meta)
     return ismrmrd.Image(head=head, data=data, meta=meta)
 
 

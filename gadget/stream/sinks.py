@@ -9,9 +9,12 @@ HDF5 layout (what ``gadgetron_ismrmrd_client`` and ``ismrmrd.Dataset.append_imag
     /<group>/image_<series>/header      (N,) compound ismrmrd.hdf5.image_header_dtype
     /<group>/image_<series>/attributes  (N,) variable-length str, the meta XML
     /<group>/image_<series>/data        (N, channels, z, y, x) pixel type of the images
+    /<group>/xml                        (1,) variable-length string, the scan's ISMRMRD header (optional)
 
 where ``<series>`` is ``image_series_index``. Readable with
-``ismrmrd.Dataset(path, group).read_image(f"image_{series}", i)``.
+``ismrmrd.Dataset(path, group).read_image(f"image_{series}", i)`` and ``.read_xml_header()``;
+``xml`` is stored as ``ismrmrd.Dataset.write_xml_header`` stores it (python-ismrmrd-server's
+client writes the header that way).
 """
 from __future__ import annotations
 
@@ -84,8 +87,19 @@ def _write_series(grp: h5py.Group, images: list[ismrmrd.Image]) -> None:
         data[i] = img.data.view(dtype)
 
 
-def write_images_h5(path: str | os.PathLike, images: Iterable[ismrmrd.Image], group: str) -> dict[int, int]:
-    """Write images under ``/<group>/image_<series>/`` (layout in the module docstring).
+def _write_header_xml(grp: h5py.Group, header_xml: str | bytes) -> None:
+    """``/<group>/xml``: shape (1,), variable-length bytes (HDF5 string), as ismrmrd 1.15 writes it."""
+    raw = header_xml.encode("utf-8") if isinstance(header_xml, str) else bytes(header_xml)
+    raw = raw.rstrip(b"\0")
+    if not raw.strip():
+        raise ValueError("header_xml is empty; pass the scan's ISMRMRD XML header or None")
+    grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))[0] = raw
+
+
+def write_images_h5(path: str | os.PathLike, images: Iterable[ismrmrd.Image], group: str,
+                    header_xml: str | bytes | None = None) -> dict[int, int]:
+    """Write images under ``/<group>/image_<series>/`` (layout in the module docstring), and the
+    scan's XML header at ``/<group>/xml`` when ``header_xml`` is given.
 
     Atomic: the result is written to a temporary file beside ``path`` and renamed over it, so
     ``path`` is either untouched or complete. An existing file keeps its other groups (it is
@@ -108,6 +122,8 @@ def write_images_h5(path: str | os.PathLike, images: Iterable[ismrmrd.Image], gr
             shutil.copyfile(path, tmp)
         with h5py.File(tmp, "a" if path.exists() else "w") as handle:
             root = handle.create_group(group)
+            if header_xml is not None:
+                _write_header_xml(root, header_xml)
             for index, imgs in series.items():
                 _write_series(root.create_group(f"image_{index}"), imgs)
         os.replace(tmp, path)
