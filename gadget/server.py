@@ -21,6 +21,7 @@ Dialects differ only where the peers differ (facts in DESIGN.md §4):
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import logging
 import socket
@@ -32,10 +33,13 @@ from .recon.config import OPERATOR_ONLY, ConfigError, ReconConfig, from_gadgetro
     from_json_parameters, gadgetron_properties, load_config, parse_yaml, client_merge
 from .recon.ui_parameters import apply_ui_parameters
 from .data.mrd_header import parse_encoding
+from .recon.allocator import release_freed_memory
 from .recon.engine import Reconstructor
 from .recon.overlap import overlapped
 from .recon.pipeline import ScanReconstructor
-from .stream.codec import Message, MessageId, MessageReader, MessageWriter, ProtocolError
+from .stream.budget import MemoryBudget, default_budget_bytes
+from .stream.codec import (DEFAULT_MAX_TEXT_BYTES, NO_DATA, DataLimits, Message, MessageId, MessageReader,
+                           MessageWriter, ProtocolError)
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +61,25 @@ class ReconService:
     """Process-wide state: the operator's base config and the one loaded model."""
 
     def __init__(self, config: ReconConfig, engine: Optional[Reconstructor], model_id: str = "none",
-                 idle_timeout: float = 300.0, max_message_bytes: int = 1 << 30, queue_slices: int = 8):
+                 idle_timeout: float = 300.0, max_message_bytes: int = 1 << 30, queue_slices: int = 8,
+                 max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES, budget: Optional[MemoryBudget] = None):
         self.config, self.engine, self.model_id = config, engine, model_id
         self.idle_timeout, self.max_message_bytes, self.queue_slices = idle_timeout, max_message_bytes, queue_slices
+        self.max_text_bytes = max_text_bytes
+        # k-space all scans hold at once (gadget/stream/budget.py); default half the host's memory
+        self.budget = budget or MemoryBudget(default_budget_bytes())
         self.recent: collections.deque[SessionResult] = collections.deque(maxlen=64)  # for status and benchmarks
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self.rests = 0  # times the server went idle and returned freed memory
 
     # ------------------------------------------------------------------ one connection
 
     def handle(self, sock: socket.socket, dialect: str = "mrd", peer: str = "?") -> SessionResult:
         result = SessionResult(peer)
         sock.settimeout(self.idle_timeout)
-        reader = MessageReader(sock, max_message_bytes=self.max_message_bytes)
+        reader = MessageReader(sock, max_message_bytes=self.max_message_bytes, max_text_bytes=self.max_text_bytes,
+                               limits=NO_DATA)  # no data message is plausible before the header
         writer = MessageWriter(sock)
         try:
             setup = self._setup(reader, writer, dialect, peer)
@@ -77,7 +89,7 @@ class ReconService:
                 return result
             config, header_xml, first = setup
             scan = ScanReconstructor(header_xml, config, self._engine_for(config), source=f"{peer}",
-                                     model_id=self.model_id)
+                                     model_id=self.model_id, budget=self.budget)
             reader.landing = scan.assembler.landing_row  # samples received straight into slice buffers
             sent_notes = 0
             for item in overlapped(scan, _messages(reader, first), self.queue_slices):
@@ -119,7 +131,8 @@ class ReconService:
             if msg.id == MessageId.CLOSE:
                 return None
             if msg.id == MessageId.HEADER:
-                parse_encoding(msg.payload, source=peer)  # a bad header fails now, not after the next read
+                # a bad header fails now, not after the next read; data messages are checked against it
+                reader.limits = DataLimits.from_encoding(parse_encoding(msg.payload, source=peer))
                 header_xml, first = msg.payload, reader.read()
                 if first is not None and first.id == MessageId.TEXT and _is_json(first.payload, dialect):
                     config, first = self._json_text(first.payload, config, writer, peer), None
@@ -206,7 +219,9 @@ class ReconService:
         with socket.create_server((host, port), reuse_port=False) as server:
             server.settimeout(0.5)
             self.address = server.getsockname()
-            log.info("listening on %s:%d (%s dialect, model %s)", *self.address[:2], dialect, self.model_id)
+            log.info("listening on %s:%d (%s dialect, model %s); memory budget for k-space %s, text messages up "
+                     "to %d bytes", *self.address[:2], dialect, self.model_id, self.budget.summary(),
+                     self.max_text_bytes)
             if ready:
                 ready.set()
             while not (stop and stop.is_set()):
@@ -223,10 +238,25 @@ class ReconService:
                                  daemon=True).start()
 
     def _run_slot(self, conn, dialect, peer, slots) -> None:
+        with self._active_lock:
+            self._active += 1
         try:
             self.handle(conn, dialect, peer)
         finally:
             slots.release()
+            with self._active_lock:
+                self._active -= 1
+                idle = self._active == 0
+            if idle:  # the scan's memory is unreferenced now (handle returned): give it back
+                self.rest()
+
+    def rest(self) -> None:
+        """Return freed memory to the kernel (the engine keeps freed pages for speed while scans run;
+        gadget/recon/allocator.py) and log the memory budget; called when the last scan ends."""
+        gc.collect()  # frames of failed scans can hold buffers in reference cycles
+        release_freed_memory()
+        self.rests += 1
+        log.info("idle: freed memory returned; memory budget %s", self.budget.summary())
 
 
 def _is_json(text: str, dialect: str) -> bool:

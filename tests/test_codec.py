@@ -334,12 +334,15 @@ def test_unknown_message_id_is_named():
 
 
 def test_absurd_lengths_are_refused_before_allocating():
-    with pytest.raises(ProtocolError, match=r"2147483648 bytes exceeds the limit of 1073741824 bytes.*HEADER"):
+    with pytest.raises(ProtocolError, match=r"claims 2147483648 bytes; the limit .* is 4194304 bytes.*HEADER"):
         read_all(b"\x03\x00" + struct.pack("<I", 2**31) + b"<ismrmrdHeader/>")
     with pytest.raises(ProtocolError, match=str(2**63)):
         read_all(b"\x08\x00" + struct.pack("<Q", 2**63))
-    with pytest.raises(ProtocolError, match="exceeds the limit of 100 bytes"):
+    # max_message_bytes caps text too; max_text_bytes caps it further
+    with pytest.raises(ProtocolError, match="claims 101 bytes; the limit .* is 100 bytes"):
         read_all(b"\x05\x00" + struct.pack("<I", 101) + b"x" * 101, max_message_bytes=100)
+    with pytest.raises(ProtocolError, match="claims 101 bytes; the limit .* is 64 bytes .max_text_bytes"):
+        read_all(b"\x05\x00" + struct.pack("<I", 101) + b"x" * 101, max_text_bytes=64)
 
 
 def test_oversized_acquisition_image_and_waveform_are_refused(rng):

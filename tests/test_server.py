@@ -255,7 +255,7 @@ def _cases(scan):
                                       "cannot be set by a client", 0),
         "bad value type": ([("json", '{"image_dtype": "int16"}'), ("header", xml)], "must be one of", 0),
         "acquisition larger than cap": ([("header", xml), ("bytes", _u16(1008) + _line_variant(
-            first, number_of_samples=65535, active_channels=65535).head.tobytes())], "exceeds the limit", 0),
+            first, number_of_samples=65535, active_channels=65535).head.tobytes())], "implausible acquisition", 0),
     }
 
 

@@ -40,6 +40,7 @@ class EncodingInfo:
     e2_max: int = 0
     e2_center: int = 0
     acceleration_e2: Optional[int] = None
+    receiver_channels: Optional[int] = None  # acquisitionSystemInformation/receiverChannels
 
     @property
     def is_3d(self) -> bool:
@@ -137,6 +138,7 @@ def parse_encoding(text: str | bytes, source: str = "header") -> EncodingInfo:
         e2_center=_find(enc, f"{lim2}/center", source, default=enc_matrix[2] // 2),
         acceleration_e2=_find(enc, "parallelImaging/accelerationFactor/kspace_encoding_step_2",
                               source, required=False),
+        receiver_channels=_find(root, "acquisitionSystemInformation/receiverChannels", source, required=False),
     )
 
 

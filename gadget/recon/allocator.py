@@ -9,8 +9,11 @@ image is 28 MB), so on every slice the kernel maps and zero-fills them afresh: m
 Raising both thresholds keeps that memory mapped, so from the second slice on the same pages are
 reused (0 faults).
 
-The cost: the process's resident size stays at its high-water mark instead of shrinking between
-scans. Set ``VARNET_KEEP_FREED_MEMORY=0`` to leave glibc's defaults. Nothing happens on other C
+The cost: freed memory stays resident. A server therefore hands it back between scans:
+:func:`release_freed_memory` (glibc's ``malloc_trim(0)``, which returns the free pages of every
+arena to the kernel) runs when its last scan ends, so the kept memory serves the slices of a scan
+and its neighbours, and an idle server returns to its resting footprint. Set
+``VARNET_KEEP_FREED_MEMORY=0`` to leave glibc's defaults. Nothing happens on other C
 libraries (macOS, musl); the facts are glibc's ``mallopt(3)``: ``M_TRIM_THRESHOLD`` = -1,
 ``M_MMAP_THRESHOLD`` = -3.
 """
@@ -30,6 +33,15 @@ TRIM_THRESHOLD_BYTES = (1 << 31) - 1  # the largest value mallopt's int argument
 ENV_SWITCH = "VARNET_KEEP_FREED_MEMORY"
 
 _applied: bool | None = None
+_libc = None
+
+
+def _glibc():
+    """The C library through ctypes, or None when it is not glibc."""
+    global _libc
+    if _libc is None and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return _libc
 
 
 def keep_freed_memory() -> bool:
@@ -42,10 +54,10 @@ def keep_freed_memory() -> bool:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         log.info("%s=0: glibc's default mmap/trim thresholds kept", ENV_SWITCH)
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         log.debug("not glibc (%s %s): allocator thresholds left alone", platform.system(), platform.libc_ver())
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     ok = (libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD_BYTES)) == 1
           and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD_BYTES)) == 1)
     if not ok:
@@ -53,3 +65,13 @@ def keep_freed_memory() -> bool:
                     "page-fault afresh")
     _applied = ok
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Return the free memory of every malloc arena to the kernel (glibc ``malloc_trim(0)``); False
+    where there is no glibc. Costs a walk over the heap: call it between scans, not per slice."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(ctypes.c_size_t(0))
+    return True

@@ -20,6 +20,7 @@ from ..data.mrd_header import EncodingInfo, parse_encoding
 from ..mri.masks import contiguous_center_lines
 from ..mri.metrics import center_crop_at_most
 from ..stream.assemble import SliceAssembler, SliceData
+from ..stream.budget import MemoryBudget
 from ..stream.images import ImageOptions, SeriesScale, build_image
 from ..stream.noise import prewhiten, receiver_noise_bandwidth
 from ..stream.types import AcqLine
@@ -60,7 +61,7 @@ class ScanReconstructor:
     loaded once per process; this object holds only per-scan state."""
 
     def __init__(self, header_xml: str, config: ReconConfig, engine: Optional[Reconstructor] = None,
-                 source: str = "scan", model_id: str = "none"):
+                 source: str = "scan", model_id: str = "none", budget: Optional[MemoryBudget] = None):
         if config.mode == "varnet" and engine is None:
             raise ValueError("mode 'varnet' needs a loaded model (engine)")
         self.encoding: EncodingInfo = parse_encoding(header_xml, source=source)
@@ -69,7 +70,8 @@ class ScanReconstructor:
         self.stats = ScanStats()
         # relative receiver noise bandwidth: the header's, else the config's (gadget/stream/noise.py)
         self.noise_bandwidth, _ = receiver_noise_bandwidth(header_xml, config.noise_bandwidth_ratio, source)
-        self.assembler = SliceAssembler(self.encoding)  # a door's reader may land samples in its rows
+        # a door's reader may land samples in its rows; ``budget`` bounds the k-space all scans hold
+        self.assembler = SliceAssembler(self.encoding, budget=budget, owner=source)
         self.notes: list[str] = []  # warnings for the peer (doors send them as TEXT where allowed)
         self._logged_series = False
         self.model_id = model_id

@@ -53,6 +53,7 @@ import cmath
 import collections
 import logging
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -62,6 +63,7 @@ from ..data.mrd_file import HEADER_DTYPE, flag_mask
 from ..data.mrd_header import EncodingInfo
 from ..mri.masks import contiguous_center_lines
 from .images import geometry_defaults
+from .budget import BudgetExceeded, MemoryBudget
 from .types import (AUXILIARY_FLAGS, FLAG_IS_CALIBRATION, FLAG_IS_CALIBRATION_AND_IMAGING, FLAG_IS_NOISE,
                     FLAG_IS_REVERSE, FLAG_LAST_IN_MEASUREMENT, FLAG_LAST_IN_REPETITION, FLAG_LAST_IN_SLICE, AcqLine)
 
@@ -151,6 +153,8 @@ class SliceAssembler:
     _spare: collections.deque = field(default_factory=collections.deque)
     references: dict[SliceKey, _Buffer] = field(default_factory=dict)  # separate reference lines per key
     _checked_3d: bool = False
+    budget: Optional[MemoryBudget] = None  # the process's budget for k-space buffers (gadget/stream/budget.py)
+    owner: str = "scan"                    # names the scan in budget errors
 
     def __post_init__(self) -> None:
         self._is_3d = self.encoding.is_3d
@@ -264,17 +268,42 @@ class SliceAssembler:
         readout, width = self.shape
         if self._is_3d:  # the whole volume; recycled 2-D memory does not fit it
             depth = self.encoding.encoded_matrix[2]
-            return _Buffer(np.zeros((depth, width, channels, max(readout, samples)), np.complex64),
+            return _Buffer(self._storage((depth, width, channels, max(readout, samples)), reuse=False)[0],
                            np.zeros((depth, width), np.int32), np.zeros((depth, width), bool), channels, samples)
         shape = (width, channels, max(readout, samples))
-        try:
-            kspace = self._spare.pop()
-        except IndexError:
-            kspace = None
-        dirty = kspace is not None and kspace.shape == shape
-        if not dirty:
-            kspace = np.zeros(shape, np.complex64)
+        kspace, dirty = self._storage(shape, reuse=True)
         return _Buffer(kspace, np.zeros(width, np.int32), np.zeros(width, bool), channels, samples, dirty=dirty)
+
+    def _storage(self, shape: tuple[int, ...], reuse: bool) -> tuple[np.ndarray, bool]:
+        """``(complex64 buffer, dirty)``: with ``reuse``, a recycled buffer of ``shape`` (dirty: it holds an
+        old slice's samples); else a zeroed one, its bytes reserved in the memory budget (when there is
+        one) until it is freed. While the budget has no room, a buffer this scan recycles meanwhile is
+        taken instead (its own earlier slices are often what holds the budget)."""
+        wait = self.budget.wait_s if self.budget is not None else 0.0
+        deadline = time.monotonic() + wait
+        while True:
+            if reuse:
+                spare = self._pop_spare(shape)
+                if spare is not None:
+                    return spare, True
+            if self.budget is None:
+                return np.zeros(shape, np.complex64), False
+            try:
+                return self.budget.zeros(shape, np.complex64, f"{self.owner}: a k-space buffer {shape}",
+                                         wait_s=min(0.05, max(deadline - time.monotonic(), 0.0))), False
+            except BudgetExceeded as exc:
+                if time.monotonic() >= deadline:
+                    raise AssemblyError(f"{exc} (waited {wait:g} s)") from None
+
+    def _pop_spare(self, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+        """A recycled buffer of ``shape``; spares of another shape are dropped (freed)."""
+        while True:
+            try:
+                spare = self._spare.pop()
+            except IndexError:
+                return None
+            if spare.shape == shape:
+                return spare
 
     def _place(self, buf: _Buffer, line: AcqLine, flags: int, e1: int, center: int, key: SliceKey,
                e2: Optional[int] = None) -> None:

@@ -26,6 +26,13 @@ Text payloads lose their trailing NULs when read: python-ismrmrd-server's client
 header text with a ``\\0`` counted in the length, Gadgetron does the same for image attributes.
 Acquisitions whose flags carry bits 53-56 (compressed payloads that reuse id 1008) are refused.
 
+Memory follows the bytes that arrive, not the bytes a length field claims: text payloads (config,
+header, text, error) have their own cap (``max_text_bytes``, 4 MiB by default) and are received in
+64 KiB chunks, so a peer that claims a gigabyte and stalls holds at most one chunk. Data messages
+(acquisition, image, waveform) are checked against :class:`DataLimits` — what the scan's header makes
+plausible — before their arrays are allocated; until a header has set them, no data message is
+accepted at all.
+
 Image pixel types follow the C++ library: ``DATATYPE_INT`` (4) is ``int32`` on the wire. (The
 Python ``ismrmrd`` package maps it to the platform ``int``, i.e. ``int64``, so its own serializer
 writes those images wrongly; we hand such images to ``ismrmrd.Image`` as ``int64`` arrays and
@@ -57,7 +64,7 @@ from .types import COMPRESSION_FLAGS, AcqLine
 
 __all__ = [
     "MessageId", "Message", "ProtocolError", "TruncatedMessage", "ReadTimeout",
-    "MessageReader", "MessageWriter", "StreamSource", "IMAGE_DTYPES",
+    "MessageReader", "MessageWriter", "StreamSource", "DataLimits", "IMAGE_DTYPES",
     "ACQ_HEADER_BYTES", "IMAGE_HEADER_BYTES", "WAVEFORM_HEADER_BYTES", "CONFIG_FILE_BYTES",
 ]
 
@@ -165,6 +172,36 @@ class StreamSource:
         return self._file.readinto(view[:limit]) or 0
 
 
+TEXT_CHUNK_BYTES = 1 << 16
+DEFAULT_MAX_TEXT_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """Largest data messages a scan makes plausible, checked before anything is allocated.
+    :data:`NO_DATA` (zeros) refuses every data message: the state before a header has arrived."""
+
+    max_channels: int
+    max_samples: int
+    max_trajectory_dims: int = 4          # ISMRMRD trajectories: kx, ky[, kz][, density weight]
+    max_image_bytes: int = 0              # pixels of one IMAGE message (pass-through in Gadgetron chains)
+    max_waveform_values: int = 1 << 22    # uint32 values of one WAVEFORM (physiology: a few channels x kHz)
+
+    @classmethod
+    def from_encoding(cls, encoding) -> "DataLimits":
+        """From :class:`gadget.data.mrd_header.EncodingInfo`: channels up to twice ``receiverChannels``
+        (headers that count channels differently still pass; 256 when absent); samples up to 4x the
+        encoded readout and at least 1024 (readout oversampling is inside the encoded size; noise lines
+        may be longer); images up to 4x the encoded voxels per channel in complex64, at least 64 MiB."""
+        x, y, z = encoding.encoded_matrix
+        channels = 2 * encoding.receiver_channels if encoding.receiver_channels else 256
+        return cls(max_channels=channels, max_samples=max(4 * x, 1024),
+                   max_image_bytes=max(channels * 4 * x * y * z * 8, 64 << 20))
+
+
+NO_DATA = DataLimits(0, 0, 0, 0, 0)
+
+
 class MessageReader:
     """Decode messages from ``sock`` (anything with ``recv_into``; file objects with only
     ``readinto`` are wrapped in :class:`StreamSource`).
@@ -172,16 +209,22 @@ class MessageReader:
     ``read()`` returns the next :class:`Message`, or ``None`` on a clean EOF between messages.
     It raises :class:`TruncatedMessage` on EOF inside a message, :class:`ReadTimeout` when the
     socket's timeout expires, and :class:`ProtocolError` for unknown ids, compressed acquisitions,
-    payloads larger than ``max_message_bytes`` (checked before anything is allocated) and
-    undecodable content. After an error other than a resumable timeout the stream position is
-    lost and further reads raise. Not thread-safe: one reader per connection thread.
+    payloads larger than ``max_message_bytes`` (any message) or ``max_text_bytes`` (text), data
+    messages beyond ``limits`` (all checked before anything is allocated) and undecodable content.
+    ``limits`` is None (no plausibility check: files, tests) or a :class:`DataLimits`; a server sets
+    :data:`NO_DATA` until the header and then the header's limits. After an error other than a
+    resumable timeout the stream position is lost and further reads raise. Not thread-safe: one
+    reader per connection thread.
     """
 
-    def __init__(self, sock: Any, max_message_bytes: int = 1 << 30, buffer_size: int = 1 << 16):
+    def __init__(self, sock: Any, max_message_bytes: int = 1 << 30, buffer_size: int = 1 << 16,
+                 max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES, limits: DataLimits | None = None):
         if not hasattr(sock, "recv_into") and hasattr(sock, "readinto"):
             sock = StreamSource(sock)
         self._recv_into = sock.recv_into
         self.max_message_bytes = int(max_message_bytes)
+        self.max_text_bytes = min(int(max_text_bytes), self.max_message_bytes)
+        self.limits = limits
         # Optional ``landing(head, channels, samples)`` → a C-contiguous complex64 ``(channels, samples)``
         # array to receive an acquisition's samples into (its final place, e.g. a slice buffer row), or
         # None for a new array. See SliceAssembler.landing_row.
@@ -257,6 +300,11 @@ class MessageReader:
     def _too_big(self, what: str, nbytes: int) -> ProtocolError:
         return self._error(f"{what} of {nbytes} bytes exceeds the limit of {self.max_message_bytes} bytes "
                            "(max_message_bytes)")
+
+    def _implausible(self, what: str, limit: str) -> ProtocolError:
+        if self.limits == NO_DATA:
+            return self._error(f"{self._msg_id.name} before HEADER: send the ISMRMRD header first ({what})")
+        return self._error(f"implausible {what}: the scan's header allows at most {limit}")
 
     def _unknown_id(self, raw: int) -> MessageId:
         known = ", ".join(f"{m.value} {m.name}" for m in MessageId)
@@ -351,9 +399,13 @@ class MessageReader:
         return self._decode(raw.split(b"\0", 1)[0], "config file name")
 
     def _text(self, length: int) -> str:
-        if length > self.max_message_bytes:
-            raise self._too_big("text payload", length)
-        return self._decode(self._read_bytes(length).rstrip(b"\0"), "text payload")
+        if length > self.max_text_bytes:
+            raise self._error(f"text payload claims {length} bytes; the limit for config, header and text "
+                              f"messages is {self.max_text_bytes} bytes (max_text_bytes)")
+        out = bytearray()
+        while len(out) < length:  # memory grows with the bytes that arrive, never to a claim up front
+            out += self._read_bytes(min(TEXT_CHUNK_BYTES, length - len(out)))
+        return self._decode(out.rstrip(b"\0"), "text payload")
 
     def _text32(self) -> str:
         return self._text(_U32.unpack(self._take(4))[0])
@@ -374,6 +426,12 @@ class MessageReader:
         self._lo = lo + ACQ_HEADER_BYTES
         self._pos += ACQ_HEADER_BYTES
         traj_bytes, data_bytes = samples * traj_dims * 4, channels * samples * 8
+        lim = self.limits
+        if lim is not None and (channels > lim.max_channels or samples > lim.max_samples
+                                or traj_dims > lim.max_trajectory_dims):
+            raise self._implausible(f"acquisition ({channels} channels x {samples} samples, {traj_dims} "
+                                    "trajectory dims)", f"{lim.max_channels} channels x {lim.max_samples} "
+                                    f"samples, {lim.max_trajectory_dims} trajectory dims")
         if traj_bytes + data_bytes > self.max_message_bytes:
             raise self._too_big(f"acquisition payload ({channels} channels x {samples} samples, "
                                 f"{traj_dims} trajectory dims)", traj_bytes + data_bytes)
@@ -400,6 +458,10 @@ class MessageReader:
         x, y, z = head.matrix_size
         shape = (head.channels, z, y, x)
         nbytes = head.channels * x * y * z * dtype.itemsize
+        if self.limits is not None and (nbytes > self.limits.max_image_bytes or attr_len > self.max_text_bytes):
+            raise self._implausible(f"image ({shape} {dtype.name}, {attr_len} bytes of attributes)",
+                                    f"{self.limits.max_image_bytes} bytes of pixels and {self.max_text_bytes} "
+                                    "bytes of attributes")
         if attr_len + nbytes > self.max_message_bytes:
             raise self._too_big(f"image attributes ({attr_len} bytes) + pixels {shape} {dtype.name}",
                                 attr_len + nbytes)
@@ -417,6 +479,9 @@ class MessageReader:
         head_bytes = bytes(self._take(WAVEFORM_HEADER_BYTES))
         head = ismrmrd.WaveformHeader.from_buffer_copy(head_bytes)
         nbytes = head.channels * head.number_of_samples * 4
+        if self.limits is not None and nbytes // 4 > self.limits.max_waveform_values:
+            raise self._implausible(f"waveform ({head.channels} channels x {head.number_of_samples} samples)",
+                                    f"{self.limits.max_waveform_values} values")
         if nbytes > self.max_message_bytes:
             raise self._too_big(f"waveform data ({head.channels} channels x {head.number_of_samples} samples)",
                                 nbytes)
