@@ -84,6 +84,29 @@ def add_parser(sub) -> None:
     p2.add_argument("--skip-overhead", action="store_true", help="only the coil compression measurement")
     p2.set_defaults(run=run_pipeline)
 
+    s = which.add_parser("soak", help="thousands of mixed good/malformed/stalled connections against one server "
+                                      "process: its resident memory over time, peak and resting after",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=example_epilog(
+                             "varnet bench soak --connections 8000",
+                             "varnet bench soak --gadgetron --env MALLOC_ARENA_MAX=2 --json soak.json"))
+    s.add_argument("--connections", type=int, default=8000, help="connections in all (default 8000)")
+    s.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
+    s.add_argument("--gadgetron", action="store_true", help="speak the Gadgetron dialect (serve --gadgetron)")
+    s.add_argument("--checkpoint", default=None, help="weights for the server (default: shipped)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the connection mix and the mutations")
+    s.add_argument("--stall-seconds", type=float, default=2.0, help="how long stalling clients send nothing")
+    s.add_argument("--settle-seconds", type=float, default=5.0, help="wait before the resting RSS readings")
+    s.add_argument("--idle-timeout", type=float, default=3.0, help="the server's --idle-timeout (default 3)")
+    s.add_argument("--client-timeout", type=float, default=60.0, help="seconds a client waits for a reply")
+    s.add_argument("--mix", default=None, metavar="KIND=PCT,...",
+                   help="proportions of good, malformed, stalled, abuse (default good=10,malformed=50,"
+                        "stalled=25,abuse=15)")
+    s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment of the server process (repeatable), e.g. MALLOC_ARENA_MAX=2")
+    s.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    s.set_defaults(run=run_soak)
+
 
 def _names(text: str, known, flag: str) -> tuple[str, ...]:
     """A comma-separated list of names from ``known``; anything else is a UserError naming ``flag``."""
@@ -186,3 +209,61 @@ def run_pipeline(args) -> int:
                                                              tuple(args.size), args.threads,
                                                              checkpoint=args.checkpoint)))
     return 0
+
+
+def _pairs(items, flag: str, value=str) -> dict:
+    """``NAME=VALUE`` strings as a dict; anything else is a UserError naming ``flag``."""
+    from . import UserError
+
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        try:
+            if not (sep and name.strip()):
+                raise ValueError
+            out[name.strip()] = value(text.strip())
+        except ValueError:
+            raise UserError(f"{flag}: expected NAME=VALUE, got {item!r}") from None
+    return out
+
+
+def run_soak(args) -> int:
+    import json
+    import sys
+
+    from ..bench.soak import SoakCase, format_table, run_soak as soak
+    from ..bench.soak_streams import DEFAULT_MIX
+    from . import UserError
+
+    mix = dict(DEFAULT_MIX)
+    if args.mix:
+        given = _pairs(args.mix.split(","), "--mix", int)
+        _names(",".join(given), DEFAULT_MIX, "--mix")
+        mix = {k: given.get(k, 0) for k in DEFAULT_MIX}
+        if any(v < 0 for v in mix.values()) or not sum(mix.values()):
+            raise UserError(f"--mix: proportions must be >= 0 and not all 0, got {args.mix}")
+    for flag, value, low in (("--connections", args.connections, 1), ("--concurrency", args.concurrency, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    for flag in ("stall_seconds", "settle_seconds"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0")
+    for flag in ("idle_timeout", "client_timeout"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be > 0")
+    case = SoakCase(connections=args.connections, concurrency=args.concurrency,
+                    dialect="gadgetron" if args.gadgetron else "mrd", checkpoint=args.checkpoint, seed=args.seed,
+                    stall_seconds=args.stall_seconds, settle_seconds=args.settle_seconds,
+                    idle_timeout=args.idle_timeout, client_timeout=args.client_timeout,
+                    env=_pairs(args.env, "--env"), mix=mix)
+    try:
+        report = soak(case, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except RuntimeError as exc:  # the server did not start
+        raise UserError(str(exc)) from None
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+    for failure in report.failures:
+        print(f"varnet bench soak: FAILED: {failure}", file=sys.stderr)
+    return 1 if report.failures else 0
