@@ -219,3 +219,80 @@ def espirit_maps(kspace, num_low: Optional[int] = None, mask=None,
     if return_eigenvalues:
         return maps, values.to(torch.float32)
     return maps
+
+
+# --------------------------------------------------------------------------- fixed maps for the models
+
+FIXED_MAPS_CONFIG = EspiritConfig()
+"""ESPIRiT settings of :func:`fixed_maps` (the defaults of :class:`EspiritConfig`, the ones the CG-SENSE
+baseline and the safety check's SENSE image use): kernel 6, calibration readout window sized for 4×
+as many patches as unknowns, σ threshold 0.02, crop 0.95 (maps 0 outside the object), phase relative
+to the coil with the most energy."""
+
+
+def fixed_maps(kspace, mask=None, num_low=None, config: EspiritConfig = FIXED_MAPS_CONFIG) -> np.ndarray:
+    """Fixed coil sensitivities for the ``vnu-k`` / ``vnu`` / ``vn`` model variants: ESPIRiT
+    (:func:`espirit_maps`, ``config``) on each slice's fully sampled centre (ACS) block.
+
+    One map set (the eigenvector of eigenvalue ≈ 1, :func:`espirit_maps`): the models' expand /
+    reduce operators (seed eqs. 8-9) carry one image per pixel with ``Σ_i |S_i|² = 1`` (seed eq. 3),
+    as the original VN's ESPIRiT maps did; a second set (soft-SENSE for a folded field of view) would
+    need a second image per pixel. Where the set is cropped the maps are 0.
+
+    Args:
+        kspace: complex ``(coil, readout, phase)`` (one slice) or ``(batch, coil, readout, phase)``,
+            numpy or torch (undersampled: only the ACS block is read).
+        mask: bool ``(phase,)`` shared, or one row per slice ``(batch, phase)`` / ``(batch, 1, 1, phase)``;
+            used only when ``num_low`` is None (the contiguous sampled run through the centre column).
+        num_low: ACS line count: None, one int, or one per slice.
+
+    Returns:
+        complex64 numpy maps, the shape of ``kspace``.
+
+    Raises:
+        ValueError: fewer than 2 ACS lines (ESPIRiT needs a calibration block), or maps that are 0
+            everywhere (no pixel's eigenvalue reached ``config.crop``), naming the slice.
+    """
+    k = kspace.detach().cpu().numpy() if isinstance(kspace, torch.Tensor) else np.asarray(kspace)
+    if k.ndim not in (3, 4) or not np.iscomplexobj(k):
+        raise ValueError("fixed_maps: kspace must be complex (coil, readout, phase) or (batch, coil, readout, "
+                         f"phase), got {k.dtype} shape {k.shape}")
+    single = k.ndim == 3
+    k = k[None] if single else k
+    batch, phase = k.shape[0], k.shape[-1]
+    masks = None
+    if mask is not None:
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        m = m.astype(bool).reshape(-1, phase)
+        if m.shape[0] not in (1, batch):
+            raise ValueError(f"fixed_maps: mask has {m.shape[0]} rows for {batch} slices")
+        masks = np.broadcast_to(m, (batch, phase))
+    counts = _per_slice_counts(num_low, batch)
+    out = np.empty(k.shape, np.complex64)
+    for i in range(batch):
+        n = counts[i]
+        if n is None:
+            if masks is None:
+                raise ValueError("fixed_maps: give num_low or a mask (the ACS lines are found from the mask)")
+            n = contiguous_center_lines(masks[i])
+        if n < 2:
+            raise ValueError(f"fixed_maps: slice {i}: ESPIRiT needs at least 2 fully sampled centre (ACS) lines to "
+                             f"calibrate the fixed sensitivity maps; found {n}")
+        maps = espirit_maps(k[i], int(n), config=config).numpy()
+        if not np.any(maps):
+            raise ValueError(f"fixed_maps: slice {i}: ESPIRiT maps are 0 everywhere (no pixel's eigenvalue reached "
+                             f"crop {config.crop}); the {n} ACS lines hold no usable calibration signal")
+        out[i] = maps
+    return out[0] if single else out
+
+
+def _per_slice_counts(num_low, batch: int) -> list:
+    if num_low is None or isinstance(num_low, (int, np.integer)):
+        return [None if num_low is None else int(num_low)] * batch
+    values = num_low.detach().cpu().numpy() if isinstance(num_low, torch.Tensor) else np.asarray(num_low)
+    values = values.reshape(-1)
+    if values.size == 1:
+        return [int(values[0])] * batch
+    if values.size != batch:
+        raise ValueError(f"fixed_maps: num_low has {values.size} entries for {batch} slices")
+    return [int(v) for v in values]

@@ -7,9 +7,9 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import bench, compare, convert, demo, evaluate, export, infer, openrecon, replay, serve, synth, train
+from . import ablate, bench, compare, convert, demo, evaluate, export, infer, openrecon, replay, serve, synth, train
 
-SUBCOMMANDS = (infer, replay, serve, convert, synth, train, evaluate, compare, export, bench, demo, openrecon)
+SUBCOMMANDS = (infer, replay, serve, convert, synth, train, evaluate, compare, ablate, export, bench, demo, openrecon)
 
 
 class UserError(Exception):

@@ -8,7 +8,11 @@ Three on-disk formats are read, always with ``torch.load(weights_only=True)``:
 * our own format (written by :func:`save_checkpoint`): ``{"format": "varnet-gadget", "format_version": 1,
   "config": VarNetConfig fields, "description": {...}, "state_dict": {...}}``.
 
-Hyperparameters missing from a file are inferred from the state dict's shapes.
+Hyperparameters missing from a file are inferred from the state dict's shapes, and the model
+variant (``VarNetConfig.variant``, the seed paper's ablation) from its parameter names: no
+``sens_net.*`` → a fixed-map variant; ``cascades.N.step_size`` → an image-space one (``vnu``, or ``vn``
+with ``cascades.N.model.filters``); else ``e2e`` / ``vnu-k``. Our format records the variant in its
+config; a variant this code does not know is a :class:`CheckpointError` naming the known ones.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .varnet import VarNet, VarNetConfig
+from .varnet import VARIANTS, VarNet, VarNetConfig
 
 FORMAT_NAME = "varnet-gadget"
 FORMAT_VERSION = 1
@@ -50,8 +54,25 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The model variant a state dict was made by, from its parameter names (module docstring)."""
+    learned_maps = any(k.startswith("sens_net.") for k in state_dict)
+    image_space = "cascades.0.step_size" in state_dict
+    shallow = "cascades.0.model.filters" in state_dict
+    if learned_maps and (image_space or shallow):
+        raise CheckpointError("cannot infer the model variant: a sensitivity network (sens_net.*) with image-space "
+                              "cascades (cascades.0.step_size / model.filters) matches none of "
+                              f"{', '.join(VARIANTS)}")
+    if shallow:
+        return "vn"
+    if image_space:
+        return "vnu"
+    return "e2e" if learned_maps else "vnu-k"
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor], mask_center: bool = True) -> VarNetConfig:
-    """Recover VarNet hyperparameters from parameter names and shapes."""
+    """Recover VarNet hyperparameters (and the variant, :func:`infer_variant`) from parameter names
+    and shapes; fields a variant does not use keep their defaults."""
     def unet_shape(prefix: str) -> tuple[int, int]:
         first = state_dict.get(f"{prefix}.down_sample_layers.0.layers.0.weight")
         if first is None:
@@ -63,13 +84,23 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], mask_center: bool = Tru
     cascades = {int(m.group(1)) for k in state_dict if (m := re.match(r"cascades\.(\d+)\.", k))}
     if not cascades:
         raise CheckpointError("cannot infer hyperparameters: no 'cascades.N.*' parameters")
-    chans, pools = unet_shape("cascades.0.model.unet")
-    sens_chans, sens_pools = unet_shape("sens_net.norm_unet.unet")
+    variant = infer_variant(state_dict)
+    defaults = VarNetConfig()
+    chans, pools = (defaults.chans, defaults.pools) if variant == "vn" else unet_shape("cascades.0.model.unet")
+    sens_chans, sens_pools = (unet_shape("sens_net.norm_unet.unet") if variant == "e2e"
+                              else (defaults.sens_chans, defaults.sens_pools))
     return VarNetConfig(num_cascades=len(cascades), chans=chans, pools=pools,
-                        sens_chans=sens_chans, sens_pools=sens_pools, mask_center=mask_center)
+                        sens_chans=sens_chans, sens_pools=sens_pools, mask_center=mask_center, variant=variant)
 
 
-def _config_from_mapping(values: Mapping[str, Any], fallback: VarNetConfig) -> VarNetConfig:
+def _config_from_mapping(values: Mapping[str, Any], fallback: VarNetConfig, path: str = "<memory>") -> VarNetConfig:
+    variant = values.get("variant", fallback.variant)
+    if variant not in VARIANTS:
+        raise CheckpointError(f"{path}: model variant {variant!r} is not known to this version "
+                              f"(known: {', '.join(VARIANTS)})")
+    if variant != fallback.variant:
+        raise CheckpointError(f"{path}: the checkpoint's config says variant {variant!r}, but its parameter names "
+                              f"are those of {fallback.variant!r}")
     known = {f.name for f in fields(VarNetConfig)}
     picked = {k: type(getattr(fallback, k))(v) for k, v in values.items() if k in known}
     try:
@@ -142,7 +173,7 @@ def load_checkpoint(path: str | os.PathLike, config: Optional[VarNetConfig] = No
     obj = _read(path)
     kind, state, hparams, description = split_checkpoint(obj, str(path))
     inferred = infer_config(state)
-    resolved = config or (_config_from_mapping(hparams, inferred) if hparams else inferred)
+    resolved = config or (_config_from_mapping(hparams, inferred, str(path)) if hparams else inferred)
     model = build_model(state, resolved, str(path)).eval()
     return LoadedCheckpoint(model=model, config=resolved, kind=kind, path=str(path),
                             sha256=file_sha256(path), description=description)

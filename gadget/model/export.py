@@ -12,6 +12,9 @@ input kspace    (batch, coil, readout, phase, 2)      float32, masked k-space (r
 input mask      (phase,)                              float32, 1 = sampled line
 output          (batch, readout, phase)               float32, magnitude image (``config.output``)
 ==============  ====================================  ===========================================
+
+Only the ``e2e`` variant exports; the fixed-map ablation variants (``VarNetConfig.variant``) are refused
+with a ValueError (their ESPIRiT maps are computed outside the model).
 """
 from __future__ import annotations
 
@@ -119,6 +122,11 @@ class StaticVarNet(nn.Module):
     def __init__(self, model: VarNet, width: int, num_low_frequencies: int, split_dft: bool = False):
         super().__init__()
         self.fft2c = fft2c_split_real if split_dft else fft2c_real
+        variant = getattr(getattr(model, "config", None), "variant", "e2e")
+        if variant != "e2e":
+            raise ValueError(f"export supports the e2e variant only, not {variant!r}: the fixed-map variants "
+                             "need ESPIRiT maps (an eigen-decomposition per pixel) computed outside the graph; run "
+                             "them with the eager model (gadget.recon.engine.Reconstructor)")
         if not 0 < num_low_frequencies <= width:
             raise ValueError(f"the ACS width must lie in 1..{width}, got {num_low_frequencies}")
         if model.precision != "fp32":

@@ -9,9 +9,28 @@ masked_kspace      (batch, coil, readout, phase)               complex64/complex
 mask               (batch or 1, 1, 1, phase) or (phase,)       bool (True = sampled)
 num_low_freqs      None, int, or (batch,) int tensor           ACS lines per sample
 sens_kspace        None or as masked_kspace                    separate reference k-space
-sens_maps          (batch, coil, readout, phase)               complex, Σ|S|² = 1
+sens_maps          None or (batch or 1, coil, readout, phase)  complex, Σ|S|² = 1 or 0
 output image       (batch, readout, phase)                     real magnitude (see below)
 =================  ==========================================  ======================
+
+Variants (``variant``, the seed paper's ablation, §4.1; one cascade class with a domain switch):
+
+==========  ===================  ==========================  =========================================
+variant     sensitivities        cascade state               regulariser R (per cascade)
+==========  ===================  ==========================  =========================================
+``e2e``     learned (eq. 12)     multi-coil k-space (eq. 10) NormUnet (U-Net)
+``vnu-k``   fixed ``sens_maps``  multi-coil k-space (eq. 10) NormUnet
+``vnu``     fixed ``sens_maps``  combined image x (eq. 7)    NormUnet
+``vn``      fixed ``sens_maps``  combined image x (eq. 7)    shallow filters + RBF activations
+                                                             (:mod:`gadget.model.vn_regularizer`)
+==========  ===================  ==========================  =========================================
+
+Image-space cascades: ``x ← x − η·Aᴴ(A x − y) − R(x)`` with ``A = M F S``, ``x₀ = Aᴴ y`` and a learned
+step ``η`` per cascade (parameter ``cascades.{t}.step_size``; k-space cascades keep fastMRI's
+``cascades.{t}.dc_weight``, so a bare state dict tells ``vnu`` from ``vnu-k``). Their output image is
+``|x|`` and their "final k-space" (``forward_with_kspace``) is ``F S x``. The fixed maps come from outside
+the model (``gadget.baselines.espirit.fixed_maps``: ESPIRiT on the ACS lines); fixed-map variants have no
+``sens_net`` and refuse to run without ``sens_maps``; ``e2e`` refuses them.
 
 The output image is the paper's root-sum-of-squares of the final coil images (``output="rss"``,
 eq. 13; what official fastMRI checkpoints were trained with) or, with ``output="sense"``, the
@@ -41,9 +60,13 @@ from ..mri.coils import normalize_sens, rss, sens_expand, sens_reduce
 from ..mri.fft import ifft2c
 from ..mri.masks import detect_num_low_frequencies
 from .unet import Unet
+from .vn_regularizer import VNRegularizer
 
 AcsCount = Union[None, int, torch.Tensor]
 OUTPUTS = ("rss", "sense")
+VARIANTS = ("e2e", "vnu-k", "vnu", "vn")  # the seed paper's ablation (§4.1); see the module docstring
+FIXED_MAP_VARIANTS = ("vnu-k", "vnu", "vn")  # sensitivities given as ``sens_maps``, no sens_net
+IMAGE_SPACE_VARIANTS = ("vnu", "vn")  # cascades update a coil-combined image, not k-space
 # Arithmetic of the U-Nets (convolutions under torch.autocast); normalisation, FFTs, coil
 # operators and data consistency always run in float32 / complex64.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,8 +84,13 @@ class VarNetConfig:
     sens_pools: int = 4
     mask_center: bool = True
     output: str = "rss"  # "rss" (paper, fastMRI) | "sense" (|R(k)| with the model's maps); see module doc
+    # "e2e" | "vnu-k" | "vnu" | "vn" (module doc). Unused fields: sens_* for the fixed-map variants,
+    # chans/pools for "vn"; output only for the k-space variants (image-space ones output |x|).
+    variant: str = "e2e"
 
     def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"VarNet variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.output not in OUTPUTS:
             raise ValueError(f"VarNet output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
 
@@ -159,36 +187,71 @@ def resolve_num_low_frequencies(mask: torch.Tensor, num_low: AcsCount, batch: in
     return num_low.expand(batch)
 
 
-class VarNetBlock(nn.Module):
-    """One cascade (seed eqs. 10-11): k ← k − η·M(k − k̃) − E(CNN(R(k)))."""
+DOMAINS = ("kspace", "image")
 
-    def __init__(self, model: nn.Module):
+
+class VarNetBlock(nn.Module):
+    """One cascade, in one of two domains (``domain``):
+
+    * ``"kspace"`` (seed eqs. 10-11; ``e2e``, ``vnu-k``): ``current`` is multi-coil k-space
+      ``(b, c, h, w)``; k ← k − η·M(k − k̃) − E(CNN(R(k))); η is ``dc_weight``.
+    * ``"image"`` (seed eq. 7; ``vnu``, ``vn``): ``current`` is the combined image x ``(b, 1, h, w)``;
+      x ← x − η·Aᴴ(A x − k̃) − CNN(x) with A = M F S, Aᴴ = Sᴴ F⁻¹ M; η is ``step_size``.
+
+    ``reference`` is the masked k-space k̃ ``(b, c, h, w)``, ``mask`` bool ``(b or 1, 1, 1, w)``, ``sens``
+    the maps ``(b, c, h, w)``; ``model`` maps a complex ``(b, 1, h, w)`` image to one of the same shape."""
+
+    def __init__(self, model: nn.Module, domain: str = "kspace"):
         super().__init__()
+        if domain not in DOMAINS:
+            raise ValueError(f"cascade domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
         self.model = model
-        self.dc_weight = nn.Parameter(torch.ones(1))
+        self.domain = domain
+        if domain == "kspace":
+            self.dc_weight = nn.Parameter(torch.ones(1))
+        else:
+            self.step_size = nn.Parameter(torch.ones(1))
 
     def forward(self, current: torch.Tensor, reference: torch.Tensor,
                 mask: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
-        soft_dc = torch.where(mask, current - reference, torch.zeros((), dtype=current.dtype,
-                                                                      device=current.device))
+        zero = torch.zeros((), dtype=current.dtype, device=current.device)
+        if self.domain == "image":
+            residual = torch.where(mask, sens_expand(current, sens) - reference, zero)  # A x − k̃
+            return current - self.step_size * sens_reduce(residual, sens) - self.model(current)
+        soft_dc = torch.where(mask, current - reference, zero)
         refinement = sens_expand(self.model(sens_reduce(current, sens)), sens)
         return current - soft_dc * self.dc_weight - refinement
 
 
 class VarNet(nn.Module):
     """E2E-VarNet: sensitivity network + ``num_cascades`` unrolled refinement/data-consistency
-    blocks + RSS output (seed eq. 13) or the map-combined output (``output="sense"``). See the module
+    blocks + RSS output (seed eq. 13) or the map-combined output (``output="sense"``); with
+    ``variant`` one of the paper's ablation models instead (module docstring). See the module
     docstring for layouts."""
 
     def __init__(self, num_cascades: int = 12, sens_chans: int = 8, sens_pools: int = 4,
-                 chans: int = 18, pools: int = 4, mask_center: bool = True, output: str = "rss"):
+                 chans: int = 18, pools: int = 4, mask_center: bool = True, output: str = "rss",
+                 variant: str = "e2e"):
         super().__init__()
         self.config = VarNetConfig(num_cascades=num_cascades, chans=chans, pools=pools,
                                    sens_chans=sens_chans, sens_pools=sens_pools,
-                                   mask_center=mask_center, output=output)
-        self.sens_net = SensitivityModel(sens_chans, sens_pools, mask_center=mask_center)
-        self.cascades = nn.ModuleList(VarNetBlock(NormUnet(chans, pools)) for _ in range(num_cascades))
+                                   mask_center=mask_center, output=output, variant=variant)
+        self.sens_net: Optional[SensitivityModel] = (
+            None if variant in FIXED_MAP_VARIANTS else SensitivityModel(sens_chans, sens_pools, mask_center=mask_center))
+        domain = "image" if variant in IMAGE_SPACE_VARIANTS else "kspace"
+        self.cascades = nn.ModuleList(
+            VarNetBlock(VNRegularizer() if variant == "vn" else NormUnet(chans, pools), domain)
+            for _ in range(num_cascades))
         self.precision = "fp32"
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    @property
+    def needs_maps(self) -> bool:
+        """True for the fixed-map variants (``vnu-k``, ``vnu``, ``vn``): ``forward`` needs ``sens_maps``."""
+        return self.config.variant in FIXED_MAP_VARIANTS
 
     def set_precision(self, precision: str) -> "VarNet":
         """Run every U-Net's arithmetic in ``precision`` (``fp32``, ``bf16`` or ``fp16``, see
@@ -207,12 +270,14 @@ class VarNet(nn.Module):
         return cls(**config.to_dict())
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
-                num_low_frequencies: AcsCount = None, sens_kspace: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.forward_with_kspace(masked_kspace, mask, num_low_frequencies, sens_kspace)[0]
+                num_low_frequencies: AcsCount = None, sens_kspace: Optional[torch.Tensor] = None,
+                sens_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_with_kspace(masked_kspace, mask, num_low_frequencies, sens_kspace, sens_maps)[0]
 
     def forward_with_kspace(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
                             num_low_frequencies: AcsCount = None,
-                            sens_kspace: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            sens_kspace: Optional[torch.Tensor] = None,
+                            sens_maps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` that also returns the final multi-coil k-space ``(batch, coil, readout,
         phase)`` (the last cascade's output, from which the image is formed): ``(image, kspace)``.
         The safety check (``gadget.recon.safety``) measures its departure from the measured lines.
@@ -221,23 +286,61 @@ class VarNet(nn.Module):
         ``masked_kspace``, holding only the reference lines; the sensitivity network then reads it
         instead of ``masked_kspace`` (its ``num_low_frequencies`` centre lines, which must be given
         explicitly: the imaging mask says nothing about the reference). None (default): the
-        sensitivities come from ``masked_kspace``, as in fastMRI."""
-        masked_kspace, mask = check_inputs(masked_kspace, mask)
-        if sens_kspace is None:
-            sens = self.sens_net(masked_kspace, mask, num_low_frequencies)
-        else:
-            sens = self.sens_net(_check_sens_kspace(sens_kspace, masked_kspace, num_low_frequencies), mask,
-                                 num_low_frequencies)
-        kspace = masked_kspace
-        for cascade in self.cascades:
-            kspace = cascade(kspace, masked_kspace, mask, sens)
-        return self.final_image(kspace, sens), kspace
+        sensitivities come from ``masked_kspace``, as in fastMRI. ``e2e`` only.
 
-    def final_image(self, kspace: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
-        """Final multi-coil k-space ``(b, c, h, w)`` → real image ``(b, h, w)`` (``config.output``)."""
+        ``sens_maps``: the fixed maps of the ``vnu-k``/``vnu``/``vn`` variants (required there, refused
+        for ``e2e``), complex ``(batch or 1, coil, readout, phase)``, Σ|S|² = 1 where the object is and 0
+        elsewhere. For the image-space variants the returned k-space is ``F S x``."""
+        masked_kspace, mask = check_inputs(masked_kspace, mask)
+        sens = self.sensitivities(masked_kspace, mask, num_low_frequencies, sens_kspace, sens_maps)
+        state = self.initial_state(masked_kspace, sens)
+        for cascade in self.cascades:
+            state = cascade(state, masked_kspace, mask, sens)
+        return self.final_image(state, sens), self.final_kspace(state, sens)
+
+    def sensitivities(self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: AcsCount = None,
+                      sens_kspace: Optional[torch.Tensor] = None,
+                      sens_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The maps ``(b, c, h, w)`` the cascades use: the sensitivity network's (``e2e``) or the given
+        fixed ``sens_maps`` (checked; other variants). Inputs as :meth:`forward_with_kspace` (checked)."""
+        variant = self.config.variant
+        if not self.needs_maps:
+            if sens_maps is not None:
+                raise ValueError(f"variant {variant!r} estimates its own sensitivities; sens_maps are only for "
+                                 f"the fixed-map variants ({', '.join(FIXED_MAP_VARIANTS)})")
+            if sens_kspace is None:
+                return self.sens_net(masked_kspace, mask, num_low_frequencies)
+            return self.sens_net(_check_sens_kspace(sens_kspace, masked_kspace, num_low_frequencies), mask,
+                                 num_low_frequencies)
+        if sens_maps is None:
+            raise ValueError(f"variant {variant!r} needs fixed sensitivity maps: pass sens_maps, complex (batch, "
+                             "coil, readout, phase) with Σ|S|² = 1 (gadget.baselines.espirit.fixed_maps)")
+        if sens_kspace is not None:
+            raise ValueError(f"variant {variant!r} has no sensitivity network to read sens_kspace: compute its "
+                             "sens_maps from the reference k-space instead")
+        return _check_sens_maps(sens_maps, masked_kspace, variant)
+
+    def initial_state(self, masked_kspace: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
+        """What the first cascade refines: the masked k-space (k-space variants) or x₀ = Aᴴ k̃
+        ``(b, 1, h, w)`` (image-space variants)."""
+        if self.config.variant in IMAGE_SPACE_VARIANTS:
+            return sens_reduce(masked_kspace, sens)
+        return masked_kspace
+
+    def final_image(self, state: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
+        """The last cascade's state → real image ``(b, h, w)``: final multi-coil k-space ``(b, c, h, w)``
+        through ``config.output`` (k-space variants), or ``|x|`` of the image ``(b, 1, h, w)`` (image-space)."""
+        if self.config.variant in IMAGE_SPACE_VARIANTS:
+            return state[:, 0].abs()
         if self.config.output == "sense":
-            return sens_reduce(kspace, sens)[:, 0].abs()
-        return rss(ifft2c(kspace), dim=1)
+            return sens_reduce(state, sens)[:, 0].abs()
+        return rss(ifft2c(state), dim=1)
+
+    def final_kspace(self, state: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
+        """The last cascade's state → multi-coil k-space ``(b, c, h, w)``: itself, or ``F S x``."""
+        if self.config.variant in IMAGE_SPACE_VARIANTS:
+            return sens_expand(state, sens)
+        return state
 
 
 def check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,9 +371,26 @@ def _check_sens_kspace(sens_kspace: torch.Tensor, masked_kspace: torch.Tensor,
     return sens_kspace
 
 
+def _check_sens_maps(sens_maps: torch.Tensor, masked_kspace: torch.Tensor, variant: str,
+                     tolerance: float = 1e-2) -> torch.Tensor:
+    """Validate fixed maps against the k-space: complex, ``(batch or 1, coil, readout, phase)``, and
+    Σ|S|² within ``tolerance`` of 1 or of 0 at every pixel. Returns them in the k-space's dtype/device."""
+    b, c, h, w = masked_kspace.shape
+    if not torch.is_complex(sens_maps) or sens_maps.ndim != 4 or tuple(sens_maps.shape[1:]) != (c, h, w) \
+            or sens_maps.shape[0] not in (1, b):
+        raise ValueError(f"variant {variant!r}: sens_maps must be complex (batch or 1, {c}, {h}, {w}); got "
+                         f"{sens_maps.dtype} {tuple(sens_maps.shape)}")
+    sens_maps = sens_maps.to(device=masked_kspace.device, dtype=masked_kspace.dtype)
+    energy = (sens_maps.real ** 2 + sens_maps.imag ** 2).sum(dim=1)
+    if bool(((energy - 1).abs() > tolerance).logical_and(energy > tolerance).any()):
+        raise ValueError(f"variant {variant!r}: sens_maps are not normalised (Σ_coil |S|² must be 1 where the object "
+                         f"is, 0 elsewhere; found values in [{float(energy.min()):.3g}, {float(energy.max()):.3g}])")
+    return sens_maps
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["VarNet", "VarNetConfig", "PRECISIONS", "VarNetBlock", "NormUnet", "SensitivityModel",
+__all__ = ["VarNet", "VarNetConfig", "PRECISIONS", "VARIANTS", "FIXED_MAP_VARIANTS", "IMAGE_SPACE_VARIANTS", "VarNetBlock", "NormUnet", "SensitivityModel",
            "detect_num_low_frequencies", "count_parameters"]

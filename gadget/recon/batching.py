@@ -49,6 +49,11 @@ class BatchingEngine:
         self._worker = threading.Thread(target=self._run, name="batching-engine", daemon=True)
         self._worker.start()
 
+    @property
+    def needs_maps(self) -> bool:
+        """As :attr:`Reconstructor.needs_maps`: the engine computes fixed maps per slice (in ``run``)."""
+        return self.engine.needs_maps
+
     def __call__(self, kspace, mask, num_low_frequencies: Optional[int] = None, sens_kspace=None) -> np.ndarray:
         return self.run(kspace, mask, num_low_frequencies, sens_kspace)[0]
 

@@ -4,20 +4,34 @@ Layouts: k-space ``(batch, coil, readout, phase)`` complex64; mask ``(phase,)`` 
 images out ``(batch, readout, phase)`` float32 (RSS magnitude, not cropped). ``sens_kspace`` (optional):
 a separate reference scan's k-space in the layout of the k-space, holding only its reference lines; the
 sensitivity network reads it instead of the imaging k-space (``VarNet.forward``'s ``sens_kspace``).
+
+Fixed-map model variants (``model.needs_maps``: ``vnu-k``, ``vnu``, ``vn``; see gadget/model/varnet.py):
+the engine computes each slice's ESPIRiT maps (:func:`gadget.baselines.espirit.fixed_maps`) from its ACS
+block (from the separate reference's when there is one), on the CPU before the forward, and passes them as
+``sens_maps``. They are cached by the ACS block's bytes (with the shape and ACS count): the safety check's
+re-run, which withholds a few sampled lines *outside* the ACS band, reuses them. The cache is an LRU bounded
+by ``maps_cache_bytes`` (default 256 MiB of complex64 maps: 11 slices of 12 coils × 640 × 368; always
+at least the newest entry), enough for a slice and its re-run in each of ~10 concurrently served scans of
+that size (more with smaller slices). The cache is not counted in the server's k-space memory budget.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
 import torch
 
+from ..baselines.espirit import fixed_maps
 from ..model.varnet import VarNet
+from ..mri.masks import contiguous_center_lines
 from .allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
+MAPS_CACHE_BYTES = 256 << 20
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -36,9 +50,12 @@ class Reconstructor:
 
     ``precision``: the U-Nets' arithmetic (``fp32``, ``bf16``, ``fp16``; see
     :meth:`VarNet.set_precision`), set on ``model`` itself (engines sharing one model share it);
-    ``None`` keeps the model's current setting."""
+    ``None`` keeps the model's current setting. ``maps_cache_bytes``: bound of the fixed-map cache
+    (:class:`MapsCache`; used only by the fixed-map variants, ``model.needs_maps``)."""
 
-    def __init__(self, model: VarNet, device: str | torch.device = "auto", precision: Optional[str] = None):
+    def __init__(self, model: VarNet, device: str | torch.device = "auto", precision: Optional[str] = None,
+                 maps_cache_bytes: int = MAPS_CACHE_BYTES):
+        self.maps_cache = MapsCache(maps_cache_bytes)
         self.device = resolve_device(device) if isinstance(device, str) else device
         keep_freed_memory()  # per-slice tensors reuse their pages instead of page-faulting afresh
         if precision is not None:
@@ -54,11 +71,15 @@ class Reconstructor:
     def __call__(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
                  num_low_frequencies: Optional[int] = None,
                  sens_kspace: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+        extra = self._extra(kspace, mask, num_low_frequencies, sens_kspace)
         k, m = self._inputs(kspace, mask)
-        extra = {} if sens_kspace is None else {"sens_kspace": self._kspace(sens_kspace)}
         with self._lock:
             out = self.model(k, m, num_low_frequencies, **extra)
         return out.float().cpu().numpy()
+
+    @property
+    def needs_maps(self) -> bool:
+        return bool(getattr(self.model, "needs_maps", False))
 
     @torch.inference_mode()
     def run(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
@@ -72,11 +93,42 @@ class Reconstructor:
         if forward is None:
             raise TypeError(f"{type(self.model).__name__} has no forward_with_kspace: the safety check needs "
                             "the final k-space (use gadget.model.varnet.VarNet)")
+        extra = self._extra(kspace, mask, num_low_frequencies, sens_kspace)
         k, m = self._inputs(kspace, mask)
-        extra = {} if sens_kspace is None else {"sens_kspace": self._kspace(sens_kspace)}
         with self._lock:
             image, final = forward(k, m, num_low_frequencies, **extra)
         return image.float().cpu().numpy(), final.to(torch.complex64).cpu().numpy()
+
+    def _extra(self, kspace, mask, num_low_frequencies, sens_kspace) -> dict:
+        """The model's keyword inputs besides k-space, mask and ACS count: ``sens_kspace`` (e2e) or the
+        fixed ``sens_maps`` (computed from the reference when given, else from the k-space; cached)."""
+        if not self.needs_maps:
+            return {} if sens_kspace is None else {"sens_kspace": self._kspace(sens_kspace)}
+        source = _numpy_batch(kspace if sens_kspace is None else sens_kspace)
+        if sens_kspace is not None and num_low_frequencies is None:
+            raise ValueError("a separate reference (sens_kspace) needs an explicit num_low_frequencies (its line count)")
+        maps = self.maps_for(source, mask, num_low_frequencies)
+        return {"sens_maps": torch.from_numpy(maps).to(self.device)}
+
+    def maps_for(self, kspace: np.ndarray, mask, num_low_frequencies=None) -> np.ndarray:
+        """Fixed maps complex64 ``(batch, coil, readout, phase)`` for k-space of that layout, one slice at a
+        time through the cache. ``mask``: ``(phase,)`` or one row per slice; ``num_low_frequencies``: None
+        (found from each slice's mask row), an int or one per slice."""
+        batch, phase = kspace.shape[0], kspace.shape[-1]
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        rows = np.broadcast_to(m.astype(bool).reshape(-1, phase), (batch, phase))
+        if num_low_frequencies is None:
+            counts = [contiguous_center_lines(r) for r in rows]
+        elif isinstance(num_low_frequencies, (int, np.integer)):
+            counts = [int(num_low_frequencies)] * batch
+        else:
+            flat = torch.as_tensor(num_low_frequencies).reshape(-1).tolist()
+            counts = [int(v) for v in (flat * batch if len(flat) == 1 else flat)]
+        counts = [c if c > 0 else contiguous_center_lines(r) for c, r in zip(counts, rows)]  # 0: detect, as VarNet
+        out = np.empty(kspace.shape, np.complex64)
+        for i in range(batch):
+            out[i] = self.maps_cache.get_or_compute(kspace[i], rows[i], counts[i])
+        return out
 
     def _inputs(self, kspace, mask) -> tuple[torch.Tensor, torch.Tensor]:
         m = torch.as_tensor(np.asarray(mask, dtype=bool) if not isinstance(mask, torch.Tensor) else mask)
@@ -88,3 +140,57 @@ class Reconstructor:
         if k.ndim == 3:
             k = k.unsqueeze(0)
         return k.to(self.device, torch.complex64)
+
+
+def _numpy_batch(kspace) -> np.ndarray:
+    """complex64 numpy ``(b, coil, readout, phase)`` from a slice or a batch, numpy or torch."""
+    k = kspace.detach().cpu().numpy() if isinstance(kspace, torch.Tensor) else np.asarray(kspace)
+    k = k.astype(np.complex64, copy=False)
+    return k if k.ndim == 4 else k[None]
+
+
+class MapsCache:
+    """LRU of fixed (ESPIRiT) maps keyed by ``(shape, ACS count, blake2b of the ACS block's complex64
+    bytes)``, the block being the ``num_low`` centre phase columns (fastMRI's placement) over all coils and
+    readout, which is all ESPIRiT reads. Bounded by ``max_bytes`` of stored maps (the newest entry is
+    always kept). Thread-safe; two threads missing the same key both compute it (the same result)."""
+
+    def __init__(self, max_bytes: int = MAPS_CACHE_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"maps_cache_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def key(kspace: np.ndarray, num_low: int) -> tuple:
+        cols = kspace.shape[-1]
+        left = (cols - num_low + 1) // 2
+        block = np.ascontiguousarray(kspace[..., max(left, 0):max(left, 0) + max(num_low, 0)], np.complex64)
+        return kspace.shape, int(num_low), hashlib.blake2b(block.tobytes(), digest_size=20).hexdigest()
+
+    def get_or_compute(self, kspace: np.ndarray, mask_row: np.ndarray, num_low: int) -> np.ndarray:
+        """Maps complex64 ``(coil, readout, phase)`` of one slice (:func:`fixed_maps`; its errors pass
+        through, e.g. fewer than 2 ACS lines)."""
+        key = self.key(kspace, num_low)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        maps = fixed_maps(kspace, mask_row, num_low)
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = maps
+                self._bytes += maps.nbytes
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                _, old = self._entries.popitem(last=False)
+                self._bytes -= old.nbytes
+        return maps

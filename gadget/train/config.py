@@ -9,6 +9,12 @@ masks with centre fractions [0.08, 0.04] and accelerations [4, 8], step decay ×
     optim: {lr: 3.0e-4, ...}             # OptimConfig
     loss:  {kind: ssim}                  # LossConfig
     run:   {out_dir: runs/varnet, ...}   # RunConfig
+    ablation: {...}                      # read by `varnet ablate` only; ignored here (FOREIGN_SECTIONS)
+
+``model.variant`` picks the architecture (``e2e``, ``vnu-k``, ``vnu``, ``vn``; the seed's §4
+ablation): the fixed-map variants get ESPIRiT maps of each sample's ACS lines from the data
+pipeline, cached per (file, slice, ACS count) in ``data.maps_cache`` (default
+``<run.out_dir>/maps_cache``; see :class:`gadget.train.data.FixedMapsCache`).
 
 Overrides are ``section.key=value`` strings whose value is parsed as YAML (``[4, 8]``, ``1e-3``,
 ``true``, ``null``); a list field also accepts a bare or comma-separated value
@@ -49,6 +55,9 @@ class DataConfig:
     target: str = TARGET_AUTO                             # dataset name, or auto
     batch_size: int = 1                                   # > 1 only for slices of one shape
     num_workers: int = 2                                  # DataLoader worker processes (0: main process)
+    maps_cache: Optional[str] = None                      # fixed-map variants: directory of cached ESPIRiT
+                                                          # maps (null: <run.out_dir>/maps_cache)
+    maps_cache_mb: int = 256                              # and an in-memory LRU of this size per process
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,7 @@ def mask_kinds(mask: str) -> list[str]:
 
 
 SECTIONS = {f.name: f.default_factory for f in fields(TrainConfig)}  # name -> section class
+FOREIGN_SECTIONS = ("ablation",)  # sections of a shared YAML that other commands read (varnet ablate)
 
 
 # ----------------------------------------------------------------------------- building
@@ -120,6 +130,8 @@ def build_config(values: Optional[Mapping[str, Any]] = None, overrides: Sequence
     (``section.key=value`` strings); validated."""
     merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for section, entries in (values or {}).items():
+        if section in FOREIGN_SECTIONS:
+            continue
         _check_section(section, source)
         if entries is None:
             continue
@@ -263,6 +275,14 @@ def validate(config: TrainConfig, source: str = "config") -> None:
         fail(f"data.center_fractions must lie in (0, 1), got {d.center_fractions}")
     if any(a < 1 for a in d.accelerations):
         fail(f"data.accelerations must be >= 1, got {d.accelerations}")
+    variants = _variants()
+    variant = getattr(m, "variant", "e2e")
+    if variants and variant not in variants:
+        fail(f"model.variant = {variant!r} must be one of {', '.join(variants)}")
+    if variant != "e2e" and r.activation_checkpointing:
+        fail(f"run.activation_checkpointing supports model.variant=e2e only, not {variant!r}")
+    if d.maps_cache_mb < 0:
+        fail(f"data.maps_cache_mb must be >= 0, got {d.maps_cache_mb}")
     if d.batch_size < 1 or d.num_workers < 0:
         fail(f"data.batch_size must be >= 1 and data.num_workers >= 0 (got {d.batch_size}, {d.num_workers})")
     if not d.target:
@@ -281,6 +301,13 @@ def validate(config: TrainConfig, source: str = "config") -> None:
         fail(f"run.max_steps_per_epoch must be >= 1 or null, got {r.max_steps_per_epoch}")
     if not r.out_dir:
         fail("run.out_dir must not be empty")
+
+
+def _variants() -> tuple[str, ...]:
+    """The model variants :mod:`gadget.model.varnet` offers (empty before it offers any)."""
+    from ..model import varnet
+
+    return tuple(getattr(varnet, "VARIANTS", ()))
 
 
 # ----------------------------------------------------------------------------- presets
@@ -312,4 +339,4 @@ def resolve_config_path(spec: str) -> Path:
 
 __all__ = ["TrainConfig", "DataConfig", "OptimConfig", "LossConfig", "RunConfig", "VarNetConfig",
            "TrainConfigError", "build_config", "load_config", "parse_override", "resolve_config_path",
-           "preset_names", "mask_kinds", "MASK_KINDS", "LOSS_KINDS", "AMP_MODES"]
+           "preset_names", "mask_kinds", "MASK_KINDS", "FOREIGN_SECTIONS", "LOSS_KINDS", "AMP_MODES"]

@@ -12,6 +12,8 @@ target              (H, W)                         float32, the file's target da
 max_value           float                          volume maximum of the target (SSIM data range)
 crop_size           (h, w)                         ``reconSpace`` matrix of the header
 fname, slice_num    str, int                       where the sample came from
+sens_maps           (coil, readout, phase) | None  complex64 fixed ESPIRiT maps of the sample's ACS lines
+                                                   (only with ``maps``: the fixed-map model variants)
 ==================  =============================  =====================================================
 
 Masks follow fastMRI's ``VarNetDataTransform``: :class:`gadget.mri.masks.MaskSampler` draws a
@@ -23,16 +25,25 @@ fastMRI's unseeded training masks, but reproducible and independent of the worke
 (so nothing about the masks needs saving for an exact resume). Test-layout files (with ``mask``)
 keep their own mask and ``num_low_frequency`` attribute.
 
+Fixed sensitivity maps (model variants ``vn``, ``vnu``, ``vnu-k``): :class:`FixedMapsCache` runs
+ESPIRiT on the sample's ACS lines only (the centre block of ``num_low_frequencies`` columns, nothing
+else of the mask), so the maps depend on (file, slice, ACS count) alone; each is computed once and
+kept in a per-process in-memory LRU and, when given a directory, on disk (shared by DataLoader
+workers, epochs, runs and the variants of ``varnet ablate``).
+
 Files are opened lazily: one read-only h5py handle per file per process (workers reopen theirs).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -40,7 +51,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..data.fastmri_file import FastMRIFileError, open_volume
-from ..mri.masks import MaskSampler, MaskSpec
+from ..mri.masks import MaskSampler, MaskSpec, center_block, contiguous_center_lines
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,7 @@ class TrainSample(NamedTuple):
     crop_size: tuple              # (h, w) — batched: one (h, w) for the batch
     fname: Any                    # str — batched: list[str]
     slice_num: Any                # int — batched: long (b,)
+    sens_maps: Any = None         # complex64 (coil, readout, phase) or None — batched: (b, coil, readout, phase)
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,124 @@ def restrict_to_padding(mask: np.ndarray, padding: tuple[int, int]) -> np.ndarra
     return mask
 
 
+# ----------------------------------------------------------------------------- fixed maps
+
+def default_fixed_maps(kspace, mask, num_low: int):
+    """:func:`gadget.baselines.espirit.fixed_maps` (ESPIRiT on the ACS block), imported when first used."""
+    from ..baselines.espirit import fixed_maps
+
+    return fixed_maps(kspace, mask, num_low)
+
+
+class FixedMapsCache:
+    """Fixed (ESPIRiT) sensitivity maps of a slice's ACS lines, computed once per (file, slice,
+    ACS count).
+
+    Args:
+        directory: on-disk cache (``.npy`` complex64 per entry, written atomically, so concurrent
+            workers and later runs share it); None: memory only.
+        memory_mb: per-process in-memory LRU budget (0: none).
+        compute: ``compute(acs_kspace, acs_mask, num_low)`` → complex maps ``(coil, readout, phase)``;
+            default :func:`default_fixed_maps`.
+
+    A disk entry's name holds a digest of the file's resolved path, size and modification time,
+    so a regenerated file never reads stale maps. ``computed``/``memory_hits``/``disk_hits`` count
+    this process's lookups; ``compute_seconds`` is the time spent in ``compute``.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, directory: Optional[str | os.PathLike] = None, memory_mb: float = 256,
+                 compute: Optional[Callable] = None):
+        self.directory = Path(directory) if directory else None
+        self.memory_bytes = int(memory_mb * 2 ** 20)
+        self.compute = compute
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._held = 0
+        self.computed = self.memory_hits = self.disk_hits = 0
+        self.compute_seconds = 0.0
+
+    def key(self, path: str | os.PathLike, slice_num: int, num_low: int) -> str:
+        path = Path(path).resolve()
+        st = path.stat()
+        digest = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{self.FORMAT}".encode()).hexdigest()[:16]
+        return f"{path.stem}-{digest}-s{int(slice_num)}-acs{int(num_low)}"
+
+    def get(self, path: str | os.PathLike, slice_num: int, num_low: int, kspace,
+            padding: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Maps complex64 ``(coil, readout, phase)`` for ``kspace`` (that slice, complex ``(coil,
+        readout, phase)``, fully sampled or undersampled with its ACS block intact); only its
+        ``num_low`` centre columns (within ``padding``) are read."""
+        if int(num_low) < 2:
+            raise ValueError(f"{Path(path).name} slice {slice_num}: fixed maps need an ACS block of >= 2 "
+                             f"lines, got {num_low}")
+        key = self.key(path, slice_num, num_low)
+        maps = self._memory.get(key)
+        if maps is not None:
+            self._memory.move_to_end(key)
+            self.memory_hits += 1
+            return maps
+        shape = tuple(kspace.shape)
+        maps = self._load(key, shape)
+        if maps is None:
+            maps = self._compute(kspace, int(num_low), padding)
+            self._store(key, maps)
+        self._remember(key, maps)
+        return maps
+
+    def _compute(self, kspace, num_low: int, padding) -> torch.Tensor:
+        k = kspace.detach().cpu().numpy() if isinstance(kspace, torch.Tensor) else np.asarray(kspace)
+        acs = center_block(k.shape[-1], num_low)
+        if padding is not None:
+            acs = restrict_to_padding(acs, padding)
+        start = time.perf_counter()
+        maps = (self.compute or default_fixed_maps)(np.where(acs, k, 0).astype(np.complex64), acs, num_low)
+        self.compute_seconds += time.perf_counter() - start
+        self.computed += 1
+        maps = torch.as_tensor(maps).to(torch.complex64)
+        if tuple(maps.shape) != tuple(k.shape):
+            raise ValueError(f"fixed maps have shape {tuple(maps.shape)}, k-space {tuple(k.shape)}")
+        return maps
+
+    def _load(self, key: str, shape: tuple) -> Optional[torch.Tensor]:
+        if self.directory is None:
+            return None
+        path = self.directory / f"{key}.npy"
+        try:
+            array = np.load(path)
+        except (OSError, ValueError):
+            return None
+        if array.shape != shape or array.dtype != np.complex64:
+            log.warning("maps cache %s: shape %s / %s, expected %s complex64; recomputing",
+                        path, array.shape, array.dtype, shape)
+            return None
+        self.disk_hits += 1
+        return torch.from_numpy(array)
+
+    def _store(self, key: str, maps: torch.Tensor) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{key}.npy"
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+        np.save(tmp, maps.numpy())
+        os.replace(tmp, path)
+
+    def _remember(self, key: str, maps: torch.Tensor) -> None:
+        size = maps.numel() * maps.element_size()
+        if size > self.memory_bytes:
+            return
+        self._memory[key] = maps
+        self._held += size
+        while self._held > self.memory_bytes:
+            _, old = self._memory.popitem(last=False)
+            self._held -= old.numel() * old.element_size()
+
+    def stats(self) -> dict:
+        return {"computed": self.computed, "memory_hits": self.memory_hits, "disk_hits": self.disk_hits,
+                "compute_seconds": round(self.compute_seconds, 3)}
+
+
 class SliceDataset(Dataset):
     """Every slice of every file in ``dirs`` (see the module docstring for the sample layout).
 
@@ -171,15 +301,18 @@ class SliceDataset(Dataset):
         fixed_masks: seed each volume's mask from its file name (validation); else a new
             mask per slice and epoch, seeded with ``(seed, epoch, index)``.
         seed: base seed of the training masks.
+        maps: a :class:`FixedMapsCache`: each sample then carries ``sens_maps`` (fixed-map variants).
     """
 
     def __init__(self, dirs: Sequence[str | os.PathLike], mask_spec: Optional[MaskSpec | Sequence[MaskSpec]],
-                 target: str = AUTO_TARGET, fixed_masks: bool = False, seed: int = 0):
+                 target: str = AUTO_TARGET, fixed_masks: bool = False, seed: int = 0,
+                 maps: Optional[FixedMapsCache] = None):
         self.volumes = [read_volume_info(p, target) for p in list_files(dirs)]
         if not self.volumes:
             raise FastMRIFileError(f"no files in {', '.join(map(str, dirs))}")
         self.sampler = MixedMaskSampler(mask_spec) if mask_spec is not None else None
         self.fixed_masks = fixed_masks
+        self.maps = maps
         self.seed = int(seed)
         self.epoch = 0
         self.index = [(v, s) for v, info in enumerate(self.volumes) for s in range(info.num_slices)]
@@ -254,9 +387,13 @@ class SliceDataset(Dataset):
         mask_t = torch.from_numpy(mask)
         masked = torch.where(mask_t, kspace, torch.zeros((), dtype=kspace.dtype))
         target = torch.from_numpy(np.asarray(handle[info.target_key][slice_num], dtype=np.float32))
+        maps = None
+        if self.maps is not None:
+            maps = self.maps.get(info.path, slice_num, num_low or contiguous_center_lines(mask), masked,
+                                 info.padding)
         return TrainSample(masked_kspace=masked, mask=mask_t, num_low_frequencies=num_low, target=target,
                            max_value=info.max_value, crop_size=tuple(info.crop_size),
-                           fname=info.path.name, slice_num=slice_num)
+                           fname=info.path.name, slice_num=slice_num, sens_maps=maps)
 
 
 def collate(samples: Sequence[TrainSample]) -> TrainSample:
@@ -279,7 +416,8 @@ def collate(samples: Sequence[TrainSample]) -> TrainSample:
         max_value=torch.tensor([float(s.max_value) for s in samples], dtype=torch.float32),
         crop_size=tuple(int(c) for c in first.crop_size),
         fname=[s.fname for s in samples],
-        slice_num=torch.tensor([int(s.slice_num) for s in samples], dtype=torch.long))
+        slice_num=torch.tensor([int(s.slice_num) for s in samples], dtype=torch.long),
+        sens_maps=None if first.sens_maps is None else torch.stack([s.sens_maps for s in samples]))
 
 
 class EpochSampler(Sampler[int]):
@@ -316,6 +454,7 @@ def worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-__all__ = ["SliceDataset", "MixedMaskSampler", "TrainSample", "VolumeInfo", "EpochSampler", "collate", "list_files",
+__all__ = ["SliceDataset", "FixedMapsCache", "default_fixed_maps", "MixedMaskSampler", "TrainSample", "VolumeInfo",
+           "EpochSampler", "collate", "list_files",
            "read_volume_info", "resolve_target_key", "restrict_to_padding", "NOISE_FREE_TARGET",
            "FASTMRI_TARGET", "worker_init"]

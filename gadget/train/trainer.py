@@ -1,8 +1,11 @@
 """The training loop: Adam + step decay, SSIM (or L1) loss, fastMRI validation metrics, checkpoints.
 
 Tensor layouts: batches as :class:`gadget.train.data.TrainSample` — k-space ``(b, coil, readout,
-phase)`` complex64, mask ``(b, 1, 1, phase)`` bool, model output ``(b, readout, phase)`` real,
-centre-cropped to the header's recon size (fastMRI's rule: ``(w, w)`` when the image is narrower
+phase)`` complex64, mask ``(b, 1, 1, phase)`` bool, fixed maps ``(b, coil, readout, phase)``
+complex64 for the fixed-map variants (``model.variant`` vn, vnu, vnu-k: the model's ``needs_maps``;
+ESPIRiT of the ACS lines from :class:`gadget.train.data.FixedMapsCache`, in ``data.maps_cache``;
+passed to the model as ``sens_maps`` in training and validation), model output ``(b, readout,
+phase)`` real, centre-cropped to the header's recon size (fastMRI's rule: ``(w, w)`` when the image is narrower
 than the crop) and then, with the target ``(b, H, W)``, to their common size.
 
 Files written to ``run.out_dir`` (rank 0 only):
@@ -53,7 +56,7 @@ from ..mri.metrics import VolumeMetrics, center_crop, center_crop_at_most
 from ..recon.engine import resolve_device
 from ..recon.fastmri_infer import crop_size_for
 from .config import TrainConfig, TrainConfigError, mask_kinds
-from .data import EpochSampler, SliceDataset, TrainSample, collate, worker_init
+from .data import EpochSampler, FixedMapsCache, SliceDataset, TrainSample, collate, worker_init
 from .losses import TrainingLoss
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,10 @@ class TrainingVarNet(nn.Module):
         self.varnet = varnet
         self.activation_checkpointing = activation_checkpointing
 
-    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies=None) -> torch.Tensor:
+    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies=None,
+                sens_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if sens_maps is not None:  # fixed-map variants (config validation keeps checkpointing to e2e)
+            return self.varnet(masked_kspace, mask, num_low_frequencies, sens_maps=sens_maps)
         if not (self.activation_checkpointing and torch.is_grad_enabled()):
             return self.varnet(masked_kspace, mask, num_low_frequencies)
         masked_kspace, mask = check_inputs(masked_kspace, mask)
@@ -273,8 +279,13 @@ class Trainer:
             raise TrainConfigError("data.train_dirs is empty: give directories of fastMRI-layout .h5 files "
                                    "(e.g. --set data.train_dirs=[data/synth/train])")
         self.mask_spec = [MaskSpec(kind, data.center_fractions, data.accelerations) for kind in mask_kinds(data.mask)]
-        self.train_set = SliceDataset(data.train_dirs, self.mask_spec, data.target, fixed_masks=False, seed=run.seed)
-        self.val_set = (SliceDataset(data.val_dirs, self.mask_spec, data.target, fixed_masks=True)
+        self.model = VarNet.from_config(config.model)
+        self.maps = None
+        if needs_maps(self.model):  # fixed ESPIRiT maps from the data pipeline, cached per (file, slice, ACS)
+            self.maps = FixedMapsCache(data.maps_cache or self.out_dir / "maps_cache", data.maps_cache_mb)
+        self.train_set = SliceDataset(data.train_dirs, self.mask_spec, data.target, fixed_masks=False, seed=run.seed,
+                                      maps=self.maps)
+        self.val_set = (SliceDataset(data.val_dirs, self.mask_spec, data.target, fixed_masks=True, maps=self.maps)
                         if data.val_dirs else None)
 
         for name, ds in (("train", self.train_set), ("val", self.val_set)):
@@ -284,7 +295,7 @@ class Trainer:
                                    + (" ..." if len(files) > 2 else "") for (k, t, c), files in groups.items())
                 raise TrainConfigError(f"data.batch_size={data.batch_size} needs slices of one shape, but the "
                                        f"{name} files differ ({detail}); use data.batch_size=1")
-        self.model = VarNet.from_config(config.model).to(self.device)
+        self.model = self.model.to(self.device)
         self.model.set_precision("fp32" if run.amp == "off" else run.amp)  # autocast around the U-Nets only
         self.init_source: Optional[dict] = None
         if run.init_from and not run.resume:  # a resumed run's weights come from last.pt
@@ -311,14 +322,21 @@ class Trainer:
 
     def _to_device(self, batch: TrainSample):
         nb = self.device.type == "cuda"
+        maps = None if batch.sens_maps is None else batch.sens_maps.to(self.device, non_blocking=nb)
+        if self.maps is not None and maps is None:
+            raise TrainConfigError(f"model.variant={getattr(self.config.model, 'variant', '?')} needs fixed maps, "
+                                   "but the batch carries none")
         return (batch.masked_kspace.to(self.device, non_blocking=nb), batch.mask.to(self.device),
                 acs_counts(batch).to(self.device), batch.target.to(self.device, non_blocking=nb),
-                batch.max_value.to(self.device))
+                batch.max_value.to(self.device), maps)
 
     def forward_loss(self, batch: TrainSample, net: Optional[nn.Module] = None):
         """``(loss, cropped output, cropped target)`` of one batch."""
-        kspace, mask, num_low, target, max_value = self._to_device(batch)
-        output = (net or self.net)(kspace, mask, num_low)
+        kspace, mask, num_low, target, max_value, maps = self._to_device(batch)
+        if maps is None:
+            output = (net or self.net)(kspace, mask, num_low)
+        else:
+            output = (net or self.net)(kspace, mask, num_low, sens_maps=maps)
         output, target = crop_pair(output, target, batch.crop_size)
         return self.loss_fn(output, target, max_value), output, target
 
@@ -504,6 +522,8 @@ class Trainer:
             "val_volumes": len(vs.volumes) if vs else 0, "val_slices": len(vs) if vs else 0,
             "targets": self.train_set.target_keys, "mask": d.mask,
             "accelerations": list(d.accelerations), "center_fractions": list(d.center_fractions),
+            "variant": getattr(cfg.model, "variant", "e2e"),
+            "sens_maps": "fixed ESPIRiT maps of the ACS lines" if self.maps is not None else "learned (SME)",
             "loss": cfg.loss.kind, "optimizer": {"name": "Adam", **dataclasses.asdict(cfg.optim)},
             "epochs": self.progress.epoch, "steps": self.progress.global_step,
             "batch_size": d.batch_size, "world_size": self.dist.world_size, "amp": cfg.run.amp,
@@ -519,9 +539,9 @@ class Trainer:
             loaded = load_checkpoint(path)
         except CheckpointError as exc:
             raise TrainConfigError(f"run.init_from: {exc}") from None
-        shape_keys = ("num_cascades", "chans", "pools", "sens_chans", "sens_pools")
-        differ = [f"{k} {getattr(loaded.config, k)} vs {getattr(self.config.model, k)}" for k in shape_keys
-                  if getattr(loaded.config, k) != getattr(self.config.model, k)]
+        shape_keys = ("num_cascades", "chans", "pools", "sens_chans", "sens_pools", "variant")
+        differ = [f"{k} {getattr(loaded.config, k, 'e2e')} vs {getattr(self.config.model, k, 'e2e')}"
+                  for k in shape_keys if getattr(loaded.config, k, "e2e") != getattr(self.config.model, k, "e2e")]
         if differ:
             raise TrainConfigError(f"run.init_from: {path} does not match model settings (file vs config: "
                                    f"{', '.join(differ)})")
@@ -584,10 +604,15 @@ class Trainer:
             log.info("resumed %s at epoch %d, step %d", path, self.progress.epoch, self.progress.global_step)
 
 
+def needs_maps(model: nn.Module) -> bool:
+    """Whether ``model`` (a :class:`VarNet`) takes fixed sensitivity maps (variants vn, vnu, vnu-k)."""
+    return bool(getattr(model, "needs_maps", False))
+
+
 def train(config: TrainConfig) -> dict:
     """Build a :class:`Trainer` and run it; returns :meth:`Trainer.fit`'s summary."""
     return Trainer(config).fit()
 
 
-__all__ = ["Trainer", "TrainingVarNet", "train", "crop_pair", "acs_counts", "setup_distributed",
+__all__ = ["Trainer", "TrainingVarNet", "train", "needs_maps", "crop_pair", "acs_counts", "setup_distributed",
            "STATE_FORMAT"]
