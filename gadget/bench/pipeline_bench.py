@@ -17,35 +17,25 @@ from __future__ import annotations
 import os
 import platform
 import socket
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 
 from .model_bench import CONFIGS
+from .scans import simulated_scan
 
 
 def run_pipeline_bench(slices: int = 16, coils: int = 12, recon_size: tuple[int, int] = (160, 128),
                        config: str = "small", threads: int = 2, seed: int = 0) -> dict:
-    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
-    from converters.simulate import simulate_volume, write_fastmri
-    from gadget.data.mrd_file import iter_acquisitions, read_header_xml
     from gadget.model.varnet import VarNet
     from gadget.recon.config import ReconConfig
     from gadget.recon.engine import Reconstructor
     from gadget.server import ReconService
     from gadget.stream.codec import MessageId, MessageReader, MessageWriter
-    from gadget.stream.types import AcqLine
 
     torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory(prefix="varnet-pipeline-bench-") as tmp:
-        vol = simulate_volume(num_slices=slices, num_coils=coils, recon_size=recon_size, seed=seed)
-        write_fastmri(Path(tmp) / "v.h5", vol)
-        convert_fastmri_to_ismrmrd(Path(tmp) / "v.h5", Path(tmp) / "raw.h5", "equispaced-fraction", 4, 0.08, seed=1)
-        xml = read_header_xml(Path(tmp) / "raw.h5")
-        lines = [AcqLine(h, d) for c in iter_acquisitions(Path(tmp) / "raw.h5") for h, d in zip(c.heads, c.data)]
+    xml, lines, _ = simulated_scan(slices, coils, recon_size, seed)
     torch.manual_seed(seed)
     engine = Reconstructor(VarNet(**CONFIGS[config]), "cpu")
     service = ReconService(ReconConfig(checkpoint="bench", fallback="none"), engine, "random weights")
@@ -94,23 +84,6 @@ def format_table(r: dict) -> str:
             f"{r['overhead_s']:.3f} | {r['overhead_pct']:.1f} |")
 
 
-def _scan_lines(slices: int, coils: int, recon_size: tuple[int, int], seed: int):
-    """A simulated scan converted to MRD lines (equispaced-fraction mask, acceleration 4, 8 % centre):
-    ``(header xml, AcqLines, fully sampled reference (slice, H, W) float32)``."""
-    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
-    from converters.simulate import simulate_volume, write_fastmri
-    from gadget.data.mrd_file import iter_acquisitions, read_header_xml
-    from gadget.stream.types import AcqLine
-
-    with tempfile.TemporaryDirectory(prefix="varnet-compression-bench-") as tmp:
-        vol = simulate_volume(num_slices=slices, num_coils=coils, recon_size=recon_size, seed=seed)
-        write_fastmri(Path(tmp) / "v.h5", vol)
-        convert_fastmri_to_ismrmrd(Path(tmp) / "v.h5", Path(tmp) / "raw.h5", "equispaced-fraction", 4, 0.08, seed=1)
-        xml = read_header_xml(Path(tmp) / "raw.h5")
-        lines = [AcqLine(h, d) for c in iter_acquisitions(Path(tmp) / "raw.h5") for h, d in zip(c.heads, c.data)]
-    return xml, lines, vol.target_rss
-
-
 def _reconstruct(xml: str, lines: list, engine, model_id: str, virtual_coils: int) -> tuple[list, float, float]:
     """One scan through :class:`ScanReconstructor` (in process, one thread of work): ``(magnitudes (H, W)
     float32, wall seconds, model seconds)``. Prewhitening off: the reference is the RSS of unwhitened data."""
@@ -140,7 +113,7 @@ def run_compression_bench(slices: int = 3, coils: int = 32, virtual_coils: int =
     if not 0 < virtual_coils < coils:
         raise ValueError(f"virtual coils must be in 1..{coils - 1}, got {virtual_coils}")
     torch.set_num_threads(threads)
-    xml, lines, reference = _scan_lines(slices, coils, recon_size, seed)
+    xml, lines, reference = simulated_scan(slices, coils, recon_size, seed)
     engine, model_id = build_engine(ReconConfig(device="cpu", checkpoint=checkpoint))
     first = [ln for ln in lines if int(ln.head["idx"]["slice"]) == 0]
     rows = {}

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import random
 import struct
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ..data.mrd_file import HEADER_DTYPE
 from ..stream.codec import MessageId, MessageWriter
 from ..stream.types import AcqLine
+from .scans import simulated_scan
 
 DEFAULT_MIX = {"good": 10, "malformed": 50, "stalled": 25, "abuse": 15}
 MUTATIONS = ("bit-flips", "truncation", "bad-length", "unknown-id", "nan-samples", "broken-xml", "reordering")
@@ -109,18 +108,7 @@ def build_good_scan(dialect: str, slices: int = 3, coils: int = 4, size=(32, 24)
                     seed: int = 5) -> GoodScan:
     """Simulate a volume, write it as fastMRI, convert it to raw ISMRMRD (noise scan included) and
     pre-encode every message of it for ``dialect`` (``mrd`` or ``gadgetron``)."""
-    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
-    from converters.simulate import simulate_volume, write_fastmri
-
-    from ..data.mrd_file import iter_acquisitions, read_header_xml
-
-    with tempfile.TemporaryDirectory(prefix="varnet-soak-") as tmp:
-        volume_path, raw = Path(tmp) / "volume.h5", Path(tmp) / "raw.h5"
-        write_fastmri(volume_path, simulate_volume(num_slices=slices, num_coils=coils, recon_size=tuple(size),
-                                                   seed=seed), with_noise=True)
-        convert_fastmri_to_ismrmrd(volume_path, raw, "equispaced-fraction", acceleration, 0.125, seed=1)
-        lines = [AcqLine(h, d) for chunk in iter_acquisitions(raw) for h, d in zip(chunk.heads, chunk.data)]
-        xml = read_header_xml(raw)
+    xml, lines, _ = simulated_scan(slices, coils, size, seed, acceleration, center_fraction=0.125, with_noise=True)
     scan = GoodScan(dialect, slices, xml, lines)
     scan.config, scan.header = scan.encode_config(), scan.encode_header(xml)
     scan.acquisitions = [scan.encode_acquisition(line) for line in lines]
