@@ -27,10 +27,10 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .recon.config import OPERATOR_ONLY, ConfigError, ReconConfig, from_gadgetron_config, \
-    from_json_parameters, gadgetron_properties, load_config, parse_yaml, client_merge
+    from_json_parameters, gadgetron_properties, load_preset, parse_yaml, client_merge
 from .recon.ui_parameters import apply_ui_parameters
 from .data.mrd_header import parse_encoding
 from .recon.allocator import release_freed_memory
@@ -70,7 +70,7 @@ class ReconService:
         self.budget = budget or MemoryBudget(default_budget_bytes())
         self.recent: collections.deque[SessionResult] = collections.deque(maxlen=64)  # for status and benchmarks
         self._active = 0
-        self._active_lock = threading.Lock()
+        self._active_lock, self._rest_lock = threading.Lock(), threading.Lock()
         self.rests = 0  # times the server went idle and returned freed memory
 
     # ------------------------------------------------------------------ one connection
@@ -81,6 +81,7 @@ class ReconService:
         reader = MessageReader(sock, max_message_bytes=self.max_message_bytes, max_text_bytes=self.max_text_bytes,
                                limits=NO_DATA)  # no data message is plausible before the header
         writer = MessageWriter(sock)
+        scan = None
         try:
             setup = self._setup(reader, writer, dialect, peer)
             if setup is None:
@@ -92,7 +93,7 @@ class ReconService:
                                      model_id=self.model_id, budget=self.budget)
             reader.landing = scan.assembler.landing_row  # samples received straight into slice buffers
             sent_notes = 0
-            for item in overlapped(scan, _messages(reader, first), self.queue_slices):
+            for item in overlapped(scan, _messages(reader, first, scan.note), self.queue_slices):
                 if type(item).__name__ == "Image":
                     writer.image(item)
                     result.images += 1
@@ -114,6 +115,8 @@ class ReconService:
             self.recent.append(result)
             _safe(lambda: sock.shutdown(socket.SHUT_RDWR))  # also ends a reader thread blocked in recv
             _safe(sock.close)
+            if scan is not None and scan.reader_thread is not None:
+                scan.reader_thread.join(5.0)  # its buffers are freed before the server may go idle
         return result
 
     def _setup(self, reader: MessageReader, writer: MessageWriter, dialect: str,
@@ -169,7 +172,7 @@ class ReconService:
             name = name[:-4]
         if name in ("", "default"):
             return config
-        preset = load_config(name, base=ReconConfig())
+        preset = load_preset(name)  # a client's name: the whitelist of preset files, never a path
         return client_merge(config, {k: v for k, v in preset.to_dict().items()
                                      if k not in OPERATOR_ONLY
                                      and v != getattr(ReconConfig(), k)},
@@ -246,9 +249,9 @@ class ReconService:
             slots.release()
             with self._active_lock:
                 self._active -= 1
-                idle = self._active == 0
-            if idle:  # the scan's memory is unreferenced now (handle returned): give it back
-                self.rest()
+            with self._rest_lock:  # the scan's memory is unreferenced now (handle returned): give it back
+                if self._active == 0:
+                    self.rest()
 
     def rest(self) -> None:
         """Return freed memory to the kernel (the engine keeps freed pages for speed while scans run;
@@ -273,17 +276,24 @@ def _json_object(text: str) -> dict:
     return data
 
 
-def _messages(reader: MessageReader, first: Optional[Message] = None) -> Iterator[Any]:
+def _messages(reader: MessageReader, first: Optional[Message] = None,
+              note: Callable[[str], None] = log.warning) -> Iterator[Any]:
     """The scan's items after HEADER (``first``: one already read), up to CLOSE (runs on the reader
-    thread)."""
+    thread). ``note`` reports what the peer should hear (a parameters TEXT that came too late)."""
     while True:
-        msg, first = (first, None) if first is not None else (reader.read(), None)
+        if first is not None:
+            msg, first = first, None
+        else:
+            msg = reader.read()
         if msg is None:
             raise SessionError("connection closed without CLOSE; incomplete slices discarded")
         if msg.id == MessageId.CLOSE:
             return
         if msg.id in (MessageId.ACQUISITION, MessageId.IMAGE, MessageId.WAVEFORM):
             yield msg.payload
+        elif msg.id == MessageId.TEXT and msg.payload.lstrip().startswith("{"):
+            note("a JSON parameters TEXT after the scan's data started was not applied (parameters apply "
+                 "before the header or right after it)")
         elif msg.id == MessageId.TEXT:
             log.info("text during scan: %s", msg.payload[:200])
         else:

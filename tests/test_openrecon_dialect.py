@@ -106,8 +106,10 @@ def test_text_after_first_acquisition_is_not_applied(server, scan):
         for line in lines[1:]:
             w.acquisition(line)
         w.close()
-        images = images_of(read_until_close(sock))
+        msgs = read_until_close(sock)
+    images = images_of(msgs)
     assert len(images) == 2 and "VARNET" in images[0].meta["ImageProcessingHistory"]
+    assert any(t.startswith("WARNING") and "not applied" in t for t in texts_of(msgs))
 
 
 def test_string_values_are_typed():

@@ -3,6 +3,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from gadget.stream.types import AcqLine
 from tests.server_harness import (connect, images_of, make_scan, pixels, read_until_close, running, send_scan,
                                   texts_of)
 
+_PRESETS = Path(__file__).resolve().parents[1] / "pipelines"
 SMALL = dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2)
 
 
@@ -249,6 +251,8 @@ def _cases(scan):
         "disconnect mid-slice": ([("header", xml), ("lines", img[:2]), ("shutdown",)], None, 0),
         "idle after header": ([("header", xml), ("lines", img[:3])], "timed out", 0),
         "preset path traversal": ([("config_file", "../../etc/passwd"), ("header", xml)], "unknown preset", 0),
+        "preset names a YAML file": ([("config_file", str(_PRESETS / "default.yaml")), ("header", xml)],
+                                     "unknown preset", 0),
         "invalid YAML config": ([("config_text", "mode: [unclosed"), ("header", xml)], "not valid YAML", 0),
         "unknown JSON parameter": ([("json", '{"batchsize": 2}'), ("header", xml)], "unknown setting 'batchsize'", 0),
         "client names a checkpoint": ([("json", '{"checkpoint": "/etc/shadow"}'), ("header", xml)],

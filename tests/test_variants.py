@@ -372,3 +372,34 @@ def test_pipeline_runs_a_vnu_checkpoint_end_to_end(tmp_path):
         h, w = got.shape
         top, left = (want.shape[0] - h) // 2, (want.shape[1] - w) // 2
         assert _rel(got, want[top:top + h, left:left + w]) < 1e-4
+
+
+def test_one_scans_map_failure_does_not_fail_its_batch(case):
+    """Through the batching engine (as `varnet serve` runs it), a slice whose ESPIRiT fails (all-zero
+    k-space: no signal) fails alone; a concurrent good slice gets its image."""
+    import threading
+
+    k, mask, maps = case
+    model = VarNet(**SMALL, variant="vnu").eval()
+    with torch.no_grad():
+        want = model(k[:1], mask, ACS, sens_maps=maps[:1]).numpy()
+    batching = BatchingEngine(Reconstructor(model, "cpu"), max_batch=2, window_s=0.5)
+    results = {}
+
+    def call(name, kspace):
+        try:
+            results[name] = batching(kspace, mask.numpy(), ACS)
+        except ValueError as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=call, args=("good", k[0].numpy())),
+               threading.Thread(target=call, args=("empty", np.zeros_like(k[0].numpy())))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        batching.close()
+    assert isinstance(results["empty"], ValueError)
+    np.testing.assert_allclose(results["good"][0], want[0], rtol=0, atol=1e-6 * float(np.abs(want).max()))

@@ -18,13 +18,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from ..recon.config import load_config, preset_names
-from ..recon.ui_parameters import CONFIG_ID, MAX_PARAMETERS, UI_PARAMETERS
+from ..recon.config import preset_names
+from ..recon.ui_parameters import CONFIG_ID, LABEL_PRESET, MAX_PARAMETERS, UI_PARAMETERS, label_defaults
 
 LABEL_KEY = "com.siemens-healthineers.magneticresonance.openrecon.metadata:1.1.0"
 VENDOR = "VarNetGadget"   # file-name safe: OpenRecon_<vendor>_<name>_V<version>.zip
 NAME = "E2EVarNet"
-PRESET = "openrecon"      # the config name an OpenRecon scanner sends (DESIGN.md §4c)
+PRESET = LABEL_PRESET      # the config name an OpenRecon scanner sends (DESIGN.md §4c)
 PORT = 9002
 # Deterministic on purpose (the Dockerfile's label is compared with a fresh one in the tests):
 # change with the package version.
@@ -149,8 +149,8 @@ def _ui_parameter(param, defaults) -> dict[str, Any]:
 
 
 def _config_parameter() -> dict[str, Any]:
-    """The preset choice. ``default`` is left out: the server treats it as "keep the preset the
-    config name chose", which for OpenRecon is ``openrecon``; offering it would mislead."""
+    """The preset choice, defaulting to ``openrecon``. The preset named ``default`` is not offered: the
+    server reads that name as "keep the preset the config name chose", so offering it would mislead."""
     names = [n for n in preset_names() if n != "default"]
     if PRESET not in names:
         raise LabelError(f"the preset '{PRESET}' (pipelines/{PRESET}.yaml) is missing; OpenRecon sends that name")
@@ -174,7 +174,7 @@ def build_label(version: Optional[str] = None) -> dict[str, Any]:
     for what, value in (("VENDOR", VENDOR), ("NAME", NAME)):
         if not _SAFE_NAME.match(value):
             raise LabelError(f"{what} '{value}' must be letters and digits (it names the package files)")
-    defaults = load_config(PRESET)
+    defaults = label_defaults()
     parameters = [_config_parameter()] + [_ui_parameter(p, defaults) for p in UI_PARAMETERS]
     if len(parameters) > MAX_PARAMETERS:
         raise LabelError(f"{len(parameters)} UI parameters; OpenRecon allows at most {MAX_PARAMETERS}")

@@ -24,6 +24,7 @@ class _Request:
     mask: np.ndarray            # bool (phase,)
     num_low: Optional[int]
     sens_kspace: Optional[np.ndarray]            # a separate reference (b, coil, readout, phase), or None
+    sens_maps: Optional[np.ndarray] = None       # fixed maps (b, coil, readout, phase) of a fixed-map variant
     done: threading.Event = field(default_factory=threading.Event)
     result: Optional[np.ndarray] = None          # images (b, readout, phase)
     final_kspace: Optional[np.ndarray] = None    # the model's final k-space (b, coil, readout, phase)
@@ -62,7 +63,10 @@ class BatchingEngine:
         """:meth:`Reconstructor.run` through the shared queue: ``(images, final k-space)``. Requests with
         a separate reference (``sens_kspace``) are batched only with others that have one."""
         k, ref = _batched(kspace), None if sens_kspace is None else _batched(sens_kspace)
-        req = _Request(k, np.asarray(mask, bool).reshape(-1), num_low_frequencies, ref)
+        # A fixed-map variant's ESPIRiT runs here, on the caller's thread: one scan's maps neither wait for
+        # the shared worker nor, when they fail, fail the other scans of its batch.
+        maps = self.engine.fixed_maps_for(k, mask, num_low_frequencies, ref) if self.engine.needs_maps else None
+        req = _Request(k, np.asarray(mask, bool).reshape(-1), num_low_frequencies, ref, maps)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the reconstruction engine has been shut down")
@@ -125,8 +129,10 @@ class BatchingEngine:
             num_low = torch.tensor(np.repeat([r.num_low for r in batch], counts))
         mask = torch.from_numpy(np.ascontiguousarray(masks)).view(len(masks), 1, 1, -1)
         sens = None if batch[0].sens_kspace is None else np.concatenate([r.sens_kspace for r in batch])
+        maps = None if batch[0].sens_maps is None else np.concatenate([r.sens_maps for r in batch])
         self.forward_calls += 1
-        out, final = self.engine.run(kspace, mask, num_low, sens_kspace=sens)
+        out, final = self.engine.run(kspace, mask, num_low, sens_kspace=None if maps is not None else sens,
+                                     sens_maps=maps)
         start = 0
         for r, n in zip(batch, counts):
             r.result, r.final_kspace = out[start:start + n], final[start:start + n]

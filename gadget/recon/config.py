@@ -51,7 +51,8 @@ class ReconConfig:
     image_dtype: str = "float32"         # float32 | uint16 (scale recorded in the meta)
     uint16_max: int = 4095
     # uint16 only: stored = float · scale, one scale for the whole series. 0 = chosen from the first
-    # complete slice (its maximum maps to uint16_max; later slices brighter than it clip); > 0 = this factor.
+    # slice reconstructed (its maximum maps to uint16_max / 2, so slices up to twice as bright keep their
+    # peaks; brighter pixels clip); > 0 = this factor.
     uint16_scale: float = 0.0
     dither_sigma: float = 0.0
     series_description: str = "E2E-VarNet"
@@ -136,9 +137,9 @@ def _convert(name: str, annotation: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: setting 'fully_sampled_below' must be >= 1 (an acceleration), got {out}")
     if name == "uint16_max" and out > 65535:
         raise ConfigError(f"{source}: setting 'uint16_max' must be <= 65535, got {out}")
-    if name in ("coil_compression",) and out < 0:
+    if name == "coil_compression" and out < 0:
         raise ConfigError(f"{source}: setting 'coil_compression' must be >= 0 (0 = off), got {out}")
-    if name in ("uint16_scale",) and not (out >= 0 and math.isfinite(out)):
+    if name == "uint16_scale" and not (out >= 0 and math.isfinite(out)):
         raise ConfigError(f"{source}: setting 'uint16_scale' must be a finite number >= 0 (0 = from the first "
                           f"slice), got {out}")
     if name == "noise_bandwidth_ratio" and not 0 < out <= 1:
@@ -185,14 +186,21 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
 
 
 def load_config(spec: Optional[str] = None, base: ReconConfig = ReconConfig()) -> ReconConfig:
-    """``spec`` is a preset name or a path to a YAML file (given by the operator)."""
+    """``spec`` is a preset name or a path to a YAML file, given by the operator. A name from a network
+    client goes through :func:`load_preset` only."""
     if not spec:
         return base
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return base.merged(parse_yaml(path.read_text(), str(path)), str(path))
-    path = preset_path(spec)
-    return base.merged(parse_yaml(path.read_text(), f"preset {spec}"), f"preset {spec}")
+    return load_preset(spec, base)
+
+
+def load_preset(name: str, base: ReconConfig = ReconConfig()) -> ReconConfig:
+    """``base`` with the preset ``name`` applied; the name is checked against the preset files
+    (:func:`preset_path`), never read as a path."""
+    path = preset_path(name)
+    return base.merged(parse_yaml(path.read_text(), f"preset {name}"), f"preset {name}")
 
 
 def from_json_parameters(text: str, base: ReconConfig, source: str = "JSON parameters") -> ReconConfig:

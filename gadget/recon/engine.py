@@ -84,16 +84,19 @@ class Reconstructor:
     @torch.inference_mode()
     def run(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
             num_low_frequencies: Optional[int] = None,
-            sens_kspace: np.ndarray | torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+            sens_kspace: np.ndarray | torch.Tensor | None = None,
+            sens_maps: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
         """Like calling the engine, but also returns the model's final multi-coil k-space:
         ``(images (batch, readout, phase) float32, kspace (batch, coil, readout, phase) complex64)``.
         Needs a model with ``forward_with_kspace`` (:class:`VarNet`). ``sens_kspace``: see the module
-        docstring (None: the sensitivities come from ``kspace``, as always before)."""
+        docstring (None: the sensitivities come from ``kspace``, as always before). ``sens_maps``: fixed maps
+        already computed (:meth:`fixed_maps_for`; fixed-map variants only), else they are computed here."""
         forward = getattr(self.model, "forward_with_kspace", None)
         if forward is None:
             raise TypeError(f"{type(self.model).__name__} has no forward_with_kspace: the safety check needs "
                             "the final k-space (use gadget.model.varnet.VarNet)")
-        extra = self._extra(kspace, mask, num_low_frequencies, sens_kspace)
+        extra = ({"sens_maps": torch.from_numpy(sens_maps).to(self.device)} if sens_maps is not None
+                 else self._extra(kspace, mask, num_low_frequencies, sens_kspace))
         k, m = self._inputs(kspace, mask)
         with self._lock:
             image, final = forward(k, m, num_low_frequencies, **extra)
@@ -104,11 +107,16 @@ class Reconstructor:
         fixed ``sens_maps`` (computed from the reference when given, else from the k-space; cached)."""
         if not self.needs_maps:
             return {} if sens_kspace is None else {"sens_kspace": self._kspace(sens_kspace)}
-        source = _numpy_batch(kspace if sens_kspace is None else sens_kspace)
-        if sens_kspace is not None and num_low_frequencies is None:
-            raise ValueError("a separate reference (sens_kspace) needs an explicit num_low_frequencies (its line count)")
-        maps = self.maps_for(source, mask, num_low_frequencies)
+        maps = self.fixed_maps_for(kspace, mask, num_low_frequencies, sens_kspace)
         return {"sens_maps": torch.from_numpy(maps).to(self.device)}
+
+    def fixed_maps_for(self, kspace, mask, num_low_frequencies=None, sens_kspace=None) -> np.ndarray:
+        """The fixed maps of a fixed-map variant for this input (from the separate reference when given, else
+        from the k-space; cached per slice): complex64 ``(batch, coil, readout, phase)``."""
+        if sens_kspace is not None and (num_low_frequencies is None
+                                        or (torch.as_tensor(num_low_frequencies) <= 0).any()):
+            raise ValueError("a separate reference (sens_kspace) needs an explicit num_low_frequencies (its line count)")
+        return self.maps_for(_numpy_batch(kspace if sens_kspace is None else sens_kspace), mask, num_low_frequencies)
 
     def maps_for(self, kspace: np.ndarray, mask, num_low_frequencies=None) -> np.ndarray:
         """Fixed maps complex64 ``(batch, coil, readout, phase)`` for k-space of that layout, one slice at a

@@ -48,6 +48,7 @@ def overlapped(scan: ScanReconstructor, items: Iterable[Any], max_slices: int = 
             q.put(exc)
 
     reader = threading.Thread(target=produce, name=f"assemble-{scan.source}", daemon=True)
+    scan.reader_thread = reader  # a door joins it once the socket is closed (the reader then ends)
     reader.start()
 
     def drain() -> Iterator[Any]:

@@ -74,6 +74,7 @@ class ScanReconstructor:
         self.assembler = SliceAssembler(self.encoding, budget=budget, owner=source)
         self.notes: list[str] = []  # warnings for the peer (doors send them as TEXT where allowed)
         self._logged_series = False
+        self.reader_thread = None  # set by gadget/recon/overlap.py when the per-line half runs on its own thread
         self.model_id = model_id
 
     def run(self, items: Iterable[Any]) -> Iterator[Any]:
@@ -95,13 +96,13 @@ class ScanReconstructor:
                 yield item
         leftovers = assembler.flush()
         if leftovers and not self.config.reconstruct_incomplete:
-            self._note(f"{len(leftovers)} slices never marked complete were dropped (reconstruct_incomplete=false)")
+            self.note(f"{len(leftovers)} slices never marked complete were dropped (reconstruct_incomplete=false)")
             return
         if leftovers:
-            self._note(f"{len(leftovers)} slices were never marked complete (no LAST_IN_SLICE flag); "
+            self.note(f"{len(leftovers)} slices were never marked complete (no LAST_IN_SLICE flag); "
                        "reconstructed at end of stream")
         if assembler.seen == 0:
-            self._note("the scan contained no imaging acquisitions; nothing to reconstruct")
+            self.note("the scan contained no imaging acquisitions; nothing to reconstruct")
         yield from leftovers
 
     def reconstruct(self, stream: Iterable[Any]) -> Iterator[Any]:
@@ -144,7 +145,8 @@ class ScanReconstructor:
         for sl in slices:  # their images are built: the assembler may reuse the k-space memory
             self.assembler.recycle(sl)
 
-    def _note(self, text: str) -> None:
+    def note(self, text: str) -> None:
+        """A warning for the log and the peer (doors send ``notes`` as TEXT where the dialect allows)."""
         log.warning("%s: %s", self.source, text)
         self.notes.append(text)
 
@@ -243,10 +245,11 @@ class ScanReconstructor:
                     f"lines {int(sl.mask.sum())}/{sl.mask.size}"]
         if kind == "sense":
             try:
-                return self._build(self.series[1], sl, sense_image(sl.kspace, sl.mask, result.acs or self._acs(sl)),
-                                   comments, ("CGSENSE",), {"VarNetOutput": "CG-SENSE (ESPIRiT)"})
+                image = sense_image(sl.kspace, sl.mask, result.acs or self._acs(sl), sl.calibration_kspace)
+                return self._build(self.series[1], sl, image, comments, ("CGSENSE",),
+                                   {"VarNetOutput": "CG-SENSE (ESPIRiT)"})
             except ValueError as exc:  # ESPIRiT needs >= 2 centre lines
-                self._note(f"slice {sl.key_dict()}: CG-SENSE image impossible ({exc}); zero-filled sent in its series")
+                self.note(f"slice {sl.key_dict()}: CG-SENSE image impossible ({exc}); zero-filled sent in its series")
                 comments.append(f"CG-SENSE impossible ({exc}): zero-filled RSS instead")
         return self._build(self.series[1], sl, zero_filled_rss(sl.kspace), comments, ("ZEROFILLED",),
                            {"VarNetOutput": "zero-filled RSS"})
@@ -260,9 +263,9 @@ class ScanReconstructor:
                           processing=processing, extra_meta=extra, series=series.scale)
         series.next_index += 1
         if series.scale.clipped > clipped_before and not clipped_before:
-            self._note(f"series {series.options.image_series_index}: slice {sl.key_dict()} is brighter than the "
-                       f"uint16 scale the first slice set allows; {series.scale.clipped - clipped_before} pixels clip "
-                       f"at {series.options.uint16_max} (set uint16_scale to choose the scale)")
+            self.note(f"series {series.options.image_series_index}: slice {sl.key_dict()} is brighter than the "
+                      f"series' uint16 scale allows; {series.scale.clipped - clipped_before} pixels clip at "
+                      f"{series.options.uint16_max} (later slices may clip too; set uint16_scale to choose the scale)")
         return img
 
     def _checked(self, sl: SliceData, result: "_Result", comments: list[str]):
@@ -304,8 +307,8 @@ class ScanReconstructor:
         fallback = cfg.fallback
         if fallback == "sense":
             try:
-                magnitude, output, processing = sense_image(sl.kspace, sl.mask, result.acs), \
-                    "CG-SENSE (ESPIRiT) fallback", ("VARNET", "SAFETYFLAG", "CGSENSE")
+                magnitude = sense_image(sl.kspace, sl.mask, result.acs, sl.calibration_kspace)
+                output, processing = "CG-SENSE (ESPIRiT) fallback", ("VARNET", "SAFETYFLAG", "CGSENSE")
             except ValueError as exc:  # ESPIRiT needs >= 2 centre lines
                 log.warning("%s: slice %s: CG-SENSE fallback impossible (%s); zero-filled sent", self.source,
                             sl.key_dict(), exc)
@@ -318,7 +321,7 @@ class ScanReconstructor:
         flag = (f"SAFETY FLAG: the network image departs from the measured data ({'; '.join(exceeded)}); "
                 f"sent: {output}")
         comments.append(flag)
-        self._note(f"slice {sl.key_dict()}: {flag}")
+        self.note(f"slice {sl.key_dict()}: {flag}")
         self.stats.safety_seconds += time.perf_counter() - t0 - forward_seconds
         return magnitude, output, processing, extra
 

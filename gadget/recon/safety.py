@@ -202,11 +202,12 @@ def zero_filled_rss(kspace) -> np.ndarray:
     return rss(ifft2c(y), dim=0).numpy().astype(np.float32)
 
 
-def sense_image(kspace, mask, acs: int) -> np.ndarray:
-    """ESPIRiT maps from the ``acs`` centre lines + CG-SENSE (``gadget.baselines``, default settings),
-    magnitude → float32 ``(readout, phase)``, uncropped (``|x|`` with maps Σ|S|² = 1 is in RSS units)."""
+def sense_image(kspace, mask, acs: int, calibration_kspace=None) -> np.ndarray:
+    """ESPIRiT maps from the ``acs`` centre lines (of ``calibration_kspace``, a separate reference, when
+    given) + CG-SENSE (``gadget.baselines``, default settings), magnitude → float32 ``(readout, phase)``,
+    uncropped (``|x|`` with maps Σ|S|² = 1 is in RSS units)."""
     y, m = _slice_inputs(kspace, mask)
-    maps = espirit_maps(y, int(acs))
+    maps = espirit_maps(y if calibration_kspace is None else _slice_inputs(calibration_kspace, mask)[0], int(acs))
     return cg_sense(y, maps, m).abs().numpy().astype(np.float32)
 
 

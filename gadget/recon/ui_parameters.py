@@ -10,13 +10,14 @@ values may arrive as strings (``"False"``, ``"4"``) and are converted to the set
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import CHOICES, OPERATOR_ONLY, ConfigError, ReconConfig, load_config
+from .config import CHOICES, OPERATOR_ONLY, ConfigError, ReconConfig, load_preset
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,12 @@ CONFIG_ID = "config"
 LABEL_PRESET = "openrecon"  # the preset whose values are the label's defaults (the config name OpenRecon sends)
 MAX_PARAMETERS = 14  # OpenRecon's label schema allows at most 14 UI parameters
 _ID = re.compile(r"^[A-Za-z0-9]+$")
+
+
+@functools.lru_cache(maxsize=1)
+def label_defaults() -> ReconConfig:
+    """The ``openrecon`` preset: the defaults the OpenRecon label declares (read once per process)."""
+    return load_preset(LABEL_PRESET)
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ class UiParameter:
     @property
     def default(self) -> Any:
         """The label's default: the setting's value in the ``openrecon`` preset."""
-        return getattr(load_config(LABEL_PRESET), self.setting)
+        return getattr(label_defaults(), self.setting)
 
     @property
     def choices(self) -> tuple[str, ...]:

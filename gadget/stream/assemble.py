@@ -280,6 +280,11 @@ class SliceAssembler:
         one) until it is freed. While the budget has no room, a buffer this scan recycles meanwhile is
         taken instead (its own earlier slices are often what holds the budget)."""
         wait = self.budget.wait_s if self.budget is not None else 0.0
+        if self.budget is not None and np.prod(shape) * 8 > self.budget.capacity:
+            try:  # can never fit: the budget's own error, at once
+                self.budget.reserve(int(np.prod(shape)) * 8, f"{self.owner}: a k-space buffer {shape}")
+            except BudgetExceeded as exc:
+                raise AssemblyError(str(exc)) from None
         deadline = time.monotonic() + wait
         while True:
             if reuse:

@@ -9,7 +9,7 @@ finished slice, a failed scan, a closed connection — gives the bytes back).
 
 A reservation that does not fit waits up to ``wait_s`` for other scans to release memory, then is
 refused with :class:`BudgetExceeded` naming the request, the use and the budget. The default budget
-is half of the host's physical memory (:func:`default_budget_bytes`).
+is half of the memory the process may use: the host's, or its container's limit (:func:`default_budget_bytes`).
 """
 from __future__ import annotations
 
@@ -29,8 +29,21 @@ class BudgetExceeded(MemoryError):
     """A reservation does not fit the budget (after waiting); the message says how much was asked."""
 
 
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
 def physical_memory_bytes() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """The memory this process may use: the host's RAM, or a container's cgroup limit when lower (a
+    budget above it would end in the kernel's OOM killer instead of a clear refusal)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in _CGROUP_LIMITS:
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
 
 
 def default_budget_bytes(fraction: float = DEFAULT_FRACTION) -> int:
