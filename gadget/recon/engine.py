@@ -10,8 +10,8 @@ the engine computes each slice's ESPIRiT maps (:func:`gadget.baselines.espirit.f
 block (from the separate reference's when there is one), on the CPU before the forward, and passes them as
 ``sens_maps``. They are cached by the ACS block's bytes (with the shape and ACS count): the safety check's
 re-run, which withholds a few sampled lines *outside* the ACS band, reuses them. The cache is an LRU bounded
-by ``maps_cache_bytes`` (default 256 MiB of complex64 maps: 11 slices of 12 coils × 640 × 368; always
-at least the newest entry), enough for a slice and its re-run in each of ~10 concurrently served scans of
+by ``maps_cache_bytes`` (default 256 MiB of complex64 maps: 11 slices of 12 coils × 640 × 368; maps
+larger than the bound are not kept), enough for a slice and its re-run in each of ~10 concurrently served scans of
 that size (more with smaller slices). The cache is not counted in the server's k-space memory budget.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 
 from ..baselines.espirit import fixed_maps
 from ..model.varnet import VarNet
+from ..mri.lru import ByteLRU
 from ..mri.masks import contiguous_center_lines
 from .allocator import keep_freed_memory
 
@@ -160,16 +160,12 @@ def _numpy_batch(kspace) -> np.ndarray:
 class MapsCache:
     """LRU of fixed (ESPIRiT) maps keyed by ``(shape, ACS count, blake2b of the ACS block's complex64
     bytes)``, the block being the ``num_low`` centre phase columns (fastMRI's placement) over all coils and
-    readout, which is all ESPIRiT reads. Bounded by ``max_bytes`` of stored maps (the newest entry is
-    always kept). Thread-safe; two threads missing the same key both compute it (the same result)."""
+    readout, which is all ESPIRiT reads. Bounded by ``max_bytes`` of stored maps (:class:`ByteLRU`; maps
+    larger than that are not kept). Thread-safe; two threads missing the same key both compute it (the
+    same result)."""
 
     def __init__(self, max_bytes: int = MAPS_CACHE_BYTES):
-        if max_bytes < 0:
-            raise ValueError(f"maps_cache_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._entries = ByteLRU(max_bytes)
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
@@ -186,19 +182,11 @@ class MapsCache:
         """Maps complex64 ``(coil, readout, phase)`` of one slice (:func:`fixed_maps`; its errors pass
         through, e.g. fewer than 2 ACS lines)."""
         key = self.key(kspace, num_low)
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return hit
-            self.misses += 1
+        hit = self._entries.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
         maps = fixed_maps(kspace, mask_row, num_low)
-        with self._lock:
-            if key not in self._entries:
-                self._entries[key] = maps
-                self._bytes += maps.nbytes
-            while self._bytes > self.max_bytes and len(self._entries) > 1:
-                _, old = self._entries.popitem(last=False)
-                self._bytes -= old.nbytes
+        self._entries.put(key, maps)
         return maps

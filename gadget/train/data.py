@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -51,6 +50,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..data.fastmri_file import FastMRIFileError, open_volume
+from ..mri.lru import ByteLRU
 from ..mri.masks import MaskSampler, MaskSpec, center_block, contiguous_center_lines
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,7 @@ class FixedMapsCache:
         self.directory = Path(directory) if directory else None
         self.memory_bytes = int(memory_mb * 2 ** 20)
         self.compute = compute
-        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._held = 0
+        self._memory = ByteLRU(self.memory_bytes)
         self.computed = self.memory_hits = self.disk_hits = 0
         self.compute_seconds = 0.0
 
@@ -226,7 +225,6 @@ class FixedMapsCache:
         key = self.key(path, slice_num, num_low)
         maps = self._memory.get(key)
         if maps is not None:
-            self._memory.move_to_end(key)
             self.memory_hits += 1
             return maps
         shape = tuple(kspace.shape)
@@ -234,7 +232,7 @@ class FixedMapsCache:
         if maps is None:
             maps = self._compute(kspace, int(num_low), padding)
             self._store(key, maps)
-        self._remember(key, maps)
+        self._memory.put(key, maps)
         return maps
 
     def _compute(self, kspace, num_low: int, padding) -> torch.Tensor:
@@ -274,16 +272,6 @@ class FixedMapsCache:
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
         np.save(tmp, maps.numpy())
         os.replace(tmp, path)
-
-    def _remember(self, key: str, maps: torch.Tensor) -> None:
-        size = maps.numel() * maps.element_size()
-        if size > self.memory_bytes:
-            return
-        self._memory[key] = maps
-        self._held += size
-        while self._held > self.memory_bytes:
-            _, old = self._memory.popitem(last=False)
-            self._held -= old.numel() * old.element_size()
 
     def stats(self) -> dict:
         return {"computed": self.computed, "memory_hits": self.memory_hits, "disk_hits": self.disk_hits,
