@@ -300,9 +300,35 @@ def test_vn_regulariser_is_positively_homogeneous_and_starts_near_linear():
 # ----------------------------------------------------------------------------- export, engine, pipeline
 
 @pytest.mark.parametrize("variant", FIXED)
-def test_export_refuses_fixed_map_variants(variant):
-    with pytest.raises(ValueError, match=f"e2e variant only, not '{variant}'"):
-        StaticVarNet(VarNet(**SMALL, variant=variant), 48, ACS)
+def test_static_graph_of_each_fixed_map_variant_equals_the_model(case, variant):
+    """The export graph (real layout, maps as a third input) computes what the eager variant computes
+    (float64, so only summation order differs); it refuses a call without maps."""
+    k, mask, maps = case
+    torch.manual_seed(3)
+    model = VarNet(**SMALL, variant=variant).eval().double()
+    k64, maps64 = k.to(torch.complex128), maps.to(torch.complex128)
+    with torch.no_grad():
+        eager = model(k64, mask, ACS, sens_maps=maps64)
+        static = StaticVarNet(model, k.shape[-1], ACS)
+        out = static(torch.view_as_real(k64), mask.double(), torch.view_as_real(maps64))
+    assert torch.allclose(out, eager, rtol=1e-9, atol=1e-10 * float(eager.abs().max()))
+    with pytest.raises(ValueError, match="sens_maps are required"):
+        static(torch.view_as_real(k64), mask.double())
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_fixed_map_variants_export_and_match(tmp_path, case, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install '.[export]')")
+        pytest.importorskip("onnxscript", reason="onnxscript not installed (pip install '.[export]')")
+    from gadget.model.export import export_model, verify_export
+
+    k, mask, maps = case
+    for variant in FIXED:
+        torch.manual_seed(4)
+        model = VarNet(**SMALL, variant=variant).eval()
+        path = export_model(model, tmp_path / f"{variant}.{fmt}", fmt, *k.shape[1:], num_low_frequencies=ACS)
+        assert verify_export(path, fmt, model, k[:1], mask, ACS, sens_maps=maps[:1]) < 1e-4, variant
 
 
 def test_engine_computes_and_caches_maps_and_batching_passes_them(case):

@@ -43,9 +43,15 @@ def run(args) -> int:
     model = load_checkpoint(resolve_checkpoint(args.checkpoint)).model
     case = BenchCase(coils=args.coils, readout=args.readout, phase=args.phase, acs=args.acs)
     kspace, mask = make_input(case)
+    maps = None
+    if model.needs_maps:  # a fixed-map variant: the exported graph takes ESPIRiT maps as its third input
+        from ..baselines.espirit import fixed_maps
+
+        maps = torch.from_numpy(fixed_maps(kspace * mask, mask, args.acs))
     try:
         path = export_model(model, args.out, args.format, args.coils, args.readout, args.phase, args.acs)
-        error = verify_export(path, args.format, model, torch.from_numpy(kspace), torch.from_numpy(mask), args.acs)
+        error = verify_export(path, args.format, model, torch.from_numpy(kspace), torch.from_numpy(mask), args.acs,
+                              sens_maps=maps)
     except RuntimeError as exc:  # a missing optional package (the `export` extra)
         raise UserError(str(exc)) from None
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB); max relative difference to the eager model "

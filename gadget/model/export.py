@@ -10,11 +10,14 @@ Layouts:
 ==============  ====================================  ===========================================
 input kspace    (batch, coil, readout, phase, 2)      float32, masked k-space (re, im)
 input mask      (phase,)                              float32, 1 = sampled line
-output          (batch, readout, phase)               float32, magnitude image (``config.output``)
+input sens_maps (batch, coil, readout, phase, 2)      float32, fixed maps (re, im); only the
+                                                      fixed-map variants (``vnu-k``, ``vnu``, ``vn``)
+output          (batch, readout, phase)               float32, magnitude image (``config.output``;
+                                                      ``|x|`` for the image-space variants)
 ==============  ====================================  ===========================================
 
-Only the ``e2e`` variant exports; the fixed-map ablation variants (``VarNetConfig.variant``) are refused
-with a ValueError (their ESPIRiT maps are computed outside the model).
+The fixed-map variants take their ESPIRiT maps as a third input (computed outside the graph, e.g.
+:func:`gadget.baselines.espirit.fixed_maps`): an eigen-decomposition per pixel has no place in it.
 """
 from __future__ import annotations
 
@@ -114,6 +117,13 @@ def _norm_unet(net: NormUnet, images: torch.Tensor) -> torch.Tensor:
     return net.forward_channels(images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+def _regularise(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An image-space cascade's regulariser (NormUnet or the VN's) on ``(b, h, w, 2)``."""
+    if isinstance(net, NormUnet):
+        return _norm_unet(net, x)
+    return net.forward_channels(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
 class StaticVarNet(nn.Module):
     """A :class:`VarNet` (weights shared, not copied) fixed to ``width`` phase lines and
     ``num_low_frequencies`` ACS lines; see the module docstring for layouts. ``split_dft``: FFTs as
@@ -122,11 +132,8 @@ class StaticVarNet(nn.Module):
     def __init__(self, model: VarNet, width: int, num_low_frequencies: int, split_dft: bool = False):
         super().__init__()
         self.fft2c = fft2c_split_real if split_dft else fft2c_real
-        variant = getattr(getattr(model, "config", None), "variant", "e2e")
-        if variant != "e2e":
-            raise ValueError(f"export supports the e2e variant only, not {variant!r}: the fixed-map variants "
-                             "need ESPIRiT maps (an eigen-decomposition per pixel) computed outside the graph; run "
-                             "them with the eager model (gadget.recon.engine.Reconstructor)")
+        self.needs_maps = bool(getattr(model, "needs_maps", False))
+        self.image_space = model.config.variant in ("vnu", "vn")
         if not 0 < num_low_frequencies <= width:
             raise ValueError(f"the ACS width must lie in 1..{width}, got {num_low_frequencies}")
         if model.precision != "fp32":
@@ -138,10 +145,15 @@ class StaticVarNet(nn.Module):
         acs = center_lines_mask(width, torch.tensor([num_low_frequencies], device=device))
         self.register_buffer("acs_mask", acs.to(torch.float32).unsqueeze(-1), persistent=False)  # (1,1,1,w,1)
 
-    def forward(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, kspace: torch.Tensor, mask: torch.Tensor, sens_maps: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
         sampled = mask.reshape(1, 1, 1, -1, 1).to(kspace.dtype)
-        sens = self.sensitivities(kspace)
+        if self.needs_maps != (sens_maps is not None):
+            raise ValueError(f"variant {m.config.variant!r}: sens_maps are "
+                             f"{'required' if self.needs_maps else 'not taken'} (fixed-map variants only)")
+        sens = sens_maps if self.needs_maps else self.sensitivities(kspace)
+        if self.image_space:
+            return self._image_cascades(kspace, sampled, sens)
         current = kspace
         for cascade in m.cascades:
             coil_images = self.fft2c(current, inverse=True)
@@ -153,6 +165,16 @@ class StaticVarNet(nn.Module):
             combined = cmul(self.fft2c(current, inverse=True), sens, conj_b=True).sum(dim=1)
             return combined.pow(2).sum(dim=-1).sqrt()
         return self.fft2c(current, inverse=True).pow(2).sum(dim=(1, -1)).sqrt()
+
+    def _image_cascades(self, kspace: torch.Tensor, sampled: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
+        """``vnu``/``vn``: x₀ = Aᴴ k̃, then x ← x − η·Aᴴ(A x − k̃) − R(x) (as VarNetBlock's image domain);
+        returns |x| ``(b, h, w)``."""
+        x = cmul(self.fft2c(kspace, inverse=True), sens, conj_b=True).sum(dim=1)           # (b, h, w, 2)
+        for cascade in self.model.cascades:
+            residual = (self.fft2c(cmul(x.unsqueeze(1), sens)) - kspace) * sampled
+            gradient = cmul(self.fft2c(residual, inverse=True), sens, conj_b=True).sum(dim=1)
+            x = x - cascade.step_size * gradient - _regularise(cascade.model, x)
+        return x.pow(2).sum(dim=-1).sqrt()
 
     def sensitivities(self, kspace: torch.Tensor) -> torch.Tensor:
         """Normalised maps ``(b, coil, h, w, 2)`` from the fixed ACS block."""
@@ -178,9 +200,12 @@ def _quiet(*names: str):
             lg.setLevel(level)
 
 
-def example_inputs(coils: int, readout: int, phase: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero k-space and an all-ones mask of the export shape (tracing needs shapes, not values)."""
-    return torch.zeros(batch, coils, readout, phase, 2), torch.ones(phase)
+def example_inputs(coils: int, readout: int, phase: int, batch: int = 1,
+                   maps: bool = False) -> tuple[torch.Tensor, ...]:
+    """Zero k-space, an all-ones mask (and, with ``maps``, zero maps) of the export shape (tracing needs
+    shapes, not values)."""
+    kspace = torch.zeros(batch, coils, readout, phase, 2)
+    return (kspace, torch.ones(phase)) + ((torch.zeros_like(kspace),) if maps else ())
 
 
 def trace_static(model: VarNet, coils: int, readout: int, phase: int, num_low_frequencies: int):
@@ -189,7 +214,7 @@ def trace_static(model: VarNet, coils: int, readout: int, phase: int, num_low_fr
     static = StaticVarNet(model.eval(), phase, num_low_frequencies).eval()
     device = next(model.parameters()).device
     with torch.no_grad():
-        inputs = tuple(t.to(device) for t in example_inputs(coils, readout, phase))
+        inputs = tuple(t.to(device) for t in example_inputs(coils, readout, phase, maps=static.needs_maps))
         return torch.jit.trace(static, inputs, check_trace=False)
 
 
@@ -211,9 +236,10 @@ def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout:
             trace_static(model, coils, readout, phase, num_low_frequencies).save(str(tmp))
         else:
             static = StaticVarNet(model.eval(), phase, num_low_frequencies, split_dft=True).eval()
+            names = ["kspace", "mask"] + (["sens_maps"] if static.needs_maps else [])
             with torch.no_grad(), _quiet("onnx_ir", "onnxscript", "torch.onnx"):
-                torch.onnx.export(static, example_inputs(coils, readout, phase), str(tmp), dynamo=True,
-                                  opset_version=ONNX_OPSET, verbose=False, input_names=["kspace", "mask"],
+                torch.onnx.export(static, example_inputs(coils, readout, phase, maps=static.needs_maps), str(tmp),
+                                  dynamo=True, opset_version=ONNX_OPSET, verbose=False, input_names=names,
                                   output_names=["image"], external_data=False)
         tmp.replace(path)
     finally:
@@ -221,12 +247,15 @@ def export_model(model: VarNet, path: str | Path, fmt: str, coils: int, readout:
     return path
 
 
-def run_exported(path: str | Path, fmt: str, kspace: torch.Tensor, mask: torch.Tensor, threads: int = 0):
-    """Run an exported file on real-layout ``kspace`` and ``mask``; returns a numpy image.
-    ONNX runs in onnxruntime on the CPU (``threads`` intra-op threads; 0: its default)."""
+def run_exported(path: str | Path, fmt: str, kspace: torch.Tensor, mask: torch.Tensor, threads: int = 0,
+                 sens_maps: torch.Tensor | None = None):
+    """Run an exported file on real-layout ``kspace`` and ``mask`` (and ``sens_maps`` for a fixed-map
+    variant); returns a numpy image. ONNX runs in onnxruntime on the CPU (``threads`` intra-op threads;
+    0: its default)."""
+    inputs = (kspace, mask) + ((sens_maps,) if sens_maps is not None else ())
     if fmt == "torchscript":
         with torch.no_grad():
-            return torch.jit.load(str(path), map_location="cpu")(kspace, mask).numpy()
+            return torch.jit.load(str(path), map_location="cpu")(*inputs).numpy()
     try:
         import onnxruntime as ort
     except ImportError:
@@ -234,14 +263,20 @@ def run_exported(path: str | Path, fmt: str, kspace: torch.Tensor, mask: torch.T
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"kspace": kspace.numpy(), "mask": mask.numpy()})[0]
+    feed = {"kspace": kspace.numpy(), "mask": mask.numpy()}
+    if sens_maps is not None:
+        feed["sens_maps"] = sens_maps.numpy()
+    return session.run(None, feed)[0]
 
 
 def verify_export(path: str | Path, fmt: str, model: VarNet, kspace: torch.Tensor, mask: torch.Tensor,
-                  num_low_frequencies: int) -> float:
-    """max |exported − eager| / max |eager| on complex ``kspace (b, c, h, w)`` and bool ``mask (w,)``."""
+                  num_low_frequencies: int, sens_maps: torch.Tensor | None = None) -> float:
+    """max |exported − eager| / max |eager| on complex ``kspace (b, c, h, w)`` and bool ``mask (w,)``
+    (and complex ``sens_maps`` of that shape for a fixed-map variant)."""
+    extra = {} if sens_maps is None else {"sens_maps": sens_maps}
     with torch.no_grad():
-        eager = model.eval()(kspace * mask, mask, num_low_frequencies).numpy()
+        eager = model.eval()(kspace * mask, mask, num_low_frequencies, **extra).numpy()
     real_k = torch.view_as_real(kspace * mask).contiguous()
-    exported = run_exported(path, fmt, real_k, mask.to(torch.float32))
+    real_maps = None if sens_maps is None else torch.view_as_real(sens_maps).contiguous()
+    exported = run_exported(path, fmt, real_k, mask.to(torch.float32), sens_maps=real_maps)
     return float(abs(exported - eager).max() / max(abs(eager).max(), 1e-30))

@@ -91,12 +91,15 @@ class VNRegularizer(nn.Module):
         b, c, h, w = image.shape
         if c != 1 or not torch.is_complex(image):
             raise ValueError(f"VNRegularizer expects complex (batch, 1, h, w), got {image.dtype} {tuple(image.shape)}")
-        x = torch.view_as_real(image[:, 0]).permute(0, 3, 1, 2)  # (b, 2=[re, im], h, w)
+        out = self.forward_channels(torch.view_as_real(image[:, 0]).permute(0, 3, 1, 2))
+        return torch.view_as_complex(out.permute(0, 2, 3, 1).contiguous()).unsqueeze(1)
+
+    def forward_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """The same on real ``(b, 2=[re, im], h, w)`` → ``(b, 2, h, w)`` (no complex dtype: exportable)."""
         scale = x.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(_EPS)
         k = self.filters - self.filters.mean(dim=(1, 2, 3), keepdim=True)
         z = F.conv2d(x / scale, k, padding=self.padding)
-        out = F.conv_transpose2d(self.activation(z), k, padding=self.padding) * scale
-        return torch.view_as_complex(out.permute(0, 2, 3, 1).contiguous()).unsqueeze(1)
+        return F.conv_transpose2d(self.activation(z), k, padding=self.padding) * scale
 
 
 __all__ = ["VNRegularizer", "RBFActivation", "VN_FILTERS", "VN_KERNEL", "VN_RBF", "VN_RBF_RANGE"]
