@@ -59,9 +59,11 @@ def _cholesky(cov: np.ndarray) -> np.ndarray:
                          "channel); disable prewhitening or fix the noise scan") from None
 
 
-def whitening_matrix(cov: np.ndarray) -> np.ndarray:
-    """``W`` with ``W C Wᴴ = mean(diag C) · I`` (the ``"scan"`` units); complex64 ``(coil, coil)``."""
-    scale = np.sqrt(np.mean(np.real(np.diag(cov))))
+def whitening_matrix(cov: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """``W = scale · L⁻¹`` (``C = L Lᴴ``), so ``W C Wᴴ = scale² · I``; complex64 ``(coil, coil)``. The default
+    scale ``sqrt(mean(diag C))`` gives the ``"scan"`` units (``W C Wᴴ = mean(diag C) · I``)."""
+    if scale is None:
+        scale = float(np.sqrt(np.mean(np.real(np.diag(cov)))))
     return (scale * np.linalg.inv(_cholesky(cov))).astype(np.complex64)
 
 
@@ -109,8 +111,6 @@ class _Whitener:
         self.noise_dwell = _dwell(noise[0])
         self.cov = noise_covariance(samples)
         self.enabled, self.bandwidth_ratio, self.units = enabled, bandwidth_ratio, units
-        self.base = np.linalg.inv(_cholesky(self.cov)) if enabled else None
-        self.level = float(np.mean(np.real(np.diag(self.cov))))
         self._by_dwell: dict[float, np.ndarray] = {}
         log.info("noise: %d samples x %d coils, dwell %g us, receiver noise bandwidth ratio %g, prewhitening %s",
                  samples.shape[1], self.cov.shape[0], self.noise_dwell, bandwidth_ratio,
@@ -121,8 +121,7 @@ class _Whitener:
         found = self._by_dwell.get(acq_dwell)
         if found is None:
             s = dwell_scale(acq_dwell, self.noise_dwell, self.bandwidth_ratio)
-            scale = s if self.units == "gadgetron" else math.sqrt(self.level)
-            found = (scale * self.base).astype(np.complex64)
+            found = whitening_matrix(self.cov, s if self.units == "gadgetron" else None)
             self._by_dwell[acq_dwell] = found
             log.info("noise: imaging dwell %g us, noise dwell %g us: Gadgetron's factor sqrt(2*%g/%g*%g) = %.4f %s",
                      acq_dwell, self.noise_dwell, acq_dwell, self.noise_dwell, self.bandwidth_ratio, s,
