@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import gc
-import json
 import logging
 import socket
 import threading
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from .recon.config import OPERATOR_ONLY, ConfigError, ReconConfig, from_gadgetron_config, \
-    from_json_parameters, gadgetron_properties, load_preset, parse_yaml, client_merge
+    from_json_parameters, gadgetron_properties, json_object, load_preset, parse_yaml, client_merge
 from .recon.ui_parameters import apply_ui_parameters
 from .data.mrd_header import parse_encoding
 from .recon.allocator import release_freed_memory
@@ -156,9 +155,10 @@ class ReconService:
         """A JSON parameters TEXT. The OpenRecon/FIRE form ``{"version": .., "parameters": {..}}`` applies
         the keys we know and answers each other key with a WARNING TEXT; a bare object of settings
         (python-ismrmrd-server style) must name known settings only."""
-        if not isinstance(_json_object(text).get("parameters"), dict):
-            return from_json_parameters(text, config)
-        result = apply_ui_parameters(text, config, self._preset)
+        data = json_object(text)  # parsed once for both forms
+        if not isinstance(data.get("parameters"), dict):
+            return from_json_parameters(data, config)
+        result = apply_ui_parameters(data, config, self._preset)
         log.info("%s: parameters applied%s: %s", peer, f" (preset {result.preset})" if result.preset else "",
                  result.summary())
         for warning in result.ignored:
@@ -264,16 +264,6 @@ class ReconService:
 
 def _is_json(text: str, dialect: str) -> bool:
     return dialect == "mrd" and text.lstrip().startswith("{")
-
-
-def _json_object(text: str) -> dict:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"JSON parameters: not valid JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError("JSON parameters: expected a JSON object")
-    return data
 
 
 def _messages(reader: MessageReader, first: Optional[Message] = None,

@@ -203,18 +203,28 @@ def load_preset(name: str, base: ReconConfig = ReconConfig()) -> ReconConfig:
     return base.merged(parse_yaml(path.read_text(), f"preset {name}"), f"preset {name}")
 
 
-def from_json_parameters(text: str, base: ReconConfig, source: str = "JSON parameters") -> ReconConfig:
-    """MRD clients may send a JSON object of parameters (python-ismrmrd-server style); a
-    ``parameters`` sub-object is accepted too. Only known settings, and never ``checkpoint``. (The
-    OpenRecon form, where unknown keys are warnings, is gadget.recon.ui_parameters.)"""
+def json_object(text: str | Mapping[str, Any], source: str = "JSON parameters") -> Mapping[str, Any]:
+    """A JSON parameters text as a mapping (an already parsed mapping passes through); anything else
+    is a :class:`ConfigError` naming ``source``."""
+    if isinstance(text, Mapping):
+        return text
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{source}: not valid JSON ({exc.msg})") from None
-    if isinstance(data, dict) and isinstance(data.get("parameters"), dict):
-        data = data["parameters"]
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object")
+    return data
+
+
+def from_json_parameters(text: str | Mapping[str, Any], base: ReconConfig,
+                         source: str = "JSON parameters") -> ReconConfig:
+    """MRD clients may send a JSON object of parameters (python-ismrmrd-server style); a
+    ``parameters`` sub-object is accepted too. Only known settings, and never ``checkpoint``. (The
+    OpenRecon form, where unknown keys are warnings, is gadget.recon.ui_parameters.)"""
+    data = json_object(text, source)
+    if isinstance(data.get("parameters"), dict):
+        data = data["parameters"]
     return client_merge(base, data, source)
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-from .config import CHOICES, OPERATOR_ONLY, ConfigError, ReconConfig, load_preset
+from .config import CHOICES, OPERATOR_ONLY, ConfigError, ReconConfig, json_object, load_preset
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class AppliedParameters:
         return ", ".join(f"{k}={v}" for k, v in self.applied.items()) or "none"
 
 
-def apply_ui_parameters(text: str, base: ReconConfig, preset_loader,
+def apply_ui_parameters(text: str | Mapping[str, Any], base: ReconConfig, preset_loader,
                         source: str = "OpenRecon parameters") -> AppliedParameters:
     """Apply an OpenRecon/FIRE parameters TEXT: ``{"version": ..., "parameters": {key: value}}``.
 
@@ -109,11 +108,7 @@ def apply_ui_parameters(text: str, base: ReconConfig, preset_loader,
     setting's type and validated (a bad value is a :class:`ConfigError`). Every other key (e.g. the
     ``sendoriginal`` of OpenRecon's example UI, or ``checkpoint``) is not applied: it is returned in
     ``ignored`` for the server to log and report to the client."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{source}: not valid JSON ({exc.msg})") from None
-    values = data.get("parameters") if isinstance(data, dict) else None
+    values = json_object(text, source).get("parameters")
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a JSON object with a 'parameters' object")
     config, preset, applied, ignored = base, None, {}, []
