@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 from .recon.config import OPERATOR_ONLY, ConfigError, ReconConfig, from_gadgetron_config, \
     from_json_parameters, gadgetron_properties, json_object, load_preset, parse_yaml, client_merge
 from .recon.ui_parameters import apply_ui_parameters
-from .data.mrd_header import parse_encoding
+from .data.mrd_header import EncodingInfo, parse_encoding
 from .recon.allocator import release_freed_memory
 from .recon.engine import Reconstructor
 from .recon.overlap import overlapped
@@ -87,9 +87,9 @@ class ReconService:
                 result.config_only = True
                 _safe(writer.close)
                 return result
-            config, header_xml, first = setup
+            config, header_xml, encoding, first = setup
             scan = ScanReconstructor(header_xml, config, self._engine_for(config), source=f"{peer}",
-                                     model_id=self.model_id, budget=self.budget)
+                                     model_id=self.model_id, budget=self.budget, encoding=encoding)
             reader.landing = scan.assembler.landing_row  # samples received straight into slice buffers
             sent_notes = 0
             for item in overlapped(scan, _messages(reader, first, scan.note), self.queue_slices):
@@ -119,8 +119,8 @@ class ReconService:
         return result
 
     def _setup(self, reader: MessageReader, writer: MessageWriter, dialect: str,
-               peer: str) -> Optional[tuple[ReconConfig, str, Optional[Message]]]:
-        """Config and header phase: ``(config, header XML, first message after them)``; ``None`` = the
+               peer: str) -> Optional[tuple[ReconConfig, str, EncodingInfo, Optional[Message]]]:
+        """Config and header phase: ``(config, header XML, its encoding, first message after them)``; ``None`` = the
         peer closed after config only (answer CLOSE). OpenRecon/FIRE send their parameters as a JSON TEXT
         right after the header (DESIGN.md §4c), so the message after HEADER is read here: a JSON TEXT is
         applied, anything else is the scan's first message."""
@@ -134,12 +134,13 @@ class ReconService:
                 return None
             if msg.id == MessageId.HEADER:
                 # a bad header fails now, not after the next read; data messages are checked against it
-                reader.limits = DataLimits.from_encoding(parse_encoding(msg.payload, source=peer))
+                encoding = parse_encoding(msg.payload, source=peer)
+                reader.limits = DataLimits.from_encoding(encoding)
                 header_xml, first = msg.payload, reader.read()
                 if first is not None and first.id == MessageId.TEXT and _is_json(first.payload, dialect):
                     config, first = self._json_text(first.payload, config, writer, peer), None
                 log.info("%s: resolved config: %s", peer, config.summary())
-                return config, header_xml, first
+                return config, header_xml, encoding, first
             if msg.id == MessageId.CONFIG_FILE:
                 config = self._preset(msg.payload, config)
             elif msg.id == MessageId.CONFIG_TEXT:

@@ -61,10 +61,12 @@ class ScanReconstructor:
     loaded once per process; this object holds only per-scan state."""
 
     def __init__(self, header_xml: str, config: ReconConfig, engine: Optional[Reconstructor] = None,
-                 source: str = "scan", model_id: str = "none", budget: Optional[MemoryBudget] = None):
+                 source: str = "scan", model_id: str = "none", budget: Optional[MemoryBudget] = None,
+                 encoding: Optional[EncodingInfo] = None):
         if config.mode == "varnet" and engine is None:
             raise ValueError("mode 'varnet' needs a loaded model (engine)")
-        self.encoding: EncodingInfo = parse_encoding(header_xml, source=source)
+        # ``encoding``: the header already parsed by the door (it is parsed here otherwise)
+        self.encoding: EncodingInfo = encoding or parse_encoding(header_xml, source=source)
         self.config, self.engine, self.source = config, engine, source
         self.series = _output_series(config)
         self.stats = ScanStats()
