@@ -4,6 +4,12 @@
   (``bart phantom -k -s C -x N``; Shepp-Logan and the geometric phantom), no readout
   oversampling, complex Gaussian noise added at the given SNR (definition of
   :mod:`converters.simulate`); one slice per file.
+* ``brain/``: real T1 intensities of INIA19 (``inia19-t1-brain.nii.gz``, an anatomy no training
+  source contains), axial slices scaled to human size in a 256×256 field of view that holds the
+  whole brain, times a 10-coil birdcage model (:func:`birdcage_sensitivities`), a smooth image phase,
+  30 dB SNR; like the held-out brain slice of issue 13 (256×256, 10 coils); one slice per file.
+* ``brain_clean/``: the same slices at 80 dB SNR (practically noise-free): a model that paints
+  the noise floor of its training data into the background shows here.
 * ``ismrmrd/``: ismrmrd-tools' Shepp-Logan raw files (``ismrmrd_generate_cartesian_shepp_logan``,
   2× readout oversampling, its own coil model and noise), converted with our ISMRMRD → fastMRI
   converter.
@@ -47,6 +53,59 @@ def bart_case(out: Path, name: str, size: int, coils: int, extra: list[str], snr
     return path
 
 
+def birdcage_sensitivities(size: int, coils: int, radius: float = 1.5) -> np.ndarray:
+    """Birdcage-style coil model ``(coil, size, size)`` complex64, max modulus 1: coil ``c`` sits at
+    angle ``2πc/C`` on a circle of ``radius`` (in half fields of view); its sensitivity is the inverse
+    distance, with the phase of the direction to the coil plus the coil's angle. Neither our training
+    coil model (Biot–Savart loops) nor BART's (which stops at 8 coils)."""
+    yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    maps = []
+    for c in range(coils):
+        angle = 2 * np.pi * c / coils
+        dy, dx = yy - radius * np.sin(angle), xx - radius * np.cos(angle)
+        maps.append(np.exp(1j * (np.arctan2(dy, dx) + angle)) / np.hypot(dy, dx))
+    maps = np.stack(maps)
+    return (maps / np.abs(maps).max()).astype(np.complex64)
+
+
+def inia_t1_slice(fraction: float, size: int) -> np.ndarray:
+    """Axial slice at ``fraction`` of INIA19's T1 brain height, scaled to human size
+    (``converters.tissue.INIA_SCALE``), centred in ``size``×``size`` 1 mm pixels; float32, max 1."""
+    from scipy import ndimage
+    from converters.anatomy import _read_nifti
+    from converters.tissue import INIA_SCALE, inia_path
+
+    data, affine = _read_nifti(inia_path())
+    k = int(round(fraction * (data.shape[2] - 1)))
+    img = ndimage.zoom(data[:, :, k], abs(affine[0, 0]) * INIA_SCALE, order=1)
+    img = np.clip(img, 0, None)[::-1].T                  # rows anterior→posterior, columns right→left
+    out = np.zeros((size, size), np.float32)
+    h, w = min(img.shape[0], size), min(img.shape[1], size)
+    r0, c0 = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    out[(size - h) // 2:(size - h) // 2 + h, (size - w) // 2:(size - w) // 2 + w] = img[r0:r0 + h, c0:c0 + w]
+    return out / out.max()
+
+
+def brain_case(out: Path, fraction: float, size: int, coils: int, snr_db: float, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    image = inia_t1_slice(fraction, size)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    phase = rng.uniform(-np.pi, np.pi) + rng.uniform(-1, 1) * yy + rng.uniform(-1, 1) * xx + rng.uniform(-1, 1) * yy * xx
+    coil_images = birdcage_sensitivities(size, coils) * (image * np.exp(1j * phase))[None]
+    k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(coil_images, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    k = (k / np.abs(k).max())[None].astype(np.complex64)
+    clean = rss(k)
+    sigma = noise_sigma(clean, snr_db)
+    cov = np.eye(coils) * sigma ** 2
+    noisy = (k + correlated_noise(k.shape[1:], cov, rng)[None]).astype(np.complex64)
+    vol = SimulatedVolume(noisy, clean, rss(noisy), correlated_noise((coils, 4096), cov, rng), cov,
+                          acquisition="INIA19_T1_BIRDCAGE", fov_mm=(float(size), float(size)), snr_db=snr_db,
+                          sigma=sigma)
+    path = out / f"brain_inia_t1_{int(round(fraction * 100)):02d}_{size}_{coils}ch.h5"
+    write_fastmri(path, vol, patient_id="inia19-t1")
+    return path
+
+
 def ismrmrd_case(out: Path, matrix: int, coils: int) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "sl.h5"
@@ -62,6 +121,10 @@ def main(out_dir: str) -> None:
     out = Path(out_dir)
     (out / "bart").mkdir(parents=True, exist_ok=True)
     (out / "ismrmrd").mkdir(parents=True, exist_ok=True)
+    for folder, snr_db in (("brain", 30.0), ("brain_clean", 80.0)):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        for i, fraction in enumerate((0.45, 0.55, 0.65, 0.75)):
+            print(brain_case(out / folder, fraction, 256, 10, snr_db, seed=10 + i))
     for i, (name, size, coils, extra) in enumerate([("shepplogan", 160, 8, []), ("shepplogan", 192, 8, ["-r", "3"]),
                                                      ("geometric", 192, 8, ["-G"])]):
         print(bart_case(out / "bart", name, size, coils, extra, 30.0, seed=i))
