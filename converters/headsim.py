@@ -3,7 +3,8 @@
 Per volume, every choice is drawn from one ``numpy.random.Generator`` (:func:`random_head_scan`):
 
 * anatomy: a whole head (:mod:`converters.tissue`: scalp, fat, skull, marrow, muscle — real for
-  Colin27, derived for the skull-stripped sources) with a random contrast (T1w/T2w/PDw/FLAIR-like
+  Colin27, derived for the skull-stripped sources), or with ``brain_only`` the brain alone
+  (skull-stripped; field of view and coils placed as for the head around it), with a random contrast (T1w/T2w/PDw/FLAIR-like
   or fully random class values), a random smooth deformation (:class:`SmoothDeformation`) and pose;
 * image: fine texture (:func:`fine_texture`) and a smooth bias field (:func:`bias_field`);
 * field of view: the readout FOV holds the head; the phase FOV is drawn around the head's width, so
@@ -47,9 +48,10 @@ from .simulate import (
     kspace_to_rss,
     random_phase,
 )
-from .tissue import HEAD_SOURCES, head_tissues, random_signals
+from .tissue import HEAD_SOURCES, brain_only_signals, head_tissues, random_signals
 
 MATRIX_LIMITS = (96, 384)
+SCALP_AND_SKULL_MM = 15.0   # brain surface to scalp surface, adult head (typically 10-20 mm)
 
 
 # ----------------------------------------------------------------------------- randomisation elements
@@ -141,16 +143,20 @@ class HeadScan:
     texture: float
     bias: float
     matrix_limits: tuple[int, int] = MATRIX_LIMITS
+    brain_only: bool = False   # skull-stripped: the classes outside the brain give no signal
 
 
 def random_head_scan(rng: np.random.Generator, sources: Sequence[str] = ("mni", "colin"),
                      matrix_limits: tuple[int, int] = MATRIX_LIMITS, coil_limits: tuple[int, int] = (8, 32),
-                     snr_limits_db: tuple[float, float] = (15.0, 40.0)) -> HeadScan:
+                     snr_limits_db: tuple[float, float] = (15.0, 40.0),
+                     brain_only_fraction: float = 0.0) -> HeadScan:
     """Draw a :class:`HeadScan`: source uniform over ``sources``; contrast by
     :func:`converters.tissue.random_signals`; axial 60 %, coronal and sagittal 20 % each; phase
     axis either in-plane axis; readout FOV 1.0–1.25 × the head, phase FOV 0.8–1.15 × (below 1 the
     head folds in); pixel 0.7–2.0 mm, phase pixels 1–1.35 × coarser; readout oversampling 1 or 2;
-    coils and SNR uniform in their limits; loops 3–12 mm from the head; texture 0–8 %; bias 0–0.3."""
+    coils and SNR uniform in their limits; loops 3–12 mm from the head; texture 0–8 %; bias 0–0.3;
+    brain only with probability ``brain_only_fraction`` (drawn last, and only when it is above 0,
+    so the draws of the other fields for a seed do not depend on it)."""
     for src in sources:
         if src not in HEAD_SOURCES:
             raise ValueError(f"unknown head source {src!r}; choose from {', '.join(HEAD_SOURCES)}")
@@ -159,15 +165,20 @@ def random_head_scan(rng: np.random.Generator, sources: Sequence[str] = ("mni", 
         raise ValueError(f"matrix limits must satisfy 16 <= low <= high, got {matrix_limits}")
     if not 4 <= coil_limits[0] <= coil_limits[1] <= 32:
         raise ValueError(f"coil limits must satisfy 4 <= low <= high <= 32, got {coil_limits}")
+    if not 0.0 <= brain_only_fraction <= 1.0:
+        raise ValueError(f"brain-only fraction must be in [0, 1], got {brain_only_fraction}")
     source = sources[int(rng.integers(len(sources)))]
     contrast, signals = random_signals(rng)
     orientation = ("axial", "coronal", "sagittal")[int(rng.choice(3, p=[0.6, 0.2, 0.2]))]
-    return HeadScan(source, contrast, signals, orientation, bool(rng.uniform() < 0.5),
+    scan = HeadScan(source, contrast, signals, orientation, bool(rng.uniform() < 0.5),
                     float(rng.uniform(1.0, 1.25)), float(rng.uniform(0.8, 1.15)), float(rng.uniform(0.7, 2.0)),
                     float(rng.uniform(1.0, 1.35)), int(rng.choice([1, 2])),
                     int(rng.integers(coil_limits[0], coil_limits[1] + 1)), float(rng.uniform(3, 12)),
                     float(rng.uniform(*snr_limits_db)), float(rng.uniform(0, 0.08)), float(rng.uniform(0, 0.3)),
                     (lo, hi))
+    if brain_only_fraction > 0 and rng.uniform() < brain_only_fraction:
+        scan = replace(scan, brain_only=True)
+    return scan
 
 
 def scan_grid(scan: HeadScan, read_extent_mm: float, phase_extent_mm: float) -> tuple[tuple[int, int], tuple[float, float], int]:
@@ -210,7 +221,8 @@ def simulate_head_volume(scan: HeadScan, num_slices: int, rng: np.random.Generat
     """Simulate ``num_slices`` slices of ``scan`` (see module doc). Draws the anatomy's random
     layers, warp, pose, slab position, coil layout and phases, bias and texture from ``rng``."""
     tissues = head_tissues(scan.source, rng)
-    anatomy = voxel_anatomy(tissues.name, scan.contrast, tissues.magnitude(scan.signals), tissues.affine)
+    signals = brain_only_signals(scan.signals) if scan.brain_only else scan.signals
+    anatomy = voxel_anatomy(tissues.name, scan.contrast, tissues.magnitude(signals), tissues.affine)
     anatomy = deformed(anatomy, random_deformation(rng))
     pose = random_pose(rng, scan.orientation, max_angle_deg=15.0, scale_range=(0.9, 1.1), max_shift_mm=8.0)
     row_dir, col_dir, normal = _plane_axes(scan.orientation, scan.swap_axes)
@@ -219,6 +231,8 @@ def simulate_head_volume(scan: HeadScan, num_slices: int, rng: np.random.Generat
               for p in positions]
     mid = np.asarray(planes[num_slices // 2].centre_mm)
     read_extent, phase_extent = in_plane_extent(anatomy, pose.to_object, mid, row_dir, col_dir)
+    if scan.brain_only:  # the field of view is planned on the head, so the brain sits in empty background
+        read_extent, phase_extent = (e + 2 * pose.scale * SCALP_AND_SKULL_MM for e in (read_extent, phase_extent))
     (h, w), (fov_read, fov_phase), fold = scan_grid(scan, read_extent, phase_extent)
     os_ = scan.oversampling
     fine_rows = axis_positions(2 * os_ * h, fov_read / (2 * h))
@@ -227,7 +241,8 @@ def simulate_head_volume(scan: HeadScan, num_slices: int, rng: np.random.Generat
     row_matrix = cubic_interpolation_matrix(coarse_rows, fine_rows)
     col_matrix = cubic_interpolation_matrix(coarse_cols, fine_cols)
 
-    semi = 0.5 * pose.scale * np.ptp(anatomy.extent_mm[:2], axis=1) + scan.coil_gap_mm
+    gap = scan.coil_gap_mm + (SCALP_AND_SKULL_MM if scan.brain_only else 0.0)  # the coils stay at the scalp
+    semi = 0.5 * pose.scale * np.ptp(anatomy.extent_mm[:2], axis=1) + gap
     array = head_array(scan.coils, (float(semi[0]), float(semi[1])), pose.scale * float(np.ptp(anatomy.extent_mm[2])), rng)
     coil_phase = rng.uniform(0, 2 * np.pi, scan.coils)
     b0 = random_phase(rng, period_mm=float(rng.uniform(60, 150)))
@@ -254,7 +269,7 @@ def simulate_head_volume(scan: HeadScan, num_slices: int, rng: np.random.Generat
     psi = noise_covariance(sens[:, support] if support.any() else sens.reshape(num_coils, -1), rng)
     target_rss, noise, cov, sigma = add_coil_noise(kspace, target, psi, scan.snr_db, rng, noise_samples, workers,
                                                    progress)
-    tag = f"SIM_{tissues.name}HEAD_{scan.contrast.upper()}"
+    tag = f"SIM_{tissues.name}{'BRAIN' if scan.brain_only else 'HEAD'}_{scan.contrast.upper()}"
     return SimulatedVolume(
         kspace, target, target_rss, noise, cov, acquisition=tag, fov_mm=(float(fov_read), float(fov_phase)),
         slice_thickness_mm=float(pose.scale * spacing), orientation=scan.orientation,

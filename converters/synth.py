@@ -60,6 +60,7 @@ class SynthConfig:
     matrix_limits: tuple[int, int] = (96, 384)  # head mode: image matrix range
     coil_limits: tuple[int, int] = (8, 32)      # head mode: coil count range
     snr_limits_db: tuple[float, float] = (15.0, 40.0)
+    brain_only_fraction: float = 0.0            # head mode: share of skull-stripped volumes
 
     def __post_init__(self) -> None:
         _choice("source", self.source, SOURCES)
@@ -189,7 +190,8 @@ def _write_head_volume(config: SynthConfig, index: int, path: Path, convert, pro
     from .headsim import random_head_scan, simulate_head_volume
 
     rng = np.random.default_rng(volume_seed(config.seed, index))
-    scan = random_head_scan(rng, config.head_sources, config.matrix_limits, config.coil_limits, config.snr_limits_db)
+    scan = random_head_scan(rng, config.head_sources, config.matrix_limits, config.coil_limits, config.snr_limits_db,
+                            config.brain_only_fraction)
     vol = simulate_head_volume(scan, config.slices, rng, noise_samples=NOISE_READOUTS * 512,
                                workers=config.threads, progress=progress)
     _write_simulated(config, index, path, vol, convert)

@@ -39,6 +39,7 @@ from .anatomy import AnatomyUnavailable, _largest_component, _read_nifti, colin_
 
 #: Tissue classes, in a fixed order (the first axis of :attr:`TissueVolume.fractions`).
 CLASSES = ("gm", "wm", "csf", "bone", "marrow", "muscle", "fat", "skin")
+BRAIN_CLASSES = ("gm", "wm", "csf")
 CONTRASTS = ("t1w", "t2w", "pdw", "flair")
 
 #: Relative signal per class and contrast (dimensionless, brightest tissue about 1).
@@ -94,6 +95,13 @@ def random_signals(rng: np.random.Generator, contrast: Optional[str] = None, jit
         name = contrast or CONTRASTS[int(rng.integers(len(CONTRASTS)))]
         values = np.array(CONTRAST_SIGNALS[name]) * rng.uniform(1 - jitter, 1 + jitter, len(CLASSES))
     return name, (values / values.max()).astype(np.float32)
+
+
+def brain_only_signals(signals: np.ndarray) -> np.ndarray:
+    """``signals`` with every class outside :data:`BRAIN_CLASSES` set to 0: a skull-stripped image,
+    as many public brain datasets are (empty background around the brain)."""
+    keep = np.array([c in BRAIN_CLASSES for c in CLASSES])
+    return np.where(keep, np.asarray(signals), 0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- memberships

@@ -6,6 +6,7 @@ loops, sample statistics for texture and draws. Small sizes (matrices 32–64, 1
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -249,6 +250,44 @@ def test_simulated_head_volume_is_consistent():
     # the head reaches across most of the phase field of view
     columns = (vol.target[0] > 0.1 * vol.target[0].max()).any(0)
     assert columns.mean() > 0.6
+
+
+def test_brain_only_signals_keep_the_brain_classes_only():
+    signals = np.arange(1, len(tissue.CLASSES) + 1, dtype=np.float32)
+    kept = tissue.brain_only_signals(signals)
+    for k, name in enumerate(tissue.CLASSES):
+        assert kept[k] == (signals[k] if name in ("gm", "wm", "csf") else 0.0), name
+
+
+def test_brain_only_draws_leave_the_other_draws_unchanged():
+    plain = [headsim.random_head_scan(np.random.default_rng(s)) for s in range(40)]
+    mixed = [headsim.random_head_scan(np.random.default_rng(s), brain_only_fraction=0.5) for s in range(40)]
+    assert not any(p.brain_only for p in plain)
+    assert 5 < sum(m.brain_only for m in mixed) < 35
+    for p, m in zip(plain, mixed):   # the brain-only draw comes last: a seed's scan is otherwise the same
+        assert p.coils == m.coils and p.snr_db == m.snr_db and p.matrix_limits == m.matrix_limits
+    with pytest.raises(ValueError, match="brain-only fraction"):
+        headsim.random_head_scan(np.random.default_rng(0), brain_only_fraction=1.5)
+
+
+@needs_mni
+def test_brain_only_volume_has_the_brain_in_empty_background():
+    """Skull-stripped: nothing bright at the rim of the field of view (the head's layers give no
+    signal), and the brain sits inside a margin of about the scalp-and-skull thickness."""
+    scan = headsim.random_head_scan(np.random.default_rng(16), ("mni",), matrix_limits=(48, 64), coil_limits=(8, 8))
+    scan = replace(scan, brain_only=True, snr_db=80.0, phase_ratio=1.1, read_margin=1.1, orientation="axial")
+    whole = replace(scan, brain_only=False)
+    brain = headsim.simulate_head_volume(scan, 1, np.random.default_rng(17)).target[0]
+    head = headsim.simulate_head_volume(whole, 1, np.random.default_rng(17)).target[0]
+    def rim(image):
+        outer = np.ones(image.shape, bool)
+        outer[3:-3, 3:-3] = False
+        return image[outer]
+
+    assert rim(brain).max() < 0.05 * brain.max()
+    assert rim(head).max() > 0.1 * head.max()      # the whole head reaches the rim (scalp, folding)
+    inside = brain > 0.1 * brain.max()
+    assert 0.2 < inside.mean() < 0.8
 
 
 @needs_inia

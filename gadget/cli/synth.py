@@ -59,6 +59,8 @@ def add_parser(sub) -> None:
                    help="--head: coil count limits (default 8 32)")
     p.add_argument("--snr-range", type=float, nargs=2, default=(15.0, 40.0), metavar=("LO", "HI"),
                    help="--head: SNR limits in dB (default 15 40)")
+    p.add_argument("--brain-only-fraction", type=float, default=0.0, metavar="F",
+                   help="--head: share of volumes drawn skull-stripped (the brain alone in the head's field of view; default 0)")
     p.set_defaults(run=run)
 
 
@@ -96,7 +98,8 @@ def run(args) -> int:
             format=args.format, accelerations=tuple(args.acceleration or ()), mask=args.mask,
             center_fraction=args.center_fraction, contrast=args.contrast, fov_mm=args.fov, threads=args.threads,
             head=args.head, head_sources=head_sources, matrix_limits=tuple(args.matrix_range),
-            coil_limits=tuple(args.coil_range), snr_limits_db=tuple(args.snr_range))
+            coil_limits=tuple(args.coil_range), snr_limits_db=tuple(args.snr_range),
+            brain_only_fraction=args.brain_only_fraction)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
