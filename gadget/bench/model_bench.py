@@ -25,7 +25,7 @@ from .table import markdown_table
 CONFIGS = {
     "default": dict(num_cascades=12, chans=18, pools=4, sens_chans=8, sens_pools=4),
     "small": dict(num_cascades=4, chans=8, pools=3, sens_chans=4, sens_pools=3),
-    # the architecture of the shipped weights (gadget/weights/varnet_head_v2.pt); random weights
+    # the architecture of the shipped weights (gadget/weights/varnet_head_v3.pt); random weights
     "shipped": dict(num_cascades=6, chans=8, pools=4, sens_chans=4, sens_pools=4),
 }
 

@@ -21,7 +21,7 @@ from .checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
-SHIPPED_NAME = "varnet_head_v2.pt"
+SHIPPED_NAME = "varnet_head_v3.pt"
 CHECKPOINT_ENV = "VARNET_CHECKPOINT"
 # The one documented place for your own weights inside the Docker images (mounted read-only).
 CONTAINER_MODEL_PATH = "/models/model.pt"
