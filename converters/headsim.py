@@ -4,8 +4,9 @@ Per volume, every choice is drawn from one ``numpy.random.Generator`` (:func:`ra
 
 * anatomy: a whole head (:mod:`converters.tissue`: scalp, fat, skull, marrow, muscle — real for
   Colin27, derived for the skull-stripped sources), or with ``brain_only`` the brain alone
-  (skull-stripped; field of view and coils placed as for the head around it), with a random contrast (T1w/T2w/PDw/FLAIR-like
-  or fully random class values), a random smooth deformation (:class:`SmoothDeformation`) and pose;
+  (skull-stripped; field of view and coils placed as for the head around it), with a random
+  contrast (T1w/T2w/PDw/FLAIR-like or fully random class values), a random smooth deformation
+  (:class:`SmoothDeformation`) and pose;
 * image: fine texture (:func:`fine_texture`) and a smooth bias field (:func:`bias_field`);
 * field of view: the readout FOV holds the head; the phase FOV is drawn around the head's width, so
   heads fill it and some fold into it (:func:`fold_phase`, exact periodic aliasing); which in-plane

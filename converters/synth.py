@@ -81,6 +81,8 @@ class SynthConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not 0 < self.center_fraction < 1:
             raise ValueError(f"center fraction must be in (0, 1), got {self.center_fraction}")
+        if not 0 <= self.brain_only_fraction <= 1:
+            raise ValueError(f"brain-only fraction must be in [0, 1], got {self.brain_only_fraction}")
         for r in self.accelerations:
             if not r >= 1:
                 raise ValueError(f"acceleration must be >= 1, got {r}")

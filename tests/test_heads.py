@@ -388,3 +388,11 @@ def test_preview_sheet_shows_each_volume(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no files"):
         write_preview([], tmp_path / "none.png")
+
+
+def test_synth_config_rejects_a_brain_only_fraction_outside_0_1(tmp_path):
+    from converters.synth import SynthConfig
+
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="brain-only fraction"):
+            SynthConfig(out_dir=tmp_path, head=True, brain_only_fraction=bad)
