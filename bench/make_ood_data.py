@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.simulate import SimulatedVolume, correlated_noise, kspace_to_rss, noise_sigma, write_fastmri
+from converters.simulate import (SimulatedVolume, centred_fft, correlated_noise, kspace_to_rss, noise_sigma,
+                                 write_fastmri)
 from gadget.baselines.bart import read_cfl, run_bart
 
 
@@ -39,17 +40,24 @@ def bart_case(out: Path, name: str, size: int, coils: int, extra: list[str], snr
     with tempfile.TemporaryDirectory() as tmp:
         run_bart(["phantom", "-k", "-s", str(coils), "-x", str(size), *extra, f"{tmp}/k"])
         k = read_cfl(f"{tmp}/k")                         # (x, y, coils) after dropping singletons
-    k = np.moveaxis(k.reshape(size, size, -1), -1, 0)[None].astype(np.complex64)   # (1, coil, read, phase)
-    k /= np.abs(k).max()
+    k = np.moveaxis(k.reshape(size, size, -1), -1, 0)                    # (coil, read, phase)
+    return write_noisy_slice(out / f"bart_{name}_{size}_{coils}ch.h5", k, snr_db, np.random.default_rng(seed),
+                             f"BART_{name.upper()}", (220.0, 220.0), f"bart-{name}")
+
+
+def write_noisy_slice(path: Path, kspace: np.ndarray, snr_db: float, rng: np.random.Generator, acquisition: str,
+                      fov_mm: tuple[float, float], patient_id: str) -> Path:
+    """One noise-free slice ``(coil, read, phase)``, scaled to max |k| = 1, with white coil noise
+    at ``snr_db`` added, written as a fully sampled fastMRI file with both targets."""
+    k = (kspace / np.abs(kspace).max())[None].astype(np.complex64)
+    coils = k.shape[1]
     clean = rss(k)
     sigma = noise_sigma(clean, snr_db)
-    rng = np.random.default_rng(seed)
     cov = np.eye(coils) * sigma ** 2
     noisy = (k + correlated_noise(k.shape[1:], cov, rng)[None]).astype(np.complex64)
     vol = SimulatedVolume(noisy, clean, rss(noisy), correlated_noise((coils, 4096), cov, rng), cov,
-                          acquisition=f"BART_{name.upper()}", fov_mm=(220.0, 220.0), snr_db=snr_db, sigma=sigma)
-    path = out / f"bart_{name}_{size}_{coils}ch.h5"
-    write_fastmri(path, vol, patient_id=f"bart-{name}")
+                          acquisition=acquisition, fov_mm=fov_mm, snr_db=snr_db, sigma=sigma)
+    write_fastmri(path, vol, patient_id=patient_id)
     return path
 
 
@@ -92,18 +100,9 @@ def brain_case(out: Path, fraction: float, size: int, coils: int, snr_db: float,
     yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
     phase = rng.uniform(-np.pi, np.pi) + rng.uniform(-1, 1) * yy + rng.uniform(-1, 1) * xx + rng.uniform(-1, 1) * yy * xx
     coil_images = birdcage_sensitivities(size, coils) * (image * np.exp(1j * phase))[None]
-    k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(coil_images, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-    k = (k / np.abs(k).max())[None].astype(np.complex64)
-    clean = rss(k)
-    sigma = noise_sigma(clean, snr_db)
-    cov = np.eye(coils) * sigma ** 2
-    noisy = (k + correlated_noise(k.shape[1:], cov, rng)[None]).astype(np.complex64)
-    vol = SimulatedVolume(noisy, clean, rss(noisy), correlated_noise((coils, 4096), cov, rng), cov,
-                          acquisition="INIA19_T1_BIRDCAGE", fov_mm=(float(size), float(size)), snr_db=snr_db,
-                          sigma=sigma)
-    path = out / f"brain_inia_t1_{int(round(fraction * 100)):02d}_{size}_{coils}ch.h5"
-    write_fastmri(path, vol, patient_id="inia19-t1")
-    return path
+    k = centred_fft(centred_fft(coil_images, -2), -1)
+    return write_noisy_slice(out / f"brain_inia_t1_{int(round(fraction * 100)):02d}_{size}_{coils}ch.h5", k, snr_db,
+                             rng, "INIA19_T1_BIRDCAGE", (float(size), float(size)), "inia19-t1")
 
 
 def ismrmrd_case(out: Path, matrix: int, coils: int) -> list[Path]:

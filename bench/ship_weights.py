@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gadget.model.checkpoint import load_checkpoint, save_checkpoint
+from gadget.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gadget.model.shipped import SHIPPED_NAME
+from gadget.train.trainer import read_training_state, training_state_description
 
 LIMIT_BYTES = 20 * 2**20
 DATA = ("varnet synth --head: domain-randomised whole heads from MNI152 (derived scalp, fat, skull) and Colin27 "
         "(real head), 560 volumes x 4 slices: 160 with matrices 96-224, 8-16 coils, SNR 15-40 dB "
         "(bench/make_head_data.sh), 300 with matrices 96-320, 8-24 coils, SNR 15-70 dB and 100 of those "
-        "skull-stripped (the brain alone in the head's field of view; bench/make_head_data_v3.sh); T1w/T2w/PDw/FLAIR-like or random contrasts, deformations, bias, texture; "
+        "skull-stripped (the brain alone in the head's field of view; bench/make_head_data_v3.sh); "
+        "T1w/T2w/PDw/FLAIR-like or random contrasts, deformations, bias, texture; "
         "phase FOV 0.8-1.15 x the head (folding), odd/even matrices with and without 2x readout oversampling; "
         "head-hugging loops; random and equispaced-fraction masks at 4x/8x (fastMRI centre fractions) and 2x/3x; "
         "target: RSS of the noisy, fully sampled k-space. INIA19 held out. Initialised from varnet_head_v2 "
@@ -31,6 +33,15 @@ RECIPE = ["bash bench/make_head_data.sh && bash bench/make_head_data_v3.sh   # d
           "python bench/make_ood_data.py data/ood                          # held-out brain and phantom test sets",
           "python bench/generalisation_matrix.py bench/generalisation_matrix.v3.yaml --out results/generalisation_v3",
           "python bench/ship_weights.py runs/head-rss-v3b/best.pt --evaluation results/generalisation_v3/matrix.md"]
+
+
+def stage_record(path: str) -> dict:
+    """The training record of an earlier stage: a checkpoint's description, or that of a run's
+    resume state (``last.pt``) when the next stage started from a run stopped part-way."""
+    try:
+        return load_checkpoint(path).description
+    except CheckpointError:
+        return training_state_description(read_training_state(path, "init_from"))
 
 
 def main() -> int:
@@ -45,7 +56,7 @@ def main() -> int:
     trained = dict(loaded.description)
     stages = [trained]
     while stages[0].get("init_from") and Path(stages[0]["init_from"]["path"]).is_file():  # first stage first
-        earlier = load_checkpoint(stages[0]["init_from"]["path"]).description
+        earlier = stage_record(stages[0]["init_from"]["path"])
         if earlier.get("stages"):  # a shipped checkpoint: its chain is recorded already
             stages[:0] = earlier["stages"]
             break

@@ -279,6 +279,7 @@ def test_brain_only_volume_has_the_brain_in_empty_background():
     whole = replace(scan, brain_only=False)
     brain = headsim.simulate_head_volume(scan, 1, np.random.default_rng(17)).target[0]
     head = headsim.simulate_head_volume(whole, 1, np.random.default_rng(17)).target[0]
+
     def rim(image):
         outer = np.ones(image.shape, bool)
         outer[3:-3, 3:-3] = False

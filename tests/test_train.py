@@ -457,6 +457,27 @@ def test_init_from_copies_weights_and_may_change_the_output(data_dirs, tmp_path)
     assert load_checkpoint(tmp_path / "b" / "final.pt").description["init_from"]["sha256"] == source.sha256
 
 
+def test_init_from_takes_the_resume_state_of_a_stopped_run(data_dirs, tmp_path):
+    from gadget.train.trainer import read_training_state, training_state_description
+
+    Trainer(_config(data_dirs, tmp_path / "a", "optim.epochs=1", "run.max_steps_per_epoch=2")).fit()
+    state_path = tmp_path / "a" / "last.pt"
+    state = read_training_state(state_path, "run.resume")
+    second = Trainer(_config(data_dirs, tmp_path / "b", f"run.init_from={state_path}", "optim.epochs=1",
+                             "run.max_steps_per_epoch=1", "run.seed=7"))
+    for name, value in state["model"].items():
+        assert torch.equal(second.model.state_dict()[name], value), name
+    assert second.init_source["path"] == str(state_path.resolve())
+    record = training_state_description(state)
+    assert record["steps"] == 2 and record["loss"] == "ssim" and record["training_time_s"] > 0
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainConfigError, match="run.init_from: .*garbage.pt"):
+        Trainer(_config(data_dirs, tmp_path / "c", f"run.init_from={garbage}"))
+    with pytest.raises(TrainConfigError, match="run.resume: .*garbage.pt.*not a readable training state"):
+        read_training_state(garbage, "run.resume")
+
+
 def test_init_from_refuses_another_architecture_and_bad_outputs(data_dirs, tmp_path):
     Trainer(_config(data_dirs, tmp_path / "a", "optim.epochs=1", "run.max_steps_per_epoch=1")).fit()
     with pytest.raises(TrainConfigError, match=r"does not match model settings.*chans 4 vs 6"):

@@ -49,8 +49,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.fastmri_file import FastMRIFileError
-from ..model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..model.varnet import VarNet, check_inputs
+from ..model.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from ..model.varnet import VarNet, VarNetConfig, check_inputs
 from ..mri.masks import MaskSpec, detect_num_low_frequencies
 from ..mri.metrics import VolumeMetrics, center_crop, center_crop_at_most
 from ..recon.engine import resolve_device
@@ -533,23 +533,28 @@ class Trainer:
         }
 
     def init_weights(self, path: str) -> None:
-        """Copy weights from any checkpoint :func:`load_checkpoint` reads (fine-tuning); the
-        architecture must match the config's, ``output`` and ``mask_center`` may differ."""
+        """Copy weights from any checkpoint :func:`load_checkpoint` reads, or from the resume state
+        (``last.pt``) of a run stopped part-way (fine-tuning); the architecture must match the
+        config's, ``output`` and ``mask_center`` may differ."""
         try:
             loaded = load_checkpoint(path)
+            config, weights, kind = loaded.config, loaded.model.state_dict(), loaded.kind
         except CheckpointError as exc:
-            raise TrainConfigError(f"run.init_from: {exc}") from None
+            try:  # a run stopped part-way: its resume state (last.pt) holds the weights too
+                state = read_training_state(path, "run.init_from")
+            except TrainConfigError:
+                raise TrainConfigError(f"run.init_from: {exc}") from None
+            config, weights, kind = VarNetConfig(**state["config"]["model"]), state["model"], "training state"
         shape_keys = ("num_cascades", "chans", "pools", "sens_chans", "sens_pools", "variant")
-        differ = [f"{k} {getattr(loaded.config, k, 'e2e')} vs {getattr(self.config.model, k, 'e2e')}"
-                  for k in shape_keys if getattr(loaded.config, k, "e2e") != getattr(self.config.model, k, "e2e")]
+        differ = [f"{k} {getattr(config, k, 'e2e')} vs {getattr(self.config.model, k, 'e2e')}"
+                  for k in shape_keys if getattr(config, k, "e2e") != getattr(self.config.model, k, "e2e")]
         if differ:
             raise TrainConfigError(f"run.init_from: {path} does not match model settings (file vs config: "
                                    f"{', '.join(differ)})")
-        self.model.load_state_dict(loaded.model.state_dict())
-        self.init_source = {"path": str(Path(path).resolve()), "sha256": loaded.sha256,
-                            "model": loaded.config.to_dict()}
+        self.model.load_state_dict(weights)
+        self.init_source = {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "model": config.to_dict()}
         if self.dist.is_main:
-            log.info("initialised weights from %s (%s)", path, loaded.kind)
+            log.info("initialised weights from %s (%s)", path, kind)
 
     def save_state(self, path: Path) -> None:
         """``last.pt``: resume state (see the module docstring), written atomically."""
@@ -570,15 +575,7 @@ class Trainer:
         os.replace(tmp, path)
 
     def load_state(self, path: str | Path) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise TrainConfigError(f"run.resume: {path} is not a file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise TrainConfigError(f"run.resume: {path} is not a training state written by varnet train (last.pt)")
-        if state.get("format_version") != STATE_VERSION:
-            raise TrainConfigError(f"run.resume: {path} has format_version {state.get('format_version')}, "
-                                   f"expected {STATE_VERSION}")
+        state = read_training_state(path, "run.resume")
         saved_model = state["config"].get("model", {})
         if saved_model != self.config.model.to_dict():
             raise TrainConfigError(f"run.resume: {path} was trained with model {saved_model}, "
@@ -604,6 +601,34 @@ class Trainer:
             log.info("resumed %s at epoch %d, step %d", path, self.progress.epoch, self.progress.global_step)
 
 
+def read_training_state(path: str | Path, setting: str) -> dict:
+    """The resume state ``last.pt`` written by :meth:`Trainer.save_state`, format checked;
+    errors name ``setting`` (the config key that gave the path)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"{setting}: {path} is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for files that are not its own
+        raise TrainConfigError(f"{setting}: {path} is not a readable training state (weights_only=True): "
+                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise TrainConfigError(f"{setting}: {path} is not a training state written by varnet train (last.pt)")
+    if state.get("format_version") != STATE_VERSION:
+        raise TrainConfigError(f"{setting}: {path} has format_version {state.get('format_version')}, "
+                               f"expected {STATE_VERSION}")
+    return state
+
+
+def training_state_description(state: dict) -> dict:
+    """The training record of a resume state, with the keys of :meth:`Trainer.description` that a
+    stopped run has (for the stage chain of shipped weights)."""
+    cfg = state["config"]
+    return {"loss": cfg["loss"]["kind"], "optimizer": {"name": "Adam", **cfg["optim"]},
+            "epochs": state["epoch"], "steps": state["global_step"], "val_metrics": state.get("best_metrics"),
+            "init_from": state.get("init_from"), "training_time_s": round(float(state["elapsed_s"]), 3)}
+
+
 def needs_maps(model: nn.Module) -> bool:
     """Whether ``model`` (a :class:`VarNet`) takes fixed sensitivity maps (variants vn, vnu, vnu-k)."""
     return bool(getattr(model, "needs_maps", False))
@@ -614,5 +639,5 @@ def train(config: TrainConfig) -> dict:
     return Trainer(config).fit()
 
 
-__all__ = ["Trainer", "TrainingVarNet", "train", "needs_maps", "crop_pair", "acs_counts", "setup_distributed",
+__all__ = ["Trainer", "TrainingVarNet", "train", "needs_maps", "read_training_state", "training_state_description", "crop_pair", "acs_counts", "setup_distributed",
            "STATE_FORMAT"]
