@@ -206,15 +206,20 @@ def _big_scan(slices=4, coils=32, readout=512, width=256, seed=0):
 
 def test_memory_comes_back_after_a_scan(scan):
     """With freed memory kept for speed (as a served engine sets it), the server's resident size after
-    a 128 MB scan returns to within 40 MB of its resting value once the server is idle."""
+    a 128 MB scan returns to within 40 MB of its resting value once the server is idle.
+
+    The warm-up runs the same big scan first, so caches that live as long as the process (FFT plans
+    for its sizes, thread stacks, arenas of new threads) are in the resting value: a resting value
+    taken before them let such one-off growth (64 MB once in CI) pass for memory not given back. With
+    the trim at rest switched off the test still fails (checked: resting 796 MB, after 956 MB)."""
     keep_freed_memory()
     service = _service(budget=MemoryBudget(1 << 30))
     xml, lines = _big_scan()
     with running(service) as port:
-        for attempt in range(2):  # warm up code paths and thread stacks
+        for warm_up in [scan[:2], (xml, _interleaved(lines))]:  # code paths, sizes and thread stacks
             rests = service.rests
-            with connect(port) as s:
-                send_scan(s, scan[0], scan[1])
+            with connect(port, timeout=60) as s:
+                send_scan(s, *warm_up)
                 read_until_close(s)
             _wait_for_rest(service, rests)
         before = rss_bytes()
