@@ -23,6 +23,8 @@ def main(argv=None) -> int:
                         help="output directory (default ./generalisation_results)")
     parser.add_argument("--device", default="auto", help="E2E-VarNet device: auto, cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--refine", choices=("pi", "none"), default="pi",
+                        help="E2E-VarNet's refinement (gadget/recon/refine.py; default pi)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -35,7 +37,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         spec = load_spec(args.spec)
-        records = run_matrix(spec, args.out, device=args.device)
+        from gadget.recon.refine import RefineConfig
+
+        records = run_matrix(spec, args.out, device=args.device, refine=RefineConfig(mode=args.refine))
     except (EvaluationError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

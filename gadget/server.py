@@ -200,6 +200,10 @@ class ReconService:
         if config.checkpoint and config.checkpoint != self.config.checkpoint:
             raise SessionError(f"checkpoint '{config.checkpoint}' requested, but this server serves "
                                f"'{self.config.checkpoint}'")
+        if (config.refine, config.refine_lambda) != (self.config.refine, self.config.refine_lambda):
+            raise SessionError(f"refine '{config.refine}' (lambda {config.refine_lambda:g}) requested, but this "
+                               f"server's model runs with refine '{self.config.refine}' (lambda "
+                               f"{self.config.refine_lambda:g})")
         if config.precision != self.config.precision:
             raise SessionError(f"precision '{config.precision}' requested, but this server's model runs "
                                f"in '{self.config.precision}'")

@@ -17,6 +17,7 @@ from gadget.model.varnet import VarNet
 from gadget.recon.config import ReconConfig
 from gadget.recon.engine import Reconstructor
 from gadget.recon.pipeline import ScanReconstructor
+from gadget.recon.refine import RefineConfig
 from gadget.stream.assemble import AssemblyError, SliceAssembler
 from gadget.stream.images import image_magnitude
 from tests.mrd_builders import cartesian_lines, header, header_3d
@@ -307,7 +308,7 @@ def test_network_image_uses_the_reference_and_differs_from_merging_it():
     for mode in ("separate", "embedded"):
         xml, imaging, reference, lines = separate_scan(mode=mode)
         scan = ScanReconstructor(xml, ReconConfig(prewhiten=False, fallback="none", device="cpu"),
-                                 Reconstructor(model, "cpu"))
+                                 Reconstructor(model, "cpu", refine=RefineConfig(mode="none")))
         (img,) = list(scan.run(lines))
         images[mode] = image_magnitude(img)
     mask = np.zeros(WIDTH, bool)

@@ -57,7 +57,7 @@ def test_infer_directory_matches_fastmri_inference(tmp_path, small_volume):
     ckpt, state = _checkpoint(tmp_path)
     out_dir = tmp_path / "out"
     assert main(["infer", "--checkpoint", str(ckpt), "--input", str(in_dir), "--output", str(out_dir),
-                 "--batch-size", "2"]) == 0
+                 "--batch-size", "2", "--refine", "none"]) == 0
     want = _reference_recon(in_dir, state, SMALL)
     for name, shape in (("a.h5", (3, 64, 48)), ("b.h5", (2, 64, 40))):
         with h5py.File(out_dir / name, "r") as f:
@@ -78,7 +78,7 @@ def test_acs_from_attribute_vs_detection(tmp_path, small_volume):
     outs = {}
     for acs in ("mask", "auto"):
         assert main(["infer", "--checkpoint", str(ckpt), "--input", str(in_dir / "c.h5"),
-                     "--output", str(tmp_path / acs), "--acs", acs]) == 0
+                     "--output", str(tmp_path / acs), "--acs", acs, "--refine", "none"]) == 0
         with h5py.File(tmp_path / acs / "c.h5", "r") as f:
             outs[acs] = f["reconstruction"][()]
     want = _reference_recon(in_dir, state, SMALL)["c.h5"]

@@ -61,6 +61,24 @@ def add_precision_argument(p: argparse.ArgumentParser, default: Optional[str] = 
                         + ("" if default else " (default: the config's, fp32)"))
 
 
+def add_refine_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refine", choices=("pi", "none"), default="pi",
+                   help="pi (default): finish the network's image with a parallel-imaging solve that uses its own "
+                        "maps and image as the prior (gadget/recon/refine.py); none: the network's image as it is")
+    p.add_argument("--refine-lambda", type=float, default=0.0,
+                   help="weight of the network's image in that solve; 0 (default): chosen from the noise level")
+
+
+def refine_config(args):
+    """``--refine``/``--refine-lambda`` → :class:`RefineConfig` (a bad value is a :class:`UserError`)."""
+    from ..recon.refine import RefineConfig
+
+    try:
+        return RefineConfig(mode=args.refine, lam=args.refine_lambda)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def operator_overrides(args) -> dict:
     """``--checkpoint``, ``--device``, ``--precision`` given on the command line, as config settings."""
     return {k: getattr(args, k) for k in ("checkpoint", "device", "precision") if getattr(args, k, None)}

@@ -8,7 +8,7 @@ from pathlib import Path
 def add_parser(sub) -> None:
     from ..baselines.bart import BartConfig
     from ..baselines.sense import SenseConfig
-    from . import add_precision_argument, example_epilog
+    from . import add_precision_argument, add_refine_argument, example_epilog
 
     sense, bart = SenseConfig(), BartConfig()
 
@@ -68,6 +68,7 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default="auto", help="E2E-VarNet device: auto, cpu, cuda, cuda:N")
     g.add_argument("--batch-size", type=int, default=1, help="E2E-VarNet slices per forward pass")
     add_precision_argument(g, default="fp32")
+    add_refine_argument(g)
     p.set_defaults(run=run)
 
 
@@ -76,7 +77,7 @@ def run(args) -> int:
     from ..baselines.sense import SenseConfig
     from ..evaluation.compare import Undersample, compare_methods, parse_methods
     from ..evaluation.scoring import EvaluationError
-    from . import UserError
+    from . import UserError, refine_config
 
     if args.max_slices is not None and args.max_slices < 1:
         raise UserError("--max-slices must be >= 1")
@@ -96,7 +97,8 @@ def run(args) -> int:
             undersample=undersample, target_key=args.target_key,
             sense_config=SenseConfig(iterations=args.sense_iterations, lam=args.sense_lambda),
             bart_config=BartConfig(lam=args.bart_lambda, iterations=args.bart_iterations),
-            device=args.device, batch_size=args.batch_size, precision=args.precision)
+            device=args.device, batch_size=args.batch_size, precision=args.precision,
+            refine=refine_config(args))
     except (EvaluationError, ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     print((args.out / "results.md").read_text())

@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    from . import add_precision_argument, example_epilog
+    from . import add_precision_argument, add_refine_argument, example_epilog
 
     p = sub.add_parser(
         "infer", help="reconstruct fastMRI test-format files with a checkpoint",
@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output", required=True, type=Path, help="output directory")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     add_precision_argument(p, default="fp32")
+    add_refine_argument(p)
     p.add_argument("--batch-size", type=int, default=1, help="slices per forward pass")
     p.add_argument("--acs", choices=("auto", "attrs", "mask"), default="auto",
                    help="ACS line count: file attribute num_low_frequency (attrs), fastMRI's detection from "
@@ -52,7 +53,7 @@ def run(args) -> int:
     from ..model.checkpoint import load_checkpoint
     from ..recon.engine import Reconstructor
     from ..recon.fastmri_infer import reconstruct_volume
-    from . import UserError
+    from . import UserError, refine_config
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
@@ -61,11 +62,11 @@ def run(args) -> int:
 
     loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
     try:
-        engine = Reconstructor(loaded.model, args.device, args.precision)
+        engine = Reconstructor(loaded.model, args.device, args.precision, refine=refine_config(args))
     except (RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    log.info("checkpoint %s (%s, sha256 %s), device %s, U-Nets in %s", loaded.path, loaded.kind,
-             loaded.sha256[:12], engine.device, args.precision)
+    log.info("checkpoint %s (%s, sha256 %s), device %s, U-Nets in %s, refine %s", loaded.path, loaded.kind,
+             loaded.sha256[:12], engine.device, args.precision, engine.refine.mode)
     args.output.mkdir(parents=True, exist_ok=True)
     for path in files:
         with open_volume(path) as volume, tqdm(total=volume.num_slices, desc=path.name, unit="slice",

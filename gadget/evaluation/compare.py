@@ -40,6 +40,7 @@ from ..mri.fft import ifft2c
 from ..mri.masks import MaskSampler, MaskSpec, contiguous_center_lines
 from ..mri.metrics import center_crop
 from ..recon.fastmri_infer import acquired_mask, crop_size_for
+from ..recon.refine import RefineConfig
 from .scoring import EvaluationError, fastmri_eval_crop, mean_std, resolve_target_key, score_volume
 from .sources import POOLED, parse_checkpoints, parse_sources
 
@@ -225,7 +226,7 @@ def pooled(method: str, parts: Sequence[MethodResult]) -> MethodResult:
     return out
 
 
-def _load_engine(checkpoint, device: str, precision: Optional[str] = None):
+def _load_engine(checkpoint, device: str, precision: Optional[str] = None, refine: RefineConfig = RefineConfig()):
     """A :class:`Reconstructor` from a checkpoint path or a VarNet module (its mode is restored
     by the caller). Returns ``(engine, description, module_or_None, was_training)``."""
     from ..recon.engine import Reconstructor
@@ -234,15 +235,18 @@ def _load_engine(checkpoint, device: str, precision: Optional[str] = None):
         was_training = checkpoint.training
         if device == "auto":  # stay where the caller keeps the model (e.g. its training GPU)
             device = next(checkpoint.parameters()).device
-        engine, desc, module = Reconstructor(checkpoint, device, precision), "model passed in", checkpoint
+        engine, desc, module = Reconstructor(checkpoint, device, precision, refine=refine), \
+            "model passed in", checkpoint
     else:
         from ..model.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(checkpoint)
-        engine, module, was_training = Reconstructor(loaded.model, device, precision), None, False
+        engine, module, was_training = Reconstructor(loaded.model, device, precision, refine=refine), None, False
         desc = f"{Path(loaded.path).name} (sha256 {loaded.sha256[:12]})"
     if engine.model.precision != "fp32":
         desc += f", U-Nets in {engine.model.precision}"
+    if refine.mode == "none":
+        desc += ", no refine"
     return engine, desc, module, was_training
 
 
@@ -256,7 +260,7 @@ def compare_methods(files, methods: str | Sequence[str] = METHODS, checkpoint=No
                     undersample: Optional[Undersample] = None, target_key: str = "auto",
                     espirit: EspiritConfig = EspiritConfig(), sense_config: SenseConfig = SenseConfig(),
                     bart_config: BartConfig = BartConfig(), device: str = "auto", batch_size: int = 1,
-                    precision: Optional[str] = None,
+                    precision: Optional[str] = None, refine: RefineConfig = RefineConfig(),
                     progress: Optional[Callable[[str, str], None]] = None) -> list[dict]:
     """Run ``methods`` on every file of every source and score them, per source and pooled.
 
@@ -275,6 +279,7 @@ def compare_methods(files, methods: str | Sequence[str] = METHODS, checkpoint=No
         target_key: ``auto`` (noise-free target when present, else ``reconstruction_rss``) or a key.
         device, batch_size: for E2E-VarNet (``auto`` with a module: the module's own device).
         precision: the U-Nets' arithmetic for E2E-VarNet (``None``: the model's, fp32 when loaded).
+        refine: the refinement of E2E-VarNet's images (:mod:`gadget.recon.refine`; default on).
         progress: called as ``progress(method, file_name)`` before each reconstruction.
 
     Returns:
@@ -311,7 +316,7 @@ def compare_methods(files, methods: str | Sequence[str] = METHODS, checkpoint=No
     figure = None
     try:
         for row, ckpt in models:
-            engine, desc, module, was_training = _load_engine(ckpt, device, precision)
+            engine, desc, module, was_training = _load_engine(ckpt, device, precision, refine)
             if module is not None:
                 restore.append((module, was_training))
             runners[row] = lambda c, engine=engine: varnet(c, engine, batch_size)

@@ -26,11 +26,12 @@ CHOICES = {
     "fallback": ("none", "sense", "zero-filled"),
     "also_send": ("none", "zero-filled", "sense"),
     "noise_units": ("scan", "gadgetron"),  # gadget.stream.noise.UNITS
+    "refine": ("pi", "none"),  # gadget.recon.refine.REFINE_MODES
 }
 
 
 # Settings only the operator sets (command line, preset file, Gadgetron chain), never a network client.
-OPERATOR_ONLY = ("checkpoint", "device", "precision")
+OPERATOR_ONLY = ("checkpoint", "device", "precision", "refine", "refine_lambda")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,10 @@ class ReconConfig:
     checkpoint: Optional[str] = None     # a path given by the operator (never by a client)
     device: str = "auto"                 # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "fp32"              # fp32 | bf16 | fp16: the U-Nets' arithmetic (FFTs, coil maths stay fp32)
+    # The network's image finished by a parallel-imaging solve with its own maps and image as the prior
+    # (gadget/recon/refine.py): pi | none. refine_lambda: the prior's weight; 0 = chosen from the noise.
+    refine: str = "pi"
+    refine_lambda: float = 0.0
     batch_size: int = 1                  # slices per forward pass
     prewhiten: bool = True               # noise prewhitening from noise-measurement acquisitions
     acs_source: str = "flags"            # flags (calibration flags; else the centre run of the mask) | mask (the centre run)
@@ -139,6 +144,9 @@ def _convert(name: str, annotation: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: setting 'uint16_max' must be <= 65535, got {out}")
     if name == "coil_compression" and out < 0:
         raise ConfigError(f"{source}: setting 'coil_compression' must be >= 0 (0 = off), got {out}")
+    if name == "refine_lambda" and not (out >= 0 and math.isfinite(out)):
+        raise ConfigError(f"{source}: setting 'refine_lambda' must be a finite number >= 0 (0 = from the noise), "
+                          f"got {out}")
     if name == "uint16_scale" and not (out >= 0 and math.isfinite(out)):
         raise ConfigError(f"{source}: setting 'uint16_scale' must be a finite number >= 0 (0 = from the first "
                           f"slice), got {out}")

@@ -13,6 +13,11 @@ re-run, which withholds a few sampled lines *outside* the ACS band, reuses them.
 by ``maps_cache_bytes`` (default 256 MiB of complex64 maps: 11 slices of 12 coils × 640 × 368; maps
 larger than the bound are not kept), enough for a slice and its re-run in each of ~10 concurrently served scans of
 that size (more with smaller slices). The cache is not counted in the server's k-space memory budget.
+
+Refinement (``refine``, :mod:`gadget.recon.refine`): by default every image the engine returns is the
+network's image finished by a parallel-imaging solve with the network's own maps and image as the prior;
+``RefineConfig(mode="none")`` returns the network's image as it is. ``run``'s k-space is the network's
+(the safety check's consistency residual measures the network, its prediction figure the image sent).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from ..model.varnet import VarNet
 from ..mri.lru import ByteLRU
 from ..mri.masks import contiguous_center_lines
 from .allocator import keep_freed_memory
+from .refine import RefineConfig, refine as refine_image
 
 log = logging.getLogger(__name__)
 MAPS_CACHE_BYTES = 256 << 20
@@ -51,10 +57,15 @@ class Reconstructor:
     ``precision``: the U-Nets' arithmetic (``fp32``, ``bf16``, ``fp16``; see
     :meth:`VarNet.set_precision`), set on ``model`` itself (engines sharing one model share it);
     ``None`` keeps the model's current setting. ``maps_cache_bytes``: bound of the fixed-map cache
-    (:class:`MapsCache`; used only by the fixed-map variants, ``model.needs_maps``)."""
+    (:class:`MapsCache`; used only by the fixed-map variants, ``model.needs_maps``). ``refine``: the
+    parallel-imaging refinement of every image (module docstring; default on)."""
 
     def __init__(self, model: VarNet, device: str | torch.device = "auto", precision: Optional[str] = None,
-                 maps_cache_bytes: int = MAPS_CACHE_BYTES):
+                 maps_cache_bytes: int = MAPS_CACHE_BYTES, refine: RefineConfig = RefineConfig()):
+        if refine.mode != "none" and not hasattr(model, "forward_with_kspace"):
+            raise ValueError(f"refine '{refine.mode}' needs the model's final k-space, which "
+                             f"{type(model).__name__} does not return: use refine 'none'")
+        self.refine = refine
         self.maps_cache = MapsCache(maps_cache_bytes)
         self.device = resolve_device(device) if isinstance(device, str) else device
         keep_freed_memory()  # per-slice tensors reuse their pages instead of page-faulting afresh
@@ -71,6 +82,8 @@ class Reconstructor:
     def __call__(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
                  num_low_frequencies: Optional[int] = None,
                  sens_kspace: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+        if self.refine.mode != "none":
+            return self.run(kspace, mask, num_low_frequencies, sens_kspace)[0]
         extra = self._extra(kspace, mask, num_low_frequencies, sens_kspace)
         k, m = self._inputs(kspace, mask)
         with self._lock:
@@ -100,6 +113,7 @@ class Reconstructor:
         k, m = self._inputs(kspace, mask)
         with self._lock:
             image, final = forward(k, m, num_low_frequencies, **extra)
+            image = refine_image(image, final, k, m, self.refine)
         return image.float().cpu().numpy(), final.to(torch.complex64).cpu().numpy()
 
     def _extra(self, kspace, mask, num_low_frequencies, sens_kspace) -> dict:

@@ -27,6 +27,7 @@ from ..stream.types import AcqLine
 from .coil_compression import CompressionError, compress
 from .config import ReconConfig
 from .engine import Reconstructor
+from .refine import RefineConfig
 from .safety import safety_figures, sense_image, zero_filled_rss
 
 log = logging.getLogger(__name__)
@@ -399,5 +400,7 @@ def build_engine(config: ReconConfig) -> tuple[Optional[Reconstructor], str]:
     from ..model.shipped import resolve_checkpoint
 
     loaded = load_checkpoint(resolve_checkpoint(config.checkpoint))  # none given: the shipped weights
-    engine = Reconstructor(loaded.model, config.device, config.precision)
-    return engine, f"{loaded.path} ({loaded.kind}, sha256 {loaded.sha256[:12]}, U-Nets in {config.precision})"
+    engine = Reconstructor(loaded.model, config.device, config.precision,
+                           refine=RefineConfig(mode=config.refine, lam=config.refine_lambda))
+    return engine, (f"{loaded.path} ({loaded.kind}, sha256 {loaded.sha256[:12]}, U-Nets in {config.precision}, "
+                    f"refine {config.refine})")
