@@ -17,7 +17,8 @@ that size (more with smaller slices). The cache is not counted in the server's k
 Refinement (``refine``, :mod:`gadget.recon.refine`): by default every image the engine returns is the
 network's image finished by a parallel-imaging solve with the network's own maps and image as the prior;
 ``RefineConfig(mode="none")`` returns the network's image as it is. ``run``'s k-space is the network's
-(the safety check's consistency residual measures the network, its prediction figure the image sent).
+(the safety check's consistency and prediction figures measure the network; its departure figure the
+image sent).
 """
 from __future__ import annotations
 

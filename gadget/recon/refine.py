@@ -22,10 +22,11 @@ solved by conjugate gradients, where
 
 The image sent is the network's RSS image plus the change the solve made to the magnitude,
 ``rss + |x̂| − |x₀|`` (≥ 0): where the maps vanish (background) it is the network's image. Measured
-on the held-out sets at 4× (v3 weights; SSIM / PSNR dB; no refine → refine): noise-free INIA19 brain
-0.589 / 30.54 → 0.761 / 35.49; the same at 30 dB 0.796 / 29.05 → 0.774 / 30.77; BART phantoms
-0.769 / 27.69 → 0.800 / 29.27; ismrmrd Shepp–Logan 0.769 / 24.81 → 0.776 / 25.71; INIA whole heads
-0.822 / 31.31 → 0.822 / 31.76 (bench/generalisation_matrix.v3.yaml has the full matrix).
+with the v3 weights on the held-out matrix (docs/generalisation_matrix_v3.md; SSIM / PSNR dB, no refine
+→ refine) at 4×: noise-free INIA19 brain 0.589 / 30.54 → 0.762 / 35.50; the same at 30 dB 0.796 / 29.05
+→ 0.774 / 30.77; BART phantoms 0.769 / 27.69 → 0.800 / 29.27; ismrmrd Shepp–Logan 0.769 / 24.81 →
+0.776 / 25.71; INIA heads to 320² at 15–70 dB 0.787 / 28.61 → 0.764 / 28.75 (the cost: measured noise
+put back where the network had removed it).
 
 Layouts: k-space and coil tensors complex ``(batch, coil, readout, phase)``; mask bool, broadcastable
 to it (``(phase,)`` or ``(batch, 1, 1, phase)``); images real ``(batch, readout, phase)``.
