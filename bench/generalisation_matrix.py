@@ -23,7 +23,7 @@ def main(argv=None) -> int:
                         help="output directory (default ./generalisation_results)")
     parser.add_argument("--device", default="auto", help="E2E-VarNet device: auto, cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--refine", choices=("pi", "none"), default="pi",
+    parser.add_argument("--refine", choices=("pi", "none"), default="pi",  # gadget.recon.refine.REFINE_MODES
                         help="E2E-VarNet's refinement (gadget/recon/refine.py; default pi)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

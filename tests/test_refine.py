@@ -159,3 +159,12 @@ def test_refine_is_an_operator_setting_with_checked_values():
 def test_cli_refine_flag_is_checked():
     with pytest.raises(SystemExit):
         main(["infer", "--input", "x", "--output", "y", "--refine", "cg"])
+
+
+def test_the_pipeline_engine_takes_refine_from_the_config():
+    from gadget.recon.pipeline import build_engine
+
+    engine, description = build_engine(ReconConfig(refine="none", device="cpu"))
+    assert engine.refine.mode == "none" and "refine none" in description
+    engine, _ = build_engine(ReconConfig(refine_lambda=0.2, device="cpu"))
+    assert (engine.refine.mode, engine.refine.lam) == ("pi", 0.2)

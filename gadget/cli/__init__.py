@@ -62,7 +62,9 @@ def add_precision_argument(p: argparse.ArgumentParser, default: Optional[str] = 
 
 
 def add_refine_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--refine", choices=("pi", "none"), default="pi",
+    from ..recon.config import CHOICES
+
+    p.add_argument("--refine", choices=CHOICES["refine"], default="pi",
                    help="pi (default): finish the network's image with a parallel-imaging solve that uses its own "
                         "maps and image as the prior (gadget/recon/refine.py); none: the network's image as it is")
     p.add_argument("--refine-lambda", type=float, default=0.0,
