@@ -79,7 +79,7 @@ class RecordingEngine:
     def __init__(self):
         self.calls = []
 
-    def run(self, kspace, mask, num_low=None, sens_kspace=None):
+    def run(self, kspace, mask, num_low=None, sens_kspace=None, refined=True):
         self.calls.append({"kspace": np.array(kspace), "mask": np.array(mask), "acs": num_low,
                            "sens_kspace": None if sens_kspace is None else np.array(sens_kspace)})
         img = ifftc(kspace, (-2, -1))

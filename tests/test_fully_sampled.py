@@ -30,7 +30,7 @@ class RecordingEngine:
     def __init__(self):
         self.counts = []
 
-    def run(self, kspace, mask, num_low=None):
+    def run(self, kspace, mask, num_low=None, refined=True):
         self.counts.append(num_low)
         return np_rss(kspace, axis=1), kspace.copy()
 

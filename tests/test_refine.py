@@ -71,7 +71,7 @@ def test_choose_lambda_follows_the_noise_within_its_bounds():
 
 def test_coil_maps_are_normalised_where_there_is_signal():
     coils = smooth_maps() * phantom()[:, None]
-    maps = coil_maps(coils, fft2c(coils), smooth=0.05)
+    maps = coil_maps(fft2c(coils), smooth=0.05)
     energy = (maps.abs() ** 2).sum(1)[0]
     inside = phantom()[0].abs() > 0.2
     np.testing.assert_allclose(energy[inside].numpy(), 1.0, atol=0.01)  # measured 0.9946-0.998 (the floor)
@@ -139,6 +139,18 @@ def test_engine_applies_the_refinement_by_default_and_none_is_the_network():
     default = Reconstructor(model, "cpu")
     np.testing.assert_allclose(default(k, m, 8), want, rtol=0, atol=1e-5 * want.max())
     np.testing.assert_allclose(default.run(k, m, 8)[1], final.numpy(), rtol=0, atol=1e-6 * np.abs(final.numpy()).max())
+    skipped, final_again = default.run(k, m, 8, refined=False)  # the safety re-run reads only the k-space
+    np.testing.assert_allclose(skipped, image.numpy(), rtol=0, atol=1e-6 * image.numpy().max())
+    np.testing.assert_allclose(final_again, final.numpy(), rtol=0, atol=1e-6 * np.abs(final.numpy()).max())
+    from gadget.recon.batching import BatchingEngine
+
+    batching = BatchingEngine(default, max_batch=2)
+    try:
+        np.testing.assert_allclose(batching.run(k, m, 8)[0], want, rtol=0, atol=1e-5 * want.max())
+        np.testing.assert_allclose(batching.run(k, m, 8, refined=False)[0], image.numpy(), rtol=0,
+                                   atol=1e-6 * image.numpy().max())
+    finally:
+        batching.close()
     plain = Reconstructor(model, "cpu", refine=RefineConfig(mode="none"))
     np.testing.assert_allclose(plain(k, m, 8), image.numpy(), rtol=0, atol=1e-6 * image.numpy().max())
     with pytest.raises(ValueError, match="refine 'pi' needs the model's final k-space"):

@@ -241,7 +241,7 @@ def test_withheld_columns_are_the_sampled_ones_nearest_the_band():
 def test_prediction_error_is_one_for_zero_filling():
     """A "network" that returns its zero-filled input scores exactly 1 on the withheld lines."""
     k, mask = _slice_and_mask(np.random.default_rng(0), (3, 16, 40), slice(17, 23))
-    run = lambda given, m, acs: (None, given)               # noqa: E731  final k-space = what it was given
+    run = lambda given, m, acs, **_: (None, given)          # noqa: E731  final k-space = what it was given
     assert prediction_error(run, k * mask, mask, 6) == pytest.approx(1.0)
-    perfect = lambda given, m, acs: (None, (k * mask)[None])  # noqa: E731  knows every measured line
+    perfect = lambda given, m, acs, **_: (None, (k * mask)[None])  # noqa: E731  knows every measured line
     assert prediction_error(perfect, k * mask, mask, 6) == pytest.approx(0.0)

@@ -112,7 +112,7 @@ class _HeldEngine:
     def __init__(self, released: threading.Event):
         self.released, self.calls, self.saw_whole_scan = released, 0, None
 
-    def run(self, kspace, mask, num_low=None):
+    def run(self, kspace, mask, num_low=None, refined=True):
         self.calls += 1
         if self.calls == 1:
             self.saw_whole_scan = self.released.wait(30)

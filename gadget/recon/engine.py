@@ -99,12 +99,13 @@ class Reconstructor:
     def run(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
             num_low_frequencies: Optional[int] = None,
             sens_kspace: np.ndarray | torch.Tensor | None = None,
-            sens_maps: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+            sens_maps: Optional[np.ndarray] = None, refined: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Like calling the engine, but also returns the model's final multi-coil k-space:
         ``(images (batch, readout, phase) float32, kspace (batch, coil, readout, phase) complex64)``.
         Needs a model with ``forward_with_kspace`` (:class:`VarNet`). ``sens_kspace``: see the module
         docstring (None: the sensitivities come from ``kspace``, as always before). ``sens_maps``: fixed maps
-        already computed (:meth:`fixed_maps_for`; fixed-map variants only), else they are computed here."""
+        already computed (:meth:`fixed_maps_for`; fixed-map variants only), else they are computed here.
+        ``refined=False`` skips the refinement (for callers that read only the k-space: the safety re-run)."""
         forward = getattr(self.model, "forward_with_kspace", None)
         if forward is None:
             raise TypeError(f"{type(self.model).__name__} has no forward_with_kspace: the safety check needs "
@@ -114,7 +115,8 @@ class Reconstructor:
         k, m = self._inputs(kspace, mask)
         with self._lock:
             image, final = forward(k, m, num_low_frequencies, **extra)
-            image = refine_image(image, final, k, m, self.refine)
+            if refined:
+                image = refine_image(image, final, k, m, self.refine)
         return image.float().cpu().numpy(), final.to(torch.complex64).cpu().numpy()
 
     def _extra(self, kspace, mask, num_low_frequencies, sens_kspace) -> dict:

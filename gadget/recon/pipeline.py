@@ -280,11 +280,11 @@ class ScanReconstructor:
 
         reference = {} if sl.calibration_kspace is None else {"sens_kspace": sl.calibration_kspace[None]}
 
-        def run(*args):  # the check's own network forward counts as model time, not check time
+        def run(*args, **kwargs):  # the check's own network forward counts as model time, not check time
             nonlocal forward_seconds
             start = time.perf_counter()
             try:
-                return self.engine.run(*args, **reference)
+                return self.engine.run(*args, **reference, **kwargs)
             finally:
                 forward_seconds = time.perf_counter() - start
                 self.stats.model_seconds += forward_seconds

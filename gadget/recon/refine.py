@@ -77,9 +77,9 @@ def _gaussian_window(n: int, width: float, device) -> torch.Tensor:
     return torch.exp(-0.5 * (centre / (width * n)) ** 2)
 
 
-def coil_maps(coil_images: torch.Tensor, kspace: torch.Tensor, smooth: float) -> torch.Tensor:
-    """Maps ``(b, c, h, w)`` from coil images and their k-space: the low-passed coil images over
-    their RSS (``Σ|S|² = 1`` where the low-passed RSS exceeds 1e-3 of its maximum, less below)."""
+def coil_maps(kspace: torch.Tensor, smooth: float) -> torch.Tensor:
+    """Maps ``(b, c, h, w)`` from multi-coil k-space: the low-passed coil images over their RSS
+    (``Σ|S|² = 1`` where the low-passed RSS exceeds 1e-3 of its maximum, less below)."""
     h, w = kspace.shape[-2:]
     window = _gaussian_window(h, smooth, kspace.device)[:, None] * _gaussian_window(w, smooth, kspace.device)
     low = ifft2c(kspace * window.to(kspace.dtype))
@@ -122,10 +122,9 @@ def refine(image: torch.Tensor, final_kspace: torch.Tensor, masked_kspace: torch
         return image
     final = final_kspace.to(torch.complex64)
     measured = masked_kspace.to(final.device, torch.complex64)
-    maps = coil_maps(ifft2c(final), final, config.smooth)
+    maps = coil_maps(final, config.smooth)
     prior = (maps.conj() * ifft2c(final)).sum(1)
     lam = choose_lambda(config, noise_sigma(measured, mask), prior).view(-1, 1, 1).to(prior.real.dtype)
-    op = SenseOperator(maps, torch.broadcast_to(mask.to(final.device, torch.bool).reshape(-1, 1, 1, final.shape[-1]),
-                                                (final.shape[0], 1, 1, final.shape[-1])))
+    op = SenseOperator(maps, mask.to(final.device, torch.bool).reshape(-1, 1, 1, final.shape[-1]))
     x = conjugate_gradient(lambda v: op.normal(v) + lam * v, op.adjoint(measured) + lam * prior, config.iterations)
     return (image.float() + x.abs() - prior.abs()).clamp(min=0)

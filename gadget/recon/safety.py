@@ -110,8 +110,9 @@ def withheld_columns(mask, acs: int, count: int = 4) -> np.ndarray:
 
 def prediction_error(run, kspace, mask, acs: int, count: int = 4) -> Optional[float]:
     """How well the network predicts measured lines it was not given: withhold
-    :func:`withheld_columns`, reconstruct from the rest with ``run(kspace, mask, acs) -> (image,
-    final k-space)`` (``(1, …)`` batches, as :meth:`Reconstructor.run`), and return
+    :func:`withheld_columns`, reconstruct from the rest with ``run(kspace, mask, acs, refined=False) -> (image,
+    final k-space)`` (``(1, …)`` batches, as :meth:`Reconstructor.run`; no refinement: only the
+    k-space is read), and return
     ``||k̂_W − y_W|| / ||y_W||`` over the withheld columns ``W``. Zero-filling predicts 0 there and
     scores exactly 1; above 1 the network's guess of unmeasured k-space is worse than no guess. None
     when fewer than 2 lines can be withheld (or they hold no signal)."""
@@ -122,7 +123,7 @@ def prediction_error(run, kspace, mask, acs: int, count: int = 4) -> Optional[fl
     reduced = m.copy()
     reduced[cols] = False
     given = y * torch.from_numpy(reduced)
-    _, final = run(given.numpy()[None], reduced, int(acs))
+    _, final = run(given.numpy()[None], reduced, int(acs), refined=False)  # only the k-space is read
     k_hat = torch.as_tensor(np.asarray(final)[0])
     idx = torch.from_numpy(cols)
     norm = float(torch.linalg.vector_norm(y[..., idx]))
