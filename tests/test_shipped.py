@@ -45,15 +45,20 @@ def unseen_slice():
     return simulate_head_volume(scan, 1, np.random.default_rng(4321))
 
 
-def _shipped_and_zero_filled(volume, acceleration, center_fraction):
-    """``(shipped model image, zero-filled RSS, fastMRI target)`` of slice 0, equispaced-fraction mask seed 7."""
+def _undersampled(volume, acceleration, center_fraction):
+    """``(masked k-space, mask, ACS count)`` of slice 0, equispaced-fraction mask seed 7."""
     width = volume.kspace.shape[-1]
     mask, num_low = MaskSampler(MaskSpec("equispaced-fraction", [center_fraction], [acceleration]))(width, seed=7)
-    k = torch.from_numpy(volume.kspace) * torch.from_numpy(mask)
+    return torch.from_numpy(volume.kspace) * torch.from_numpy(mask), torch.from_numpy(mask), num_low
+
+
+def _shipped_and_zero_filled(volume, acceleration, center_fraction):
+    """``(shipped model image, zero-filled RSS, fastMRI target)`` of slice 0, equispaced-fraction mask seed 7."""
+    k, mask, num_low = _undersampled(volume, acceleration, center_fraction)
     model = load_checkpoint(shipped_checkpoint()).model
     shape = volume.target_rss.shape[-2:]
     with torch.no_grad():
-        recon = center_crop(model(k, torch.from_numpy(mask), num_low), shape).numpy()
+        recon = center_crop(model(k, mask, num_low), shape).numpy()
     zero = center_crop(rss(ifft2c(k), dim=1), shape).numpy()
     return recon, zero, volume.target_rss
 
@@ -107,9 +112,7 @@ def test_refinement_lifts_the_shipped_weights_on_held_out_slices(request, case, 
     from gadget.recon.refine import refine
 
     volume = request.getfixturevalue(case)
-    width = volume.kspace.shape[-1]
-    mask, num_low = MaskSampler(MaskSpec("equispaced-fraction", [center_fraction], [acceleration]))(width, seed=7)
-    k, m = torch.from_numpy(volume.kspace) * torch.from_numpy(mask), torch.from_numpy(mask)
+    k, m, num_low = _undersampled(volume, acceleration, center_fraction)
     model = load_checkpoint(shipped_checkpoint()).model
     with torch.no_grad():
         image, final = model.forward_with_kspace(k, m, num_low)
