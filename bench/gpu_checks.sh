@@ -3,7 +3,8 @@
 #   make gpu-wheels            # here, once: the machine there cannot download
 #   run(command="bash bench/gpu_checks.sh", carry=[".gpu-wheels"], timeout_s=540)
 # Installs the carried wheels next to the machine's own PyTorch, runs every CUDA test, then the
-# model benchmark (reference and ours on the same card, in one run) and the training-step benchmark.
+# model benchmark (reference and ours on the same card, in one run), the training-step benchmark and the
+# refinement's cost against the network's.
 # Results go to $OUT (the device tool brings that folder back) or ./gpu_out.
 set -euo pipefail
 PY=${PYTHON:-python3}
@@ -24,4 +25,5 @@ status=0  # a failing step is reported, and the later steps still run: device ti
 "$PY" -m gadget.cli bench model --device cuda --repeats 10 \
     --implementations reference,ours,ours-static,ours-bf16,ours-fp16 2>&1 | tee "$OUT/bench_model_cuda.txt" || status=1
 "$PY" -m gadget.cli bench train --device cuda --steps 3 2>&1 | tee "$OUT/bench_train_cuda.txt" || status=1
+"$PY" -m gadget.cli bench refine --device cuda --repeats 10 2>&1 | tee "$OUT/bench_refine_cuda.txt" || status=1
 exit $status

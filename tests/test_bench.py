@@ -67,3 +67,14 @@ def test_train_bench_checkpointing_gives_the_plain_steps_gradients():
     assert all(results[v]["peak_mb"] > 0 and results[v]["median_s"] > 0 for v in ("plain", "checkpointing"))
     table = format_table(case, results)
     assert "| checkpointing |" in table and "| plain |" in table
+
+
+def test_refine_bench_times_both_paths_and_tables_their_difference():
+    from gadget.bench.refine_bench import RefineTimes, format_table
+    from gadget.bench.refine_bench import run as run_refine
+
+    results = run_refine([(4, 64, 32)], repeats=1, threads=1)
+    assert [r.shape for r in results] == [(4, 64, 32)]
+    assert results[0].network_s > 0 and results[0].refined_s > 0
+    table = format_table([RefineTimes((4, 64, 32), 0.5, 0.75)], "cpu")
+    assert table.splitlines()[-1] == "| 4 × 64 × 32 | 500.0 | 750.0 | 250.0 | 0.50 |"

@@ -84,6 +84,17 @@ def add_parser(sub) -> None:
     p2.add_argument("--skip-overhead", action="store_true", help="only the coil compression measurement")
     p2.set_defaults(run=run_pipeline)
 
+    r = which.add_parser("refine", help="the parallel-imaging refinement's cost per slice against the network's",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=example_epilog("varnet bench refine", "varnet bench refine --device cuda --repeats 10"))
+    r.add_argument("--shape", nargs=3, type=int, action="append", metavar=("COILS", "READOUT", "PHASE"),
+                   help="k-space shape (repeatable; default 10 512 256 and 16 640 320)")
+    r.add_argument("--repeats", type=int, default=5)
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    r.add_argument("--checkpoint", default=None, help="weights (default: shipped)")
+    r.set_defaults(run=run_refine)
+
     s = which.add_parser("soak", help="thousands of mixed good/malformed/stalled connections against one server "
                                       "process: its resident memory over time, peak and resting after",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -172,6 +183,18 @@ def run_train(args) -> int:
     case = BenchCase(config=args.config, coils=coils, readout=readout, phase=phase, acs=args.acs,
                      repeats=args.steps, threads=args.threads, device=device)
     print(format_table(case, run(case, variants)))
+    return 0
+
+
+def run_refine(args) -> int:
+    from ..bench.refine_bench import format_table, run
+    from . import UserError
+
+    if args.repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    device = _check_device(args.device, ())
+    shapes = [tuple(s) for s in args.shape] if args.shape else [(10, 512, 256), (16, 640, 320)]
+    print(format_table(run(shapes, args.repeats, device, args.threads, args.checkpoint), device))
     return 0
 
 
