@@ -103,7 +103,7 @@ def _rel(a, b) -> float:
 
 def test_refine_recovers_what_the_coils_determine():
     """Noise-free: the solve fills the lines the prior got wrong from the coils (λ 0.02; measured relative
-    error 0.141 → 0.086, limited by maps taken from the blurred prior). The noise-adaptive λ sees the
+    error 0.141 → 0.081, limited by maps taken from the blurred prior). The noise-adaptive λ sees the
     phantom's sharp edges in the outer readout as noise and leans on the prior: it may not do worse."""
     measured, mask, final, image, truth = _refine_case()
     out = refine(image, final, measured, mask, RefineConfig(lam=0.02))
@@ -180,3 +180,19 @@ def test_the_pipeline_engine_takes_refine_from_the_config():
     assert engine.refine.mode == "none" and "refine none" in description
     engine, _ = build_engine(ReconConfig(refine_lambda=0.2, device="cpu"))
     assert (engine.refine.mode, engine.refine.lam) == ("pi", 0.2)
+
+
+def test_refine_sends_the_solve_itself_on_clean_data_and_the_networks_image_plus_change_on_noisy():
+    """The output is w·|x̂| + (1 − w)·(rss + |x̂| − |x₀|) with w = lam_min/λ ≤ 1: at the floor it does not
+    depend on the network's RSS image at all; at λ = 4·lam_min a constant added to that image comes
+    through at 1 − w = 3/4 (the image plus change is not clamped there: the constant keeps it positive)."""
+    from gadget.recon.refine import solved_weight
+
+    measured, mask, final, image, _ = _refine_case(snr_db=30)
+    floor = RefineConfig(lam=RefineConfig().lam_min)
+    base = refine(image, final, measured, mask, floor)
+    assert torch.allclose(refine(image + 5.0, final, measured, mask, floor), base, atol=1e-6)
+    quarter = RefineConfig(lam=4 * RefineConfig().lam_min)
+    shift = refine(image + 5.0, final, measured, mask, quarter) - refine(image, final, measured, mask, quarter)
+    np.testing.assert_allclose(shift.numpy(), 3.75, atol=1e-4)
+    assert float(solved_weight(RefineConfig(), torch.tensor(0.001))) == 1.0  # a λ below the floor: still ≤ 1

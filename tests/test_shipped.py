@@ -98,11 +98,13 @@ def test_shipped_weights_paint_nothing_around_a_clean_skull_stripped_brain(clean
 
 
 # The default refinement (gadget/recon/refine.py) on the same two held-out slices, against the network's
-# own image. Measured (SSIM / PSNR dB, network → refined): clean brain 4x 0.688 / 31.56 → 0.821 / 37.31,
-# 8x 0.521 / 26.59 → 0.608 / 27.55; unseen 28 dB head 4x 0.885 / 30.00 → 0.891 / 31.56, 8x 0.702 / 23.13
-# → 0.695 / 23.18. Asserted: a clear gain at 4x, no real loss at 8x (where 10 coils determine little).
-REFINE_GAIN = {("clean_brain_slice", 4): (0.08, 4.0), ("unseen_slice", 4): (0.0, 0.8),
-               ("clean_brain_slice", 8): (0.03, 0.5), ("unseen_slice", 8): (-0.02, -0.1)}
+# own image. Measured (SSIM / PSNR dB, network → refined): clean brain 4x 0.688 / 31.56 → 0.898 / 38.17,
+# 8x 0.521 / 26.59 → 0.641 / 27.71; unseen 28 dB head 4x 0.885 / 30.00 → 0.891 / 31.58, 8x 0.702 / 23.13
+# → 0.695 / 23.18. Asserted: a clear gain at 4x, no real loss at 8x (where 10 coils determine little). On
+# the clean brain the gains need the solve's own |x̂| sent at high SNR: with the network's image plus the
+# change alone they were 0.133 / 5.75 dB at 4x and 0.087 at 8x, below the bounds.
+REFINE_GAIN = {("clean_brain_slice", 4): (0.17, 6.0), ("unseen_slice", 4): (0.0, 0.8),
+               ("clean_brain_slice", 8): (0.1, 0.5), ("unseen_slice", 8): (-0.02, -0.1)}
 
 
 @pytest.mark.parametrize("case,acceleration,center_fraction",
