@@ -28,9 +28,9 @@ its floor, w = 1) the measurements are trusted outright and ``|x̂|`` is sent: o
 brain at 4× that is 0.876 / 37.07 against 0.794 / 36.30 for the second alone (2 volumes), and 0.805 /
 31.88 against 0.812 / 32.05 at 30 dB (w ≈ 0.07). Measured
 with the v3 weights on the held-out matrix (docs/generalisation_matrix_v3.md; SSIM / PSNR dB, no refine
-→ refine) at 4×: noise-free INIA19 brain 0.589 / 30.54 → 0.762 / 35.50; the same at 30 dB 0.796 / 29.05
-→ 0.774 / 30.77; BART phantoms 0.769 / 27.69 → 0.800 / 29.27; ismrmrd Shepp–Logan 0.769 / 24.81 →
-0.776 / 25.71; INIA heads to 320² at 15–70 dB 0.787 / 28.61 → 0.764 / 28.75 (the cost: measured noise
+→ refine) at 4×: noise-free INIA19 brain 0.589 / 30.54 → 0.849 / 36.22; the same at 30 dB 0.796 / 29.05
+→ 0.768 / 30.60; BART phantoms 0.769 / 27.69 → 0.801 / 29.32; ismrmrd Shepp–Logan 0.769 / 24.81 →
+0.776 / 25.71; INIA heads to 320² at 15–70 dB 0.787 / 28.61 → 0.773 / 28.85 (the cost: measured noise
 put back where the network had removed it).
 
 Layouts: k-space and coil tensors complex ``(batch, coil, readout, phase)``; mask bool, broadcastable
