@@ -116,7 +116,7 @@ class Reconstructor:
         with self._lock:
             image, final = forward(k, m, num_low_frequencies, **extra)
             if refined:
-                image = refine_image(image, final, k, m, self.refine)
+                image = refine_image(image, final, k, m, self.refine, num_low_frequencies)
         return image.float().cpu().numpy(), final.to(torch.complex64).cpu().numpy()
 
     def _extra(self, kspace, mask, num_low_frequencies, sens_kspace) -> dict:
