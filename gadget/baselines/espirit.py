@@ -53,6 +53,10 @@ class EspiritConfig:
         crop: zero the maps where the top eigenvalue is below this (``0`` keeps everything).
         ref_coil: coil whose phase is removed from all maps; ``None`` = the coil with the most
             energy in the (cropped) maps.
+        step: solve the per-pixel eigenproblems on a grid ``step`` × coarser on both axes (the same
+            field of view; at least the kernel support) and interpolate maps and eigenvalues
+            linearly to the full grid before cropping. The maps are smooth, and the eigenproblems
+            are most of the cost: ``step`` 4 is about 16× fewer. ``1``: every pixel (BART's way).
     """
 
     kernel: int = 6
@@ -60,6 +64,7 @@ class EspiritConfig:
     threshold: float = 0.02
     crop: float = 0.95
     ref_coil: Optional[int] = None
+    step: int = 1
 
 
 def default_calib_readout(coils: int, rows: int, num_low: int, kernel: int) -> int:
@@ -162,6 +167,22 @@ def image_operator(g: np.ndarray, shape: Tuple[int, int]) -> torch.Tensor:
     return x.reshape(coils, coils, rows * cols).permute(2, 0, 1).contiguous()
 
 
+def interpolation_matrix(full: int, coarse: int) -> torch.Tensor:
+    """``(full, coarse)`` float64 linear interpolation from ``coarse`` samples of a field of view to
+    ``full`` ones, both centred as :func:`image_operator` centres them (pixel ``j`` at ``j - n // 2`` in
+    units of fov / n); beyond the outermost coarse samples the edge value is held."""
+    fine_pos = (torch.arange(full, dtype=torch.float64) - full // 2) / full
+    coarse_pos = (torch.arange(coarse, dtype=torch.float64) - coarse // 2) / coarse
+    t = ((fine_pos - coarse_pos[0]) * coarse).clamp(0, coarse - 1)
+    lo = t.floor().long().clamp(max=coarse - 2) if coarse > 1 else torch.zeros(full, dtype=torch.long)
+    frac = t - lo
+    w = torch.zeros(full, coarse, dtype=torch.float64)
+    w[torch.arange(full), lo] = 1 - frac
+    if coarse > 1:
+        w[torch.arange(full), lo + 1] += frac
+    return w
+
+
 def top_eigenvectors(matrices: torch.Tensor, chunk: int = 16384) -> Tuple[torch.Tensor, torch.Tensor]:
     """Largest eigenvalue ``(n,)`` and its unit eigenvector ``(n, coil)`` of Hermitian ``(n, c, c)``."""
     values, vectors = [], []
@@ -205,16 +226,24 @@ def espirit_maps(kspace, num_low: Optional[int] = None, mask=None,
                     calib.shape[1:], config.kernel, kernel)
     kernels = signal_kernels(calib, kernel, config.threshold)
     g = averaged_projector_kernel(kernels)
-    values, vectors = top_eigenvectors(image_operator(g, (rows, cols)))
-    maps = vectors.T.reshape(coils, rows, cols)
-    values = values.reshape(rows, cols)
-    maps = torch.where(values >= config.crop, maps, torch.zeros((), dtype=maps.dtype))
+    taps = g.shape[-1]
+    grid = (rows, cols) if config.step <= 1 else (max(-(-rows // config.step), taps),
+                                                  max(-(-cols // config.step), taps))
+    values, vectors = top_eigenvectors(image_operator(g, grid))
+    maps = vectors.T.reshape(coils, *grid)
+    values = values.reshape(grid)
     ref = config.ref_coil
     if ref is None:
-        ref = int(torch.argmax((maps.abs() ** 2).sum(dim=(1, 2))))
+        ref = int(torch.argmax((torch.where(values >= config.crop, maps, 0).abs() ** 2).sum(dim=(1, 2))))
     if not 0 <= ref < coils:
         raise ValueError(f"ref_coil must be in [0, {coils}), got {ref}")
-    maps = maps * torch.sgn(maps[ref]).conj()  # sgn(0) = 0: cropped pixels stay 0
+    maps = maps * torch.sgn(maps[ref]).conj()  # sgn(0) = 0
+    if grid != (rows, cols):  # same field of view sampled coarsely: interpolate, then renormalise
+        up = interpolation_matrix(rows, grid[0]), interpolation_matrix(cols, grid[1])
+        values = (up[0] @ values.to(up[0].dtype) @ up[1].T).real.float()
+        maps = up[0].to(maps.dtype) @ maps @ up[1].T.to(maps.dtype)
+        maps = maps / maps.abs().square().sum(0).sqrt().clamp(min=1e-12)
+    maps = torch.where(values >= config.crop, maps, torch.zeros((), dtype=maps.dtype))
     maps = maps.to(torch.complex64)
     if return_eigenvalues:
         return maps, values.to(torch.float32)

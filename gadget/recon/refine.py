@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from ..baselines.espirit import espirit_maps
+from ..baselines.espirit import EspiritConfig, espirit_maps
 from ..baselines.sense import SenseOperator, conjugate_gradient
 from ..mri.fft import ifft2c
 
@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 REFINE_MODES = ("pi", "none")
 MAP_SOURCES = ("auto", "network")
+#: ESPIRiT as the baselines run it, with the eigenproblems on a 4× coarser grid (maps within 5e-4 RMS of
+#: the full grid's on the held-out brain, 0.13 instead of 0.72 s per 256² 10-coil slice).
+REFINE_ESPIRIT = EspiritConfig(step=4)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     chosen, sources = [], []
     for i in range(b):
         try:
-            esp = espirit_maps(measured[i], num_low, mask=rows[i]).to(final.device)
+            esp = espirit_maps(measured[i], num_low, mask=rows[i], config=REFINE_ESPIRIT).to(final.device)
             covers = espirit_coverage(esp, image[i].to(final.device)) >= config.coverage
         except ValueError as exc:  # no usable calibration block (fewer than 2 centre lines)
             log.debug("refine: ESPIRiT maps unavailable (%s); the network's maps are used", exc)
