@@ -32,8 +32,7 @@ with the v3 weights on the held-out matrix (docs/generalisation_matrix_v3.md; SS
 → refine) at 4×: noise-free INIA19 brain 0.589 / 30.54 → 0.953 / 37.29 (BART pics-L1 0.944 / 37.18);
 the same at 30 dB 0.796 / 29.05 → 0.800 / 31.34; BART phantoms 0.769 / 27.69 → 0.798 / 29.40; ismrmrd
 Shepp–Logan 0.769 / 24.81 → 0.780 / 25.77; INIA heads to 320² at 15–70 dB 0.787 / 28.61 → 0.778 / 28.38
-(the cost: measured noise
-put back where the network had removed it).
+(the cost: measured noise put back where the network had removed it).
 
 Layouts: k-space and coil tensors complex ``(batch, coil, readout, phase)``; mask bool, broadcastable
 to it (``(phase,)`` or ``(batch, 1, 1, phase)``); images real ``(batch, readout, phase)``.
@@ -131,9 +130,10 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     ESPIRiT (on the measured calibration lines, as BART's pics takes them) where its maps cover at least
     ``config.coverage`` of the network's object, else :func:`coil_maps` of the network's k-space. Why
     both: on the held-out brain, phantoms and INIA heads at 4× ESPIRiT's maps lift the refined image
-    (2 volumes: noise-free brain 0.876 / 37.07 → 0.948 / 37.89, 30 dB brain 0.805 / 31.88 → 0.822 / 32.18;
-    the whole matrix: docs/generalisation_matrix_v3.md), but on heads with elements at the scalp and on few calibration
-    lines they are cropped inside the object, and a solve with them returns a dark interior."""
+    (2 volumes: noise-free brain 0.876 / 37.07 → 0.948 / 37.89, 30 dB brain 0.805 / 31.88 → 0.822 /
+    32.18; the whole matrix: docs/generalisation_matrix_v3.md), but on heads with elements at the scalp
+    and on few calibration lines they are cropped inside the object, and a solve with them returns a
+    dark interior."""
     network = coil_maps(final, config.smooth)
     b, w = final.shape[0], final.shape[-1]
     if config.maps == "network":
