@@ -227,3 +227,15 @@ def test_espirit_coverage_is_the_covered_share_of_the_object():
     maps[0, :, :4] = 1.0   # covers 8 of them
     assert espirit_coverage(maps, image) == 0.5
     assert espirit_coverage(torch.ones(2, 8, 8, dtype=torch.complex64) / math.sqrt(2), image) == 1.0
+
+
+def test_refine_takes_one_calibration_count_per_slice_as_the_batching_engine_passes_them():
+    """A batch of two slices with ``num_low`` as a per-slice tensor (the batching engine's form) gives each
+    slice what it gets alone."""
+    one = _refine_case(acs=12)
+    two = _refine_case(acs=12, seed=1)
+    batch = [torch.cat([a, b]) for a, b in zip(one[:4], two[:4])]
+    together = refine(batch[3], batch[2], batch[0], batch[1], RefineConfig(), num_low=torch.tensor([12, 12]))
+    for i, case in enumerate((one, two)):
+        alone = refine(case[3], case[2], case[0], case[1], RefineConfig(), num_low=12)
+        assert torch.allclose(together[i], alone[0], rtol=1e-4, atol=1e-5)

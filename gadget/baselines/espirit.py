@@ -296,7 +296,7 @@ def fixed_maps(kspace, mask=None, num_low=None, config: EspiritConfig = FIXED_MA
         if m.shape[0] not in (1, batch):
             raise ValueError(f"fixed_maps: mask has {m.shape[0]} rows for {batch} slices")
         masks = np.broadcast_to(m, (batch, phase))
-    counts = _per_slice_counts(num_low, batch)
+    counts = per_slice_counts(num_low, batch)
     out = np.empty(k.shape, np.complex64)
     for i in range(batch):
         n = counts[i]
@@ -315,7 +315,9 @@ def fixed_maps(kspace, mask=None, num_low=None, config: EspiritConfig = FIXED_MA
     return out[0] if single else out
 
 
-def _per_slice_counts(num_low, batch: int) -> list:
+def per_slice_counts(num_low, batch: int) -> list:
+    """Calibration-line counts per slice: ``num_low`` as None, one count, or one per slice (sequence or
+    tensor) → a list of ``batch`` ints or Nones."""
     if num_low is None or isinstance(num_low, (int, np.integer)):
         return [None if num_low is None else int(num_low)] * batch
     values = num_low.detach().cpu().numpy() if isinstance(num_low, torch.Tensor) else np.asarray(num_low)
@@ -323,5 +325,5 @@ def _per_slice_counts(num_low, batch: int) -> list:
     if values.size == 1:
         return [int(values[0])] * batch
     if values.size != batch:
-        raise ValueError(f"fixed_maps: num_low has {values.size} entries for {batch} slices")
+        raise ValueError(f"num_low has {values.size} entries for {batch} slices")
     return [int(v) for v in values]

@@ -42,11 +42,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from ..baselines.espirit import EspiritConfig, espirit_maps
+from ..baselines.espirit import EspiritConfig, espirit_maps, per_slice_counts
 from ..baselines.sense import SenseOperator, conjugate_gradient
 from ..mri.fft import ifft2c
 
@@ -124,7 +123,7 @@ def espirit_coverage(maps: torch.Tensor, image: torch.Tensor) -> float:
 
 
 def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor,
-                config: RefineConfig, num_low: Optional[int] = None) -> tuple[torch.Tensor, list[str]]:
+                config: RefineConfig, num_low=None) -> tuple[torch.Tensor, list[str]]:
     """Maps ``(b, c, h, w)`` for the solve and, per slice, where they came from (``espirit`` or ``network``).
 
     ESPIRiT (on the measured calibration lines, as BART's pics takes them) where its maps cover at least
@@ -138,11 +137,11 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     b, w = final.shape[0], final.shape[-1]
     if config.maps == "network":
         return network, ["network"] * b
-    rows = _mask_rows(mask, b, w).cpu().numpy()
+    rows, counts = _mask_rows(mask, b, w).cpu().numpy(), per_slice_counts(num_low, b)
     chosen, sources = [], []
     for i in range(b):
         try:
-            esp = espirit_maps(measured[i], num_low, mask=rows[i], config=REFINE_ESPIRIT).to(final.device)
+            esp = espirit_maps(measured[i], counts[i], mask=rows[i], config=REFINE_ESPIRIT).to(final.device)
             covers = espirit_coverage(esp, image[i].to(final.device)) >= config.coverage
         except ValueError as exc:  # no usable calibration block (fewer than 2 centre lines)
             log.debug("refine: ESPIRiT maps unavailable (%s); the network's maps are used", exc)
@@ -179,10 +178,11 @@ def choose_lambda(config: RefineConfig, sigma: torch.Tensor, prior: torch.Tensor
 
 @torch.inference_mode()
 def refine(image: torch.Tensor, final_kspace: torch.Tensor, masked_kspace: torch.Tensor, mask: torch.Tensor,
-           config: RefineConfig = RefineConfig(), num_low: Optional[int] = None) -> torch.Tensor:
+           config: RefineConfig = RefineConfig(), num_low=None) -> torch.Tensor:
     """The refined image ``(b, h, w)`` (module docstring) from the network's RSS ``image`` ``(b, h, w)``,
     its final multi-coil k-space and the measured (masked) k-space, both ``(b, c, h, w)``. ``num_low``:
-    calibration lines for ESPIRiT (None: the contiguous sampled centre run of the mask)."""
+    calibration lines for ESPIRiT, one count or one per slice (None: the contiguous sampled centre run
+    of each slice's mask)."""
     if config.mode == "none":
         return image
     final = final_kspace.to(torch.complex64)
