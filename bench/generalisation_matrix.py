@@ -17,13 +17,15 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
+    from gadget.recon.config import CHOICES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path, help="YAML spec (see bench/generalisation_matrix.example.yaml)")
     parser.add_argument("--out", type=Path, default=Path("generalisation_results"),
                         help="output directory (default ./generalisation_results)")
     parser.add_argument("--device", default="auto", help="E2E-VarNet device: auto, cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--refine", choices=("pi", "none"), default="pi",  # gadget.recon.refine.REFINE_MODES
+    parser.add_argument("--refine", choices=CHOICES["refine"], default="pi",
                         help="E2E-VarNet's refinement (gadget/recon/refine.py; default pi)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -98,7 +98,8 @@ def brain_case(out: Path, fraction: float, size: int, coils: int, snr_db: float,
     rng = np.random.default_rng(seed)
     image = inia_t1_slice(fraction, size)
     yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
-    phase = rng.uniform(-np.pi, np.pi) + rng.uniform(-1, 1) * yy + rng.uniform(-1, 1) * xx + rng.uniform(-1, 1) * yy * xx
+    phase = (rng.uniform(-np.pi, np.pi) + rng.uniform(-1, 1) * yy + rng.uniform(-1, 1) * xx
+             + rng.uniform(-1, 1) * yy * xx)
     coil_images = birdcage_sensitivities(size, coils) * (image * np.exp(1j * phase))[None]
     k = centred_fft(centred_fft(coil_images, -2), -1)
     return write_noisy_slice(out / f"brain_inia_t1_{int(round(fraction * 100)):02d}_{size}_{coils}ch.h5", k, snr_db,

@@ -204,7 +204,7 @@ def test_refine_solves_with_espirit_maps_where_they_cover_the_object_and_the_net
     with the network's low-passed maps. 8 lines: ESPIRiT crops two thirds of it (coverage 0.33), so the
     network's maps are used; 1 line: no ESPIRiT at all. ``maps='network'`` never asks ESPIRiT."""
     from gadget.baselines.espirit import espirit_maps
-    from gadget.recon.refine import choose_maps
+    from gadget.recon.refine import REFINE_ESPIRIT, choose_maps
 
     measured, mask, final, image, truth = _refine_case(acs=12)
     assert choose_maps(image, final, measured, mask, RefineConfig())[1] == ["espirit"]
@@ -214,7 +214,7 @@ def test_refine_solves_with_espirit_maps_where_they_cover_the_object_and_the_net
     network = _rel(refine(image, final, measured, mask, RefineConfig(lam=0.02, maps="network")), truth)
     assert auto < 0.92 * network  # measured 0.063 vs 0.071 (the network's image: 0.124)
     measured, mask, final, image, _ = _refine_case(acs=8)
-    esp = espirit_maps(measured[0], 8)
+    esp = espirit_maps(measured[0], 8, config=REFINE_ESPIRIT)
     assert 0.2 < espirit_coverage(esp, image[0]) < 0.5
     assert choose_maps(image, final, measured, mask, RefineConfig())[1] == ["network"]
     assert choose_maps(image, final, measured, mask, RefineConfig(), num_low=1)[1] == ["network"]

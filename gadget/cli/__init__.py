@@ -65,8 +65,9 @@ def add_refine_argument(p: argparse.ArgumentParser) -> None:
     from ..recon.config import CHOICES
 
     p.add_argument("--refine", choices=CHOICES["refine"], default="pi",
-                   help="pi (default): finish the network's image with a parallel-imaging solve that uses its own "
-                        "maps and image as the prior (gadget/recon/refine.py); none: the network's image as it is")
+                   help="pi (default): finish the network's image with a parallel-imaging solve that takes it as "
+                        "the prior (ESPIRiT's maps where they cover the object, else the network's own; "
+                        "gadget/recon/refine.py); none: the network's image as it is")
     p.add_argument("--refine-lambda", type=float, default=0.0,
                    help="weight of the network's image in that solve; 0 (default): chosen from the noise level")
 

@@ -60,7 +60,8 @@ def add_parser(sub) -> None:
     p.add_argument("--snr-range", type=float, nargs=2, default=(15.0, 40.0), metavar=("LO", "HI"),
                    help="--head: SNR limits in dB (default 15 40)")
     p.add_argument("--brain-only-fraction", type=float, default=0.0, metavar="F",
-                   help="--head: share of volumes drawn skull-stripped (the brain alone in the head's field of view; default 0)")
+                   help="--head: share of volumes drawn skull-stripped (the brain alone in the head's field of "
+                        "view; default 0)")
     p.set_defaults(run=run)
 
 

@@ -46,8 +46,9 @@ class ReconConfig:
     checkpoint: Optional[str] = None     # a path given by the operator (never by a client)
     device: str = "auto"                 # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "fp32"              # fp32 | bf16 | fp16: the U-Nets' arithmetic (FFTs, coil maths stay fp32)
-    # The network's image finished by a parallel-imaging solve with its own maps and image as the prior
-    # (gadget/recon/refine.py): pi | none. refine_lambda: the prior's weight; 0 = chosen from the noise.
+    # The network's image finished by a parallel-imaging solve with its image as the prior (ESPIRiT's maps
+    # where they cover the object, else its own; gadget/recon/refine.py): pi | none. refine_lambda: the
+    # prior's weight; 0 = chosen from the noise.
     refine: str = "pi"
     refine_lambda: float = 0.0
     batch_size: int = 1                  # slices per forward pass

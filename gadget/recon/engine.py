@@ -15,7 +15,8 @@ larger than the bound are not kept), enough for a slice and its re-run in each o
 that size (more with smaller slices). The cache is not counted in the server's k-space memory budget.
 
 Refinement (``refine``, :mod:`gadget.recon.refine`): by default every image the engine returns is the
-network's image finished by a parallel-imaging solve with the network's own maps and image as the prior;
+network's image finished by a parallel-imaging solve with the network's image as the prior (ESPIRiT's
+maps where they cover the object, else the network's own);
 ``RefineConfig(mode="none")`` returns the network's image as it is. ``run``'s k-space is the network's
 (the safety check's consistency and prediction figures measure the network; its departure figure the
 image sent).
@@ -83,8 +84,8 @@ class Reconstructor:
     def __call__(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
                  num_low_frequencies: Optional[int] = None,
                  sens_kspace: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
-        if self.refine.mode != "none":
-            return self.run(kspace, mask, num_low_frequencies, sens_kspace)[0]
+        if self.refine.mode != "none":  # the final k-space stays on the device: only the image is wanted
+            return self._forward(kspace, mask, num_low_frequencies, sens_kspace)[0].float().cpu().numpy()
         extra = self._extra(kspace, mask, num_low_frequencies, sens_kspace)
         k, m = self._inputs(kspace, mask)
         with self._lock:
@@ -106,6 +107,12 @@ class Reconstructor:
         docstring (None: the sensitivities come from ``kspace``, as always before). ``sens_maps``: fixed maps
         already computed (:meth:`fixed_maps_for`; fixed-map variants only), else they are computed here.
         ``refined=False`` skips the refinement (for callers that read only the k-space: the safety re-run)."""
+        image, final = self._forward(kspace, mask, num_low_frequencies, sens_kspace, sens_maps, refined)
+        return image.float().cpu().numpy(), final.to(torch.complex64).cpu().numpy()
+
+    def _forward(self, kspace, mask, num_low_frequencies=None, sens_kspace=None, sens_maps=None,
+                 refined: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`run`'s work, its image and final k-space left as tensors on the engine's device."""
         forward = getattr(self.model, "forward_with_kspace", None)
         if forward is None:
             raise TypeError(f"{type(self.model).__name__} has no forward_with_kspace: the safety check needs "
@@ -117,7 +124,7 @@ class Reconstructor:
             image, final = forward(k, m, num_low_frequencies, **extra)
             if refined:
                 image = refine_image(image, final, k, m, self.refine, num_low_frequencies)
-        return image.float().cpu().numpy(), final.to(torch.complex64).cpu().numpy()
+        return image, final
 
     def _extra(self, kspace, mask, num_low_frequencies, sens_kspace) -> dict:
         """The model's keyword inputs besides k-space, mask and ACS count: ``sens_kspace`` (e2e) or the

@@ -133,12 +133,11 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     32.18; the whole matrix: docs/generalisation_matrix_v3.md), but on heads with elements at the scalp
     and on few calibration lines they are cropped inside the object, and a solve with them returns a
     dark interior."""
-    network = coil_maps(final, config.smooth)
     b, w = final.shape[0], final.shape[-1]
     if config.maps == "network":
-        return network, ["network"] * b
+        return coil_maps(final, config.smooth), ["network"] * b
     rows, counts = _mask_rows(mask, b, w).cpu().numpy(), per_slice_counts(num_low, b)
-    chosen, sources = [], []
+    chosen = []
     for i in range(b):
         try:
             esp = espirit_maps(measured[i], counts[i], mask=rows[i], config=REFINE_ESPIRIT).to(final.device)
@@ -146,8 +145,11 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
         except ValueError as exc:  # no usable calibration block (fewer than 2 centre lines)
             log.debug("refine: ESPIRiT maps unavailable (%s); the network's maps are used", exc)
             covers = False
-        chosen.append(esp if covers else network[i])
-        sources.append("espirit" if covers else "network")
+        chosen.append(esp if covers else None)
+    sources = ["network" if m is None else "espirit" for m in chosen]
+    if "network" in sources:  # the network's maps only where some slice needs them
+        network = coil_maps(final, config.smooth)
+        chosen = [network[i] if m is None else m for i, m in enumerate(chosen)]
     return torch.stack(chosen), sources
 
 

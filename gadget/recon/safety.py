@@ -28,12 +28,13 @@ a threshold on it only catches gross failures.
 
 Defaults (:class:`gadget.recon.config.ReconConfig`): ``safety_prediction_max`` = 1.1,
 ``safety_consistency_max`` = ``safety_departure_max`` = inf (reported only). Measured with the shipped
-weights ``varnet_head_v2.pt`` (shipped before v3; the v3 figures are in the README) and the earlier ``varnet_synth_brain_v1.pt`` on held-out whole heads
-(README "Pipeline behaviour" has the table): consistency and departure did not separate the failing v1
-from v2 (v1 scored *lower* consistency on the same slices — both figures grow with the noise the
-network removes and neither sees unmeasured k-space); the prediction figure did, weakly: on 8 held-out
-INIA19 slices at 4x, v2 0.70-1.08, v1 0.72-1.68 (4 of 8 above 1.1, no v2 slice). The first measurements of consistency and departure (v1 weights on
-template brains) are kept here for reference:
+weights ``varnet_head_v2.pt`` (shipped before v3; the v3 figures are in the README) and the earlier
+``varnet_synth_brain_v1.pt`` on held-out whole heads (README "Pipeline behaviour" has the table):
+consistency and departure did not separate the failing v1 from v2 (v1 scored *lower* consistency on the
+same slices — both figures grow with the noise the network removes and neither sees unmeasured k-space);
+the prediction figure did, weakly: on 8 held-out INIA19 slices at 4x, v2 0.70-1.08, v1 0.72-1.68 (4 of 8
+above 1.1, no v2 slice). The first measurements of consistency and departure (v1 weights on template
+brains) are kept here for reference:
 
 =====================================================  ===============  ===============  ==============
 case (``varnet synth``, 8 coils unless noted)          consistency      departure        NMSE net (zf)

@@ -610,8 +610,9 @@ def read_training_state(path: str | Path, setting: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for files that are not its own
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrainConfigError(f"{setting}: {path} is not a readable training state (weights_only=True): "
-                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+                               f"{reason}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainConfigError(f"{setting}: {path} is not a training state written by varnet train (last.pt)")
     if state.get("format_version") != STATE_VERSION:
@@ -639,5 +640,5 @@ def train(config: TrainConfig) -> dict:
     return Trainer(config).fit()
 
 
-__all__ = ["Trainer", "TrainingVarNet", "train", "needs_maps", "read_training_state", "training_state_description", "crop_pair", "acs_counts", "setup_distributed",
-           "STATE_FORMAT"]
+__all__ = ["Trainer", "TrainingVarNet", "train", "needs_maps", "read_training_state", "training_state_description",
+           "crop_pair", "acs_counts", "setup_distributed", "STATE_FORMAT"]
