@@ -59,6 +59,49 @@ def test_concurrent_requests_are_batched_and_correct(inputs):
         assert np.linalg.norm(got - exp) / np.linalg.norm(exp) < 1e-5
 
 
+class SlowFirstRun(Reconstructor):
+    """Holds the worker's first ``run`` so that later requests queue up behind it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runs = 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        if self.runs == 1:
+            time.sleep(0.3)
+        return super().run(*args, **kwargs)
+
+
+def test_a_match_behind_an_unmatched_request_is_taken(inputs):
+    # Queue after the held first call: A (ACS 8), B (ACS detected: another key), C (ACS 8). The worker
+    # takes A, skips B and takes C out of the middle of the queue; then B alone. Removing C must not
+    # compare B's arrays with C's (a dataclass's generated __eq__ did, and killed the worker).
+    torch.manual_seed(0)
+    model = VarNet(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1)
+    direct = Reconstructor(model, "cpu")
+    k, m, a = inputs[0]
+    calls = [(k, m, a), (k, m, a), (k, m, None), (k, m, a)]
+    want = [direct(*c) for c in calls]
+    batching = BatchingEngine(SlowFirstRun(model, "cpu"), max_batch=4, window_s=0.05)
+    results = [None] * len(calls)
+
+    def call(i):
+        results[i] = batching(*calls[i])
+
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # in order: the first is held, the rest queue as A, B, C
+    for t in threads:
+        t.join(30)
+    batching.close()
+    assert batching.forward_calls == 3  # the held one, then A with C, then B
+    for got, exp in zip(results, want):
+        assert got is not None
+        assert np.linalg.norm(got - exp) / np.linalg.norm(exp) < 1e-5
+
+
 def test_errors_reach_the_caller_and_the_worker_survives(inputs):
     model = VarNet(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1)
     batching = BatchingEngine(Reconstructor(model, "cpu"), max_batch=2)

@@ -18,7 +18,7 @@ import torch
 from .engine import Reconstructor
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the queue's remove() must not compare arrays
 class _Request:
     kspace: np.ndarray          # complex64 (b, coil, readout, phase)
     mask: np.ndarray            # bool (phase,)
