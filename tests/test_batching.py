@@ -112,3 +112,19 @@ def test_errors_reach_the_caller_and_the_worker_survives(inputs):
     batching.close()
     with pytest.raises(RuntimeError, match="shut down"):
         batching(k, m, a)
+
+
+def test_a_stopped_worker_is_a_clear_error_not_a_wait(inputs, caplog):
+    model = VarNet(num_cascades=1, chans=2, pools=1, sens_chans=2, sens_pools=1)
+    batching = BatchingEngine(Reconstructor(model, "cpu"), max_batch=2)
+
+    def broken():
+        raise RuntimeError("simulated worker fault")
+
+    batching._take_batch = broken  # the worker already waits in the real one: its next take raises
+    k, m, a = inputs[0]
+    assert batching(k, m, a).shape == (1, 128, 48)
+    batching._worker.join(10)
+    assert not batching._worker.is_alive() and "simulated worker fault" in caplog.text
+    with pytest.raises(RuntimeError, match="worker thread has stopped"):
+        batching(k, m, a)

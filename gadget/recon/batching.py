@@ -7,6 +7,7 @@ its own images. Device access is therefore serialised (one forward at a time) an
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from .engine import Reconstructor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)  # compared by identity: the queue's remove() must not compare arrays
@@ -73,7 +76,9 @@ class BatchingEngine:
                 raise RuntimeError("the reconstruction engine has been shut down")
             self._queue.append(req)
             self._cond.notify_all()
-        req.done.wait()
+        while not req.done.wait(1.0):
+            if not self._worker.is_alive():  # a clear error rather than a scan that waits for ever
+                raise RuntimeError("the batching engine's worker thread has stopped; see the log")
         if req.error is not None:
             raise req.error
         return req.result, req.final_kspace
@@ -108,6 +113,12 @@ class BatchingEngine:
             return batch
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:  # logged; callers waiting or to come get a clear error (see run)
+            log.exception("the batching engine's worker thread stopped")
+
+    def _serve(self) -> None:
         while True:
             batch = self._take_batch()
             if not batch:
