@@ -16,24 +16,25 @@ solved by conjugate gradients, where
   dark interior. Those are the coil images low-passed by a Gaussian of width ``smooth`` × the matrix
   in k-space, divided by their RSS. Either way ``Σ|S|² = 1`` where there is signal and ``||AᴴA|| ≤ 1``;
 - ``x₀ = Σ conj(S) · c`` is the network's coil images ``c`` combined with those maps;
-- λ is ``lam``, or with ``lam = 0`` ("auto") ``κ · (σ / s)²`` clipped to [``lam_min``, ``lam_max``],
-  with σ the noise level estimated from the outer readout samples of the measured lines (a robust
-  median: |n| of complex Gaussian noise has median σ·√ln2) and s the mean of |x₀| over the object:
-  noisy data lean on the network, clean data on the measurements.
+- λ is ``lam``, or with ``lam = 0`` ("auto") ``κ · (σ / s)²`` clipped to [floor, ``lam_max``], the
+  floor ``lam_min`` with ESPIRiT's maps and ``lam_min_network`` with the network's, with σ the noise
+  level estimated from the outer readout samples of the measured lines (a robust median: |n| of
+  complex Gaussian noise has median σ·√ln2) and s the mean of |x₀| over the object: noisy data lean
+  on the network, clean data on the measurements.
 
-The image sent blends two readings of the solve, weighted by ``w = floor / λ`` (≤ 1; the floor of λ
-for the slice's maps): ``w · |x̂|``
+The image sent blends two readings of the solve, weighted by ``w = floor / λ`` (≤ 1): ``w · |x̂|``
 plus ``(1 − w)`` times the network's RSS image with the change the solve made to the magnitude,
 ``rss + |x̂| − |x₀|`` (≥ 0). The second keeps the network's background where the maps vanish, and the
 noise it removed there; on noisy data (λ large, w small) it is what is sent. On noise-free data (λ at
 its floor, w = 1) the measurements are trusted outright and ``|x̂|`` is sent: on the noise-free held-out
-brain at 4× that is 0.876 / 37.07 against 0.794 / 36.30 for the second alone (2 volumes), and 0.805 /
-31.88 against 0.812 / 32.05 at 30 dB (w ≈ 0.07). Measured
-with the v3 weights on the held-out matrix (docs/generalisation_matrix_v3.md; SSIM / PSNR dB, no refine
-→ refine) at 4×: noise-free INIA19 brain 0.589 / 30.54 → 0.953 / 37.29 (BART pics-L1 0.944 / 37.18);
-the same at 30 dB 0.796 / 29.05 → 0.800 / 31.34; BART phantoms 0.769 / 27.69 → 0.798 / 29.40; ismrmrd
-Shepp–Logan 0.769 / 24.81 → 0.780 / 25.77; INIA heads to 320² at 15–70 dB 0.787 / 28.61 → 0.778 / 28.38
-(the cost: measured noise put back where the network had removed it).
+brain at 4× that was 0.876 / 37.07 against 0.794 / 36.30 for the second alone (2 volumes, the
+network's maps). Measured with the v3 weights on the held-out matrix (docs/generalisation_matrix_v3.md;
+SSIM / PSNR dB, no refine → refine): noise-free INIA19 brain 4× 0.589 / 30.54 → 0.950 / 38.67 and
+8× 0.457 / 26.70 → 0.934 / 32.07 (BART pics-L1 0.944 / 37.18 and 0.882 / 31.24); the same at 30 dB
+4× 0.796 / 29.05 → 0.801 / 31.51; BART phantoms 4× 0.769 / 27.69 → 0.796 / 29.36; ismrmrd
+Shepp–Logan 4× 0.769 / 24.81 → 0.779 / 25.74; INIA heads to 320² at 15–70 dB 4× 0.787 / 28.61 →
+0.773 / 28.00 (the cost: measured noise put back where the network had removed it, and ESPIRiT's
+maps of elements at the scalp).
 
 Layouts: k-space and coil tensors complex ``(batch, coil, readout, phase)``; mask bool, broadcastable
 to it (``(phase,)`` or ``(batch, 1, 1, phase)``); images real ``(batch, readout, phase)``.
