@@ -122,8 +122,8 @@ def test_refine_leans_on_the_prior_as_lambda_grows_and_none_leaves_it():
 
 
 @pytest.mark.parametrize("bad", [dict(mode="cg"), dict(lam=-1.0), dict(lam=math.inf), dict(lam_min=0.0),
-                                 dict(lam_min=2.0), dict(lam_min_network=0.0), dict(smooth=0.0), dict(iterations=0), dict(maps="bart"),
-                                 dict(coverage=0.0)])
+                                 dict(lam_min=2.0), dict(lam_min_network=0.0), dict(smooth=0.0), dict(iterations=0),
+                                 dict(maps="bart"), dict(coverage=0.0)])
 def test_refine_config_names_bad_values(bad):
     with pytest.raises(ValueError, match="refine"):
         RefineConfig(**bad)

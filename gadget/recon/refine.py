@@ -59,8 +59,8 @@ MAP_SOURCES = ("auto", "network")
 #: of the full grid's on the held-out brain, 0.13 instead of 0.72 s per 256² 10-coil slice), and the maps
 #: cropped where the top eigenvalue is below 0.9, not 0.95. With 10 calibration lines (8×) the eigenvalue
 #: falls below 0.95 inside the object's edge, and the solve leaves bright folded bands there: on the
-#: noise-free held-out brain at 8× (2 volumes) crop 0.95 / 0.9 / 0.85 / 0.8 gave 29.1 / 33.0 / 32.2 /
-#: 32.0 dB; at 4× 39.4 / 38.9 / 38.6 / 38.3, and the INIA heads at 4× 25.9 / 26.4 / 26.3 / 26.3.
+#: noise-free held-out brain at 8× crop 0.95 / 0.9 / 0.85 / 0.8 gave 28.7 / 33.0 / 32.2 / 32.0 dB, at
+#: 4× 39.4 / 38.9 / 38.6 / 38.3, and INIA heads at 4× 25.9 / 26.4 / 26.3 / 26.3 (2 volumes each).
 REFINE_ESPIRIT = EspiritConfig(step=4, crop=0.9)
 #: The eigenvalue that decides whether ESPIRiT's maps are used at all (:func:`choose_maps`): where it is
 #: below 0.95 over more than a tenth of the object, on whole heads with elements at the scalp, the
@@ -78,9 +78,10 @@ class RefineConfig:
     CG ``iterations``: on the noise-free held-out brain 38.9 / 33.0 dB at 4× / 8× against 37.5 / 31.8
     with 0.02 and 15, and 40.1 / 33.7 with 0.002 and 50, which costs SSIM at 8× (30 iterations are
     within 0.03 dB of 50). With the network's low-passed maps, 0.02: on a noise-free MNI brain at 8×
-    (tests/test_shipped.py) 0.005 gave 0.623 / 27.04 against 0.641 / 27.71. ``smooth``: map low-pass width as a fraction of the matrix. ``maps``: ``auto`` (ESPIRiT where
-    it covers the object, else the network's maps; :func:`choose_maps`) or ``network``; ``coverage``:
-    the share of the object ESPIRiT's maps must cover."""
+    (tests/test_shipped.py) 0.005 gave 0.623 / 27.04 against 0.641 / 27.71. ``smooth``: map low-pass
+    width as a fraction of the matrix. ``maps``: ``auto`` (ESPIRiT where it covers the object, else the
+    network's maps; :func:`choose_maps`) or ``network``; ``coverage``: the share of the object ESPIRiT
+    must vouch for (:func:`espirit_coverage`)."""
 
     mode: str = "pi"
     lam: float = 0.0
@@ -142,8 +143,8 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
                 config: RefineConfig, num_low=None) -> tuple[torch.Tensor, list[str]]:
     """Maps ``(b, c, h, w)`` for the solve and, per slice, where they came from (``espirit`` or ``network``).
 
-    ESPIRiT (on the measured calibration lines, as BART's pics takes them) where its maps cover at least
-    ``config.coverage`` of the network's object, else :func:`coil_maps` of the network's k-space. Why
+    ESPIRiT (on the measured calibration lines, as BART's pics takes them) where its eigenvalue reaches
+    :data:`COVERAGE_CROP` over at least ``config.coverage`` of the network's object, else :func:`coil_maps` of the network's k-space. Why
     both: on the held-out brain, phantoms and INIA heads at 4× ESPIRiT's maps lift the refined image
     (2 volumes: noise-free brain 0.876 / 37.07 → 0.948 / 37.89, 30 dB brain 0.805 / 31.88 → 0.822 /
     32.18; the whole matrix: docs/generalisation_matrix_v3.md), but on heads with elements at the scalp
