@@ -60,13 +60,16 @@ def test_noise_sigma_recovers_the_level_of_pure_noise():
 
 def test_choose_lambda_follows_the_noise_within_its_bounds():
     prior = phantom()  # object mean 1.0 (magnitudes 1, 0.5, 1.3 over the object)
+    from gadget.recon.refine import lambda_floor
+
     config = RefineConfig()
+    floor = lambda_floor(config, ["espirit"])
     mean_object = float(prior.abs()[prior.abs() > 0.13].mean())
     sigma = torch.tensor([mean_object * 10 ** (-30 / 20)])  # 30 dB: κ · 1e-3 = 0.3
-    assert choose_lambda(config, sigma, prior).item() == pytest.approx(0.3, rel=1e-4)
-    assert choose_lambda(config, torch.tensor([1e-6]), prior).item() == pytest.approx(config.lam_min)
-    assert choose_lambda(config, torch.tensor([10.0]), prior).item() == pytest.approx(config.lam_max)
-    assert choose_lambda(RefineConfig(lam=0.07), sigma, prior).item() == pytest.approx(0.07)
+    assert choose_lambda(config, sigma, prior, floor).item() == pytest.approx(0.3, rel=1e-4)
+    assert choose_lambda(config, torch.tensor([1e-6]), prior, floor).item() == pytest.approx(config.lam_min)
+    assert choose_lambda(config, torch.tensor([10.0]), prior, floor).item() == pytest.approx(config.lam_max)
+    assert choose_lambda(RefineConfig(lam=0.07), sigma, prior, floor).item() == pytest.approx(0.07)
 
 
 def test_coil_maps_are_normalised_where_there_is_signal():

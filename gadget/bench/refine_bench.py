@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fresh_process import MemoryProbe
 from .model_bench import BenchCase, make_input
 from .table import markdown_table
 
@@ -29,15 +30,14 @@ class RefineTimes:
 
 
 def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+    sync = MemoryProbe(str(device)).sync  # CUDA: wait for the device around each timing
     fn()  # warm-up: kernels, FFT plans, allocator
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync()
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

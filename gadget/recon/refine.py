@@ -131,10 +131,15 @@ def _mask_rows(mask: torch.Tensor, batch: int, width: int) -> torch.Tensor:
     return torch.broadcast_to(mask.reshape(-1, width).to(torch.bool), (batch, width))
 
 
+def object_mask(magnitude: torch.Tensor) -> torch.Tensor:
+    """The object of each image ``(..., h, w)``: pixels above 10 % of that image's maximum (bool, same shape)."""
+    return magnitude > 0.1 * magnitude.amax(dim=(-2, -1), keepdim=True)
+
+
 def espirit_coverage(eigenvalues: torch.Tensor, image: torch.Tensor, crop: float = COVERAGE_CROP) -> float:
-    """Share of the object (``image`` ``(h, w)`` above 10 % of its maximum) where ESPIRiT's top eigenvalue
+    """Share of the object (:func:`object_mask` of ``image`` ``(h, w)``) where ESPIRiT's top eigenvalue
     ``(h, w)`` reaches ``crop``: where the calibration vouches for its maps."""
-    obj = image > 0.1 * image.max()
+    obj = object_mask(image)
     covered = eigenvalues >= crop
     return float((covered & obj).sum()) / max(int(obj.sum()), 1)
 
@@ -144,12 +149,12 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     """Maps ``(b, c, h, w)`` for the solve and, per slice, where they came from (``espirit`` or ``network``).
 
     ESPIRiT (on the measured calibration lines, as BART's pics takes them) where its eigenvalue reaches
-    :data:`COVERAGE_CROP` over at least ``config.coverage`` of the network's object, else :func:`coil_maps` of the network's k-space. Why
-    both: on the held-out brain, phantoms and INIA heads at 4× ESPIRiT's maps lift the refined image
-    (2 volumes: noise-free brain 0.876 / 37.07 → 0.948 / 37.89, 30 dB brain 0.805 / 31.88 → 0.822 /
-    32.18; the whole matrix: docs/generalisation_matrix_v3.md), but on heads with elements at the scalp
-    and on few calibration lines they are cropped inside the object, and a solve with them returns a
-    dark interior."""
+    :data:`COVERAGE_CROP` over at least ``config.coverage`` of the network's object, else
+    :func:`coil_maps` of the network's k-space. Why both: on the held-out brain, phantoms and INIA heads
+    at 4× ESPIRiT's maps lift the refined image (2 volumes: noise-free brain 0.876 / 37.07 → 0.948 /
+    37.89, 30 dB brain 0.805 / 31.88 → 0.822 / 32.18; the whole matrix: docs/generalisation_matrix_v3.md),
+    but on heads with elements at the scalp and on few calibration lines they are cropped inside the
+    object, and a solve with them returns a dark interior."""
     b, w = final.shape[0], final.shape[-1]
     if config.maps == "network":
         return coil_maps(final, config.smooth), ["network"] * b
@@ -191,18 +196,16 @@ def lambda_floor(config: RefineConfig, sources: list[str]) -> torch.Tensor:
     return torch.tensor([config.lam_min if s == "espirit" else config.lam_min_network for s in sources])
 
 
-def choose_lambda(config: RefineConfig, sigma: torch.Tensor, prior: torch.Tensor,
-                  floor: torch.Tensor | None = None) -> torch.Tensor:
-    """λ per slice ``(b,)``: ``config.lam`` when set, else κ(σ/s)² within [``floor``, ``lam_max``]
-    (module docstring); ``floor`` ``(b,)`` defaults to ``config.lam_min``."""
+def choose_lambda(config: RefineConfig, sigma: torch.Tensor, prior: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """λ per slice ``(b,)``: ``config.lam`` when set, else κ(σ/s)² within [``floor`` ``(b,)``, ``lam_max``]
+    (module docstring; the floor from :func:`lambda_floor`)."""
     if config.lam > 0:
         return torch.full_like(sigma, config.lam)
-    mag = prior.abs().flatten(1)
-    objects = mag > 0.1 * mag.amax(dim=1, keepdim=True)
-    mean_object = (mag * objects).sum(1) / objects.sum(1).clamp(min=1)
+    mag = prior.abs()
+    objects = object_mask(mag)
+    mean_object = (mag * objects).sum((-2, -1)) / objects.sum((-2, -1)).clamp(min=1)
     ratio = sigma / mean_object.clamp(min=torch.finfo(mag.dtype).tiny)
-    floor = torch.full_like(ratio, config.lam_min) if floor is None else floor.to(ratio)
-    return torch.maximum(config.kappa * ratio.square(), floor).clamp(max=config.lam_max)
+    return torch.maximum(config.kappa * ratio.square(), floor.to(ratio)).clamp(max=config.lam_max)
 
 
 @torch.inference_mode()
