@@ -1,13 +1,16 @@
 """Replay door: an ISMRMRD raw file through the streaming pipeline, images to HDF5.
 
 Source: acquisitions read in bulk from ``/<group>/data`` (see ``gadget.data.mrd_file``), the
-header from ``/<group>/xml``. Sink: ``/<out_group>/image_<series>/`` as Gadgetron's client
-writes it, plus optional PNG previews and DICOM files.
+header from ``/<group>/xml``; a Siemens twix file (``meas.dat``) is first converted to a temporary
+ISMRMRD file (:func:`ismrmrd_source`, ``converters/twix.py``). Sink: ``/<out_group>/image_<series>/``
+as Gadgetron's client writes it, plus optional PNG previews and DICOM files.
 """
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -30,6 +33,36 @@ class ReplayResult:
     acquisitions: int
     incomplete: int
     flagged: int = 0  # network images the safety check flagged (their fallback was written)
+
+
+@contextmanager
+def ismrmrd_source(path, group: str = "dataset") -> Iterator[tuple[Path, str]]:
+    """``(ISMRMRD file, group)`` holding the acquisitions of ``path``: the file itself when it is HDF5
+    (or anything else that is not twix: the ISMRMRD reader reports it), else a Siemens twix file
+    converted into a temporary ISMRMRD file that is removed afterwards. A non-HDF5 ``.dat`` file that
+    is not twix, or a twix scan that is not Cartesian, raises :class:`converters.twix.TwixError` naming it."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file() or h5py.is_hdf5(path):
+        yield path, group
+        return
+    from converters.twix import TwixError, convert_twix_to_ismrmrd, sniff_twix
+
+    if path.suffix.lower() != ".dat":
+        try:
+            sniff_twix(path)
+        except TwixError:
+            yield path, group  # neither HDF5 nor twix: the ISMRMRD reader's error names the file
+            return
+    with tempfile.TemporaryDirectory(prefix="varnet-twix-") as tmp:
+        converted = Path(tmp) / f"{path.stem}.h5"
+        report = convert_twix_to_ismrmrd(path, converted)
+        log.info("%s: %s", path, report.summary())
+        if report.trajectory != "cartesian":
+            raise TwixError(f"{path}: {report.trajectory} trajectory; the pipeline reconstructs Cartesian scans only "
+                            "(varnet convert twix-to-ismrmrd converts it for other tools)")
+        yield converted, "dataset"
 
 
 def file_lines(path: Path, group: str = "dataset", progress: Optional[Callable[[int], None]] = None

@@ -1,4 +1,4 @@
-"""``varnet convert``: fastMRI HDF5 ⇄ ISMRMRD raw files."""
+"""``varnet convert``: fastMRI HDF5 ⇄ ISMRMRD raw files; Siemens twix (meas.dat) → ISMRMRD."""
 from __future__ import annotations
 
 import argparse
@@ -10,11 +10,12 @@ from tqdm import tqdm
 def add_parser(sub) -> None:
     from . import example_epilog
 
-    p = sub.add_parser("convert", help="convert between fastMRI HDF5 and ISMRMRD raw files",
+    p = sub.add_parser("convert", help="convert between fastMRI HDF5 and ISMRMRD raw files; Siemens twix to ISMRMRD",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=example_epilog("varnet convert fastmri-to-ismrmrd file1000.h5 file1000_mrd.h5 "
                                              "--mask equispaced-fraction --acceleration 4 --center-fraction 0.08",
-                                             "varnet convert ismrmrd-to-fastmri scan_mrd.h5 scan_fastmri.h5"))
+                                             "varnet convert ismrmrd-to-fastmri scan_mrd.h5 scan_fastmri.h5",
+                                             "varnet convert twix-to-ismrmrd meas.dat meas_mrd.h5"))
     which = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     f2i = which.add_parser(
         "fastmri-to-ismrmrd", help="fastMRI multicoil file → ISMRMRD raw acquisitions",
@@ -44,6 +45,20 @@ def add_parser(sub) -> None:
     i2f.add_argument("output", type=Path)
     i2f.add_argument("--group", default="dataset", help="HDF5 group of the ISMRMRD dataset")
     i2f.set_defaults(run=run_ismrmrd_to_fastmri)
+
+    t2i = which.add_parser(
+        "twix-to-ismrmrd", help="Siemens twix raw data (meas.dat: VB, VD/VE/XA) → ISMRMRD raw acquisitions",
+        description="The file's last measurement (the scan), preceded by the noise-adjust readouts of earlier "
+                    "measurements, one acquisition per readout with its flags, counters and geometry, and a header "
+                    "from the scan's protocol (encoding, coils, sequence parameters), as siemens_to_ismrmrd maps "
+                    "them (differences: converters/twix.py). Protocol values the readouts contradict are taken "
+                    "from the data, reported, and recorded in the header's userParameters (twix_override_*).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=example_epilog("varnet convert twix-to-ismrmrd meas_MID00042_FID01234_t2_tse.dat t2_tse_mrd.h5"))
+    t2i.add_argument("input", type=Path)
+    t2i.add_argument("output", type=Path)
+    t2i.add_argument("--group", default="dataset", help="HDF5 group of the ISMRMRD dataset written")
+    t2i.set_defaults(run=run_twix_to_ismrmrd)
 
 
 def run_fastmri_to_ismrmrd(args) -> int:
@@ -81,4 +96,20 @@ def run_ismrmrd_to_fastmri(args) -> int:
         raise UserError(str(exc)) from None
     for path in written:
         print(f"{args.input} -> {path}")
+    return 0
+
+
+def run_twix_to_ismrmrd(args) -> int:
+    from converters.twix import TwixError, convert_twix_to_ismrmrd
+
+    from . import UserError
+
+    try:
+        with tqdm(desc=args.input.name, unit="acq", disable=None) as bar:
+            report = convert_twix_to_ismrmrd(args.input, args.output, args.group, progress=bar.update)
+    except TwixError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{args.input} -> {args.output}: {report.summary()}")
+    for note in report.notes:
+        print(f"  note: {note}")
     return 0

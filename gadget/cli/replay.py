@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
     from . import add_precision_argument, example_epilog
 
     p = sub.add_parser("replay", help="reconstruct an ISMRMRD raw file through the streaming pipeline",
-                       description="Reads acquisitions from an ISMRMRD HDF5 file, runs the pipeline (noise "
+                       description="Reads acquisitions from an ISMRMRD HDF5 file (or a Siemens twix meas.dat, "
+                                   "converted first as by varnet convert twix-to-ismrmrd), runs the pipeline (noise "
                                    "prewhitening, slice assembly, E2E-VarNet, image building) and writes images "
                                    "as Gadgetron's client does: /<group>/image_<series>/, with the scan's "
                                    "XML header at /<group>/xml.",
@@ -35,7 +36,9 @@ def run(args) -> int:
     from ..data.mrd_file import count_acquisitions, read_header_xml
     from ..recon.config import ConfigError, load_config
     from ..recon.pipeline import build_engine
-    from ..replay import replay_file
+    from converters.twix import TwixError
+
+    from ..replay import ismrmrd_source, replay_file
     from ..stream.sinks import save_png_previews, write_dicom, write_images_h5
     from . import UserError, operator_overrides
 
@@ -45,13 +48,18 @@ def run(args) -> int:
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     engine, model_id = build_engine(config)
-    total = count_acquisitions(args.input, args.group)
-    with tqdm(total=total, desc=args.input.name, unit="acq", disable=None) as bar:
-        result = replay_file(args.input, config, engine, args.group, model_id, progress=bar.update)
+    try:
+        with ismrmrd_source(args.input, args.group) as (source, in_group):  # twix: a temporary ISMRMRD file
+            total = count_acquisitions(source, in_group)
+            with tqdm(total=total, desc=args.input.name, unit="acq", disable=None) as bar:
+                result = replay_file(source, config, engine, in_group, model_id, progress=bar.update)
+            header_xml = read_header_xml(source, in_group)
+    except TwixError as exc:
+        raise UserError(str(exc)) from None
     if not result.images:
         raise UserError(f"{args.input}: no complete slice was found; nothing reconstructed")
     group = args.out_group or args.input.stem
-    write_images_h5(args.output, result.images, group, header_xml=read_header_xml(args.input, args.group))
+    write_images_h5(args.output, result.images, group, header_xml=header_xml)
     if args.png:
         save_png_previews(result.images, args.png, args.input.stem)
     if args.dicom:
