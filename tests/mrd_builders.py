@@ -7,12 +7,14 @@ from gadget.data.mrd_file import MrdRawWriter, empty_heads, flag_mask
 from gadget.data.mrd_header import build_header_xml
 
 
-def header(readout=32, width=16, coils=3, slices=1, accel=1, e1_max=None, e1_center=None) -> str:
+def header(readout=32, width=16, coils=3, slices=1, accel=1, e1_max=None, e1_center=None,
+           calibration_mode="other") -> str:
     return build_header_xml(encoded_matrix=(readout, width, 1), recon_matrix=(readout // 2, width, 1),
                             encoded_fov_mm=(200, 100, 5), recon_fov_mm=(100, 100, 5),
                             e1_max=width - 1 if e1_max is None else e1_max,
                             e1_center=width // 2 if e1_center is None else e1_center,
-                            num_coils=coils, num_slices=slices, acceleration_e1=accel)
+                            num_coils=coils, num_slices=slices, acceleration_e1=accel,
+                            calibration_mode=calibration_mode)
 
 
 def write_raw(path, xml, lines, seed=0):
@@ -86,3 +88,48 @@ def cartesian_lines(kspace, columns, *, e2=None, flags=None, position=(0.0, 0.0,
     if last and out:
         out[-1].head["flags"] = int(out[-1].head["flags"]) | flag_mask(8)
     return out
+
+
+def separate_reference_stream(imaging, reference, noise, reference_columns, imaging_columns,
+                              all_references_first=False, noise_samples=128, imaging_flags=None):
+    """AcqLines of a multi-slice 2-D scan with separate reference lines: the noise scan first (``noise``
+    complex ``(coil, samples)`` in lines of ``noise_samples``, ACQ_IS_NOISE_MEASUREMENT), then per slice its
+    ``reference_columns`` (ACQ_IS_PARALLEL_CALIBRATION only, the first also ACQ_FIRST_IN_SLICE) followed by
+    its ``imaging_columns`` (the last ACQ_LAST_IN_SLICE); with ``all_references_first`` every slice's
+    reference lines come before any imaging line. ``imaging`` and ``reference``: complex ``(slice, coil,
+    readout, phase)``; e1 = the column; ``imaging_flags``: column → extra flag bits of its imaging lines.
+    Slice ``s`` sits at z = 5 s mm; scan counters run in stream order."""
+    from gadget.stream.types import AcqLine, make_head
+
+    first_in_slice, calibration, noise_flag = 7, 20, 19
+    refs, images = [], []
+    for s in range(imaging.shape[0]):
+        position = (0.0, 0.0, 5.0 * s)
+        ref = cartesian_lines(reference[s], reference_columns, position=position, last=False,
+                              flags={int(c): (calibration,) for c in reference_columns})
+        ref[0].head["flags"] = int(ref[0].head["flags"]) | flag_mask(first_in_slice)
+        img = cartesian_lines(imaging[s], imaging_columns, position=position, flags=imaging_flags)
+        for ln in ref + img:
+            ln.head["idx"]["slice"] = s
+        refs.append(ref)
+        images.append(img)
+    lines = [AcqLine(make_head(flags=flag_mask(noise_flag)), np.ascontiguousarray(noise[:, i:i + noise_samples],
+                                                                                  np.complex64))
+             for i in range(0, noise.shape[1], noise_samples)]
+    if all_references_first:
+        lines += [ln for ref in refs for ln in ref] + [ln for img in images for ln in img]
+    else:
+        lines += [ln for ref, img in zip(refs, images) for ln in ref + img]
+    for i, ln in enumerate(lines):
+        ln.head["scan_counter"] = i
+    return lines
+
+
+def write_lines(path, xml, lines):
+    """Write AcqLines (their own headers and samples) as a raw ISMRMRD file."""
+    heads = empty_heads(len(lines))
+    for i, ln in enumerate(lines):
+        heads[i] = ln.head
+    with MrdRawWriter(path) as w:
+        w.write_header(xml)
+        w.append(heads, [ln.data for ln in lines])

@@ -38,20 +38,30 @@ centre in the centred FFT; partitions are assumed to run along +``slice_dir``). 
 **Separate reference** (header ``calibrationMode`` ``separate``): a line flagged
 ACQ_IS_PARALLEL_CALIBRATION but not ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING is reference only. It goes
 to a reference buffer of its key (placed by its e1 like imaging lines, so a reference covering another
-e1 range is zero-padded into the same grid), never into the imaging k-space; a line flagged
+e1 range is zero-padded into the same grid), not into the imaging k-space; a line flagged
 CALIBRATION_AND_IMAGING goes to both. Reference-only lines do not complete a slice with LAST_IN_SLICE or
 LAST_IN_REPETITION (the reference usually precedes its imaging lines); LAST_IN_MEASUREMENT still
-completes everything. The slice carries the reference as ``calibration_kspace`` and
-``num_calibration`` = the run of reference columns containing the centre column. A reference is matched
-to imaging lines by the full key (one acquired only in the first repetition is not reused later);
-reference lines of a key that never gets imaging lines are dropped with a warning. Other calibration
-modes (embedded, interleaved, ...) keep calibration lines in the imaging k-space as before.
+completes everything. A reference is matched to imaging lines by the full key (one acquired only in the
+first repetition is not reused later); reference lines of a key that never gets imaging lines are dropped
+with a warning. At completion the reference is compared with the imaging lines at the positions both hold
+(CALIBRATION_AND_IMAGING lines, the same acquisitions, left out). When they agree (the difference beyond
+the noise, :func:`systematic_difference`, at most :data:`SAME_CONTRAST_TOLERANCE`; at very low SNR the
+noise hides small differences) the reference is the same contrast and sampling: its lines fill
+the positions no imaging line holds, flagged as calibration, and the slice is an embedded-mode slice (no
+``calibration_kspace``; ``num_calibration`` = the centre run of calibration columns). The network was
+trained with its ACS block inside the measured data; without it an equispaced imaging mask leaves the
+network folded images. A 3-D reference fills only columns it holds at every e2 (kz stays fully sampled).
+Otherwise (another contrast, or no shared position to compare) the reference never enters the imaging
+k-space: the slice carries it as ``calibration_kspace`` with ``num_calibration`` = the run of reference
+columns containing the centre column, for the sensitivities only. Other calibration modes (embedded,
+interleaved, ...) keep calibration lines in the imaging k-space as before.
 """
 from __future__ import annotations
 
 import cmath
 import collections
 import logging
+import math
 import struct
 import time
 from dataclasses import dataclass, field
@@ -76,6 +86,10 @@ _CALIBRATION_ONLY, _CALIBRATION_AND_IMAGING = flag_mask(FLAG_IS_CALIBRATION), fl
 _REVERSE, _LAST_IN_SLICE = flag_mask(FLAG_IS_REVERSE), flag_mask(FLAG_LAST_IN_SLICE)
 _LAST_IN_REPETITION, _LAST_IN_MEASUREMENT = flag_mask(FLAG_LAST_IN_REPETITION), flag_mask(FLAG_LAST_IN_MEASUREMENT)
 _NOT_LANDED = _AUXILIARY | _REVERSE | flag_mask(FLAG_IS_NOISE)
+#: A separate reference whose systematic difference from the imaging lines at the positions both hold
+#: (:func:`systematic_difference`) is at most this is the same contrast and sampling, and is merged into the
+#: imaging k-space. A gain of 1.3 or a phase of 0.2 rad reads 0.3 or 0.2.
+SAME_CONTRAST_TOLERANCE = 0.15
 
 
 def _fields_struct() -> struct.Struct:
@@ -104,10 +118,11 @@ class AssemblyError(ValueError):
 class SliceData:
     """A slice ready for reconstruction.
 
-    ``calibration_kspace``: with a separate reference (header calibrationMode ``separate``), complex64
-    ``(coil, readout, phase)`` like ``kspace``, holding only the reference lines in their columns (zeros
-    elsewhere); then ``num_calibration`` is the reference's line count (the run of reference columns
-    containing the centre column) and ``kspace``/``mask`` hold imaging lines only. None otherwise.
+    ``calibration_kspace``: with a separate reference (header calibrationMode ``separate``) of another
+    contrast, complex64 ``(coil, readout, phase)`` like ``kspace``, holding only the reference lines in their
+    columns (zeros elsewhere); then ``num_calibration`` is the reference's line count (the run of reference
+    columns containing the centre column) and ``kspace``/``mask`` hold imaging lines only. None otherwise,
+    also for a reference that matches the imaging lines (merged into ``kspace``; module docstring).
     ``partition``: for a 3-D scan, the partition's index in the recon z matrix (None for 2-D); ``lines``
     then counts the lines of the whole volume."""
 
@@ -154,7 +169,8 @@ class SliceAssembler:
     references: dict[SliceKey, _Buffer] = field(default_factory=dict)  # separate reference lines per key
     _checked_3d: bool = False
     budget: Optional[MemoryBudget] = None  # the process's budget for k-space buffers (gadget/stream/budget.py)
-    owner: str = "scan"                    # names the scan in budget errors
+    owner: str = "scan"                    # names the scan in budget and log messages
+    _reference_logged: bool = False        # the first separate reference's merge decision is logged at INFO
 
     def __post_init__(self) -> None:
         self._is_3d = self.encoding.is_3d
@@ -376,6 +392,8 @@ class SliceAssembler:
                     raise AssemblyError(f"slice {dict(zip(KEY_FIELDS, key))}: separate reference k-space "
                                         f"{ref.kspace.shape} does not match the imaging k-space {buf.kspace.shape} "
                                         "(coils or readout samples differ)")
+                if self._merge_reference(key, buf, ref):
+                    ref = None
             if self._is_3d:
                 out += self._partitions(key, buf, ref)
                 continue
@@ -387,6 +405,44 @@ class SliceAssembler:
             out.append(SliceData(key, buf.kspace.transpose(1, 2, 0), buf.counts > 0, num_cal or None,
                                  buf.reference, buf.lines, calibration_kspace=cal_kspace))
         return out
+
+    def _merge_reference(self, key: SliceKey, buf: _Buffer, ref: _Buffer) -> bool:
+        """Write the finished reference ``ref`` into the finished imaging buffer ``buf`` when it is the same
+        contrast and sampling (module docstring); True when merged."""
+        held, refd = buf.counts > 0, ref.counts > 0
+        compared = held & refd & ~buf.calibration  # imaging lines flagged calibration are the reference's own
+        fill = refd & ~held
+        if self._is_3d:  # whole kz columns only, so the merged volume stays fully sampled along kz
+            enc = self.encoding
+            rows = slice(enc.e2_min + enc.e2_padding, enc.e2_max + enc.e2_padding + 1)
+            fill &= refd[rows].all(axis=0)
+        where = dict(zip(KEY_FIELDS, key))
+        if not compared.any():
+            self._log_reference("slice %s: no imaging line at a separate reference position to compare the "
+                                "reference with; kept apart for the sensitivities only", where)
+            return False
+        difference = systematic_difference(buf.kspace[compared], ref.kspace[compared])
+        if not difference <= SAME_CONTRAST_TOLERANCE:
+            self._log_reference("slice %s: the separate reference differs from the %d imaging lines at its "
+                                "positions by %.3g (beyond the noise, > %g): another contrast, kept apart for the "
+                                "sensitivities only", where, int(compared.sum()), difference,
+                                SAME_CONTRAST_TOLERANCE)
+            return False
+        buf.kspace[fill] = ref.kspace[fill]
+        buf.counts[fill] = 1  # both buffers are finished: repeated lines are averaged already
+        buf.calibration |= refd & (held | fill)  # the reference's positions the slice now holds
+        buf.lines += int(ref.counts[fill].sum())
+        self._log_reference("slice %s: the separate reference matches the %d imaging lines at its positions "
+                            "(difference beyond the noise %.3g <= %g): its %d other lines join the imaging k-space as "
+                            "calibration lines", where, int(compared.sum()), difference, SAME_CONTRAST_TOLERANCE,
+                            int(fill.sum()))
+        return True
+
+    def _log_reference(self, text: str, *args) -> None:
+        """The merge decision: at INFO for the scan's first reference, at DEBUG after that."""
+        level = logging.DEBUG if self._reference_logged else logging.INFO
+        self._reference_logged = True
+        log.log(level, "%s: " + text, self.owner, *args)
 
     def _partitions(self, key: SliceKey, buf: _Buffer, ref: Optional[_Buffer]) -> list[SliceData]:
         """A finished 3-D volume → one :class:`SliceData` per recon partition (module docstring)."""
@@ -412,6 +468,26 @@ class SliceAssembler:
             out.append(SliceData(key, images[p].transpose(1, 2, 0), columns.copy(), num_cal or None, head,
                                  buf.lines, calibration_kspace=cal, partition=p))
         return out
+
+
+def systematic_difference(imaging: np.ndarray, reference: np.ndarray) -> float:
+    """How much ``reference`` differs from ``imaging`` (complex ``(line, coil, readout)``, the same positions)
+    beyond their independent noise, relative to the signal: ``sqrt(max(D - N, 0) / S)`` with ``D`` the energy of
+    the difference, ``N`` its noise energy (the mean of the outer eighth of the acquired readout on each side,
+    where k-space holds little signal, times the sample count) and ``S`` the imaging lines' energy less their
+    noise (``N / 2``). 0 for the same signal; a gain ``g`` reads ``|g - 1|``; inf without signal."""
+    diff = reference - imaging
+    acquired = np.flatnonzero((imaging != 0).any(axis=(0, 1)) | (reference != 0).any(axis=(0, 1)))
+    if acquired.size == 0:
+        return math.inf
+    lo, hi = int(acquired[0]), int(acquired[-1]) + 1
+    band = max((hi - lo) // 8, 1)
+    outer = np.concatenate([diff[..., lo:lo + band], diff[..., hi - band:hi]], axis=-1)
+    noise = float(np.mean(np.abs(outer) ** 2)) * diff[..., lo:hi].size
+    signal = float(np.vdot(imaging, imaging).real) - noise / 2
+    if not signal > 0:
+        return math.inf
+    return math.sqrt(max(float(np.vdot(diff, diff).real) - noise, 0.0) / signal)
 
 
 def _finish(buf: _Buffer) -> None:
