@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="E2E-VarNet device: auto, cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--refine", choices=CHOICES["refine"], default="pi",
-                        help="E2E-VarNet's refinement (gadget/recon/refine.py; default pi)")
+                        help="E2E-VarNet's refinement (gadget/recon/refine.py; default pi; auto: each "
+                             "checkpoint's own, gadget.model.checkpoint.default_refine)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -41,7 +42,9 @@ def main(argv=None) -> int:
         spec = load_spec(args.spec)
         from gadget.recon.refine import RefineConfig
 
-        records = run_matrix(spec, args.out, device=args.device, refine=RefineConfig(mode=args.refine))
+        records = run_matrix(spec, args.out, device=args.device,
+                             refine=RefineConfig(mode="pi" if args.refine == "auto" else args.refine),
+                             refine_from_checkpoint=args.refine == "auto")
     except (EvaluationError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

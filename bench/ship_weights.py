@@ -49,6 +49,9 @@ def main() -> int:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--evaluation", type=Path, nargs="+", required=True,
                         help="results.md files written by varnet compare on the held-out volumes")
+    parser.add_argument("--refine", choices=("pi", "none"), default="pi",
+                        help="the refine the evaluation was run with (default pi, generalisation_matrix.py's), "
+                             "recorded as the refine every door applies to these weights when none is given")
     parser.add_argument("--out", type=Path, default=Path("gadget/weights") / SHIPPED_NAME)
     args = parser.parse_args()
 
@@ -69,6 +72,7 @@ def main() -> int:
                    for s in stages],
         "training_time_s_total": round(sum(float(s.get("training_time_s") or 0) for s in stages), 1),
         "evaluation": "\n\n".join(p.read_text() for p in args.evaluation),
+        "refine": args.refine,  # gadget.model.checkpoint.default_refine
     }
     save_checkpoint(args.out, loaded.model, description)
     size = args.out.stat().st_size

@@ -200,14 +200,21 @@ class ReconService:
         if config.checkpoint and config.checkpoint != self.config.checkpoint:
             raise SessionError(f"checkpoint '{config.checkpoint}' requested, but this server serves "
                                f"'{self.config.checkpoint}'")
-        if (config.refine, config.refine_lambda) != (self.config.refine, self.config.refine_lambda):
+        requested, served = self._refine(config.refine), self._refine(self.config.refine)
+        if (requested, config.refine_lambda) != (served, self.config.refine_lambda):
             raise SessionError(f"refine '{config.refine}' (lambda {config.refine_lambda:g}) requested, but this "
-                               f"server's model runs with refine '{self.config.refine}' (lambda "
-                               f"{self.config.refine_lambda:g})")
+                               f"server's model runs with refine '{served}' (lambda {self.config.refine_lambda:g})")
         if config.precision != self.config.precision:
             raise SessionError(f"precision '{config.precision}' requested, but this server's model runs "
                                f"in '{self.config.precision}'")
         return self.engine
+
+    def _refine(self, setting: str) -> str:
+        """A refine setting as this server's checkpoint resolves it (``auto`` → the checkpoint's own, which
+        :func:`gadget.recon.pipeline.build_engine` records on the engine; unknown for an engine built
+        otherwise, where ``auto`` stays ``auto``)."""
+        engine = getattr(self.engine, "engine", self.engine)  # a BatchingEngine's Reconstructor
+        return (getattr(engine, "checkpoint_refine", None) or setting) if setting == "auto" else setting
 
     @staticmethod
     def _report(writer: MessageWriter, dialect: str, text: str) -> None:

@@ -61,27 +61,36 @@ def add_precision_argument(p: argparse.ArgumentParser, default: Optional[str] = 
                         + ("" if default else " (default: the config's, fp32)"))
 
 
-def add_refine_argument(p: argparse.ArgumentParser) -> None:
+def add_refine_argument(p: argparse.ArgumentParser, default: Optional[str] = "auto") -> None:
+    """``--refine``/``--refine-lambda``; ``default=None``: unset unless given (the config's then applies)."""
     from ..recon.config import CHOICES
 
-    p.add_argument("--refine", choices=CHOICES["refine"], default="pi",
-                   help="pi (default): finish the network's image with a parallel-imaging solve that takes it as "
-                        "the prior (ESPIRiT's maps where they cover the object, else the network's own; "
-                        "gadget/recon/refine.py); none: the network's image as it is")
-    p.add_argument("--refine-lambda", type=float, default=0.0,
-                   help="weight of the network's image in that solve; 0 (default): chosen from the noise level")
+    p.add_argument("--refine", choices=CHOICES["refine"], default=default,
+                   help="pi: finish the network's image with a parallel-imaging solve that takes it as the prior "
+                        "(ESPIRiT's maps where they cover the object, else the network's own; "
+                        "gadget/recon/refine.py); none: the network's image as it is; auto: what the checkpoint "
+                        "records (pi for the shipped weights), none where it records nothing (fastMRI and bare "
+                        "state dicts, Lightning .ckpt)"
+                        + (" (default: auto)" if default else " (default: the config's, auto)"))
+    p.add_argument("--refine-lambda", type=float, default=0.0 if default else None,
+                   help="weight of the network's image in that solve; 0: chosen from the noise level"
+                        + (" (default)" if default else " (default: the config's, 0)"))
 
 
-def refine_config(args):
-    """``--refine``/``--refine-lambda`` → :class:`RefineConfig` (a bad value is a :class:`UserError`)."""
+def refine_config(args, loaded):
+    """``--refine``/``--refine-lambda`` for the checkpoint ``loaded`` → :class:`RefineConfig` (``auto``
+    resolved and logged by :func:`gadget.model.checkpoint.resolve_refine`; a bad value is a :class:`UserError`)."""
+    from ..model.checkpoint import resolve_refine
     from ..recon.refine import RefineConfig
 
     try:
-        return RefineConfig(mode=args.refine, lam=args.refine_lambda)
+        return RefineConfig(mode=resolve_refine(args.refine, loaded)[0], lam=args.refine_lambda)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
 
 def operator_overrides(args) -> dict:
-    """``--checkpoint``, ``--device``, ``--precision`` given on the command line, as config settings."""
-    return {k: getattr(args, k) for k in ("checkpoint", "device", "precision") if getattr(args, k, None)}
+    """``--checkpoint``, ``--device``, ``--precision``, ``--refine``, ``--refine-lambda`` given on the command
+    line, as config settings."""
+    return {k: v for k in ("checkpoint", "device", "precision", "refine", "refine_lambda")
+            if (v := getattr(args, k, None)) is not None and v != ""}

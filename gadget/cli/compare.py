@@ -77,7 +77,8 @@ def run(args) -> int:
     from ..baselines.sense import SenseConfig
     from ..evaluation.compare import Undersample, compare_methods, parse_methods
     from ..evaluation.scoring import EvaluationError
-    from . import UserError, refine_config
+    from ..recon.refine import RefineConfig
+    from . import UserError
 
     if args.max_slices is not None and args.max_slices < 1:
         raise UserError("--max-slices must be >= 1")
@@ -98,7 +99,8 @@ def run(args) -> int:
             sense_config=SenseConfig(iterations=args.sense_iterations, lam=args.sense_lambda),
             bart_config=BartConfig(lam=args.bart_lambda, iterations=args.bart_iterations),
             device=args.device, batch_size=args.batch_size, precision=args.precision,
-            refine=refine_config(args))
+            refine=RefineConfig(mode="pi" if args.refine == "auto" else args.refine, lam=args.refine_lambda),
+            refine_from_checkpoint=args.refine == "auto")  # auto: each checkpoint's own
     except (EvaluationError, ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     print((args.out / "results.md").read_text())

@@ -61,8 +61,9 @@ def run(args) -> int:
     from ..model.shipped import resolve_checkpoint
 
     loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    refine = refine_config(args, loaded)  # auto: the checkpoint's own; logged
     try:
-        engine = Reconstructor(loaded.model, args.device, args.precision, refine=refine_config(args))
+        engine = Reconstructor(loaded.model, args.device, args.precision, refine=refine)
     except (RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from None
     log.info("checkpoint %s (%s, sha256 %s), device %s, U-Nets in %s, refine %s", loaded.path, loaded.kind,

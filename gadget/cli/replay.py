@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 
 def add_parser(sub) -> None:
-    from . import add_precision_argument, example_epilog
+    from . import add_precision_argument, add_refine_argument, example_epilog
 
     p = sub.add_parser("replay", help="reconstruct an ISMRMRD raw file through the streaming pipeline",
                        description="Reads acquisitions from an ISMRMRD HDF5 file (or a Siemens twix meas.dat, "
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="model checkpoint (overrides the config)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (overrides the config)")
     add_precision_argument(p)
+    add_refine_argument(p, default=None)
     p.add_argument("--group", default="dataset", help="ISMRMRD group in the input file")
     p.add_argument("--out-group", default=None, help="group in the output file (default: input file stem)")
     p.add_argument("--png", type=Path, default=None, help="write PNG previews into this directory")

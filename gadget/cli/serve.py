@@ -8,7 +8,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    from . import add_precision_argument, example_epilog
+    from . import add_precision_argument, add_refine_argument, example_epilog
 
     p = sub.add_parser(
         "serve", help="MRD stream server (or Gadgetron <connect> listener with --gadgetron)",
@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default=None)
     add_precision_argument(p)
+    add_refine_argument(p, default=None)
     p.add_argument("--max-connections", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=4,
                    help="slices from concurrent scans reconstructed in one forward pass (1 = no batching)")

@@ -20,6 +20,8 @@ scored on the same masks.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import time
@@ -226,9 +228,11 @@ def pooled(method: str, parts: Sequence[MethodResult]) -> MethodResult:
     return out
 
 
-def _load_engine(checkpoint, device: str, precision: Optional[str] = None, refine: RefineConfig = RefineConfig()):
+def _load_engine(checkpoint, device: str, precision: Optional[str] = None, refine: RefineConfig = RefineConfig(),
+                 refine_from_checkpoint: bool = False):
     """A :class:`Reconstructor` from a checkpoint path or a VarNet module (its mode is restored
-    by the caller). Returns ``(engine, description, module_or_None, was_training)``."""
+    by the caller). Returns ``(engine, description, module_or_None, was_training)``.
+    ``refine_from_checkpoint``: a checkpoint file's own refine mode replaces ``refine.mode``."""
     from ..recon.engine import Reconstructor
 
     if isinstance(checkpoint, torch.nn.Module):
@@ -241,6 +245,10 @@ def _load_engine(checkpoint, device: str, precision: Optional[str] = None, refin
         from ..model.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(checkpoint)
+        if refine_from_checkpoint:
+            from ..model.checkpoint import resolve_refine
+
+            refine = dataclasses.replace(refine, mode=resolve_refine("auto", loaded)[0])
         engine, module, was_training = Reconstructor(loaded.model, device, precision, refine=refine), None, False
         desc = f"{Path(loaded.path).name} (sha256 {loaded.sha256[:12]})"
     if engine.model.precision != "fp32":
@@ -261,6 +269,7 @@ def compare_methods(files, methods: str | Sequence[str] = METHODS, checkpoint=No
                     espirit: EspiritConfig = EspiritConfig(), sense_config: SenseConfig = SenseConfig(),
                     bart_config: BartConfig = BartConfig(), device: str = "auto", batch_size: int = 1,
                     precision: Optional[str] = None, refine: RefineConfig = RefineConfig(),
+                    refine_from_checkpoint: bool = False,
                     progress: Optional[Callable[[str, str], None]] = None) -> list[dict]:
     """Run ``methods`` on every file of every source and score them, per source and pooled.
 
@@ -280,6 +289,9 @@ def compare_methods(files, methods: str | Sequence[str] = METHODS, checkpoint=No
         device, batch_size: for E2E-VarNet (``auto`` with a module: the module's own device).
         precision: the U-Nets' arithmetic for E2E-VarNet (``None``: the model's, fp32 when loaded).
         refine: the refinement of E2E-VarNet's images (:mod:`gadget.recon.refine`; default on).
+        refine_from_checkpoint: each checkpoint file's own refine mode
+            (:func:`gadget.model.checkpoint.default_refine`) replaces ``refine.mode`` (``--refine auto``);
+            a module passed in keeps ``refine``.
         progress: called as ``progress(method, file_name)`` before each reconstruction.
 
     Returns:
@@ -316,7 +328,7 @@ def compare_methods(files, methods: str | Sequence[str] = METHODS, checkpoint=No
     figure = None
     try:
         for row, ckpt in models:
-            engine, desc, module, was_training = _load_engine(ckpt, device, precision, refine)
+            engine, desc, module, was_training = _load_engine(ckpt, device, precision, refine, refine_from_checkpoint)
             if module is not None:
                 restore.append((module, was_training))
             runners[row] = lambda c, engine=engine: varnet(c, engine, batch_size)

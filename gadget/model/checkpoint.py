@@ -8,6 +8,12 @@ Three on-disk formats are read, always with ``torch.load(weights_only=True)``:
 * our own format (written by :func:`save_checkpoint`): ``{"format": "varnet-gadget", "format_version": 1,
   "config": VarNetConfig fields, "description": {...}, "state_dict": {...}}``.
 
+The refine a checkpoint is run with when none is given (``refine: auto``, the default; :func:`default_refine`)
+comes from the file: our format records it in its description (``"refine"``, written by
+``bench/ship_weights.py``: the refine its evaluation was run with; files shipped before that field are
+listed by sha256 in :data:`RECORDED_REFINE`); everything else (fastMRI and bare state dicts, Lightning ``.ckpt``,
+our checkpoints that record none) gets ``none``, the network's image as the weights were trained to give it.
+
 Hyperparameters missing from a file are inferred from the state dict's shapes, and the model
 variant (``VarNetConfig.variant``, the seed paper's ablation) from its parameter names: no
 ``sens_net.*`` → a fixed-map variant; ``cascades.N.step_size`` → an image-space one (``vnu``, or ``vn``
@@ -17,6 +23,7 @@ config; a variant this code does not know is a :class:`CheckpointError` naming t
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -27,9 +34,20 @@ import torch
 
 from .varnet import VARIANTS, VarNet, VarNetConfig
 
+log = logging.getLogger(__name__)
+
 FORMAT_NAME = "varnet-gadget"
 FORMAT_VERSION = 1
 _LIGHTNING_PREFIX = "varnet."
+
+
+#: The refine of checkpoints shipped before our format had a ``"refine"`` field, by the file's sha256 (a
+#: shipped file is not rewritten: its hash is what ``varnet`` reports and tests pin). ``varnet_head_v3.pt``:
+#: ``pi``, the refinement was measured and made the default with these weights
+#: (``bench/generalisation_matrix.v3-refine.yaml``, README "Generalisation"). A file that records ``"refine"``
+#: in its description is read from there instead.
+RECORDED_REFINE = {"669d36e6c6591b85af0eb0653db366fac4dc75ff8432e84338dcc840f241b36b": "pi"}
+_KIND_NAMES = {"fastmri-state-dict": "fastMRI state dict", "lightning": "Lightning checkpoint"}
 
 
 class CheckpointError(Exception):
@@ -195,3 +213,30 @@ def save_checkpoint(path: str | os.PathLike, model: VarNet, description: Optiona
     tmp = path.with_name(path.name + ".partial")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def default_refine(loaded: LoadedCheckpoint) -> tuple[str, str]:
+    """The refine ``loaded`` is run with when none is given: ``(mode, reason)``, the reason worded for the
+    log (module docstring). A recorded value that is not a refine mode is a :class:`CheckpointError`."""
+    from ..recon.refine import REFINE_MODES
+
+    if loaded.kind != FORMAT_NAME:
+        return "none", _KIND_NAMES.get(loaded.kind, loaded.kind)
+    recorded = loaded.description.get("refine")
+    if recorded is not None:
+        if recorded not in REFINE_MODES:
+            raise CheckpointError(f"{loaded.path}: its description records refine {recorded!r}, "
+                                  f"not one of {', '.join(REFINE_MODES)}")
+        return recorded, "from the checkpoint's recipe"
+    if loaded.sha256 in RECORDED_REFINE:
+        return RECORDED_REFINE[loaded.sha256], ("from the checkpoint's recipe, recorded for its sha256 in "
+                                                "gadget.model.checkpoint")
+    return "none", "the checkpoint records no refine"
+
+
+def resolve_refine(setting: str, loaded: LoadedCheckpoint) -> tuple[str, str]:
+    """``setting`` (``auto`` | ``pi`` | ``none``) for ``loaded``: ``auto`` → :func:`default_refine`; a mode
+    given explicitly always wins. Returns ``(mode, reason)`` and logs ``refine MODE (REASON)``."""
+    mode, reason = default_refine(loaded) if setting == "auto" else (setting, "given")
+    log.info("refine %s (%s)", mode, reason)
+    return mode, reason

@@ -26,7 +26,7 @@ CHOICES = {
     "fallback": ("none", "sense", "zero-filled"),
     "also_send": ("none", "zero-filled", "sense"),
     "noise_units": ("scan", "gadgetron"),  # gadget.stream.noise.UNITS
-    "refine": ("pi", "none"),  # gadget.recon.refine.REFINE_MODES
+    "refine": ("auto", "pi", "none"),  # auto: the checkpoint's own; else gadget.recon.refine.REFINE_MODES
 }
 
 
@@ -47,9 +47,11 @@ class ReconConfig:
     device: str = "auto"                 # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "fp32"              # fp32 | bf16 | fp16: the U-Nets' arithmetic (FFTs, coil maths stay fp32)
     # The network's image finished by a parallel-imaging solve with its image as the prior (ESPIRiT's maps
-    # where they cover the object, else its own; gadget/recon/refine.py): pi | none. refine_lambda: the
-    # prior's weight; 0 = chosen from the noise.
-    refine: str = "pi"
+    # where they cover the object, else its own; gadget/recon/refine.py): pi | none | auto (the default:
+    # what the checkpoint records, gadget.model.checkpoint.default_refine: pi for the shipped weights,
+    # none for fastMRI and bare state dicts and Lightning .ckpt). refine_lambda: the prior's weight; 0 =
+    # chosen from the noise.
+    refine: str = "auto"
     refine_lambda: float = 0.0
     batch_size: int = 1                  # slices per forward pass
     prewhiten: bool = True               # noise prewhitening from noise-measurement acquisitions

@@ -60,7 +60,11 @@ class Reconstructor:
     :meth:`VarNet.set_precision`), set on ``model`` itself (engines sharing one model share it);
     ``None`` keeps the model's current setting. ``maps_cache_bytes``: bound of the fixed-map cache
     (:class:`MapsCache`; used only by the fixed-map variants, ``model.needs_maps``). ``refine``: the
-    parallel-imaging refinement of every image (module docstring; default on)."""
+    parallel-imaging refinement of every image (module docstring; default on). ``checkpoint_refine``: the
+    refine the loaded checkpoint asks for when none is given (:func:`gadget.model.checkpoint.default_refine`),
+    set by :func:`gadget.recon.pipeline.build_engine`; ``None`` for a model passed in without one."""
+
+    checkpoint_refine: Optional[str] = None
 
     def __init__(self, model: VarNet, device: str | torch.device = "auto", precision: Optional[str] = None,
                  maps_cache_bytes: int = MAPS_CACHE_BYTES, refine: RefineConfig = RefineConfig()):

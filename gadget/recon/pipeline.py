@@ -393,14 +393,18 @@ def _same_shape_groups(slices: list[SliceData]) -> list[list[SliceData]]:
 
 
 def build_engine(config: ReconConfig) -> tuple[Optional[Reconstructor], str]:
-    """Load the model once per process: ``(engine, description for logs)``; no engine in zero-filled mode."""
+    """Load the model once per process: ``(engine, description for logs)``; no engine in zero-filled mode.
+    ``config.refine`` ``auto`` becomes the checkpoint's own (:func:`gadget.model.checkpoint.resolve_refine`,
+    which logs the choice); the engine's ``refine.mode`` is the one applied."""
     if config.mode == "zero-filled":
         return None, "none (zero-filled)"
-    from ..model.checkpoint import load_checkpoint
+    from ..model.checkpoint import default_refine, load_checkpoint, resolve_refine
     from ..model.shipped import resolve_checkpoint
 
     loaded = load_checkpoint(resolve_checkpoint(config.checkpoint))  # none given: the shipped weights
+    mode, _ = resolve_refine(config.refine, loaded)
     engine = Reconstructor(loaded.model, config.device, config.precision,
-                           refine=RefineConfig(mode=config.refine, lam=config.refine_lambda))
+                           refine=RefineConfig(mode=mode, lam=config.refine_lambda))
+    engine.checkpoint_refine = default_refine(loaded)[0]
     return engine, (f"{loaded.path} ({loaded.kind}, sha256 {loaded.sha256[:12]}, U-Nets in {config.precision}, "
-                    f"refine {config.refine})")
+                    f"refine {mode})")
