@@ -252,7 +252,7 @@ def test_separate_reference_feeds_only_the_sensitivities_in_the_pipeline():
     # acceleration from imaging lines only: 12 columns / 6 measured
     assert "VarNetSafety" in img.meta.keys()
     sl = next(iter(_slices(xml, lines)))
-    assert scan._acceleration(sl) == WIDTH / len(IMAGING_COLUMNS)
+    assert scan.acceleration(sl) == WIDTH / len(IMAGING_COLUMNS)
 
 
 def _slices(xml, lines):

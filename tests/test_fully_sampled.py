@@ -87,7 +87,7 @@ def _run(scan_setup, mask, **cfg):
 def test_full_mask_acs_is_full_width_and_image_is_the_rss(scan_setup):
     mask = np.ones(WIDTH, bool)
     scan, engine, img, sl = _run(scan_setup, mask)
-    assert scan._acs(sl) == WIDTH  # fastMRI's detection would say 1
+    assert scan.acs_count(sl) == WIDTH  # fastMRI's detection would say 1
     assert engine.counts == []  # the network was not asked
     want = crop(np_rss(scan_setup[1]), (64, WIDTH))
     got = image_magnitude(img)

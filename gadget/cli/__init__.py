@@ -7,9 +7,9 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import ablate, bench, compare, convert, demo, evaluate, export, infer, openrecon, replay, serve, synth, train
+from . import ablate, adapt, bench, compare, convert, demo, evaluate, export, infer, openrecon, replay, serve, synth, train
 
-SUBCOMMANDS = (infer, replay, serve, convert, synth, train, evaluate, compare, ablate, export, bench, demo, openrecon)
+SUBCOMMANDS = (infer, replay, serve, convert, synth, train, adapt, evaluate, compare, ablate, export, bench, demo, openrecon)
 
 
 class UserError(Exception):
@@ -90,7 +90,23 @@ def refine_config(args, loaded):
 
 
 def operator_overrides(args) -> dict:
-    """``--checkpoint``, ``--device``, ``--precision``, ``--refine``, ``--refine-lambda`` given on the command
-    line, as config settings."""
-    return {k: v for k in ("checkpoint", "device", "precision", "refine", "refine_lambda")
+    """``--checkpoint``, ``--device``, ``--precision``, ``--refine``, ``--refine-lambda``, ``--adapt``,
+    ``--adapt-steps``, ``--adapt-time-limit`` given on the command line, as config settings."""
+    return {k: v for k in ("checkpoint", "device", "precision", "refine", "refine_lambda", "adapt", "adapt_steps",
+                           "adapt_time_limit")
             if (v := getattr(args, k, None)) is not None and v != ""}
+
+
+def add_adapt_arguments(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+    """``--adapt``, ``--adapt-steps``, ``--adapt-time-limit`` (the config's ``adapt*`` settings)."""
+    from ..recon.config import CHOICES, ReconConfig
+
+    defaults = ReconConfig()
+    p.add_argument("--adapt", choices=CHOICES["adapt"], default=default,
+                   help="scan: adapt the weights on each scan's own undersampled lines first (self-supervised; "
+                        "gadget/train/adapt.py), then reconstruct it" + (f" (default {default})" if default
+                                                                          else " (default: the config's)"))
+    p.add_argument("--adapt-steps", type=int, default=None,
+                   help=f"most adaptation steps per scan (default {defaults.adapt_steps})")
+    p.add_argument("--adapt-time-limit", type=float, default=None,
+                   help=f"seconds of adaptation per scan, 0 = none (default {defaults.adapt_time_limit:g})")

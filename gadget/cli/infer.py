@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    from . import add_precision_argument, add_refine_argument, example_epilog
+    from . import add_adapt_arguments, add_precision_argument, add_refine_argument, example_epilog
 
     p = sub.add_parser(
         "infer", help="reconstruct fastMRI test-format files with a checkpoint",
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     add_precision_argument(p, default="fp32")
     add_refine_argument(p)
+    add_adapt_arguments(p, default="none")
     p.add_argument("--batch-size", type=int, default=1, help="slices per forward pass")
     p.add_argument("--acs", choices=("auto", "attrs", "mask"), default="auto",
                    help="ACS line count: file attribute num_low_frequency (attrs), fastMRI's detection from "
@@ -68,11 +69,46 @@ def run(args) -> int:
         raise UserError(str(exc)) from None
     log.info("checkpoint %s (%s, sha256 %s), device %s, U-Nets in %s, refine %s", loaded.path, loaded.kind,
              loaded.sha256[:12], engine.device, args.precision, engine.refine.mode)
+    adapt = adapt_settings(args)
     args.output.mkdir(parents=True, exist_ok=True)
     for path in files:
+        scan_engine = engine if adapt is None else adapted_to_file(engine, path, adapt)
         with open_volume(path) as volume, tqdm(total=volume.num_slices, desc=path.name, unit="slice",
                                                leave=False, disable=None) as bar:
-            recon = reconstruct_volume(engine, volume, args.batch_size, args.acs, on_batch=bar.update)
+            recon = reconstruct_volume(scan_engine, volume, args.batch_size, args.acs, on_batch=bar.update)
         write_reconstruction(args.output / path.name, recon)
         print(f"{path.name}: {recon.shape[0]} slices -> {args.output / path.name}")
     return 0
+
+
+def adapt_settings(args):
+    """The per-scan adaptation's :class:`AdaptConfig` from ``--adapt*`` (None: ``--adapt none``), the
+    values checked as the config checks them."""
+    if args.adapt == "none":
+        return None
+    from ..recon.config import ConfigError, ReconConfig
+    from ..train.adapt_run import scan_settings
+    from . import UserError, operator_overrides
+
+    try:
+        config = ReconConfig().merged({k: v for k, v in operator_overrides(args).items() if k.startswith("adapt")},
+                                      "command line")
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    return scan_settings(config.adapt_steps, config.adapt_time_limit)
+
+
+def adapted_to_file(engine, path: Path, settings):
+    """``engine`` with its model adapted on the file's own undersampled slices (``--adapt scan``)."""
+    from ..train.adapt import AdaptError
+    from ..train.adapt_inputs import fastmri_slices
+    from ..train.adapt_run import adapted_engine
+    from . import UserError
+
+    try:
+        scan_engine, result = adapted_engine(engine, fastmri_slices(path), settings, path.name)
+    except AdaptError as exc:
+        raise UserError(f"{path.name}: --adapt scan: {exc}") from None
+    print(f"{path.name}: adapted on its own lines: {result.summary()}"
+          f"{'' if result.improved else '; the start weights were kept'}", flush=True)
+    return scan_engine

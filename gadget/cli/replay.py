@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 
 def add_parser(sub) -> None:
-    from . import add_precision_argument, add_refine_argument, example_epilog
+    from . import add_adapt_arguments, add_precision_argument, add_refine_argument, example_epilog
 
     p = sub.add_parser("replay", help="reconstruct an ISMRMRD raw file through the streaming pipeline",
                        description="Reads acquisitions from an ISMRMRD HDF5 file (or a Siemens twix meas.dat, "
@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda (overrides the config)")
     add_precision_argument(p)
     add_refine_argument(p, default=None)
+    add_adapt_arguments(p)
     p.add_argument("--group", default="dataset", help="ISMRMRD group in the input file")
     p.add_argument("--out-group", default=None, help="group in the output file (default: input file stem)")
     p.add_argument("--png", type=Path, default=None, help="write PNG previews into this directory")
@@ -48,7 +49,10 @@ def run(args) -> int:
         config = config.merged(operator_overrides(args), "command line")
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    engine, model_id = build_engine(config)
+    try:
+        engine, model_id = build_engine(config, offline=True)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
     try:
         with ismrmrd_source(args.input, args.group) as (source, in_group):  # twix: a temporary ISMRMRD file
             total = count_acquisitions(source, in_group)
@@ -57,6 +61,9 @@ def run(args) -> int:
             header_xml = read_header_xml(source, in_group)
     except TwixError as exc:
         raise UserError(str(exc)) from None
+    if result.adaptation is not None:
+        print(f"{args.input}: adapted on its own lines: {result.adaptation.summary()}"
+              f"{'' if result.adaptation.improved else '; the start weights were kept'}")
     if not result.images:
         raise UserError(f"{args.input}: no complete slice was found; nothing reconstructed")
     group = args.out_group or args.input.stem

@@ -27,11 +27,13 @@ CHOICES = {
     "also_send": ("none", "zero-filled", "sense"),
     "noise_units": ("scan", "gadgetron"),  # gadget.stream.noise.UNITS
     "refine": ("auto", "pi", "none"),  # auto: the checkpoint's own; else gadget.recon.refine.REFINE_MODES
+    "adapt": ("none", "scan"),  # gadget.train.adapt_run
 }
 
 
 # Settings only the operator sets (command line, preset file, Gadgetron chain), never a network client.
-OPERATOR_ONLY = ("checkpoint", "device", "precision", "refine", "refine_lambda")
+OPERATOR_ONLY = ("checkpoint", "device", "precision", "refine", "refine_lambda", "adapt", "adapt_steps",
+                 "adapt_time_limit")
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,13 @@ class ReconConfig:
     safety_prediction_max: float = 1.1
     safety_consistency_max: float = math.inf
     safety_departure_max: float = math.inf
+    # Self-supervised adaptation on each scan's own undersampled lines before it is reconstructed
+    # (gadget/train/adapt.py; offline doors only: varnet infer, varnet replay): none | scan. adapt_steps: most
+    # optimiser steps; adapt_time_limit: seconds per scan (0 = none). Fewer steps when the held-back lines'
+    # loss stops falling.
+    adapt: str = "none"
+    adapt_steps: int = 60
+    adapt_time_limit: float = 480.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,7 +146,7 @@ def _convert(name: str, annotation: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: setting '{name}' = {value!r} is not a valid {target}") from None
     if name in CHOICES and out not in CHOICES[name]:
         raise ConfigError(f"{source}: setting '{name}' = {out!r} must be one of {', '.join(CHOICES[name])}")
-    if name in ("batch_size", "uint16_max", "image_series_index") and out < 1:
+    if name in ("batch_size", "uint16_max", "image_series_index", "adapt_steps") and out < 1:
         raise ConfigError(f"{source}: setting '{name}' must be >= 1, got {out}")
     if name in ("safety_consistency_max", "safety_departure_max", "safety_prediction_max") and not out > 0:
         raise ConfigError(f"{source}: setting '{name}' must be > 0 (a relative norm; inf switches it off), got {out}")
@@ -149,6 +158,9 @@ def _convert(name: str, annotation: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: setting 'coil_compression' must be >= 0 (0 = off), got {out}")
     if name == "refine_lambda" and not (out >= 0 and math.isfinite(out)):
         raise ConfigError(f"{source}: setting 'refine_lambda' must be a finite number >= 0 (0 = from the noise), "
+                          f"got {out}")
+    if name == "adapt_time_limit" and not (out >= 0 and math.isfinite(out)):
+        raise ConfigError(f"{source}: setting 'adapt_time_limit' must be a finite number of seconds >= 0 (0 = none), "
                           f"got {out}")
     if name == "uint16_scale" and not (out >= 0 and math.isfinite(out)):
         raise ConfigError(f"{source}: setting 'uint16_scale' must be a finite number >= 0 (0 = from the first "

@@ -25,7 +25,7 @@ from ..stream.images import ImageOptions, SeriesScale, build_image
 from ..stream.noise import prewhiten, receiver_noise_bandwidth
 from ..stream.types import AcqLine
 from .coil_compression import CompressionError, compress
-from .config import ReconConfig
+from .config import ConfigError, ReconConfig
 from .engine import Reconstructor
 from .refine import RefineConfig
 from .safety import safety_figures, sense_image, zero_filled_rss
@@ -117,14 +117,19 @@ class ScanReconstructor:
             if not isinstance(item, SliceData):
                 yield item
                 continue
-            if 0 < self.config.coil_compression < item.kspace.shape[0]:
-                item = self._compressed(item, compressed_log)
-            pending.append(item)
+            pending.append(self.prepared(item, compressed_log))
             if len(pending) >= self.config.batch_size:
                 yield from self._images_then_recycle(pending)
                 pending = []
         if pending:
             yield from self._images_then_recycle(pending)
+
+    def prepared(self, sl: SliceData, logged: Optional[list[str]] = None) -> SliceData:
+        """``sl`` as the network receives it: with ``coil_compression`` virtual coils when that is set and
+        the slice has more coils; else ``sl`` itself."""
+        if 0 < self.config.coil_compression < sl.kspace.shape[0]:
+            return self._compressed(sl, [] if logged is None else logged)
+        return sl
 
     def _compressed(self, sl: SliceData, logged: list[str]) -> SliceData:
         """``sl`` with ``coil_compression`` virtual coils (gadget/recon/coil_compression.py; the matrix from
@@ -171,7 +176,7 @@ class ScanReconstructor:
         t0 = time.perf_counter()
         results: list[Optional[_Result]] = [None] * len(group)
         batches: dict[tuple, list[int]] = {}
-        accels = [self._acceleration(sl) for sl in group]
+        accels = [self.acceleration(sl) for sl in group]
         for i, (sl, accel) in enumerate(zip(group, accels)):
             if self.config.mode == "zero-filled":
                 results[i] = _Result(zero_filled_rss(sl.kspace), "zero-filled", accel)
@@ -182,7 +187,7 @@ class ScanReconstructor:
                          self.config.fully_sampled_below)
             else:
                 separate = sl.calibration_kspace is not None
-                batches.setdefault((sl.mask.tobytes(), self._acs(sl), separate), []).append(i)
+                batches.setdefault((sl.mask.tobytes(), self.acs_count(sl), separate), []).append(i)
         for (_, acs, separate), members in batches.items():
             kspace = np.stack([group[i].kspace for i in members])
             extra = {"sens_kspace": np.stack([group[i].calibration_kspace for i in members])} if separate else {}
@@ -194,7 +199,7 @@ class ScanReconstructor:
         self._log_series(group[0], results[0], dt / len(group))
         return results
 
-    def _acceleration(self, sl: SliceData) -> float:
+    def acceleration(self, sl: SliceData) -> float:
         """Lines in the header's acquired phase range over the lines measured there (inf: none). Imaging
         lines only: a separate reference is not in ``sl.mask``."""
         left, right = self.encoding.padding
@@ -203,7 +208,7 @@ class ScanReconstructor:
         n = int(acquired.sum())
         return acquired.size / n if n else float("inf")
 
-    def _acs(self, sl: SliceData) -> int:
+    def acs_count(self, sl: SliceData) -> int:
         """ACS lines for the sensitivity network, always explicit: the calibration-flagged lines; where
         none are flagged (or ``acs_source: mask``) the run of sampled columns containing the k-space
         centre column (fastMRI's ``2*min(left, right)`` detection gives 1 for a full mask and under-counts
@@ -248,7 +253,7 @@ class ScanReconstructor:
                     f"lines {int(sl.mask.sum())}/{sl.mask.size}"]
         if kind == "sense":
             try:
-                image = sense_image(sl.kspace, sl.mask, result.acs or self._acs(sl), sl.calibration_kspace)
+                image = sense_image(sl.kspace, sl.mask, result.acs or self.acs_count(sl), sl.calibration_kspace)
                 return self._build(self.series[1], sl, image, comments, ("CGSENSE",),
                                    {"VarNetOutput": "CG-SENSE (ESPIRiT)"})
             except ValueError as exc:  # ESPIRiT needs >= 2 centre lines
@@ -392,15 +397,24 @@ def _same_shape_groups(slices: list[SliceData]) -> list[list[SliceData]]:
     return list(groups.values())
 
 
-def build_engine(config: ReconConfig) -> tuple[Optional[Reconstructor], str]:
+def build_engine(config: ReconConfig, offline: bool = False) -> tuple[Optional[Reconstructor], str]:
     """Load the model once per process: ``(engine, description for logs)``; no engine in zero-filled mode.
     ``config.refine`` ``auto`` becomes the checkpoint's own (:func:`gadget.model.checkpoint.resolve_refine`,
-    which logs the choice); the engine's ``refine.mode`` is the one applied."""
+    which logs the choice); the engine's ``refine.mode`` is the one applied. ``offline``: the door reads a
+    whole scan before reconstructing it (replay), which per-scan adaptation (``adapt: scan``) needs; the
+    streaming doors refuse that setting here."""
+    if config.adapt != "none" and not offline:
+        raise ConfigError(f"adapt '{config.adapt}' needs the whole scan before its first image: it is for the "
+                          "offline doors (varnet replay, varnet infer), not for streaming servers or Gadgetron chains")
+    if config.adapt != "none" and config.mode != "varnet":
+        raise ConfigError(f"adapt '{config.adapt}' adapts the network: it needs mode 'varnet', not '{config.mode}'")
     if config.mode == "zero-filled":
         return None, "none (zero-filled)"
     from ..model.checkpoint import default_refine, load_checkpoint, resolve_refine
     from ..model.shipped import resolve_checkpoint
+    from .allocator import keep_freed_memory
 
+    keep_freed_memory()  # before the load starts torch's threads: a thread keeps the malloc arena it first gets
     loaded = load_checkpoint(resolve_checkpoint(config.checkpoint))  # none given: the shipped weights
     mode, _ = resolve_refine(config.refine, loaded)
     engine = Reconstructor(loaded.model, config.device, config.precision,

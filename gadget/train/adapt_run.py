@@ -1,0 +1,111 @@
+"""Adaptation as the doors use it: per scan (``adapt: scan`` in ``varnet infer`` / ``varnet replay``) and
+per site (``varnet adapt`` → a checkpoint with its provenance)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..model.checkpoint import LoadedCheckpoint, default_refine, save_checkpoint
+from ..model.varnet import VarNet
+from .adapt import AdaptConfig, AdaptResult, AdaptSlice, adapt, adapted_model
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_KEY = "adaptation"
+
+
+def scan_settings(steps: int, time_limit: float) -> AdaptConfig:
+    """The per-scan adaptation's settings: the defaults of :class:`AdaptConfig` with the operator's
+    ``adapt_steps`` and ``adapt_time_limit`` (seconds, 0 = none)."""
+    return AdaptConfig(steps=steps, time_limit=time_limit)
+
+
+def adapt_scan(model: VarNet, slices: Sequence[AdaptSlice], settings: AdaptConfig, source: str,
+               device: str = "cpu") -> tuple[VarNet, AdaptResult]:
+    """``model`` adapted on one scan's own slices, logged: steps, Γ loss before/after and time. When
+    the Γ loss did not fall, the start weights come back (and the log says so)."""
+    t0 = time.perf_counter()
+    result = adapt(model, slices, settings, device=device,
+                   on_score=lambda e: log.info("%s: adapt step %d: Γ loss %.5g (%.1f s)", source, e["step"],
+                                               e["gamma"], e["seconds"]))
+    log.info("%s: adapted on its own lines: %s; %.1f s in all", source, result.summary(),
+             time.perf_counter() - t0)
+    if not result.improved:
+        log.warning("%s: adaptation did not lower the held-back (Γ) loss; the start weights are used", source)
+        return model, result
+    return adapted_model(model, result), result
+
+
+def adapted_engine(engine, slices: Sequence[AdaptSlice], settings: AdaptConfig, source: str):
+    """``(engine, result)``: an engine running ``engine``'s model adapted on ``slices`` (:func:`adapt_scan`)
+    on the same device with the same refinement; ``engine`` itself when the Γ loss did not fall."""
+    from ..recon.engine import Reconstructor
+
+    model, result = adapt_scan(engine.model, slices, settings, source, device=engine.device)
+    if model is engine.model:
+        return engine, result
+    return Reconstructor(model, engine.device, None, refine=engine.refine), result
+
+
+def provenance(base: LoadedCheckpoint, inputs: Sequence[tuple[str, str]], settings: AdaptConfig,
+               result: AdaptResult) -> dict:
+    """What a checkpoint made by adaptation records: the start weights' hash, each input's name and
+    sha256, the settings (splits included), the steps and the Γ-loss curve."""
+    return {
+        "base_checkpoint": Path(base.path).name,
+        "base_sha256": base.sha256,
+        "inputs": [{"name": name, "sha256": digest} for name, digest in inputs],
+        "settings": settings.to_dict(),
+        "slices": result.slices,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "stopped": result.stopped,
+        "seconds": round(result.seconds, 3),
+        "gamma_start": result.gamma_start,
+        "gamma_best": result.gamma_best,
+        "gamma_curve": [dict(entry) for entry in result.curve],
+    }
+
+
+def save_adapted(path: Path, base: LoadedCheckpoint, model: VarNet, record: dict) -> None:
+    """Write ``model`` in our format with the base's description, its refine (so the adapted weights are
+    run as their base was: :func:`gadget.model.checkpoint.default_refine`) and ``record`` under
+    :data:`PROVENANCE_KEY`."""
+    description = dict(base.description)
+    description["refine"] = default_refine(base)[0]
+    description[PROVENANCE_KEY] = record
+    save_checkpoint(path, model, description)
+
+
+def read_provenance(loaded: LoadedCheckpoint) -> Optional[dict]:
+    """The adaptation record of a loaded checkpoint (None for weights not made by ``varnet adapt``)."""
+    return loaded.description.get(PROVENANCE_KEY)
+
+
+def joint_term(dirs: Sequence[str], seed: int = 0):
+    """The supervised proxy term (JSSL) for :func:`gadget.train.adapt.adapt`: each call draws one slice of
+    the fully sampled fastMRI-layout files in ``dirs`` (fresh 4× or 8× equispaced-fraction mask, fastMRI's
+    centre fractions 0.08 / 0.04) and returns the SSIM loss of the network's image against its target."""
+    import numpy as np
+    import torch
+
+    from ..mri.masks import MaskSpec
+    from .data import SliceDataset
+    from .losses import TrainingLoss
+    from .trainer import crop_pair
+
+    dataset = SliceDataset(list(dirs), MaskSpec("equispaced_fraction", [0.08, 0.04], [4, 8]), seed=seed)
+    loss_fn = TrainingLoss("ssim")
+    rng = np.random.default_rng(seed)
+
+    def term(model, step: int):
+        sample = dataset[int(rng.integers(len(dataset)))]
+        device = next(model.parameters()).device
+        output = model(sample.masked_kspace[None].to(device), sample.mask.to(device),
+                       int(sample.num_low_frequencies) or None)
+        output, target = crop_pair(output, sample.target[None].to(device), sample.crop_size)
+        return loss_fn(output, target, torch.tensor([sample.max_value], device=device))
+
+    return term

@@ -1,0 +1,279 @@
+"""Self-supervised adaptation (gadget/train/splits.py, gadget/train/adapt.py): the line splits, that Γ is
+never trained on, the stop rule, provenance, and a tiny end-to-end adaptation that gains."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gadget.model.varnet import VarNet
+from gadget.train import adapt as adapt_module
+from gadget.train.adapt import AdaptConfig, AdaptError, AdaptSlice, adapt, adapted_model, ssdu_loss
+from gadget.train.splits import SplitSettings, acs_lines, holdout_lines, seeded_rng, split_lines
+
+from conftest import equispaced_mask
+
+
+@pytest.mark.parametrize("width,accel,acs", [(48, 4, 8), (128, 4, 10), (180, 8, 7), (96, 3, 12)])
+@pytest.mark.parametrize("selection", ["gaussian", "uniform"])
+def test_splits_are_disjoint_keep_acs_in_theta_and_never_use_gamma(width, accel, acs, selection):
+    omega = equispaced_mask(width, accel, acs)
+    settings = SplitSettings(rho=0.4, holdout=0.2, selection=selection)
+    acs_mask = acs_lines(width, acs)
+    gamma = holdout_lines(omega, acs, settings, seeded_rng(0, width))
+    outer = omega & ~acs_mask
+    assert gamma.any() and not (gamma & ~omega).any(), "Γ must be acquired lines"
+    assert not (gamma & acs_mask).any(), "Γ must not take ACS lines"
+    assert gamma.sum() == max(1, round(0.2 * outer.sum()))
+    available = omega & ~gamma
+    sizes = []
+    for draw in range(50):
+        theta, lam = split_lines(available, acs, settings, seeded_rng(1, draw))
+        assert not (theta & lam).any(), "Θ and Λ overlap"
+        assert np.array_equal(theta | lam, available), "Θ ∪ Λ must be Ω \\ Γ"
+        assert not ((theta | lam) & gamma).any(), "Γ leaked into a split"
+        assert (theta & acs_mask).sum() == (acs_mask & omega).sum(), "an ACS line left Θ"
+        assert (theta & ~acs_mask).any(), "Θ needs a line outside the ACS block"
+        sizes.append(lam.sum())
+    assert abs(np.mean(sizes) - 0.4 * available.sum()) <= 1
+    # fresh draws differ (several splits per slice), the same seed repeats
+    draws = {split_lines(available, acs, settings, seeded_rng(1, d))[1].tobytes() for d in range(10)}
+    assert len(draws) > 5
+    again = split_lines(available, acs, settings, seeded_rng(1, 3))[1]
+    assert np.array_equal(again, split_lines(available, acs, settings, seeded_rng(1, 3))[1])
+
+
+def test_gaussian_selection_prefers_the_centre():
+    omega = np.ones(256, bool)
+    settings = SplitSettings(rho=0.2, holdout=0.0, selection="gaussian", std_scale=4.0)
+    counts = np.zeros(256)
+    for d in range(200):
+        counts += split_lines(omega, 16, settings, seeded_rng(0, d))[1]
+    near, far = counts[64:96].mean() + counts[160:192].mean(), counts[:32].mean() + counts[-32:].mean()
+    assert near > 3 * far
+
+
+def test_split_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="rho"):
+        SplitSettings(rho=1.0)
+    with pytest.raises(ValueError, match="holdout"):
+        SplitSettings(holdout=-0.1)
+    with pytest.raises(ValueError, match="selection"):
+        SplitSettings(selection="poisson")
+    with pytest.raises(AdaptError, match="lr"):
+        AdaptConfig(lr=0)
+    with pytest.raises(AdaptError, match="trainable"):
+        AdaptConfig(trainable="decoder")
+
+
+def test_ssdu_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    shape = (2, 3, 8, 10)
+    pred = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+    meas = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+    lam = rng.random((2, 1, 1, 10)) < 0.4
+    expected = []
+    for b in range(2):
+        d, y = (pred[b] - meas[b])[..., lam[b, 0, 0]], meas[b][..., lam[b, 0, 0]]
+        expected.append(np.linalg.norm(d) / np.linalg.norm(y) + np.abs(d).sum() / np.abs(y).sum())
+    got = ssdu_loss(torch.from_numpy(pred), torch.from_numpy(meas), torch.from_numpy(lam))
+    assert float(got) == pytest.approx(np.mean(expected), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------- adaptation
+
+
+def tiny_model(seed: int = 0) -> VarNet:
+    torch.manual_seed(seed)
+    return VarNet(num_cascades=2, sens_chans=2, sens_pools=1, chans=4, pools=2).eval()
+
+
+@pytest.fixture(scope="module")
+def shifted_slices():
+    """Two 6-coil phantom slices (k-space 64 × 48), 4× equispaced + 8 ACS lines, and their clean RSS."""
+    from converters.simulate import simulate_volume
+
+    vol = simulate_volume(num_slices=2, num_coils=6, recon_size=(32, 48), seed=11, snr_db=40)
+    mask = equispaced_mask(48, 4, 8)
+    slices = [AdaptSlice(vol.kspace[s] * mask, mask, 8, f"sim/{s}") for s in range(2)]
+    return slices, vol.kspace
+
+
+def _image_error(model: VarNet, slices, full) -> float:
+    from gadget.mri.coils import rss
+    from gadget.mri.fft import ifft2c
+
+    err = ref = 0.0
+    with torch.no_grad():
+        for sl, k in zip(slices, full):
+            out = model(torch.from_numpy(sl.kspace)[None], torch.from_numpy(sl.mask), sl.acs)[0]
+            truth = rss(ifft2c(torch.from_numpy(k)[None]), dim=1)[0]
+            err += float(((out - truth) ** 2).sum())
+            ref += float((truth ** 2).sum())
+    return err / ref
+
+
+def test_adaptation_gains_on_a_simulated_shift(shifted_slices):
+    """The shipped weights (trained on heads) meet a phantom: adapting on its undersampled lines alone
+    lowers the Γ loss and the image error against the fully sampled RSS."""
+    from gadget.model.checkpoint import load_checkpoint
+    from gadget.model.shipped import shipped_checkpoint
+
+    slices, full = shifted_slices
+    model = load_checkpoint(shipped_checkpoint()).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = adapt(model, slices, AdaptConfig(steps=20, lr=1e-3, eval_every=5, patience=8, seed=1))
+    for k, v in model.state_dict().items():  # the caller's model is not changed
+        assert torch.equal(v, before[k]), k
+    assert result.improved and result.gamma_best < 0.8 * result.gamma_start, result.summary()
+    assert result.curve[0]["step"] == 0 and result.curve[0]["gamma"] == result.gamma_start
+    adapted = adapted_model(model, result)
+    assert not any(p.requires_grad for p in adapted.parameters())
+    err_before, err_after = _image_error(model, slices, full), _image_error(adapted, slices, full)
+    assert err_after < 0.85 * err_before, (err_before, err_after)
+    for k, v in adapted.state_dict().items():  # the sensitivity network stays frozen by default
+        if k.startswith("sens_net."):
+            assert torch.equal(v, before[k]), k
+
+
+def test_gamma_lines_never_reach_training(shifted_slices, monkeypatch):
+    slices, _ = shifted_slices
+    seen_inputs, seen_losses = [], []
+    original_run, original_loss = adapt_module._Prepared.run, adapt_module.ssdu_loss
+
+    def run(self, model, lines):
+        if torch.is_grad_enabled():
+            seen_inputs.append((self.gamma.copy(), lines.copy()))
+        return original_run(self, model, lines)
+
+    def loss(predicted, measured, mask):
+        seen_losses.append(mask.reshape(-1).cpu().numpy().copy())
+        return original_loss(predicted, measured, mask)
+
+    monkeypatch.setattr(adapt_module._Prepared, "run", run)
+    monkeypatch.setattr(adapt_module, "ssdu_loss", loss)
+    adapt(tiny_model(), slices, AdaptConfig(steps=6, eval_every=3, splits_per_step=2, slices_per_step=2))
+    assert len(seen_inputs) == len(seen_losses) == 6 * 2 * 2
+    for (gamma, theta), lam in zip(seen_inputs, seen_losses):
+        assert gamma.any()
+        assert not (theta & gamma).any() and not (lam & gamma).any()
+
+
+def test_poisoned_run_keeps_the_start(shifted_slices):
+    slices, _ = shifted_slices
+    model = tiny_model()
+    result = adapt(model, slices, AdaptConfig(steps=6, lr=50.0, eval_every=2, patience=2))
+    assert not result.improved and result.best_step == 0
+    for k, v in adapted_model(model, result).state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+def test_adapt_refuses_data_it_cannot_split():
+    full = np.ones(16, bool)
+    k = np.ones((2, 8, 16), np.complex64)
+    with pytest.raises(AdaptError, match="enough acquired lines"):
+        adapt(tiny_model(), [AdaptSlice(k, full, 16, "acs-only")], AdaptConfig(steps=1))
+    with pytest.raises(AdaptError, match="mask"):
+        AdaptSlice(k, np.ones(8, bool), 4)
+    with pytest.raises(AdaptError, match="joint"):
+        adapt(tiny_model(), [AdaptSlice(k, equispaced_mask(16, 2, 4), 4)], AdaptConfig(joint_weight=1.0))
+
+
+# ----------------------------------------------------------------------------- varnet adapt
+
+
+def _base_checkpoint(path):
+    from gadget.model.checkpoint import save_checkpoint
+
+    save_checkpoint(path, tiny_model(), {"recipe": "tiny test model"})
+    return path
+
+
+def test_cli_adapt_writes_a_checkpoint_with_its_provenance(tmp_path, test_format_file):
+    from gadget.cli import main
+    from gadget.model.checkpoint import file_sha256, load_checkpoint
+    from gadget.train.adapt_run import read_provenance
+
+    base = _base_checkpoint(tmp_path / "base.pt")
+    out, report = tmp_path / "site.pt", tmp_path / "report"
+    code = main(["adapt", str(test_format_file.parent), "--out", str(out), "--checkpoint", str(base),
+                 "--steps", "12", "--lr", "3e-3", "--eval-every", "4", "--device", "cpu", "--rho", "0.5",
+                 "--report", str(report)])
+    assert code == 0
+    loaded = load_checkpoint(out)
+    record = read_provenance(loaded)
+    assert record["base_sha256"] == file_sha256(base)
+    assert record["inputs"] == [{"name": test_format_file.name, "sha256": file_sha256(test_format_file)}]
+    assert record["settings"]["split"]["rho"] == 0.5 and record["settings"]["lr"] == 3e-3
+    assert record["steps"] == 12 and record["slices"] == 3
+    assert [e["step"] for e in record["gamma_curve"]] == [0, 4, 8, 12]
+    assert record["gamma_best"] < record["gamma_start"] == record["gamma_curve"][0]["gamma"]
+    assert loaded.description["recipe"] == "tiny test model"  # the base's description is kept
+    assert loaded.description["refine"] == "none"  # the base (our format, no refine recorded) runs unrefined
+    base_state = load_checkpoint(base).model.state_dict()
+    assert any(not torch.equal(v, base_state[k]) for k, v in loaded.model.state_dict().items())
+    for name in ("gamma_curve.csv", "gamma_curve.png", "slices.png"):
+        assert (report / name).stat().st_size > 0
+
+
+def test_cli_adapt_refuses_to_write_weights_worse_than_the_start(tmp_path, test_format_file, capsys):
+    from gadget.cli import main
+    from gadget.cli.adapt import EXIT_NOT_BETTER
+
+    base = _base_checkpoint(tmp_path / "base.pt")
+    out = tmp_path / "poisoned.pt"
+    code = main(["adapt", str(test_format_file), "--out", str(out), "--checkpoint", str(base), "--steps", "4",
+                 "--lr", "50", "--eval-every", "2", "--device", "cpu"])
+    assert code == EXIT_NOT_BETTER
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert "not written" in capsys.readouterr().out
+
+
+def test_cli_adapt_names_bad_inputs(tmp_path, capsys):
+    from gadget.cli import main
+
+    bogus = tmp_path / "notes.h5"
+    bogus.write_text("not hdf5")
+    assert main(["adapt", str(bogus), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "notes.h5" in capsys.readouterr().err
+
+
+def test_adapt_scan_through_infer_and_replay_gives_the_same_adapted_images(tmp_path, test_format_file, capsys):
+    """Per-scan mode: both offline doors adapt on the scan's own lines (the same slices, splits and steps),
+    log it, and reconstruct with the adapted weights; streaming doors refuse the setting."""
+    import h5py
+
+    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+    from gadget.cli import main
+    from gadget.recon.config import ConfigError, ReconConfig
+    from gadget.recon.pipeline import build_engine
+    from gadget.stream.images import image_magnitude
+    from gadget.stream.sinks import read_images_h5
+
+    base = _base_checkpoint(tmp_path / "base.pt")
+    raw = tmp_path / "raw.h5"
+    convert_fastmri_to_ismrmrd(test_format_file, raw)
+    outputs = {}
+    for adapt_mode in ("none", "scan"):
+        out = tmp_path / f"inf-{adapt_mode}"
+        assert main(["infer", "--checkpoint", str(base), "--input", str(test_format_file), "--output", str(out),
+                     "--adapt", adapt_mode, "--adapt-steps", "6", "--device", "cpu"]) == 0
+        with h5py.File(out / test_format_file.name, "r") as f:
+            outputs[adapt_mode] = f["reconstruction"][()]
+    printed = capsys.readouterr().out
+    assert "adapted on its own lines: 6 steps on 3 slices" in printed and "Γ loss" in printed
+    change = np.linalg.norm(outputs["scan"] - outputs["none"]) / np.linalg.norm(outputs["none"])
+    assert change > 1e-3
+
+    cfg = tmp_path / "adapt.yaml"
+    cfg.write_text("prewhiten: false\nfallback: none\nadapt: scan\nadapt_steps: 6\ndevice: cpu\n")
+    assert main(["replay", str(raw), str(tmp_path / "img.h5"), "--config", str(cfg), "--checkpoint", str(base)]) == 0
+    assert "adapted on its own lines: 6 steps on 3 slices" in capsys.readouterr().out
+    (series,) = read_images_h5(tmp_path / "img.h5").values()
+    replayed = np.stack([image_magnitude(im) for im in series])
+    assert np.linalg.norm(replayed - outputs["scan"]) / np.linalg.norm(outputs["scan"]) < 1e-4
+
+    with pytest.raises(ConfigError, match="offline doors"):
+        build_engine(ReconConfig(adapt="scan", checkpoint=str(base)))
+    with pytest.raises(ConfigError, match="adapt_steps"):
+        ReconConfig().merged({"adapt_steps": 0}, "test")
