@@ -277,3 +277,21 @@ def test_adapt_scan_through_infer_and_replay_gives_the_same_adapted_images(tmp_p
         build_engine(ReconConfig(adapt="scan", checkpoint=str(base)))
     with pytest.raises(ConfigError, match="adapt_steps"):
         ReconConfig().merged({"adapt_steps": 0}, "test")
+
+
+def test_split_invariant_maps_are_computed_once_and_change_nothing(shifted_slices):
+    slices, _ = shifted_slices
+    model = tiny_model()
+    sl = slices[0]
+    gamma = holdout_lines(sl.mask, sl.acs, SplitSettings(), seeded_rng(0, 1))
+    direct = adapt_module._Prepared(sl, gamma, torch.device("cpu"), fixed_maps=False)
+    cached = adapt_module._Prepared(sl, gamma, torch.device("cpu"), fixed_maps=True)
+    for draw in range(3):
+        theta, _ = split_lines(direct.available, sl.acs, SplitSettings(), seeded_rng(2, draw))
+        want, got = direct.run(model, theta), cached.run(model, theta)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.detach().abs().max()))
+        if draw == 0:
+            maps = cached.maps
+        assert cached.maps is maps  # computed once
+    with pytest.raises(AdaptError, match="e2e"):
+        adapt(VarNet(num_cascades=1, chans=4, pools=1, variant="vnu-k"), slices, AdaptConfig(steps=1))

@@ -147,9 +147,11 @@ def ssdu_loss(predicted: torch.Tensor, measured: torch.Tensor, loss_mask: torch.
 
 
 class _Prepared:
-    """A slice's tensors on the device, its Γ and the lines left to train on."""
+    """A slice's tensors on the device, its Γ and the lines left to train on. ``fixed_maps``: the
+    sensitivity network is frozen and reads only the ACS block, which every split keeps, so its maps are
+    the same for every split: computed once and reused."""
 
-    def __init__(self, sl: AdaptSlice, gamma: np.ndarray, device: torch.device):
+    def __init__(self, sl: AdaptSlice, gamma: np.ndarray, device: torch.device, fixed_maps: bool = False):
         self.source = sl
         self.kspace = torch.from_numpy(np.ascontiguousarray(sl.kspace, np.complex64))[None].to(device)
         self.mask = sl.mask
@@ -158,12 +160,23 @@ class _Prepared:
         self.acs = int(sl.acs)
         self.sens = (None if sl.sens_kspace is None
                      else torch.from_numpy(np.ascontiguousarray(sl.sens_kspace, np.complex64))[None].to(device))
+        self.fixed_maps = fixed_maps
+        self.maps: Optional[torch.Tensor] = None
 
     def run(self, model: VarNet, lines: np.ndarray) -> torch.Tensor:
         """The network's final k-space ``(1, coil, readout, phase)`` from the lines ``lines``."""
         m = torch.from_numpy(lines).to(self.kspace.device).view(1, 1, 1, -1)
         extra = {} if self.sens is None else {"sens_kspace": self.sens}
-        return model.forward_with_kspace(self.kspace * m, m, self.acs, **extra)[1]
+        if not self.fixed_maps:
+            return model.forward_with_kspace(self.kspace * m, m, self.acs, **extra)[1]
+        masked = self.kspace * m
+        if self.maps is None:
+            with torch.no_grad():
+                self.maps = model.sensitivities(masked, m, self.acs, **extra)
+        state = model.initial_state(masked, self.maps)
+        for cascade in model.cascades:
+            state = cascade(state, masked, m, self.maps)
+        return model.final_kspace(state, self.maps)
 
 
 def gamma_score(model: VarNet, prepared: Sequence[_Prepared]) -> float:
@@ -204,10 +217,15 @@ def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = Ada
         raise AdaptError("no slices to adapt on")
     if config.joint_weight > 0 and joint is None:
         raise AdaptError("joint_weight > 0 needs supervised proxy data (joint)")
+    if model.needs_maps:
+        raise AdaptError(f"model variant {model.variant!r} takes fixed maps from outside; adaptation supports the "
+                         "e2e variant (its own sensitivity network)")
     device = torch.device(device)
     work = copy.deepcopy(model).to(device).float()
     params = _trainable(work, config.trainable)
     start = [p.detach().clone() for p in params]
+    # the frozen sensitivity network's maps do not depend on the split when it reads the ACS block only
+    fixed_maps = (config.trainable == "cascades" and work.sens_net is not None and work.config.mask_center)
     prepared, skipped = [], []
     for i, sl in enumerate(slices):
         gamma = holdout_lines(sl.mask, sl.split_acs, config.split, seeded_rng(config.seed, 1, i))
@@ -215,7 +233,7 @@ def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = Ada
         if not gamma.any() or outer_left < 2:
             skipped.append(sl.name or str(i))
             continue
-        prepared.append(_Prepared(sl, gamma, device))
+        prepared.append(_Prepared(sl, gamma, device, fixed_maps))
     if skipped:
         log.warning("adapt: %d slices have too few acquired lines outside the ACS block to split and are not "
                     "used: %s", len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
