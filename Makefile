@@ -1,17 +1,18 @@
-# The two commands a newcomer needs: `make demo` and `make test` (each installs first).
+# The two commands a newcomer needs: `make demo` and `make test` (each installs first); `make docs` builds
+# the documentation site strictly (mkdocs.yml; a dead link fails).
 PYTHON      ?= python3
 VENV        ?= .venv
-# CPU torch pinned for development/CI machines; GPU users: see README "Installing on a GPU machine".
+# CPU torch pinned for development/CI machines; GPU users: see docs/guide/install.md.
 CONSTRAINTS ?= constraints-cpu.txt
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
 
-.PHONY: install test demo bench openrecon gpu-wheels clean
+.PHONY: install test docs demo bench openrecon gpu-wheels clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[test,docs]'
 	# fastmri is a test oracle only; --no-deps keeps its old torch pin out.
 	$(BIN)/python -m pip install --quiet --no-deps fastmri==0.3.0
 	touch $(STAMP)
@@ -20,6 +21,10 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The site into site/; --strict turns every warning (dead link, missing anchor, page not in the nav) into a failure.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 demo: install
 	$(BIN)/varnet demo --out demo_out
@@ -41,4 +46,4 @@ gpu-wheels: install
 	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels $(GPU_WHEELS)
 
 clean:
-	rm -rf $(VENV) demo_out *.egg-info .pytest_cache
+	rm -rf $(VENV) demo_out site *.egg-info .pytest_cache

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks in one run on a CUDA machine, e.g. through the device tool:
+# The GPU checks (docs/results/performance.md, "GPU") in one run on a CUDA machine, e.g. through the device tool:
 #   make gpu-wheels            # here, once: the machine there cannot download
 #   run(command="bash bench/gpu_checks.sh", carry=[".gpu-wheels"], timeout_s=540)
 # Installs the carried wheels next to the machine's own PyTorch, runs every CUDA test, then the

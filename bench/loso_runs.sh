@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Leave-one-source-out runs for the generalisation matrix (issue 13): the whole-head recipe
+# Leave-one-source-out runs for the generalisation matrix (docs/results/shipped-weights.md): the whole-head recipe
 # (pipelines/train/head-rss.yaml) at an equal, small budget of 640 steps from the same start,
 # trained on one anatomy source and validated on that source only; the other source and INIA19
 # are held out. Compare with runs/head-rss epoch 1 (640 steps on both sources).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data of the whole-head recipe (issue 13): domain-randomised heads from `varnet synth --head`.
+# Data of the whole-head recipe (docs/guide/training.md): domain-randomised heads from `varnet synth --head`.
 # Training sources MNI and Colin27; INIA19 (a macaque brain at human size) is held out for testing.
 # Two synth processes in parallel (2 cores); about 4 s per 4-slice volume each.
 set -euo pipefail

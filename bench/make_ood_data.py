@@ -1,4 +1,4 @@
-"""Out-of-distribution test sets that no `varnet synth` source or coil model produced (issue 13).
+"""Out-of-distribution test sets that no `varnet synth` source or coil model produced (docs/results/held-out-matrix.md).
 
 * ``bart/``: BART's analytic phantoms in k-space with BART's own coil sensitivities
   (``bart phantom -k -s C -x N``; Shepp-Logan and the geometric phantom), no readout
@@ -7,7 +7,7 @@
 * ``brain/``: real T1 intensities of INIA19 (``inia19-t1-brain.nii.gz``, an anatomy no training
   source contains), axial slices scaled to human size in a 256×256 field of view that holds the
   whole brain, times a 10-coil birdcage model (:func:`birdcage_sensitivities`), a smooth image phase,
-  30 dB SNR; like the held-out brain slice of issue 13 (256×256, 10 coils); one slice per file.
+  30 dB SNR; like a held-out brain slice of a real 10-coil scan (256×256); one slice per file.
 * ``brain_clean/``: the same slices at 80 dB SNR (practically noise-free): a model that paints
   the noise floor of its training data into the background shows here.
 * ``ismrmrd/``: ismrmrd-tools' Shepp-Logan raw files (``ismrmrd_generate_cartesian_shepp_logan``,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Recipe choices of issue 13 at the leave-one-source-out budget (640 steps from v1, both training
+# Recipe choices (docs/results/recipe_choices.md) at the leave-one-source-out budget (640 steps from v1, both training
 # sources), compared with runs/head-rss after its first epoch (RSS output, noisy RSS target):
 #   sense output (|Σ S* x| with the model's maps) and the noise-free target.
 set -euo pipefail

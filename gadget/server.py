@@ -9,7 +9,7 @@ One mechanism, two dialects. Each connection is one scan, handled on its own thr
 is loaded once per process (``ReconService``) and shared by all connections; the engine serialises
 device access.
 
-Dialects differ only where the peers differ (facts in DESIGN.md §4):
+Dialects differ only where the peers differ (docs/reference/protocol.md):
 * ``mrd`` (gadgetron_ismrmrd_client, python-ismrmrd-server's client.py, FIRE, OpenRecon): CONFIG_FILE
   names a preset (whitelist; OpenRecon's ``openrecon`` is one), CONFIG_TEXT may carry YAML, a JSON TEXT
   before or right after the HEADER carries parameters (gadget/recon/ui_parameters.py); errors go
@@ -122,7 +122,7 @@ class ReconService:
                peer: str) -> Optional[tuple[ReconConfig, str, EncodingInfo, Optional[Message]]]:
         """Config and header phase: ``(config, header XML, its encoding, first message after them)``; ``None`` = the
         peer closed after config only (answer CLOSE). OpenRecon/FIRE send their parameters as a JSON TEXT
-        right after the header (DESIGN.md §4c), so the message after HEADER is read here: a JSON TEXT is
+        right after the header (docs/reference/protocol.md), so the message after HEADER is read here: a JSON TEXT is
         applied, anything else is the scan's first message."""
         config = self.config
         while True:

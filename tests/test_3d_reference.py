@@ -1,4 +1,4 @@
-"""Issue 14, items 5 and 7: 3-D Cartesian scans (one 2-D slice per partition after an inverse FFT along
+"""3-D Cartesian scans (one 2-D slice per partition after an inverse FFT along
 kz) and separate reference (calibrationMode "separate": reference lines feed the sensitivities only).
 
 References are independent: numpy FFTs of the phantom (``np.fft.ifftn`` over (kz, readout, phase)), the

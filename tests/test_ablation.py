@@ -1,4 +1,4 @@
-"""``varnet ablate`` (issue 16): the ACS scaling rule, the fixed-maps cache, training with fixed
+"""``varnet ablate``: the ACS scaling rule, the fixed-maps cache, training with fixed
 maps, and a tiny end-to-end run of all four variants that writes Tables 1–2 and Fig. 3."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Memory a client cannot inflate (issue 15): allocation follows the bytes that arrive, data messages
+"""Memory a client cannot inflate (docs/reference/protocol.md): allocation follows the bytes that arrive, data messages
 are checked against the header before allocation, a process-wide budget bounds the k-space scans
 hold, and memory comes back when the server is idle."""
 import gc

@@ -1,4 +1,4 @@
-"""Noise prewhitening across dwell times (issue 14 item 6) and PCA coil compression (item 8)."""
+"""Noise prewhitening across dwell times and PCA coil compression."""
 import dataclasses
 
 import numpy as np

@@ -1,5 +1,5 @@
 """The OpenRecon/FIRE dialect of the MRD server: the config name ``openrecon``, then the header, then a
-JSON parameters TEXT (DESIGN.md §4c), in the message order and byte forms OpenRecon uses."""
+JSON parameters TEXT (docs/reference/protocol.md), in the message order and byte forms OpenRecon uses."""
 import json
 import struct
 

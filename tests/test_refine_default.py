@@ -1,4 +1,4 @@
-"""The default refine comes from the checkpoint (issue 23): fastMRI, bare and Lightning state dicts get
+"""The default refine comes from the checkpoint: fastMRI, bare and Lightning state dicts get
 ``none`` and so fastMRI's own output through every door (infer, replay, serve, the Gadgetron target);
 our checkpoints get what their description records (the shipped weights: ``pi``); a refine given
 explicitly always wins; the log says which applied."""

@@ -1,4 +1,4 @@
-"""Issue 23, point 4: a multi-slice 2-D scan with a separate reference of the same contrast (header
+"""A multi-slice 2-D scan with a separate reference of the same contrast (header
 calibrationMode ``separate``). Each slice sends its reference lines first (ACQ_IS_PARALLEL_CALIBRATION
 only, the first also ACQ_FIRST_IN_SLICE), then its R=4 imaging lines (the last ACQ_LAST_IN_SLICE); a noise
 scan comes first; 4 slices, 12 coils, 24 reference lines, 2x readout oversampling. A second stream sends

@@ -42,7 +42,7 @@ class BartConfig:
     ``calib``: ``ecalib -r`` calibration size (None: BART's default, 24); ``threads``: OMP threads;
     ``binary``: program name or path; ``timeout``: seconds per command."""
 
-    lam: float = 0.005   # the weight the quality bar of issue 13 names for BART pics-L1
+    lam: float = 0.005   # the weight the project's quality bar names for BART pics-L1 (docs/results/held-out-matrix.md)
     iterations: int = 50
     crop: Optional[float] = None
     calib: Optional[int] = None

@@ -1,5 +1,5 @@
 """``varnet bench all``: the model, ingest and pipeline benchmarks in one run, and one table of
-issue 6's targets (required vs measured) under them."""
+the project's speed targets (required vs measured; docs/results/performance.md) under them."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -57,7 +57,7 @@ def targets_table(model: dict, ingests: list[dict], pipeline: dict, device: str 
 
 
 def extra_cases(case: BenchCase) -> list[BenchCase]:
-    """The other shapes and models issue 6 asks for: brain-like 20x640x320 and the shipped architecture."""
+    """The other shapes and models the speed targets ask for: brain-like 20x640x320 and the shipped architecture."""
     return [replace(case, coils=20, readout=640, phase=320), replace(case, config="shipped")]
 
 
@@ -73,4 +73,4 @@ def run_all(case: BenchCase, implementations=None, progress=print) -> str:
     progress("pipeline benchmark ...")
     pipeline = run_pipeline_bench(threads=case.threads)
     return "\n\n".join([model_table(case, model), *extras, *map(ingest_table, ingests), pipeline_table(pipeline),
-                        "issue 6 targets on this machine:\n" + targets_table(model, ingests, pipeline, case.device)])
+                        "targets on this machine:\n" + targets_table(model, ingests, pipeline, case.device)])

@@ -44,7 +44,7 @@ _LIGHTNING_PREFIX = "varnet."
 #: The refine of checkpoints shipped before our format had a ``"refine"`` field, by the file's sha256 (a
 #: shipped file is not rewritten: its hash is what ``varnet`` reports and tests pin). ``varnet_head_v3.pt``:
 #: ``pi``, the refinement was measured and made the default with these weights
-#: (``bench/generalisation_matrix.v3-refine.yaml``, README "Generalisation"). A file that records ``"refine"``
+#: (``bench/generalisation_matrix.v3-refine.yaml``, docs/results/refinement.md). A file that records ``"refine"``
 #: in its description is read from there instead.
 RECORDED_REFINE = {"669d36e6c6591b85af0eb0653db366fac4dc75ff8432e84338dcc840f241b36b": "pi"}
 _KIND_NAMES = {"fastmri-state-dict": "fastMRI state dict", "lightning": "Lightning checkpoint"}

@@ -34,7 +34,7 @@ from .varnet import _EPS, NormUnet, VarNet, center_lines_mask
 
 EXPORT_FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18
-MAX_REL_DIFF = 1e-4  # "same output": max |fast − plain| / max |plain| for exports and fast paths (issue 6)
+MAX_REL_DIFF = 1e-4  # "same output": max |fast − plain| / max |plain| for exports and fast paths (the speed targets)
 
 
 def _shift(x: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -76,8 +76,9 @@ def _dft_split(x: torch.Tensor, inverse: bool) -> torch.Tensor:
     then ``p`` DFTs of length ``q`` as a real matrix product.
 
     Why: onnxruntime 1.32's ``DFT`` is fast and accurate for power-of-two lengths only; with plain
-    DFT nodes the 640 x 368 model was 1.2e-3 off the eager output and 3.7x slower than it, split
-    3.7e-5 off (benchmark input of gadget/bench/model_bench.py)."""
+    DFT nodes the 640 x 368 model missed the eager output by more than the 1e-4 bound and ran several
+    times slower than it, split it stays within the bound (benchmark input of
+    gadget/bench/model_bench.py; docs/results/performance.md, "What each change gave")."""
     n = x.shape[-2]
     p, q = _split(n)
     inv_fft = functools.partial(torch.fft.ifft, norm="forward")  # inverse transform without 1/n

@@ -38,8 +38,8 @@ magnitude of the final k-space combined with the model's own maps, ``|Σ_i S_i* 
 two agree for coil images of the form S_i·x; they differ for noise: every update a cascade makes
 lies in the range of E (or pulls toward the measured lines), so the part of the measured noise
 that is orthogonal to the maps at the sampled lines survives into an RSS output, but is removed
-by the combination. Against a noise-free target this matters (measured on our simulated brains at
-4×: SSIM 0.63 with RSS vs 0.90 with the combination, same weights; see issue 5's notes).
+by the combination. Against a noise-free target this matters: on simulated brains at 4× the same
+weights scored far higher SSIM with the combination than with RSS (docs/results/shipped-weights.md, v1).
 
 Parameter names equal those of ``fastmri.models.VarNet`` (``sens_net.norm_unet.unet.*``,
 ``cascades.{t}.model.unet.*``, ``cascades.{t}.dc_weight``) so official state dicts load.

@@ -4,7 +4,7 @@ Built from the package version, the constants below, and the UI parameter table
 (:data:`gadget.recon.ui_parameters.UI_PARAMETERS`) plus the ``config`` choice of preset; every
 parameter's default is its value in the ``openrecon`` preset (the config name OpenRecon sends),
 so a scanner that sends the defaults gets that preset unchanged. Validated against
-``schema.json`` (draft-07, "OpenReconSchema_1.1.0", DESIGN.md §4c).
+``schema.json`` (draft-07, "OpenReconSchema_1.1.0"; docs/guide/openrecon.md).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ..recon.ui_parameters import CONFIG_ID, LABEL_PRESET, MAX_PARAMETERS, UI_PA
 LABEL_KEY = "com.siemens-healthineers.magneticresonance.openrecon.metadata:1.1.0"
 VENDOR = "VarNetGadget"   # file-name safe: OpenRecon_<vendor>_<name>_V<version>.zip
 NAME = "E2EVarNet"
-PRESET = LABEL_PRESET      # the config name an OpenRecon scanner sends (DESIGN.md §4c)
+PRESET = LABEL_PRESET      # the config name an OpenRecon scanner sends (docs/reference/protocol.md)
 PORT = 9002
 # Deterministic on purpose (the Dockerfile's label is compared with a fresh one in the tests):
 # change with the package version.

@@ -1,5 +1,5 @@
 """PCA (SVD) coil compression from a slice's calibration region, as Gadgetron's eigen-channel
-gadgets do (DESIGN.md §4b): many-channel arrays (32-64 coils) are reduced to ``N`` virtual coils
+gadgets do (docs/guide/pipeline.md): many-channel arrays (32-64 coils) are reduced to ``N`` virtual coils
 before the network, which then works on fewer, fixed-count channels.
 
 For calibration data ``X`` (complex ``(coil, samples)``: every readout sample of every calibration

@@ -45,29 +45,34 @@ class ReconConfig:
     """Pipeline settings. Units: ``dither_sigma`` relative to the image maximum."""
 
     mode: str = "varnet"                 # varnet | zero-filled (no model; debugging, comparison)
-    checkpoint: Optional[str] = None     # a path given by the operator (never by a client)
+    # The model file, a path given by the operator (never by a client); unset: $VARNET_CHECKPOINT, else the
+    # weights shipped in the package (docs/guide/doors.md, "Model weights").
+    checkpoint: Optional[str] = None
     device: str = "auto"                 # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "fp32"              # fp32 | bf16 | fp16: the U-Nets' arithmetic (FFTs, coil maths stay fp32)
     # The network's image finished by a parallel-imaging solve with its image as the prior (ESPIRiT's maps
-    # where they cover the object, else its own; gadget/recon/refine.py): pi | none | auto (the default:
+    # where they cover the object, else its own; docs/guide/refinement.md): pi | none | auto (the default:
     # what the checkpoint records, gadget.model.checkpoint.default_refine: pi for the shipped weights,
-    # none for fastMRI and bare state dicts and Lightning .ckpt). refine_lambda: the prior's weight; 0 =
-    # chosen from the noise.
+    # none for fastMRI and bare state dicts and Lightning .ckpt, whose output is then fastMRI's).
     refine: str = "auto"
+    # The refinement's prior weight λ; 0 = chosen per slice from the noise (noisy data lean on the network,
+    # clean data on the measurements).
     refine_lambda: float = 0.0
     batch_size: int = 1                  # slices per forward pass
     prewhiten: bool = True               # noise prewhitening from noise-measurement acquisitions
     acs_source: str = "flags"            # flags (calibration flags; else the centre run of the mask) | mask (the centre run)
     image_dtype: str = "float32"         # float32 | uint16 (scale recorded in the meta)
-    uint16_max: int = 4095
+    uint16_max: int = 4095               # uint16 only: the largest stored value (4095: the 12 bits consoles store)
     # uint16 only: stored = float · scale, one scale for the whole series. 0 = chosen from the first
     # slice reconstructed (its maximum maps to uint16_max / 2, so slices up to twice as bright keep their
     # peaks; brighter pixels clip); > 0 = this factor.
     uint16_scale: float = 0.0
+    # Noise added to each stored image, its std relative to the image maximum and shaped by the local
+    # median of the image (gadget/stream/images.py, dither_noise); seeded per image index; 0 = none.
     dither_sigma: float = 0.0
-    series_description: str = "E2E-VarNet"
-    sequence_description_additional: str = "VARNET"
-    image_series_index: int = 1
+    series_description: str = "E2E-VarNet"          # the images' series description
+    sequence_description_additional: str = "VARNET"  # SequenceDescriptionAdditional of the images ("" = omitted)
+    image_series_index: int = 1          # series number of the network's images (also_send's series: + 1)
     # A second series for side-by-side reading, numbered image_series_index + 1: none | zero-filled | sense.
     also_send: str = "none"
     # Receiver noise bandwidth relative to the sampling bandwidth, used when the header does not give
@@ -81,24 +86,28 @@ class ReconConfig:
     coil_compression: int = 0
     reconstruct_incomplete: bool = True  # at end of stream, reconstruct buffers never marked complete
     # A slice sampled at an acceleration below this (lines in the acquired range / lines measured) is
-    # sent as the RSS coil combination of its data, not a network's rewrite (README "Pipeline behaviour").
+    # sent as the RSS coil combination of its data, not a network's rewrite (docs/guide/pipeline.md).
     fully_sampled_below: float = 1.5
-    # The safety check (gadget/recon/safety.py; figures measured there for the shipped weights):
-    # a network image whose withheld-line prediction (or, when set, consistency or departure) exceeds
-    # its maximum is flagged and ``fallback`` is sent instead: zero-filled (RSS of the measured lines;
-    # the default: it invents nothing, and on our held-out heads ESPIRiT + CG-SENSE was worse than it)
-    # | sense (ESPIRiT + CG-SENSE) | none (the network's image, flagged).
+    # What is sent for a slice the safety check (gadget/recon/safety.py) flags: zero-filled (RSS of the
+    # measured lines; the default: it invents nothing, and on held-out heads ESPIRiT + CG-SENSE was worse
+    # than it, docs/results/safety.md) | sense (ESPIRiT + CG-SENSE) | none (the network's image, flagged).
     fallback: str = "zero-filled"
+    # Flag a slice whose withheld-line prediction error exceeds this (zero-filling scores 1; above it the
+    # network's guess of unseen k-space is worse than none). 1.1: above every held-out slice of a good
+    # model, below half of a failing one's (docs/results/safety.md).
     safety_prediction_max: float = 1.1
+    # Flag a slice whose residual on the measured lines exceeds this; inf = reported only (it did not
+    # separate a good model from a failing one).
     safety_consistency_max: float = math.inf
+    # Flag a slice whose image departs from the ACS-band reconstruction by more than this; inf = reported
+    # only (it did not separate a good model from a failing one).
     safety_departure_max: float = math.inf
     # Self-supervised adaptation on each scan's own undersampled lines before it is reconstructed
-    # (gadget/train/adapt.py; offline doors only: varnet infer, varnet replay): none | scan. adapt_steps: most
-    # optimiser steps; adapt_time_limit: seconds per scan (0 = none). Fewer steps when the held-back lines'
-    # loss stops falling.
+    # (gadget/train/adapt.py; offline doors only: varnet infer, varnet replay): none | scan.
     adapt: str = "none"
+    # The most optimiser steps of that adaptation; fewer when the held-back lines' loss stops falling.
     adapt_steps: int = 60
-    adapt_time_limit: float = 480.0
+    adapt_time_limit: float = 480.0      # seconds the adaptation may take per scan (0 = no limit)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -79,7 +79,7 @@ class Reconstructor:
             model.set_precision(precision)
         if model.precision != "fp32" and self.device.type == "cpu":
             log.warning("U-Nets in %s on the CPU (%s): without bf16/fp16 units (AMX, AVX512-BF16/FP16) this is far "
-                        "slower than fp32 (measured 35x on AVX2, README Performance); it pays on GPUs",
+                        "slower than fp32 (measured: docs/results/performance.md); it pays on GPUs",
                         model.precision, torch.backends.cpu.get_cpu_capability())
         self.model = model.to(self.device).eval()
         self._lock = threading.Lock()

@@ -1,8 +1,7 @@
-"""Parallel-imaging refinement of the network's image ("pi" refine; issue 13).
+"""Parallel-imaging refinement of the network's image ("pi" refine).
 
-Why: measured on held-out simulated anatomy (docs/generalisation_matrix_v3.md), the shipped network
-stays far from BART pics-L1 where parallel imaging alone is reliable (high SNR, smooth coils): on a
-noise-free skull-stripped INIA19 brain at 4× it scored 30.5 dB against BART's 37.2. Its six cascades
+Why: on held-out simulated anatomy the shipped network stays far from BART pics-L1 where parallel
+imaging alone is reliable (high SNR, smooth coils, 4×; docs/results/refinement.md). Its six cascades
 take six gradient steps on the data; a SENSE solve takes as many as the coils need. This stage
 finishes what the cascades started, with the network's image as the prior:
 
@@ -26,15 +25,11 @@ The image sent blends two readings of the solve, weighted by ``w = floor / λ`` 
 plus ``(1 − w)`` times the network's RSS image with the change the solve made to the magnitude,
 ``rss + |x̂| − |x₀|`` (≥ 0). The second keeps the network's background where the maps vanish, and the
 noise it removed there; on noisy data (λ large, w small) it is what is sent. On noise-free data (λ at
-its floor, w = 1) the measurements are trusted outright and ``|x̂|`` is sent: on the noise-free held-out
-brain at 4× that was 0.876 / 37.07 against 0.794 / 36.30 for the second alone (2 volumes, the
-network's maps). Measured with the v3 weights on the held-out matrix (docs/generalisation_matrix_v3.md;
-SSIM / PSNR dB, no refine → refine): noise-free INIA19 brain 4× 0.589 / 30.54 → 0.950 / 38.67 and
-8× 0.457 / 26.70 → 0.934 / 32.07 (BART pics-L1 0.944 / 37.18 and 0.882 / 31.24); the same at 30 dB
-4× 0.796 / 29.05 → 0.801 / 31.51; BART phantoms 4× 0.769 / 27.69 → 0.796 / 29.36; ismrmrd
-Shepp–Logan 4× 0.769 / 24.81 → 0.779 / 25.74; INIA heads to 320² at 15–70 dB 4× 0.787 / 28.61 →
-0.773 / 28.00 (the cost: measured noise put back where the network had removed it, and ESPIRiT's
-maps of elements at the scalp).
+its floor, w = 1) the measurements are trusted outright and ``|x̂|`` is sent: there the solve's own
+image beat the second reading. It gains most on clean data with smooth coils and costs a little on
+noisy whole heads (measured noise put back where the network had removed it, and ESPIRiT's maps of
+elements at the scalp); the gains and costs per held-out set, and the sweeps behind every default
+below, are in docs/results/refinement.md.
 
 Layouts: k-space and coil tensors complex ``(batch, coil, readout, phase)``; mask bool, broadcastable
 to it (``(phase,)`` or ``(batch, 1, 1, phase)``); images real ``(batch, readout, phase)``.
@@ -55,17 +50,16 @@ log = logging.getLogger(__name__)
 
 REFINE_MODES = ("pi", "none")
 MAP_SOURCES = ("auto", "network")
-#: ESPIRiT as the baselines run it, except: the eigenproblems on a 4× coarser grid (maps within 5e-4 RMS
-#: of the full grid's on the held-out brain, 0.13 instead of 0.72 s per 256² 10-coil slice), and the maps
-#: cropped where the top eigenvalue is below 0.9, not 0.95. With 10 calibration lines (8×) the eigenvalue
-#: falls below 0.95 inside the object's edge, and the solve leaves bright folded bands there: on the
-#: noise-free held-out brain at 8× crop 0.95 / 0.9 / 0.85 / 0.8 gave 28.7 / 33.0 / 32.2 / 32.0 dB, at
-#: 4× 39.4 / 38.9 / 38.6 / 38.3, and INIA heads at 4× 25.9 / 26.4 / 26.3 / 26.3 (2 volumes each).
+#: ESPIRiT as the baselines run it, except: the eigenproblems on a 4× coarser grid (the maps barely move
+#: and ESPIRiT gets several times cheaper), and the maps cropped where the top eigenvalue is below 0.9, not
+#: 0.95. With 10 calibration lines (8×) the eigenvalue falls below 0.95 inside the object's edge, and the
+#: solve leaves bright folded bands there; 0.9 was best at 8× and close to best at 4× (the crop sweep:
+#: docs/results/refinement.md).
 REFINE_ESPIRIT = EspiritConfig(step=4, crop=0.9)
 #: The eigenvalue that decides whether ESPIRiT's maps are used at all (:func:`choose_maps`): where it is
 #: below 0.95 over more than a tenth of the object, on whole heads with elements at the scalp, the
-#: network's maps did better (INIA heads to 320² at 4×: 0.773 / 28.00 deciding at 0.95, 0.758 / 27.59
-#: deciding at 0.9; the solve itself crops at 0.9 either way).
+#: network's maps did better than ESPIRiT's, and deciding at 0.9 instead lost PSNR there (the solve itself
+#: crops at 0.9 either way; docs/results/refinement.md).
 COVERAGE_CROP = 0.95
 
 
@@ -75,10 +69,10 @@ class RefineConfig:
     0 for the noise-adaptive choice. ``kappa``, ``lam_min``, ``lam_min_network``, ``lam_max``: that
     choice (κ = 300 puts λ near 0.3 at 30 dB, the noisy held-out brain's best). The floor depends on
     the maps, as the solve can trust them only as far as they are right. With ESPIRiT's, 0.005 and 30
-    CG ``iterations``: on the noise-free held-out brain 38.9 / 33.0 dB at 4× / 8× against 37.5 / 31.8
-    with 0.02 and 15, and 40.1 / 33.7 with 0.002 and 50, which costs SSIM at 8× (30 iterations are
-    within 0.03 dB of 50). With the network's low-passed maps, 0.02: on a noise-free MNI brain at 8×
-    (tests/test_shipped.py) 0.005 gave 0.623 / 27.04 against 0.641 / 27.71. ``smooth``: map low-pass
+    CG ``iterations``: a higher floor or fewer steps lost PSNR on the noise-free held-out brain, a lower
+    floor with more steps cost SSIM at 8×, and more than 30 steps changed almost nothing. With the
+    network's low-passed maps, 0.02: 0.005 did worse on a noise-free brain at 8× (tests/test_shipped.py).
+    The sweeps: docs/results/refinement.md. ``smooth``: map low-pass
     width as a fraction of the matrix. ``maps``: ``auto`` (ESPIRiT where it covers the object, else the
     network's maps; :func:`choose_maps`) or ``network``; ``coverage``: the share of the object ESPIRiT
     must vouch for (:func:`espirit_coverage`)."""
@@ -151,10 +145,9 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     ESPIRiT (on the measured calibration lines, as BART's pics takes them) where its eigenvalue reaches
     :data:`COVERAGE_CROP` over at least ``config.coverage`` of the network's object, else
     :func:`coil_maps` of the network's k-space. Why both: on the held-out brain, phantoms and INIA heads
-    at 4× ESPIRiT's maps lift the refined image (2 volumes: noise-free brain 0.876 / 37.07 → 0.948 /
-    37.89, 30 dB brain 0.805 / 31.88 → 0.822 / 32.18; the whole matrix: docs/generalisation_matrix_v3.md),
-    but on heads with elements at the scalp and on few calibration lines they are cropped inside the
-    object, and a solve with them returns a dark interior."""
+    at 4× ESPIRiT's maps lift the refined image (docs/results/refinement.md), but on heads with elements
+    at the scalp and on few calibration lines they are cropped inside the object, and a solve with them
+    returns a dark interior."""
     b, w = final.shape[0], final.shape[-1]
     if config.maps == "network":
         return coil_maps(final, config.smooth), ["network"] * b

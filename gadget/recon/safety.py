@@ -20,37 +20,19 @@ Three figures per slice, all relative L2 norms (unitless, 0 = identical):
 Why the low-resolution band and not CG-SENSE: the band is measured fully at any acceleration, so the
 reference holds no aliasing and no reconstruction choices of its own, and it costs two FFTs per slice
 instead of ESPIRiT plus CG. CG-SENSE's own error grows with the acceleration and collapses with few ACS
-lines (8x with 5 lines: NMSE 1.45 against the fully sampled RSS), so a departure from it flags good
-network images (0.80 and 0.95 on the in-distribution 8x and 64-matrix cases below). The band figure is
-biased (the low-passed magnitude is not the RSS of low-passed coil images where the phase or the coil
-maps vary within the band's point-spread function: the fully sampled RSS itself scores 0.10-0.35), so
-a threshold on it only catches gross failures.
+lines, so a departure from it flags good network images. The band figure is biased (the low-passed
+magnitude is not the RSS of low-passed coil images where the phase or the coil maps vary within the
+band's point-spread function: the fully sampled RSS itself does not score 0), so a threshold on it only
+catches gross failures.
 
 Defaults (:class:`gadget.recon.config.ReconConfig`): ``safety_prediction_max`` = 1.1,
-``safety_consistency_max`` = ``safety_departure_max`` = inf (reported only). Measured with the shipped
-weights ``varnet_head_v2.pt`` (shipped before v3; the v3 figures are in the README) and the earlier
-``varnet_synth_brain_v1.pt`` on held-out whole heads (README "Pipeline behaviour" has the table):
-consistency and departure did not separate the failing v1 from v2 (v1 scored *lower* consistency on the
-same slices — both figures grow with the noise the network removes and neither sees unmeasured k-space);
-the prediction figure did, weakly: on 8 held-out INIA19 slices at 4x, v2 0.70-1.08, v1 0.72-1.68 (4 of 8
-above 1.1, no v2 slice). The first measurements of consistency and departure (v1 weights on template
-brains) are kept here for reference:
-
-=====================================================  ===============  ===============  ==============
-case (``varnet synth``, 8 coils unless noted)          consistency      departure        NMSE net (zf)
-=====================================================  ===============  ===============  ==============
-in distribution: MNI 128, 4x cf 0.08, 8 slices         0.088 - 0.096    0.050 - 0.094    0.014 (0.037)
-in distribution: MNI 128, 8x cf 0.04, 8 slices         0.105 - 0.110    0.125 - 0.173    0.029 (0.129)
-MNI 64 matrix, 4x (5 ACS), 4 slices                    0.105 - 0.108    0.149 - 0.222    0.043 (0.094)
-MNI 256 matrix, 4x, 2 slices                           0.088 - 0.090    0.053 - 0.054    0.023 (0.016)
-OOD: Colin27 head filling a 150 mm FOV, 4x, 4 slices   0.143 - 0.159    0.169 - 0.192    0.122 (0.055)
-OOD: ismrmrd-tools Shepp-Logan 128, 2x oversampled, 4x 0.120            0.093            0.131 (0.197)
-OOD: ismrmrd-tools Shepp-Logan 128, no oversampling,4x 0.141            0.454            0.326 (0.208)
-=====================================================  ===============  ===============  ==============
-
-On those template brains consistency 0.13 / departure 0.30 separated the cases above; on whole heads
-with coils close to the scalp the same v1 weights score 0.13-0.23 / 0.11-0.48 and a good model
-0.17-0.28 / 0.14-0.38, so those maxima would flag good images: re-measure for other data and weights.
+``safety_consistency_max`` = ``safety_departure_max`` = inf (reported only). Why: on held-out whole heads
+consistency and departure did not separate a failing model from a good one (the failing one scored
+*lower* consistency on the same slices — both figures grow with the noise the network removes and neither
+sees unmeasured k-space); the prediction figure did, weakly, and 1.1 lies above a good model's held-out
+slices and below half of a failing one's. Maxima that separated cases on template brains would flag good
+images on whole heads with coils close to the scalp: re-measure for other data and weights. The figures
+for every model and data set, and the first measurements on template brains: docs/results/safety.md.
 
 Layouts: ``kspace`` / ``final_kspace`` complex ``(coil, readout, phase)``; ``mask`` bool
 ``(phase,)``; ``image`` real ``(readout, phase)`` (the model's magnitude output, uncropped, in

@@ -3,7 +3,7 @@
 One table serves two ends: the OpenRecon label (gadget/openrecon/label.py declares each entry as a
 boolean/choice/int/double/string parameter with default, range and help) and the MRD server, which
 applies the JSON parameters TEXT an OpenRecon/FIRE client sends after the header
-(:func:`apply_ui_parameters`). Ids follow OpenRecon's pattern ``^[A-Za-z0-9]+$`` (DESIGN.md §4c);
+(:func:`apply_ui_parameters`). Ids follow OpenRecon's pattern ``^[A-Za-z0-9]+$`` (docs/guide/openrecon.md);
 values may arrive as strings (``"False"``, ``"4"``) and are converted to the setting's type.
 ``config`` is not a setting: it names a preset (pipelines/*.yaml).
 """

@@ -171,7 +171,7 @@ def dither_noise(magnitude: np.ndarray, sigma: float, seed: int) -> np.ndarray:
 @dataclass
 class SeriesScale:
     """One intensity scale and one window for every image of a series: a uint16 series scaled per
-    slice flickers between slices (DESIGN.md §4c). Mutable: the first image fixes what is not given.
+    slice flickers between slices (docs/guide/pipeline.md, "Scanner-ready series"). Mutable: the first image fixes what is not given.
 
     scale: uint16 only; > 0 is used as given (stored = float · scale); 0 = set by the first image so that
         its maximum maps to ``uint16_max / headroom``. Later pixels brighter than ``uint16_max / scale``

@@ -1,1 +1,1 @@
-"""Weights shipped with the package (data, not code). See README "Shipped weights" for the recipe."""
+"""Weights shipped with the package (data, not code). The recipe: docs/results/shipped-weights.md."""
