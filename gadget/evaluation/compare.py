@@ -33,16 +33,15 @@ import numpy as np
 import torch
 
 from ..baselines.bart import BartConfig, BartError, INSTALL_HINT, find_bart, pics_l1
-from ..baselines.espirit import EspiritConfig, espirit_maps
-from ..baselines.sense import SenseConfig, cg_sense
+from ..baselines.espirit import EspiritConfig
+from ..baselines.sense import SenseConfig
 from ..data.fastmri_file import FastMRIVolume, open_volume
 from ..data.mrd_header import EncodingInfo
-from ..mri.coils import rss
-from ..mri.fft import ifft2c
 from ..mri.masks import MaskSampler, MaskSpec, contiguous_center_lines
 from ..mri.metrics import center_crop
 from ..recon.fastmri_infer import acquired_mask, crop_size_for
 from ..recon.refine import RefineConfig
+from ..recon.safety import sense_image, zero_filled_rss
 from .scoring import EvaluationError, fastmri_eval_crop, mean_std, resolve_target_key, score_volume
 from .sources import POOLED, parse_checkpoints, parse_sources
 
@@ -155,18 +154,16 @@ def _crop(images: np.ndarray, case: Case) -> np.ndarray:
 
 
 def zero_filled(case: Case) -> np.ndarray:
-    """RSS of the zero-filled coil images, cropped → float32 ``(slice, H, W)``."""
-    images = rss(ifft2c(torch.from_numpy(case.kspace)), dim=1).numpy()
-    return _crop(images, case).astype(np.float32)
+    """RSS of the zero-filled coil images (:func:`gadget.recon.safety.zero_filled_rss`), cropped → float32
+    ``(slice, H, W)``."""
+    return _crop(zero_filled_rss(case.kspace), case).astype(np.float32)
 
 
 def sense(case: Case, espirit: EspiritConfig = EspiritConfig(), config: SenseConfig = SenseConfig()) -> np.ndarray:
-    """ESPIRiT + CG-SENSE per slice, ``|x|`` cropped → float32 ``(slice, H, W)``."""
-    out = []
-    for k in case.kspace:
-        maps = espirit_maps(k, case.num_low, config=espirit)
-        out.append(cg_sense(torch.from_numpy(k), maps, case.mask, config).abs().numpy())
-    return _crop(np.stack(out), case).astype(np.float32)
+    """ESPIRiT + CG-SENSE per slice (:func:`gadget.recon.safety.sense_image`), ``|x|`` cropped → float32
+    ``(slice, H, W)``."""
+    images = np.stack([sense_image(k, case.mask, case.num_low, espirit=espirit, config=config) for k in case.kspace])
+    return _crop(images, case).astype(np.float32)
 
 
 def bart(case: Case, config: BartConfig = BartConfig()) -> np.ndarray:

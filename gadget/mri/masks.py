@@ -349,6 +349,60 @@ def contiguous_center_lines(mask_1d) -> int:
     return _run_length(mask[:cent][::-1]) + _run_length(mask[cent:])
 
 
+ACS_FALLBACKS = ("run", "run-or-detect", "detect")
+
+
+class AcsLinesError(ValueError):
+    """:func:`acs_lines` found no count. ``reason``: ``"missing"`` (a required given count is absent) or
+    ``"centre-unsampled"`` (fallback ``"run"`` and column ``num_cols // 2`` not sampled). The message names
+    no scan or file: callers that know one catch this and raise their own error."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def acs_lines(mask_1d, given: Optional[int] = None, *, required: bool = False, fallback: str = "run",
+              on_detect=None) -> int:
+    """The one rule for the number of ACS (calibration) lines given to the sensitivity network or ESPIRiT.
+
+    1. ``given`` — a count the data states (calibration-flagged lines, a file's ``num_low_frequency``, a
+       separate reference's line count) — is used when positive; ``None`` and ``0`` mean unknown.
+    2. Unknown and ``required``: :class:`AcsLinesError` (``reason="missing"``).
+    3. Otherwise the count comes from ``mask_1d`` by ``fallback`` (one of :data:`ACS_FALLBACKS`):
+
+       * ``"run"`` — :func:`contiguous_center_lines`, the run of sampled columns containing the centre
+         column (the whole width for a full mask); centre column unsampled: :class:`AcsLinesError`
+         (``reason="centre-unsampled"``).
+       * ``"run-or-detect"`` — the run; centre column unsampled: ``on_detect()`` (if given, e.g. a
+         caller's log line), then fastMRI's detection.
+       * ``"detect"`` — fastMRI's detection, :func:`detect_acs_count` (``2*min(left, right)``; 1 for a
+         full mask), as the reference model does when given no count.
+
+    Callers: :meth:`gadget.recon.pipeline.ScanReconstructor.acs_count` (flags, else ``"run"``; a separate
+    reference's count ``required``), :func:`gadget.recon.fastmri_infer.acs_count` (file attribute,
+    ``"run-or-detect"``; ``--acs attrs`` required, ``--acs mask`` ``"detect"`` without the attribute) and
+    :func:`gadget.train.trainer.acs_counts` (the sample's count, 0 → ``"detect"``).
+    """
+    if fallback not in ACS_FALLBACKS:
+        raise ValueError(f"unknown ACS fallback {fallback!r}; expected one of {ACS_FALLBACKS}")
+    if given is not None and int(given) > 0:
+        return int(given)
+    if required:
+        raise AcsLinesError("missing", "no ACS line count given and one is required")
+    if fallback == "detect":
+        return detect_acs_count(mask_1d)
+    run = contiguous_center_lines(mask_1d)
+    if run:
+        return run
+    if fallback == "run":
+        raise AcsLinesError("centre-unsampled", "no ACS line count given and the k-space centre column "
+                            "is not sampled")
+    if on_detect is not None:
+        on_detect()
+    return detect_acs_count(mask_1d)
+
+
 def apply_mask(kspace: torch.Tensor, mask_1d) -> torch.Tensor:
     """Zero the unsampled phase-encode columns of k-space.
 

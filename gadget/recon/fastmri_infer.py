@@ -12,7 +12,7 @@ from typing import Callable, Literal, Optional
 import numpy as np
 
 from ..data.fastmri_file import FastMRIFileError, FastMRIVolume
-from ..mri.masks import contiguous_center_lines, detect_acs_count
+from ..mri.masks import AcsLinesError, acs_lines
 from ..mri.metrics import center_crop
 from .engine import Reconstructor
 
@@ -43,18 +43,18 @@ def acs_count(volume: FastMRIVolume, mask: np.ndarray, source: AcsSource = "auto
     """ACS lines: ``attrs`` = the file's ``num_low_frequency``; ``mask`` = fastMRI's detection
     (``2*min(left, right)``, reproduces the reference); ``auto`` = the attribute when present, else the
     run of sampled columns containing the centre column ``W // 2`` (the whole width for a full mask,
-    where detection gives 1), else — centre column unsampled — detection, logged."""
-    if source in ("auto", "attrs") and volume.num_low_frequency is not None:
-        return volume.num_low_frequency
-    if source == "attrs":
-        raise FastMRIFileError(f"{volume.path}: attribute 'num_low_frequency' missing (use --acs mask)")
-    if source == "auto":
-        run = contiguous_center_lines(mask)
-        if run:
-            return run
+    where detection gives 1), else — centre column unsampled — detection, logged. The rule is
+    :func:`gadget.mri.masks.acs_lines`."""
+    def logged():
         log.warning("%s: no num_low_frequency attribute and the centre column %d is not sampled: ACS count from "
                     "fastMRI's detection", volume.path.name, mask.size // 2)
-    return detect_acs_count(mask)
+
+    given = volume.num_low_frequency if source in ("auto", "attrs") else None
+    try:
+        return acs_lines(mask, given, required=source == "attrs",
+                         fallback="run-or-detect" if source == "auto" else "detect", on_detect=logged)
+    except AcsLinesError:  # only "missing": neither fallback raises
+        raise FastMRIFileError(f"{volume.path}: attribute 'num_low_frequency' missing (use --acs mask)") from None
 
 
 def reconstruct_volume(engine: Reconstructor, volume: FastMRIVolume, batch_size: int = 1,

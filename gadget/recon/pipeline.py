@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 
 from ..data.mrd_header import EncodingInfo, parse_encoding
-from ..mri.masks import contiguous_center_lines
+from ..mri.masks import AcsLinesError, acs_lines
 from ..mri.metrics import center_crop_at_most
 from ..stream.assemble import SliceAssembler, SliceData
 from ..stream.budget import MemoryBudget
@@ -213,18 +213,19 @@ class ScanReconstructor:
         none are flagged (or ``acs_source: mask``) the run of sampled columns containing the k-space
         centre column (fastMRI's ``2*min(left, right)`` detection gives 1 for a full mask and under-counts
         odd or asymmetric blocks). With a separate reference (``calibration_kspace``) always the reference's
-        line count (whatever ``acs_source``: the sensitivities come from the reference, not the mask)."""
-        if sl.calibration_kspace is not None:
-            if not sl.num_calibration:
+        line count (whatever ``acs_source``: the sensitivities come from the reference, not the mask). The
+        rule is :func:`gadget.mri.masks.acs_lines`; its errors come back naming the scan and the slice."""
+        separate = sl.calibration_kspace is not None
+        given = sl.num_calibration if separate or self.config.acs_source == "flags" else None
+        try:
+            return acs_lines(sl.mask, given, required=separate, fallback="run")
+        except AcsLinesError as exc:
+            if exc.reason == "missing":
                 raise ReconError(f"{self.source}: slice {sl.key_dict()}: the separate reference lines do not "
-                                 "cover the k-space centre column; no calibration (ACS) lines for the sensitivities")
-            return int(sl.num_calibration)
-        if self.config.acs_source == "flags" and sl.num_calibration:
-            return int(sl.num_calibration)
-        if not sl.mask[sl.mask.size // 2]:
+                                 "cover the k-space centre column; no calibration (ACS) lines for the "
+                                 "sensitivities") from None
             raise ReconError(f"{self.source}: slice {sl.key_dict()} has no calibration (ACS) lines: no line is "
-                             "flagged as calibration and the k-space centre line was not acquired")
-        return contiguous_center_lines(sl.mask)
+                             "flagged as calibration and the k-space centre line was not acquired") from None
 
     def _image(self, sl: SliceData, result: "_Result"):
         comments = [f"E2E-VarNet ({self.config.mode})", f"lines {int(sl.mask.sum())}/{sl.mask.size}"]

@@ -52,8 +52,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..baselines.espirit import espirit_maps
-from ..baselines.sense import cg_sense
+from ..baselines.espirit import EspiritConfig, espirit_maps
+from ..baselines.sense import SenseConfig, cg_sense
 from ..mri.coils import rss
 from ..mri.fft import fft2c, ifft2c
 from ..mri.masks import center_block
@@ -180,19 +180,23 @@ def safety_figures(kspace, mask, acs: int, image, final_kspace,
 
 
 def zero_filled_rss(kspace) -> np.ndarray:
-    """RSS of the inverse FFT of the (zero-filled) k-space ``(coil, readout, phase)`` → float32
-    ``(readout, phase)``, uncropped; the same units as the model's magnitude output."""
+    """RSS of the inverse FFT of the (zero-filled) k-space ``(..., coil, readout, phase)`` → float32
+    ``(..., readout, phase)``, uncropped; the same units as the model's magnitude output. The one
+    implementation: ``gadget.evaluation.compare.zero_filled`` crops it."""
     y = torch.as_tensor(np.asarray(kspace)).to(torch.complex64)
-    return rss(ifft2c(y), dim=0).numpy().astype(np.float32)
+    return rss(ifft2c(y), dim=-3).numpy().astype(np.float32)
 
 
-def sense_image(kspace, mask, acs: int, calibration_kspace=None) -> np.ndarray:
+def sense_image(kspace, mask, acs: int, calibration_kspace=None, *, espirit: EspiritConfig = EspiritConfig(),
+                config: SenseConfig = SenseConfig()) -> np.ndarray:
     """ESPIRiT maps from the ``acs`` centre lines (of ``calibration_kspace``, a separate reference, when
-    given) + CG-SENSE (``gadget.baselines``, default settings), magnitude → float32 ``(readout, phase)``,
-    uncropped (``|x|`` with maps Σ|S|² = 1 is in RSS units)."""
+    given) + CG-SENSE (``gadget.baselines``; ``espirit`` and ``config`` their settings, default the
+    defaults), magnitude → float32 ``(readout, phase)``, uncropped (``|x|`` with maps Σ|S|² = 1 is in RSS
+    units). The one implementation: ``gadget.evaluation.compare.sense`` calls it per slice."""
     y, m = _slice_inputs(kspace, mask)
-    maps = espirit_maps(y if calibration_kspace is None else _slice_inputs(calibration_kspace, mask)[0], int(acs))
-    return cg_sense(y, maps, m).abs().numpy().astype(np.float32)
+    maps = espirit_maps(y if calibration_kspace is None else _slice_inputs(calibration_kspace, mask)[0], int(acs),
+                        config=espirit)
+    return cg_sense(y, maps, m, config).abs().numpy().astype(np.float32)
 
 
 # --------------------------------------------------------------------------- measuring (CLI)

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from ..data.fastmri_file import FastMRIFileError
 from ..model.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from ..model.varnet import VarNet, VarNetConfig, check_inputs
-from ..mri.masks import MaskSpec, detect_num_low_frequencies
+from ..mri.masks import MaskSpec, acs_lines
 from ..mri.metrics import VolumeMetrics, center_crop, center_crop_at_most
 from ..recon.engine import resolve_device
 from ..recon.fastmri_infer import crop_size_for
@@ -103,11 +103,14 @@ class TrainingVarNet(nn.Module):
 
 def acs_counts(batch: TrainSample) -> torch.Tensor:
     """``(b,)`` ACS line counts; entries 0 (unknown, test files without the attribute) are
-    detected from the mask as the reference does."""
+    detected from the mask as the reference does (:func:`gadget.mri.masks.acs_lines`, fallback
+    ``"detect"``). The batch is still on the CPU here."""
     counts = batch.num_low_frequencies
-    if bool((counts == 0).any()):
-        counts = torch.where(counts == 0, detect_num_low_frequencies(batch.mask), counts)
-    return counts
+    if not bool((counts == 0).any()):
+        return counts
+    masks = batch.mask.reshape(batch.mask.shape[0], -1).expand(counts.shape[0], -1)
+    return torch.tensor([acs_lines(m, c, fallback="detect") for m, c in zip(masks, counts.tolist())],
+                        dtype=counts.dtype, device=counts.device)
 
 
 def crop_pair(output: torch.Tensor, target: torch.Tensor, crop_size: tuple[int, int]):
