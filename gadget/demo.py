@@ -79,7 +79,6 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
     from .model.checkpoint import load_checkpoint, resolve_refine
     from .model.shipped import resolve_checkpoint
     from .recon.config import ReconConfig
-    from .recon.refine import RefineConfig
     from .replay import replay_file
     from .stream.images import image_magnitude
     from .stream.sinks import write_images_h5
@@ -104,8 +103,8 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
     # The models were trained on coil data as simulated (not prewhitened), so the stream is not either.
     base = dict(prewhiten=False, checkpoint=str(ckpt), device="auto")
     zf_run = replay_file(raw, ReconConfig(mode="zero-filled", image_series_index=2, **base), None)
-    refine = RefineConfig(mode=resolve_refine("auto", loaded)[0])  # the checkpoint's own (pi when shipped)
-    vn_run = replay_file(raw, ReconConfig(mode="varnet", **base), Reconstructor(loaded.model, "auto", refine=refine),
+    refine = resolve_refine("auto", loaded)[0]  # the checkpoint's own (pi when shipped); the pipeline applies it
+    vn_run = replay_file(raw, ReconConfig(mode="varnet", refine=refine, **base), Reconstructor(loaded.model, "auto"),
                          model_id=model_id)
     (out / "images.h5").unlink(missing_ok=True)  # the demo's own output: a rerun replaces it
     write_images_h5(out / "images.h5", zf_run.images + vn_run.images, "demo")

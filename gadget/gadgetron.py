@@ -27,7 +27,6 @@ from .stream.types import AcqLine
 
 log = logging.getLogger(__name__)
 _ENGINES: dict[tuple, tuple[Optional[Reconstructor], str]] = {}
-_CHECKPOINT_REFINE: dict[Optional[str], str] = {}  # refine auto resolved, per checkpoint setting
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -51,24 +50,14 @@ def reconstruct(connection: Any) -> None:
 
 
 def shared_engine(config: ReconConfig) -> tuple[Optional[Reconstructor], str]:
-    """The model, loaded once per process and reused by later scans with the same settings, the refine as
-    applied among them (``auto`` resolved to the checkpoint's own): ``auto`` and the mode it stands for share
-    an engine; a chain that asks for another refine gets its own."""
-    def key(refine: Optional[str]) -> tuple:
-        return config.mode, config.checkpoint, config.device, config.precision, refine, config.refine_lambda
-
+    """The model, loaded once per process and reused by later scans with the same mode, checkpoint, device
+    and precision. The refine is not part of the engine: each scan's pipeline applies the one its chain
+    asks for (:class:`gadget.recon.refine_stage.Refiner`)."""
+    key = (config.mode, config.checkpoint, config.device, config.precision)
     with _ENGINES_LOCK:
-        refine = config.refine
-        if refine == "auto" and config.mode != "zero-filled":
-            refine = _CHECKPOINT_REFINE.get(config.checkpoint)  # None: this checkpoint not loaded yet
-        if key(refine) not in _ENGINES:
-            engine, model_id = build_engine(config)
-            if engine is not None:
-                refine = engine.refine.mode
-                _CHECKPOINT_REFINE[config.checkpoint] = engine.checkpoint_refine
-            # an engine already built for the resolved refine is kept (this one is dropped)
-            _ENGINES.setdefault(key(refine), (engine, model_id))
-        return _ENGINES[key(refine)]
+        if key not in _ENGINES:
+            _ENGINES[key] = build_engine(config)
+        return _ENGINES[key]
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:

@@ -36,6 +36,7 @@ from .recon.allocator import release_freed_memory
 from .recon.engine import Reconstructor
 from .recon.overlap import overlapped
 from .recon.pipeline import ScanReconstructor
+from .recon.refine_stage import applied_refine
 from .stream.budget import MemoryBudget, default_budget_bytes
 from .stream.codec import (DEFAULT_MAX_TEXT_BYTES, NO_DATA, DataLimits, Message, MessageId, MessageReader,
                            MessageWriter, ProtocolError)
@@ -210,11 +211,9 @@ class ReconService:
         return self.engine
 
     def _refine(self, setting: str) -> str:
-        """A refine setting as this server's checkpoint resolves it (``auto`` → the checkpoint's own, which
-        :func:`gadget.recon.pipeline.build_engine` records on the engine; unknown for an engine built
-        otherwise, where ``auto`` stays ``auto``)."""
-        engine = getattr(self.engine, "engine", self.engine)  # a BatchingEngine's Reconstructor
-        return (getattr(engine, "checkpoint_refine", None) or setting) if setting == "auto" else setting
+        """A refine setting as the refine stage applies it with this server's engine (``auto`` → the refine its
+        checkpoint records, :func:`gadget.recon.refine_stage.applied_refine`)."""
+        return applied_refine(setting, getattr(self.engine, "checkpoint_refine", None))
 
     @staticmethod
     def _report(writer: MessageWriter, dialect: str, text: str) -> None:

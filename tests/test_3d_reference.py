@@ -17,7 +17,6 @@ from gadget.model.varnet import VarNet
 from gadget.recon.config import ReconConfig
 from gadget.recon.engine import Reconstructor
 from gadget.recon.pipeline import ScanReconstructor
-from gadget.recon.refine import RefineConfig
 from gadget.stream.assemble import AssemblyError, SliceAssembler
 from gadget.stream.images import image_magnitude
 from tests.mrd_builders import cartesian_lines, header, header_3d
@@ -75,11 +74,12 @@ POSITION = (10.0, -5.0, 30.0)
 class RecordingEngine:
     """Stands in for the model: records what it is given and returns the zero-filled RSS."""
     device = "cpu"
+    checkpoint_refine = "none"  # refine: auto applies no refinement to its images
 
     def __init__(self):
         self.calls = []
 
-    def run(self, kspace, mask, num_low=None, sens_kspace=None, refined=True):
+    def run(self, kspace, mask, num_low=None, sens_kspace=None):
         self.calls.append({"kspace": np.array(kspace), "mask": np.array(mask), "acs": num_low,
                            "sens_kspace": None if sens_kspace is None else np.array(sens_kspace)})
         img = ifftc(kspace, (-2, -1))
@@ -307,8 +307,8 @@ def test_network_image_uses_the_reference_and_differs_from_merging_it():
     images = {}
     for mode in ("separate", "embedded"):
         xml, imaging, reference, lines = separate_scan(mode=mode)
-        scan = ScanReconstructor(xml, ReconConfig(prewhiten=False, fallback="none", device="cpu"),
-                                 Reconstructor(model, "cpu", refine=RefineConfig(mode="none")))
+        scan = ScanReconstructor(xml, ReconConfig(prewhiten=False, fallback="none", device="cpu", refine="none"),
+                                 Reconstructor(model, "cpu"))
         (img,) = list(scan.run(lines))
         images[mode] = image_magnitude(img)
     mask = np.zeros(WIDTH, bool)

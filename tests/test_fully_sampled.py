@@ -26,11 +26,12 @@ class RecordingEngine:
     """Stands in for the model: records the ACS counts it is given; returns the zero-filled RSS (its data-
     consistency is exact; routing, not the safety check, is tested here)."""
     device = "cpu"
+    checkpoint_refine = "none"  # refine: auto applies no refinement to its images
 
     def __init__(self):
         self.counts = []
 
-    def run(self, kspace, mask, num_low=None, refined=True):
+    def run(self, kspace, mask, num_low=None):
         self.counts.append(num_low)
         return np_rss(kspace, axis=1), kspace.copy()
 

@@ -1,4 +1,5 @@
-"""The parallel-imaging refinement (gadget/recon/refine.py) and its wiring into the engine and configs."""
+"""The parallel-imaging refinement (gadget/recon/refine.py), its stage after the network
+(gadget/recon/refine_stage.py) and its settings."""
 import math
 
 import numpy as np
@@ -132,7 +133,12 @@ def test_refine_config_names_bad_values(bad):
         RefineConfig(**bad)
 
 
-def test_engine_applies_the_refinement_by_default_and_none_is_the_network():
+def test_the_engine_returns_the_network_and_the_refine_stage_finishes_it():
+    """The engine (direct or batched) returns the network's image and final k-space; the refine stage
+    (:class:`Refiner`, :class:`RefinedEngine`) gives what refine() gives on them."""
+    from gadget.recon.batching import BatchingEngine
+    from gadget.recon.refine_stage import RefinedEngine, Refiner
+
     torch.manual_seed(0)
     model = VarNet(num_cascades=1, chans=4, pools=2, sens_chans=2, sens_pools=1).eval()
     measured, mask, _, _, _ = _refine_case(snr_db=40)
@@ -140,25 +146,54 @@ def test_engine_applies_the_refinement_by_default_and_none_is_the_network():
     with torch.inference_mode():
         image, final = model.forward_with_kspace(measured, mask.reshape(-1), 8)
         want = refine(image, final, measured, mask).numpy()
-    default = Reconstructor(model, "cpu")
-    np.testing.assert_allclose(default(k, m, 8), want, rtol=0, atol=1e-5 * want.max())
-    np.testing.assert_allclose(default.run(k, m, 8)[1], final.numpy(), rtol=0, atol=1e-6 * np.abs(final.numpy()).max())
-    skipped, final_again = default.run(k, m, 8, refined=False)  # the safety re-run reads only the k-space
-    np.testing.assert_allclose(skipped, image.numpy(), rtol=0, atol=1e-6 * image.numpy().max())
-    np.testing.assert_allclose(final_again, final.numpy(), rtol=0, atol=1e-6 * np.abs(final.numpy()).max())
-    from gadget.recon.batching import BatchingEngine
-
-    batching = BatchingEngine(default, max_batch=2)
+    engine = Reconstructor(model, "cpu")
+    network, network_final = engine.run(k, m, 8)
+    np.testing.assert_allclose(network, image.numpy(), rtol=0, atol=1e-6 * image.numpy().max())
+    np.testing.assert_allclose(network_final, final.numpy(), rtol=0, atol=1e-6 * np.abs(final.numpy()).max())
+    np.testing.assert_array_equal(engine(k, m, 8), network)  # calling it: the same network image
+    np.testing.assert_allclose(Refiner()(network, network_final, k, m, 8), want, rtol=0, atol=1e-5 * want.max())
+    np.testing.assert_array_equal(Refiner(RefineConfig(mode="none"))(network, network_final, k, m, 8), network)
+    np.testing.assert_allclose(RefinedEngine(engine, Refiner())(k, m, 8), want, rtol=0, atol=1e-5 * want.max())
+    np.testing.assert_array_equal(RefinedEngine(engine, Refiner(RefineConfig(mode="none")))(k, m, 8), network)
+    batching = BatchingEngine(engine, max_batch=2)
     try:
-        np.testing.assert_allclose(batching.run(k, m, 8)[0], want, rtol=0, atol=1e-5 * want.max())
-        np.testing.assert_allclose(batching.run(k, m, 8, refined=False)[0], image.numpy(), rtol=0,
-                                   atol=1e-6 * image.numpy().max())
+        np.testing.assert_allclose(batching.run(k, m, 8)[0], image.numpy(), rtol=0, atol=1e-6 * image.numpy().max())
     finally:
         batching.close()
-    plain = Reconstructor(model, "cpu", refine=RefineConfig(mode="none"))
-    np.testing.assert_allclose(plain(k, m, 8), image.numpy(), rtol=0, atol=1e-6 * image.numpy().max())
+    no_kspace = type("Engine", (), {"model": torch.nn.Identity(), "device": torch.device("cpu")})()
     with pytest.raises(ValueError, match="refine 'pi' needs the model's final k-space"):
-        Reconstructor(torch.nn.Identity(), "cpu")
+        RefinedEngine(no_kspace, Refiner())
+    RefinedEngine(no_kspace, Refiner(RefineConfig(mode="none")))
+
+
+def test_the_pipeline_refines_the_network_image_and_checks_the_network_kspace(tmp_path):
+    """A scan's refine stage is built from its config (auto: the engine's checkpoint refine, pi without
+    one; explicit wins); the image sent is the refine stage's output on the network's, and the safety
+    check reads the network's final k-space (its consistency figure is the same with and without refine)."""
+    from gadget.recon.pipeline import ScanReconstructor
+    from gadget.stream.images import image_magnitude
+    from tests.server_harness import make_scan
+
+    torch.manual_seed(0)
+    xml, lines, _ = make_scan(tmp_path, slices=1, coils=4, size=(32, 24))
+    engine = Reconstructor(VarNet(num_cascades=1, chans=4, pools=2, sens_chans=2, sens_pools=1), "cpu")
+    settings = dict(prewhiten=False, fallback="none", device="cpu")
+    scans, sent = {}, {}
+    for refine_setting in ("auto", "none", "pi"):
+        scan = ScanReconstructor(xml, ReconConfig(refine=refine_setting, **settings), engine)
+        scans[refine_setting] = scan
+        (sent[refine_setting],) = list(scan.run(lines))
+    assert {name: scan.refiner.mode for name, scan in scans.items()} == {"auto": "pi", "none": "none", "pi": "pi"}
+    engine.checkpoint_refine = "none"  # auto follows what the checkpoint records
+    assert ScanReconstructor(xml, ReconConfig(**settings), engine).refiner.mode == "none"
+    np.testing.assert_array_equal(image_magnitude(sent["auto"]), image_magnitude(sent["pi"]))
+    assert not np.array_equal(image_magnitude(sent["auto"]), image_magnitude(sent["none"]))
+    import ismrmrd
+
+    meta = {name: ismrmrd.Meta.deserialize(img.attribute_string) for name, img in sent.items()}
+    assert meta["pi"]["VarNetConsistency"] == meta["none"]["VarNetConsistency"]  # the network's k-space
+    assert meta["pi"]["VarNetPrediction"] == meta["none"]["VarNetPrediction"]    # its re-run: never refined
+    assert meta["pi"]["VarNetDeparture"] != meta["none"]["VarNetDeparture"]      # the image sent
 
 
 def test_refine_is_an_operator_setting_with_checked_values():
@@ -177,13 +212,15 @@ def test_cli_refine_flag_is_checked():
         main(["infer", "--input", "x", "--output", "y", "--refine", "cg"])
 
 
-def test_the_pipeline_engine_takes_refine_from_the_config():
+def test_the_pipeline_engine_records_the_checkpoint_refine_and_the_stage_takes_refine_from_the_config():
     from gadget.recon.pipeline import build_engine
+    from gadget.recon.refine_stage import Refiner
 
     engine, description = build_engine(ReconConfig(refine="none", device="cpu"))
-    assert engine.refine.mode == "none" and "refine none" in description
-    engine, _ = build_engine(ReconConfig(refine_lambda=0.2, device="cpu"))
-    assert (engine.refine.mode, engine.refine.lam) == ("pi", 0.2)
+    assert engine.checkpoint_refine == "pi" and "refine" not in description  # the engine does not refine
+    assert Refiner.for_config(ReconConfig(refine="none"), engine).mode == "none"
+    stage = Refiner.for_config(ReconConfig(refine_lambda=0.2), engine)
+    assert (stage.mode, stage.config.lam, stage.device) == ("pi", 0.2, engine.device)
 
 
 def test_refine_sends_the_solve_itself_on_clean_data_and_the_networks_image_plus_change_on_noisy():

@@ -18,6 +18,7 @@ from gadget.model.checkpoint import (CheckpointError, default_refine, load_check
 from gadget.model.shipped import shipped_checkpoint
 from gadget.model.varnet import VarNet
 from gadget.recon.config import ConfigError, ReconConfig
+from gadget.recon.refine_stage import Refiner
 from gadget.stream.images import image_magnitude
 from gadget.stream.sinks import read_images_h5
 from gadget.stream.types import AcqLine
@@ -238,7 +239,7 @@ def test_serve_refines_our_checkpoint_that_records_pi_and_an_explicit_setting_wi
     try:
         with running(service) as port:
             refined = _magnitudes(_served(port, scan))
-        assert service.engine.engine.refine.mode == "pi"
+        assert Refiner.for_config(service.config, service.engine).mode == "pi"
         assert _rel(refined, scan["reference"]) > 1e-3
         with running(service, dialect="gadgetron") as port:
             assert _rel(_magnitudes(_served(port, scan, _chain(refine="pi"))), refined) < TOL
@@ -255,19 +256,24 @@ def test_serve_refines_our_checkpoint_that_records_pi_and_an_explicit_setting_wi
 # --------------------------------------------------------------------------- the Gadgetron target
 
 
-def test_gadgetron_engine_cache_keys_on_the_refine_applied(weights, monkeypatch):
+def test_gadgetron_engine_cache_shares_the_model_and_each_chain_gets_its_refine(weights, monkeypatch):
+    """The engine does not depend on refine: chains that ask for different refines share one loaded model,
+    and each scan's refine stage applies its own chain's (auto: the checkpoint's)."""
     from gadget import gadgetron
 
     monkeypatch.setattr(gadgetron, "_ENGINES", {})
-    monkeypatch.setattr(gadgetron, "_CHECKPOINT_REFINE", {})
     base = ReconConfig(checkpoint=str(weights["bare"]), device="cpu")
     auto, _ = gadgetron.shared_engine(base)
-    assert auto.refine.mode == "none"
-    forced, _ = gadgetron.shared_engine(base.merged({"refine": "pi"}, "chain"))
-    assert forced is not auto and forced.refine.mode == "pi"
-    assert gadgetron.shared_engine(base.merged({"refine": "none"}, "chain"))[0] is auto  # what auto stood for
-    assert gadgetron.shared_engine(base)[0] is auto
-    assert len(gadgetron._ENGINES) == 2
+    assert auto.checkpoint_refine == "none"
+    chains = {"auto": base, "pi": base.merged({"refine": "pi"}, "chain"),
+              "none": base.merged({"refine": "none", "refine_lambda": 0.3}, "chain")}
+    for name, config in chains.items():
+        engine, _ = gadgetron.shared_engine(config)
+        assert engine is auto
+        stage = Refiner.for_config(config, engine)
+        assert stage.mode == {"auto": "none", "pi": "pi", "none": "none"}[name]
+    assert Refiner.for_config(chains["none"], auto).config.lam == 0.3
+    assert len(gadgetron._ENGINES) == 1
 
 
 def test_gadgetron_target_gives_fastmri_output_for_fastmri_weights(tmp_path, scan, weights):

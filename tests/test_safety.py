@@ -18,6 +18,7 @@ from gadget.model.varnet import VarNet
 from gadget.mri.masks import MaskSampler, MaskSpec, contiguous_center_lines
 from gadget.recon.config import ConfigError, ReconConfig, from_gadgetron_config, from_json_parameters, load_config
 from gadget.recon.engine import Reconstructor
+from gadget.recon.refine_stage import RefinedEngine, Refiner
 from gadget.recon.safety import (
     acs_window,
     consistency,
@@ -167,7 +168,8 @@ def test_each_fallback_sends_what_it_says(small_scan, random_engine, fallback):
             assert meta["VarNetOutput"] == "CG-SENSE (ESPIRiT) fallback"
             assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
         else:
-            want = crop(random_engine(kspace[sl], mask, acs)[0], got.shape)
+            sent = RefinedEngine(random_engine, Refiner.for_config(cfg, random_engine))  # the network, refined
+            want = crop(sent(kspace[sl], mask, acs)[0], got.shape)
             assert meta["VarNetOutput"] == "E2E-VarNet (flagged)"
             assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
 

@@ -108,11 +108,12 @@ def test_images_stream_as_slices_complete(server, scan):
 class _HeldEngine:
     """Stands in for the model: its first call waits until the client has sent the whole scan."""
     device = "cpu"
+    checkpoint_refine = "none"  # refine: auto applies no refinement to its images
 
     def __init__(self, released: threading.Event):
         self.released, self.calls, self.saw_whole_scan = released, 0, None
 
-    def run(self, kspace, mask, num_low=None, refined=True):
+    def run(self, kspace, mask, num_low=None):
         self.calls += 1
         if self.calls == 1:
             self.saw_whole_scan = self.released.wait(30)

@@ -18,10 +18,7 @@ from gadget.model.varnet import VARIANTS, VarNet, VarNetBlock, count_parameters
 from gadget.model.vn_regularizer import VN_FILTERS, VN_KERNEL, VN_RBF, VNRegularizer
 from gadget.recon.batching import BatchingEngine
 from gadget.recon.engine import Reconstructor
-from gadget.recon.refine import RefineConfig
 from tests.conftest import equispaced_mask
-
-NO_REFINE = RefineConfig(mode="none")  # the network's image, to compare with a direct forward
 
 SMALL = dict(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2)
 ACS = 8
@@ -337,7 +334,7 @@ def test_fixed_map_variants_export_and_match(tmp_path, case, fmt):
 def test_engine_computes_and_caches_maps_and_batching_passes_them(case):
     k, mask, maps = case
     model = VarNet(**SMALL, variant="vnu").eval()
-    engine = Reconstructor(model, "cpu", refine=NO_REFINE)
+    engine = Reconstructor(model, "cpu")
     images, final = engine.run(k.numpy(), mask.numpy(), ACS)
     with torch.no_grad():
         want = model(k, mask, ACS, sens_maps=maps).numpy()
@@ -383,8 +380,8 @@ def test_pipeline_runs_a_vnu_checkpoint_end_to_end(tmp_path):
 
     xml, lines, raw = make_scan(tmp_path, slices=2, coils=4, size=(32, 48), accel=4, cf=0.17)
     save_checkpoint(tmp_path / "vnu.pt", VarNet(**SMALL, variant="vnu"))
-    engine = Reconstructor(load_checkpoint(tmp_path / "vnu.pt").model, "cpu", refine=NO_REFINE)
-    images = list(ScanReconstructor(xml, ReconConfig(prewhiten=False, fallback="none", device="cpu"),
+    engine = Reconstructor(load_checkpoint(tmp_path / "vnu.pt").model, "cpu")
+    images = list(ScanReconstructor(xml, ReconConfig(prewhiten=False, fallback="none", device="cpu", refine="none"),
                                     engine).run(lines))
     assert len(images) == 2
     assert engine.maps_cache.hits >= 2  # each slice's safety re-run (withheld outer lines) hit the cache
@@ -412,7 +409,7 @@ def test_one_scans_map_failure_does_not_fail_its_batch(case):
     model = VarNet(**SMALL, variant="vnu").eval()
     with torch.no_grad():
         want = model(k[:1], mask, ACS, sens_maps=maps[:1]).numpy()
-    batching = BatchingEngine(Reconstructor(model, "cpu", refine=NO_REFINE), max_batch=2, window_s=0.5)
+    batching = BatchingEngine(Reconstructor(model, "cpu"), max_batch=2, window_s=0.5)
     results = {}
 
     def call(name, kspace):

@@ -43,18 +43,23 @@ def _median_seconds(fn, repeats: int, device: torch.device) -> float:
 
 
 def run(shapes, repeats: int = 5, device: str = "cpu", threads: int = 2, checkpoint=None) -> list[RefineTimes]:
-    """Time ``Reconstructor.run`` without and with the refinement for each ``(coils, readout, phase)``."""
+    """Time ``Reconstructor.run`` alone and followed by the refine stage (as the pipeline runs them) for each
+    ``(coils, readout, phase)``."""
     from ..model.checkpoint import load_checkpoint
     from ..model.shipped import resolve_checkpoint
     from ..recon.engine import Reconstructor
+    from ..recon.refine_stage import Refiner
 
     torch.set_num_threads(threads)
     engine = Reconstructor(load_checkpoint(resolve_checkpoint(checkpoint)).model, device=device)
+    refiner = Refiner(device=engine.device)  # the default refinement (pi)
+
+    def refined(kspace, mask):
+        return refiner(*engine.run(kspace, mask), kspace, mask)
     results = []
     for coils, readout, phase in shapes:
         kspace, mask = make_input(BenchCase(coils=coils, readout=readout, phase=phase))
-        times = [_median_seconds(lambda r=refined: engine.run(kspace, mask, refined=r), repeats, engine.device)
-                 for refined in (False, True)]
+        times = [_median_seconds(lambda f=f: f(kspace, mask), repeats, engine.device) for f in (engine.run, refined)]
         results.append(RefineTimes((coils, readout, phase), *times))
     return results
 

@@ -54,6 +54,7 @@ def run(args) -> int:
     from ..model.checkpoint import load_checkpoint
     from ..recon.engine import Reconstructor
     from ..recon.fastmri_infer import reconstruct_volume
+    from ..recon.refine_stage import RefinedEngine, Refiner
     from . import UserError, refine_config
 
     if args.batch_size < 1:
@@ -64,11 +65,12 @@ def run(args) -> int:
     loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
     refine = refine_config(args, loaded)  # auto: the checkpoint's own; logged
     try:
-        engine = Reconstructor(loaded.model, args.device, args.precision, refine=refine)
+        network = Reconstructor(loaded.model, args.device, args.precision)
     except (RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    engine = RefinedEngine(network, Refiner(refine, network.device))  # the network, then the refine stage
     log.info("checkpoint %s (%s, sha256 %s), device %s, U-Nets in %s, refine %s", loaded.path, loaded.kind,
-             loaded.sha256[:12], engine.device, args.precision, engine.refine.mode)
+             loaded.sha256[:12], engine.device, args.precision, refine.mode)
     adapt = adapt_settings(args)
     args.output.mkdir(parents=True, exist_ok=True)
     for path in files:

@@ -228,16 +228,17 @@ def pooled(method: str, parts: Sequence[MethodResult]) -> MethodResult:
 def _load_engine(checkpoint, device: str, precision: Optional[str] = None, refine: RefineConfig = RefineConfig(),
                  refine_from_checkpoint: bool = False):
     """A :class:`Reconstructor` from a checkpoint path or a VarNet module (its mode is restored
-    by the caller). Returns ``(engine, description, module_or_None, was_training)``.
-    ``refine_from_checkpoint``: a checkpoint file's own refine mode replaces ``refine.mode``."""
+    by the caller), followed by the refine stage (:class:`RefinedEngine`). Returns ``(engine, description,
+    module_or_None, was_training)``. ``refine_from_checkpoint``: a checkpoint file's own refine mode replaces
+    ``refine.mode``."""
     from ..recon.engine import Reconstructor
+    from ..recon.refine_stage import RefinedEngine, Refiner
 
     if isinstance(checkpoint, torch.nn.Module):
         was_training = checkpoint.training
         if device == "auto":  # stay where the caller keeps the model (e.g. its training GPU)
             device = next(checkpoint.parameters()).device
-        engine, desc, module = Reconstructor(checkpoint, device, precision, refine=refine), \
-            "model passed in", checkpoint
+        engine, desc, module = Reconstructor(checkpoint, device, precision), "model passed in", checkpoint
     else:
         from ..model.checkpoint import load_checkpoint
 
@@ -246,13 +247,13 @@ def _load_engine(checkpoint, device: str, precision: Optional[str] = None, refin
             from ..model.checkpoint import resolve_refine
 
             refine = dataclasses.replace(refine, mode=resolve_refine("auto", loaded)[0])
-        engine, module, was_training = Reconstructor(loaded.model, device, precision, refine=refine), None, False
+        engine, module, was_training = Reconstructor(loaded.model, device, precision), None, False
         desc = f"{Path(loaded.path).name} (sha256 {loaded.sha256[:12]})"
     if engine.model.precision != "fp32":
         desc += f", U-Nets in {engine.model.precision}"
     if refine.mode == "none":
         desc += ", no refine"
-    return engine, desc, module, was_training
+    return RefinedEngine(engine, Refiner(refine, engine.device)), desc, module, was_training
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:

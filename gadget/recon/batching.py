@@ -28,7 +28,6 @@ class _Request:
     num_low: Optional[int]
     sens_kspace: Optional[np.ndarray]            # a separate reference (b, coil, readout, phase), or None
     sens_maps: Optional[np.ndarray] = None       # fixed maps (b, coil, readout, phase) of a fixed-map variant
-    refined: bool = True                         # Reconstructor.run's refined
     done: threading.Event = field(default_factory=threading.Event)
     result: Optional[np.ndarray] = None          # images (b, readout, phase)
     final_kspace: Optional[np.ndarray] = None    # the model's final k-space (b, coil, readout, phase)
@@ -36,7 +35,7 @@ class _Request:
 
     @property
     def key(self) -> tuple:
-        return self.kspace.shape[1:], self.num_low is None, self.sens_kspace is None, self.refined
+        return self.kspace.shape[1:], self.num_low is None, self.sens_kspace is None
 
 
 class BatchingEngine:
@@ -59,18 +58,24 @@ class BatchingEngine:
         """As :attr:`Reconstructor.needs_maps`: the engine computes fixed maps per slice (in ``run``)."""
         return self.engine.needs_maps
 
+    @property
+    def checkpoint_refine(self) -> Optional[str]:
+        """As :attr:`Reconstructor.checkpoint_refine` (what a config's ``refine: auto`` stands for)."""
+        return getattr(self.engine, "checkpoint_refine", None)
+
     def __call__(self, kspace, mask, num_low_frequencies: Optional[int] = None, sens_kspace=None) -> np.ndarray:
         return self.run(kspace, mask, num_low_frequencies, sens_kspace)[0]
 
     def run(self, kspace, mask, num_low_frequencies: Optional[int] = None,
-            sens_kspace=None, refined: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`Reconstructor.run` through the shared queue: ``(images, final k-space)``. Requests with
-        a separate reference (``sens_kspace``) are batched only with others that have one."""
+            sens_kspace=None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`Reconstructor.run` through the shared queue: ``(images, final k-space)``, the network's
+        (the refinement is the caller's stage, :mod:`gadget.recon.refine_stage`). Requests with a separate
+        reference (``sens_kspace``) are batched only with others that have one."""
         k, ref = _batched(kspace), None if sens_kspace is None else _batched(sens_kspace)
         # A fixed-map variant's ESPIRiT runs here, on the caller's thread: one scan's maps neither wait for
         # the shared worker nor, when they fail, fail the other scans of its batch.
         maps = self.engine.fixed_maps_for(k, mask, num_low_frequencies, ref) if self.engine.needs_maps else None
-        req = _Request(k, np.asarray(mask, bool).reshape(-1), num_low_frequencies, ref, maps, refined)
+        req = _Request(k, np.asarray(mask, bool).reshape(-1), num_low_frequencies, ref, maps)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the reconstruction engine has been shut down")
@@ -144,7 +149,7 @@ class BatchingEngine:
         maps = None if batch[0].sens_maps is None else np.concatenate([r.sens_maps for r in batch])
         self.forward_calls += 1
         out, final = self.engine.run(kspace, mask, num_low, sens_kspace=None if maps is not None else sens,
-                                     sens_maps=maps, refined=batch[0].refined)
+                                     sens_maps=maps)
         start = 0
         for r, n in zip(batch, counts):
             r.result, r.final_kspace = out[start:start + n], final[start:start + n]

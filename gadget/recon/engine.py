@@ -14,12 +14,9 @@ by ``maps_cache_bytes`` (default 256 MiB of complex64 maps: 11 slices of 12 coil
 larger than the bound are not kept), enough for a slice and its re-run in each of ~10 concurrently served scans of
 that size (more with smaller slices). The cache is not counted in the server's k-space memory budget.
 
-Refinement (``refine``, :mod:`gadget.recon.refine`): by default every image the engine returns is the
-network's image finished by a parallel-imaging solve with the network's image as the prior (ESPIRiT's
-maps where they cover the object, else the network's own);
-``RefineConfig(mode="none")`` returns the network's image as it is. ``run``'s k-space is the network's
-(the safety check's consistency and prediction figures measure the network; its departure figure the
-image sent).
+The engine returns the network's output as it is (``run``: the image and the final k-space; calling it: the
+image). The parallel-imaging refinement is a stage after it (:mod:`gadget.recon.refine_stage`, held by
+:class:`gadget.recon.pipeline.ScanReconstructor`), run outside the engine's lock.
 """
 from __future__ import annotations
 
@@ -36,7 +33,6 @@ from ..model.varnet import VarNet
 from ..mri.lru import ByteLRU
 from ..mri.masks import contiguous_center_lines
 from .allocator import keep_freed_memory
-from .refine import RefineConfig, refine as refine_image
 
 log = logging.getLogger(__name__)
 MAPS_CACHE_BYTES = 256 << 20
@@ -59,19 +55,15 @@ class Reconstructor:
     ``precision``: the U-Nets' arithmetic (``fp32``, ``bf16``, ``fp16``; see
     :meth:`VarNet.set_precision`), set on ``model`` itself (engines sharing one model share it);
     ``None`` keeps the model's current setting. ``maps_cache_bytes``: bound of the fixed-map cache
-    (:class:`MapsCache`; used only by the fixed-map variants, ``model.needs_maps``). ``refine``: the
-    parallel-imaging refinement of every image (module docstring; default on). ``checkpoint_refine``: the
-    refine the loaded checkpoint asks for when none is given (:func:`gadget.model.checkpoint.default_refine`),
-    set by :func:`gadget.recon.pipeline.build_engine`; ``None`` for a model passed in without one."""
-
-    checkpoint_refine: Optional[str] = None
+    (:class:`MapsCache`; used only by the fixed-map variants, ``model.needs_maps``). ``checkpoint_refine``:
+    the refine the loaded checkpoint records (:func:`gadget.model.checkpoint.default_refine`; what a
+    config's ``refine: auto`` stands for, :func:`gadget.recon.refine_stage.applied_refine`), set by
+    :func:`gadget.recon.pipeline.build_engine`; ``None`` for a model passed in without one. The engine
+    itself never refines."""
 
     def __init__(self, model: VarNet, device: str | torch.device = "auto", precision: Optional[str] = None,
-                 maps_cache_bytes: int = MAPS_CACHE_BYTES, refine: RefineConfig = RefineConfig()):
-        if refine.mode != "none" and not hasattr(model, "forward_with_kspace"):
-            raise ValueError(f"refine '{refine.mode}' needs the model's final k-space, which "
-                             f"{type(model).__name__} does not return: use refine 'none'")
-        self.refine = refine
+                 maps_cache_bytes: int = MAPS_CACHE_BYTES, checkpoint_refine: Optional[str] = None):
+        self.checkpoint_refine = checkpoint_refine
         self.maps_cache = MapsCache(maps_cache_bytes)
         self.device = resolve_device(device) if isinstance(device, str) else device
         keep_freed_memory()  # per-slice tensors reuse their pages instead of page-faulting afresh
@@ -84,12 +76,16 @@ class Reconstructor:
         self.model = model.to(self.device).eval()
         self._lock = threading.Lock()
 
+    def with_model(self, model: VarNet) -> "Reconstructor":
+        """An engine for ``model`` (e.g. adapted from this one's) on the same device, with the same maps
+        cache bound and checkpoint refine; the model's precision is left as it is."""
+        return Reconstructor(model, self.device, None, self.maps_cache.max_bytes, self.checkpoint_refine)
+
     @torch.inference_mode()
     def __call__(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
                  num_low_frequencies: Optional[int] = None,
                  sens_kspace: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
-        if self.refine.mode != "none":  # the final k-space stays on the device: only the image is wanted
-            return self._forward(kspace, mask, num_low_frequencies, sens_kspace)[0].float().cpu().numpy()
+        """The network's images ``(batch, readout, phase)`` float32 (its plain forward)."""
         extra = self._extra(kspace, mask, num_low_frequencies, sens_kspace)
         k, m = self._inputs(kspace, mask)
         with self._lock:
@@ -104,31 +100,28 @@ class Reconstructor:
     def run(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
             num_low_frequencies: Optional[int] = None,
             sens_kspace: np.ndarray | torch.Tensor | None = None,
-            sens_maps: Optional[np.ndarray] = None, refined: bool = True) -> tuple[np.ndarray, np.ndarray]:
+            sens_maps: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
         """Like calling the engine, but also returns the model's final multi-coil k-space:
         ``(images (batch, readout, phase) float32, kspace (batch, coil, readout, phase) complex64)``.
         Needs a model with ``forward_with_kspace`` (:class:`VarNet`). ``sens_kspace``: see the module
         docstring (None: the sensitivities come from ``kspace``, as always before). ``sens_maps``: fixed maps
-        already computed (:meth:`fixed_maps_for`; fixed-map variants only), else they are computed here.
-        ``refined=False`` skips the refinement (for callers that read only the k-space: the safety re-run)."""
-        image, final = self._forward(kspace, mask, num_low_frequencies, sens_kspace, sens_maps, refined)
+        already computed (:meth:`fixed_maps_for`; fixed-map variants only), else they are computed here."""
+        image, final = self.run_tensors(kspace, mask, num_low_frequencies, sens_kspace, sens_maps)
         return image.float().cpu().numpy(), final.to(torch.complex64).cpu().numpy()
 
-    def _forward(self, kspace, mask, num_low_frequencies=None, sens_kspace=None, sens_maps=None,
-                 refined: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.inference_mode()
+    def run_tensors(self, kspace, mask, num_low_frequencies=None, sens_kspace=None,
+                    sens_maps=None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`run`'s work, its image and final k-space left as tensors on the engine's device."""
         forward = getattr(self.model, "forward_with_kspace", None)
         if forward is None:
-            raise TypeError(f"{type(self.model).__name__} has no forward_with_kspace: the safety check needs "
-                            "the final k-space (use gadget.model.varnet.VarNet)")
+            raise TypeError(f"{type(self.model).__name__} has no forward_with_kspace: the safety check and the "
+                            "refinement need the final k-space (use gadget.model.varnet.VarNet)")
         extra = ({"sens_maps": torch.from_numpy(sens_maps).to(self.device)} if sens_maps is not None
                  else self._extra(kspace, mask, num_low_frequencies, sens_kspace))
         k, m = self._inputs(kspace, mask)
         with self._lock:
-            image, final = forward(k, m, num_low_frequencies, **extra)
-            if refined:
-                image = refine_image(image, final, k, m, self.refine, num_low_frequencies)
-        return image, final
+            return forward(k, m, num_low_frequencies, **extra)
 
     def _extra(self, kspace, mask, num_low_frequencies, sens_kspace) -> dict:
         """The model's keyword inputs besides k-space, mask and ACS count: ``sens_kspace`` (e2e) or the
@@ -198,6 +191,10 @@ class MapsCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._entries.max_bytes
 
     @staticmethod
     def key(kspace: np.ndarray, num_low: int) -> tuple:

@@ -60,7 +60,9 @@ def acs_count(volume: FastMRIVolume, mask: np.ndarray, source: AcsSource = "auto
 def reconstruct_volume(engine: Reconstructor, volume: FastMRIVolume, batch_size: int = 1,
                        acs_source: AcsSource = "auto",
                        on_batch: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """Reconstruct every slice; returns float32 ``(slice, H, W)`` cropped as fastMRI does."""
+    """Reconstruct every slice; returns float32 ``(slice, H, W)`` cropped as fastMRI does. ``engine``: any
+    callable ``engine(kspace, mask, acs) -> images``: a :class:`Reconstructor` (the network's images) or a
+    :class:`gadget.recon.refine_stage.RefinedEngine` (the network, then the refine stage)."""
     mask = acquired_mask(volume)
     num_low = acs_count(volume, mask, acs_source)
     log.info("%s: %d slices, kspace %s, %d of %d lines sampled, ACS %d (%s)", volume.path.name,

@@ -2,6 +2,8 @@
 
     items ─▶ as_lines ─▶ prewhiten ─▶ assemble slices ─▶ reconstruct (batched) ─▶ images
 
+and per network image (``reconstruct``): the engine's forward ─▶ refine (:class:`Refiner`) ─▶ safety check.
+
 ``items`` may hold ``AcqLine``s, ``ismrmrd.Acquisition``s (converted) and anything else
 (waveforms, images from upstream gadgets), which passes through unchanged. Every door
 (Gadgetron external gadget, MRD server, file replay) is: a source of items + header, this
@@ -27,7 +29,7 @@ from ..stream.types import AcqLine
 from .coil_compression import CompressionError, compress
 from .config import ConfigError, ReconConfig
 from .engine import Reconstructor
-from .refine import RefineConfig
+from .refine_stage import Refiner
 from .safety import safety_figures, sense_image, zero_filled_rss
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class ReconError(ValueError):
 class ScanStats:
     slices: int = 0
     incomplete: int = 0
-    model_seconds: float = 0.0
+    model_seconds: float = 0.0    # the network's forwards and the refine stage
     passthrough: int = 0
     first_image_at: Optional[float] = None
     acs_counts: set = field(default_factory=set)
@@ -59,16 +61,19 @@ class ScanStats:
 
 class ScanReconstructor:
     """Reconstructs one scan (one connection / one file). The engine (model) is shared and
-    loaded once per process; this object holds only per-scan state."""
+    loaded once per process; this object holds only per-scan state, and the stages after the network:
+    the refinement (``refiner``; None: the one ``config`` asks for, :meth:`Refiner.for_config`) and the
+    safety check."""
 
     def __init__(self, header_xml: str, config: ReconConfig, engine: Optional[Reconstructor] = None,
                  source: str = "scan", model_id: str = "none", budget: Optional[MemoryBudget] = None,
-                 encoding: Optional[EncodingInfo] = None):
+                 encoding: Optional[EncodingInfo] = None, refiner: Optional[Refiner] = None):
         if config.mode == "varnet" and engine is None:
             raise ValueError("mode 'varnet' needs a loaded model (engine)")
         # ``encoding``: the header already parsed by the door (it is parsed here otherwise)
         self.encoding: EncodingInfo = encoding or parse_encoding(header_xml, source=source)
         self.config, self.engine, self.source = config, engine, source
+        self.refiner = refiner if refiner is not None or engine is None else Refiner.for_config(config, engine)
         self.series = _output_series(config)
         self.stats = ScanStats()
         # relative receiver noise bandwidth: the header's, else the config's (gadget/stream/noise.py)
@@ -169,7 +174,8 @@ class ScanReconstructor:
 
     def _reconstruct(self, group: list[SliceData]) -> list["_Result"]:
         """One :class:`_Result` per slice (magnitudes ``(readout, phase)`` float32, uncropped): the
-        network for undersampled slices (one forward per distinct mask and ACS count), the RSS coil
+        network for undersampled slices (one forward per distinct mask and ACS count), its image finished
+        by the refine stage (``final_kspace`` stays the network's), the RSS coil
         combination for fully sampled ones and in zero-filled mode. A slice with a separate reference
         (``calibration_kspace``) is batched only with others that have one, and the network's sensitivity
         module reads the stacked references instead of the imaging k-space."""
@@ -191,7 +197,9 @@ class ScanReconstructor:
         for (_, acs, separate), members in batches.items():
             kspace = np.stack([group[i].kspace for i in members])
             extra = {"sens_kspace": np.stack([group[i].calibration_kspace for i in members])} if separate else {}
-            images, finals = self.engine.run(kspace, group[members[0]].mask, acs, **extra)
+            mask = group[members[0]].mask
+            images, finals = self.engine.run(kspace, mask, acs, **extra)
+            images = self.refiner(images, finals, kspace, mask, acs)
             for j, i in enumerate(members):
                 results[i] = _Result(images[j], "varnet", accels[i], acs, finals[j])
         dt = time.perf_counter() - t0
@@ -348,9 +356,10 @@ class ScanReconstructor:
             source = "calibration flags"
         else:
             source = "centre run of the mask"
-        log.info("%s: series %d, mode %s, model %s, device %s, k-space %s, acceleration %.2f, ACS %s, "
-                 "%.3f s/slice", self.source, self.config.image_series_index, self.config.mode, self.model_id,
-                 device, tuple(sl.kspace.shape), result.acceleration,
+        log.info("%s: series %d, mode %s, model %s, refine %s, device %s, k-space %s, acceleration %.2f, "
+                 "ACS %s, %.3f s/slice", self.source, self.config.image_series_index, self.config.mode,
+                 self.model_id, self.refiner.mode if self.refiner else "none", device, tuple(sl.kspace.shape),
+                 result.acceleration,
                  f"{acs} ({source})" if acs else "none (no network)", seconds_per_slice)
 
 
@@ -400,8 +409,9 @@ def _same_shape_groups(slices: list[SliceData]) -> list[list[SliceData]]:
 
 def build_engine(config: ReconConfig, offline: bool = False) -> tuple[Optional[Reconstructor], str]:
     """Load the model once per process: ``(engine, description for logs)``; no engine in zero-filled mode.
-    ``config.refine`` ``auto`` becomes the checkpoint's own (:func:`gadget.model.checkpoint.resolve_refine`,
-    which logs the choice); the engine's ``refine.mode`` is the one applied. ``offline``: the door reads a
+    The engine keeps the refine the checkpoint records (``checkpoint_refine``), which a scan's refine stage
+    takes for ``refine: auto`` (:meth:`Refiner.for_config`); ``config.refine`` as this checkpoint resolves it
+    is logged here once (:func:`gadget.model.checkpoint.resolve_refine`). ``offline``: the door reads a
     whole scan before reconstructing it (replay), which per-scan adaptation (``adapt: scan``) needs; the
     streaming doors refuse that setting here."""
     if config.adapt != "none" and not offline:
@@ -417,9 +427,7 @@ def build_engine(config: ReconConfig, offline: bool = False) -> tuple[Optional[R
 
     keep_freed_memory()  # before the load starts torch's threads: a thread keeps the malloc arena it first gets
     loaded = load_checkpoint(resolve_checkpoint(config.checkpoint))  # none given: the shipped weights
-    mode, _ = resolve_refine(config.refine, loaded)
+    resolve_refine(config.refine, loaded)  # logged once; each scan's stage applies it (Refiner.for_config)
     engine = Reconstructor(loaded.model, config.device, config.precision,
-                           refine=RefineConfig(mode=mode, lam=config.refine_lambda))
-    engine.checkpoint_refine = default_refine(loaded)[0]
-    return engine, (f"{loaded.path} ({loaded.kind}, sha256 {loaded.sha256[:12]}, U-Nets in {config.precision}, "
-                    f"refine {mode})")
+                           checkpoint_refine=default_refine(loaded)[0])
+    return engine, f"{loaded.path} ({loaded.kind}, sha256 {loaded.sha256[:12]}, U-Nets in {config.precision})"

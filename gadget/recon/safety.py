@@ -93,9 +93,9 @@ def withheld_columns(mask, acs: int, count: int = 4) -> np.ndarray:
 
 def prediction_error(run, kspace, mask, acs: int, count: int = 4) -> Optional[float]:
     """How well the network predicts measured lines it was not given: withhold
-    :func:`withheld_columns`, reconstruct from the rest with ``run(kspace, mask, acs, refined=False) -> (image,
-    final k-space)`` (``(1, …)`` batches, as :meth:`Reconstructor.run`; no refinement: only the
-    k-space is read), and return
+    :func:`withheld_columns`, reconstruct from the rest with ``run(kspace, mask, acs) -> (image,
+    final k-space)`` (``(1, …)`` batches, as :meth:`Reconstructor.run`: the network's own, never
+    refined; only the k-space is read), and return
     ``||k̂_W − y_W|| / ||y_W||`` over the withheld columns ``W``. Zero-filling predicts 0 there and
     scores exactly 1; above 1 the network's guess of unmeasured k-space is worse than no guess. None
     when fewer than 2 lines can be withheld (or they hold no signal)."""
@@ -106,7 +106,7 @@ def prediction_error(run, kspace, mask, acs: int, count: int = 4) -> Optional[fl
     reduced = m.copy()
     reduced[cols] = False
     given = y * torch.from_numpy(reduced)
-    _, final = run(given.numpy()[None], reduced, int(acs), refined=False)  # only the k-space is read
+    _, final = run(given.numpy()[None], reduced, int(acs))  # only the k-space is read
     k_hat = torch.as_tensor(np.asarray(final)[0])
     idx = torch.from_numpy(cols)
     norm = float(torch.linalg.vector_norm(y[..., idx]))
@@ -172,8 +172,9 @@ def departure(image, kspace, mask, acs: int, crop: Optional[Sequence[int]] = Non
 def safety_figures(kspace, mask, acs: int, image, final_kspace,
                    crop: Optional[Sequence[int]] = None, run=None) -> SafetyFigures:
     """The figures for one slice: measured ``kspace`` ``(coil, readout, phase)``, ``mask`` ``(phase,)``,
-    ACS count, the network's ``image`` ``(readout, phase)`` and ``final_kspace`` (coil, readout, phase);
-    with ``run`` (the engine's ``run``) also the withheld-line :func:`prediction_error` (one more forward)."""
+    ACS count, the ``image`` sent ``(readout, phase)`` (the network's after the refine stage) and the
+    network's ``final_kspace`` (coil, readout, phase); with ``run`` (the engine's ``run``) also the
+    withheld-line :func:`prediction_error` (one more forward)."""
     predicted = prediction_error(run, kspace, mask, acs) if run is not None else None
     return SafetyFigures(consistency(final_kspace, kspace, mask), departure(image, kspace, mask, acs, crop),
                          predicted)
@@ -216,7 +217,10 @@ def measure_directory(directory, checkpoint: Optional[str] = None, acceleration:
     from .engine import Reconstructor
     from .fastmri_infer import acquired_mask
 
+    from .refine_stage import Refiner
+
     engine = Reconstructor(load_checkpoint(resolve_checkpoint(checkpoint)).model, device)
+    refiner = Refiner(device=engine.device)  # the default refinement (pi), as the figures were measured
     rows = []
     for path in sorted(Path(directory).glob("*.h5")):
         with open_volume(path) as vol:
@@ -237,6 +241,7 @@ def measure_directory(directory, checkpoint: Optional[str] = None, acceleration:
             for s in chosen:
                 k = np.asarray(vol.kspace[s], np.complex64) * mask
                 image, final = engine.run(k, mask, acs)
+                image = refiner(image, final, k, mask, acs)  # the departure figure reads the image sent
                 f = safety_figures(k, mask, acs, image[0], final[0], vol.encoding.recon_size, run=engine.run)
                 rows.append(dict(file=path.name, slice=s, acceleration=mask.size / mask.sum(), acs=acs,
                                  consistency=f.consistency, departure=f.departure,

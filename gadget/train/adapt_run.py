@@ -40,13 +40,12 @@ def adapt_scan(model: VarNet, slices: Sequence[AdaptSlice], settings: AdaptConfi
 
 def adapted_engine(engine, slices: Sequence[AdaptSlice], settings: AdaptConfig, source: str):
     """``(engine, result)``: an engine running ``engine``'s model adapted on ``slices`` (:func:`adapt_scan`)
-    on the same device with the same refinement; ``engine`` itself when the Γ loss did not fall."""
-    from ..recon.engine import Reconstructor
-
+    on the same device (:meth:`with_model`: the same refine stage where ``engine`` has one, the same
+    checkpoint refine); ``engine`` itself when the Γ loss did not fall."""
     model, result = adapt_scan(engine.model, slices, settings, source, device=engine.device)
     if model is engine.model:
         return engine, result
-    return Reconstructor(model, engine.device, None, refine=engine.refine), result
+    return engine.with_model(model), result
 
 
 def provenance(base: LoadedCheckpoint, inputs: Sequence[tuple[str, str]], settings: AdaptConfig,
