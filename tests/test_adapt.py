@@ -295,3 +295,14 @@ def test_split_invariant_maps_are_computed_once_and_change_nothing(shifted_slice
         assert cached.maps is maps  # computed once
     with pytest.raises(AdaptError, match="e2e"):
         adapt(VarNet(num_cascades=1, chans=4, pools=1, variant="vnu-k"), slices, AdaptConfig(steps=1))
+
+
+def test_adaptation_after_an_inference_mode_reconstruction_of_the_same_shape(shifted_slices):
+    """``varnet infer --adapt scan`` over two files of one shape reconstructs the first under inference mode,
+    then trains on the second: nothing cached by the first may be an inference tensor."""
+    slices, _ = shifted_slices
+    model = tiny_model()
+    with torch.inference_mode():
+        model(torch.from_numpy(slices[0].kspace)[None], torch.from_numpy(slices[0].mask), slices[0].acs)
+    result = adapt(model, slices, AdaptConfig(steps=2, eval_every=1))
+    assert result.steps == 2

@@ -73,11 +73,17 @@ class AdaptConfig:
     ``slices_per_step`` slices × ``splits_per_step`` splits each per step; Γ scored every ``eval_every``
     steps on up to ``eval_slices`` slices (spread over the set); stop after ``patience`` scores without a
     relative gain of ``min_gain`` over the best. ``trainable``: ``cascades`` (the sensitivity network
-    frozen: it reads only the ACS lines, which the splits never change) or ``all``."""
+    frozen: it reads only the ACS lines, which the splits never change) or ``all``.
+
+    Why these defaults: ``lr`` was chosen on a simulated contrast the shipped weights never saw (a smaller
+    rate left its images unchanged within the step budget; docs/results/adaptation.md); two splits per step
+    because multi-mask SSDU gains over one; ``rho`` and the Gaussian selection are SSDU's; Γ is a fifth of
+    the outer lines so that one slice still holds several; ``patience`` 3 scores of 5 steps stops well
+    before the time limit when Γ has flattened."""
 
     steps: int = 60
     time_limit: float = 0.0
-    lr: float = 1e-4
+    lr: float = 1e-3
     slices_per_step: int = 1
     splits_per_step: int = 2
     eval_every: int = 5
