@@ -71,10 +71,12 @@ def test_fp32_is_the_default_and_unchanged(small_volume, monkeypatch):
     untouched, again = _pair("fp32")              # a fresh model, and one set to fp32 explicitly
     k, mask = _input(small_volume)
     with torch.no_grad():
-        spy = _DtypeSpy(untouched, monkeypatch)
         out = untouched(k, mask, 8)
         assert torch.equal(out, again(k, mask, 8))
+        spy = _DtypeSpy(untouched, monkeypatch)  # with hooks every layer module runs (no fused CPU path)
+        spied = untouched(k, mask, 8)
     assert untouched.precision == "fp32" and spy.conv == {torch.float32} and spy.fft == {torch.complex64}
+    assert _rel(spied, out) < 1e-5  # the layer-by-layer path and the fused one: the same function
 
 
 def test_precision_errors_name_the_choices():

@@ -57,9 +57,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..mri.coils import normalize_sens, rss, sens_expand, sens_reduce
-from ..mri.fft import ifft2c
+from ..mri.fft import checkerboard, ifft2c
 from ..mri.masks import detect_num_low_frequencies
-from .unet import Unet
+from .unet import Unet, fast_path, serial, tracing
 from .vn_regularizer import VNRegularizer
 
 AcsCount = Union[None, int, torch.Tensor]
@@ -117,6 +117,8 @@ class NormUnet(nn.Module):
         if c != 1:
             raise ValueError(f"NormUnet expects (batch, 1, h, w) complex, got {tuple(image.shape)}")
         x = torch.view_as_real(image[:, 0]).permute(0, 3, 1, 2)  # (b, 2=[re, im], h, w)
+        if self.compute_dtype is None and fast_path(self, x):
+            return torch.view_as_complex(self.forward_fast(x).permute(0, 2, 3, 1).contiguous()).unsqueeze(1)
         x = self.forward_channels(x)
         return torch.view_as_complex(x.permute(0, 2, 3, 1).contiguous()).unsqueeze(1)
 
@@ -140,6 +142,22 @@ class NormUnet(nn.Module):
         x = x[..., top:top + h, left:left + w]
 
         return x * std + mean
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_channels` for :func:`gadget.model.unet.fast_path` inputs, channels-last
+        throughout: the input ``(b, 2, h, w)`` view of the complex image already is that layout, and the
+        de-normalisation is folded into the U-Net's final 1×1 convolution. Channels-last output."""
+        b, _, h, w = x.shape
+        with serial(x.numel()):
+            std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
+            std = std.clamp_min_(_EPS)
+            x = (x - mean).div_(std)
+        h_mult, w_mult = ((h - 1) | 15) + 1, ((w - 1) | 15) + 1  # next multiple of 16
+        top, left = (h_mult - h) // 2, (w_mult - w) // 2
+        if (h_mult, w_mult) != (h, w):
+            x = F.pad(x, [left, w_mult - w - left, top, h_mult - h - top])
+        x = self.unet.forward_fast(x, scale=std.view(b, 2), shift=mean.view(b, 2))
+        return x[..., top:top + h, left:left + w]
 
 
 def center_lines_mask(width: int, num_low: torch.Tensor) -> torch.Tensor:
@@ -222,6 +240,25 @@ class VarNetBlock(nn.Module):
         refinement = sens_expand(self.model(sens_reduce(current, sens)), sens)
         return current - soft_dc * self.dc_weight - refinement
 
+    def forward_unshifted(self, current: torch.Tensor, reference: torch.Tensor, mask_weight: torch.Tensor,
+                          sens: torch.Tensor, sens_conj: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` of a ``"kspace"`` cascade at inference, in the unshifted frame
+        (:mod:`gadget.mri.fft`): ``current`` and ``reference`` are ``u = σ c k``, ``sens`` the maps times
+        the checkerboard ``c`` (``sens_conj`` its conjugate, materialised); then E and R are plain FFTs
+        (``fft2(S c x) = σ c F(S x)``) and the data consistency, per sample, is unchanged.
+        ``mask_weight``: the mask as 0/1 in the real dtype, ``(b or 1, 1, 1, w)``. Without autograd (it
+        writes into its own temporaries)."""
+        images = torch.fft.ifft2(current, norm="ortho")
+        with serial(images.numel()):
+            combined = images.mul_(sens_conj).sum(dim=1, keepdim=True)
+        refined = self.model(combined)
+        with serial(sens.numel()):
+            expanded = sens * refined
+        refinement = torch.fft.fft2(expanded, norm="ortho")
+        with serial(current.numel()):  # current − M(current − reference)·η − refinement
+            out = torch.sub(current, refinement, out=refinement)
+            return out.addcmul_(current - reference, mask_weight * (-self.dc_weight))
+
 
 class VarNet(nn.Module):
     """E2E-VarNet: sensitivity network + ``num_cascades`` unrolled refinement/data-consistency
@@ -293,10 +330,45 @@ class VarNet(nn.Module):
         elsewhere. For the image-space variants the returned k-space is ``F S x``."""
         masked_kspace, mask = check_inputs(masked_kspace, mask)
         sens = self.sensitivities(masked_kspace, mask, num_low_frequencies, sens_kspace, sens_maps)
+        if self._unshifted(masked_kspace):
+            return self._forward_unshifted(masked_kspace, mask, sens)
         state = self.initial_state(masked_kspace, sens)
         for cascade in self.cascades:
             state = cascade(state, masked_kspace, mask, sens)
         return self.final_image(state, sens), self.final_kspace(state, sens)
+
+    def _unshifted(self, masked_kspace: torch.Tensor) -> bool:
+        """Whether the cascades run in the unshifted frame (:meth:`_forward_unshifted`): k-space cascades,
+        even sizes, autograd off."""
+        h, w = masked_kspace.shape[-2:]
+        return (type(masked_kspace) is torch.Tensor and self.config.variant not in IMAGE_SPACE_VARIANTS
+                and h % 2 == 0 and w % 2 == 0
+                and not torch.is_grad_enabled() and not tracing()
+                and masked_kspace.dtype in (torch.complex64, torch.complex128))
+
+    def _forward_unshifted(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
+                           sens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k-space cascades with k-space held as ``u = σ c k`` (:mod:`gadget.mri.fft`): no centring
+        shifts inside the loop, one sign flip in and one out. Same function as the centred loop."""
+        h, w = masked_kspace.shape[-2:]
+        real = masked_kspace.real.dtype
+        board = checkerboard(h, w, masked_kspace.device, real)
+        to_unshifted = checkerboard(h, w, masked_kspace.device, real, centred=True)  # its own inverse
+        with serial(masked_kspace.numel()):
+            reference = masked_kspace * to_unshifted
+            sens_c = sens * board
+            sens_conj = sens_c.conj().resolve_conj()
+        mask_weight = mask.to(real)
+        state = reference
+        for cascade in self.cascades:
+            state = cascade.forward_unshifted(state, reference, mask_weight, sens_c, sens_conj)
+        images = torch.fft.ifft2(state, norm="ortho")
+        with serial(images.numel()):
+            if self.config.output == "sense":
+                image = images.mul_(sens_conj).sum(dim=1).abs()
+            else:
+                image = rss(images, dim=1)  # |c| = 1
+            return image, state.mul_(to_unshifted)
 
     def sensitivities(self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: AcsCount = None,
                       sens_kspace: Optional[torch.Tensor] = None,
