@@ -210,7 +210,7 @@ def test_unknown_output_is_rejected():
 def test_inference_path_is_the_reference_function(small_volume):
     """CPU float32 inference (no autograd) takes the fused path: channels-last U-Nets with packed oneDNN
     weights and the cascades in the unshifted k-space frame. Same function as the layer-by-layer path
-    (autograd on) and as fastMRI's VarNet: max relative difference < 1e-4 (issue 23's bound), L2 < 1e-5."""
+    (autograd on) and as fastMRI's VarNet: max relative difference < 1e-4, L2 < 1e-5."""
     k, mask = _phantom_input(small_volume)
     ref, ours = _pair(SMALL)
     with torch.inference_mode():

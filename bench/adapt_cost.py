@@ -1,0 +1,97 @@
+"""Cost of self-supervised adaptation with the shipped weights and the per-scan defaults.
+
+Prints one table: for each shape, the time of one network forward (what reconstruction costs), of one
+adaptation step (``splits_per_step`` forwards and backwards), of one Γ score per slice, and the time of
+the whole default per-scan adaptation (``--full``: run it; else estimated from the step count, the
+evaluation interval and the slices scored). Random-phase simulated k-space; threads as the product uses.
+
+    python bench/adapt_cost.py --repeats 2
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from gadget.model.checkpoint import load_checkpoint
+from gadget.model.shipped import shipped_checkpoint
+from gadget.train.adapt import AdaptConfig, AdaptSlice, _Prepared, adapt, gamma_score, ssdu_loss
+from gadget.train.splits import holdout_lines, seeded_rng, split_lines
+
+CASES = [  # (label, coils, readout, phase, slices)
+    ("128² slice, 16 coils", 16, 128, 128, 1),
+    ("230×180 slice, 8 coils", 8, 230, 180, 1),
+    ("20-slice 256² volume, 16 coils", 16, 256, 256, 20),
+]
+
+
+def _slice(coils: int, readout: int, phase: int, rng: np.random.Generator) -> AdaptSlice:
+    y, x = np.mgrid[-1:1:readout * 1j, -1:1:phase * 1j]
+    image = ((x ** 2 + y ** 2) < 0.7).astype(np.float32) * np.exp(1j * 2 * x)
+    maps = np.exp(-((x[None] - rng.uniform(-1, 1, (coils, 1, 1))) ** 2 + (y[None] - rng.uniform(-1, 1, (coils, 1, 1))) ** 2))
+    k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(maps * image, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    k = (k + 0.01 * (rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape))).astype(np.complex64)
+    acs = int(round(0.08 * phase))
+    mask = np.zeros(phase, bool)
+    mask[::4] = True
+    mask[(phase - acs + 1) // 2:(phase - acs + 1) // 2 + acs] = True
+    return AdaptSlice(k * mask, mask, acs, f"{readout}x{phase}")
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--full", type=int, default=0, help="run the whole default adaptation for the first N cases")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    model = load_checkpoint(shipped_checkpoint()).model
+    settings = AdaptConfig()
+    rng = np.random.default_rng(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; defaults: {settings.steps} steps, "
+          f"{settings.splits_per_step} splits/step, Γ every {settings.eval_every} steps on <= {settings.eval_slices} slices")
+    print("| case | forward s | step s | Γ score s/slice | default adaptation s |")
+    print("|---|---|---|---|---|")
+    for n, (label, coils, readout, phase, slices) in enumerate(CASES):
+        sl = _slice(coils, readout, phase, rng)
+        gamma = holdout_lines(sl.mask, sl.acs, settings.split, seeded_rng(0, 1))
+        prepared = _Prepared(sl, gamma, torch.device("cpu"))
+        work = model.train()
+
+        def step():
+            for s in range(settings.splits_per_step):
+                theta, lam = split_lines(prepared.available, sl.acs, settings.split, seeded_rng(0, s))
+                ssdu_loss(prepared.run(work, theta), prepared.kspace,
+                          torch.from_numpy(lam).view(1, 1, 1, -1)).backward()
+
+        def forward():
+            with torch.inference_mode():
+                model(prepared.kspace, torch.from_numpy(sl.mask), sl.acs)
+
+        t_fwd = _median_time(forward, args.repeats)
+        t_step = _median_time(step, args.repeats)
+        model.zero_grad(set_to_none=True)
+        t_gamma = _median_time(lambda: gamma_score(model.eval(), [prepared]), args.repeats)
+        evals = settings.steps // settings.eval_every + 1
+        estimate = settings.steps * t_step + evals * min(slices, settings.eval_slices) * t_gamma
+        total = f"{estimate:.0f} (estimated)"
+        if n < args.full:
+            t0 = time.perf_counter()
+            result = adapt(model, [sl] * slices, settings)
+            total = f"{time.perf_counter() - t0:.0f} (run: {result.steps} steps, {result.stopped})"
+        print(f"| {label} | {t_fwd:.2f} | {t_step:.2f} | {t_gamma:.2f} | {total} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Adaptation matrix: does self-supervised adaptation help where the shipped weights meet data they never saw?
+
+Rows: simulated shifts where the truth is known (a proton-density contrast, a 20-coil array, low SNR, a
+320² matrix; 1 test slice each, noise-free target kept) and the real scanner k-space in
+../shared/data/real/ (retrospectively undersampled; no noise-free truth, so both scores are against the
+RSS of the fully sampled data). Columns: zero-filled, BART pics-L1 (ESPIRiT maps, λ 0.005), the shipped
+weights (their default refinement), shipped + adapt per scan (on the test slice's own undersampled lines),
+shipped + adapt per site (simulated rows only: adapted on two slices of another volume with the same
+shift, scored on the unseen test slice). Masks: fastMRI equispaced-fraction, 4× centre 0.08 and 8× centre
+0.04, seeded by the row's name. Scores: PSNR dB / SSIM on the whole image against the noisy RSS, and inside
+the head (object mask: target above 10 % of its maximum, closed and filled) against the clean truth.
+
+    python bench/adaptation_matrix.py --rows sim-pd,real-brain16 --accel 4 --out docs/adaptation_matrix.md
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage.metrics import structural_similarity
+
+from converters.simulate import simulate_volume
+from gadget.baselines.bart import BartConfig, find_bart, pics_l1
+from gadget.model.checkpoint import load_checkpoint, resolve_refine
+from gadget.model.shipped import shipped_checkpoint
+from gadget.mri.masks import make_mask
+from gadget.mri.metrics import center_crop
+from gadget.recon.engine import Reconstructor
+from gadget.recon.refine import RefineConfig
+from gadget.recon.refine_stage import RefinedEngine, Refiner
+from gadget.train.adapt import AdaptConfig, AdaptSlice
+from gadget.train.adapt_run import adapted_engine
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+SIM_ROWS = {  # name: simulate_volume arguments (seed of the test volume; the site volume uses seed + 100)
+    "sim-pd": dict(source="mni", contrast="pdw", num_coils=12, recon_size=(128, 128), snr_db=40),
+    "sim-20coil": dict(source="colin", num_coils=20, recon_size=(128, 128), snr_db=40),
+    "sim-lowsnr": dict(source="mni", num_coils=12, recon_size=(128, 128), snr_db=12),
+    "sim-320": dict(source="colin", num_coils=8, recon_size=(320, 320), snr_db=40),
+}
+REAL_ROWS = ("real-brain16", "real-phantom16", "real-phantom32", "real-phantom4")
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    kspace: np.ndarray               # complex64 (coil, readout, phase), fully sampled test slice
+    truth: np.ndarray                # float32 (H, W): noise-free RSS (simulated) or the RSS of kspace (real)
+    noisy: np.ndarray                # float32 (H, W): RSS of kspace, cropped
+    site: list                       # fully sampled slices of the same shift for the site column
+
+
+def rss_image(kspace: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+    coils = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=(-2, -1)), axes=(-2, -1), norm="ortho"),
+                            axes=(-2, -1))
+    return center_crop(np.sqrt((np.abs(coils) ** 2).sum(0)).astype(np.float32), crop)
+
+
+def load_row(name: str, real_dir: Path = REAL) -> Row:
+    if name in SIM_ROWS:
+        args = SIM_ROWS[name]
+        vol = simulate_volume(num_slices=3, seed=21, **args)
+        site = simulate_volume(num_slices=2, seed=121, **args)
+        middle = 1
+        return Row(name, vol.kspace[middle], vol.target[middle], vol.target_rss[middle], list(site.kspace))
+    file = real_dir / f"{name.removeprefix('real-')}_kspace.npy"
+    kspace = np.load(file).transpose(0, 2, 1).astype(np.complex64)  # (coil, ky, kx) -> (coil, readout, phase)
+    full = rss_image(kspace, kspace.shape[-2:])
+    return Row(name, kspace, full, full, [])
+
+
+def head_mask(truth: np.ndarray) -> np.ndarray:
+    mask = ndimage.binary_closing(truth > 0.1 * truth.max(), iterations=3)
+    return ndimage.binary_fill_holes(mask)
+
+
+def scores(image: np.ndarray, row: Row) -> dict:
+    out = {}
+    for tag, target in (("whole", row.noisy), ("head", row.truth)):
+        mask = np.ones(target.shape, bool) if tag == "whole" else head_mask(row.truth)
+        peak = float(target.max())
+        mse = float(((image - target)[mask] ** 2).mean())
+        _, ssim_map = structural_similarity(target, image, data_range=peak, win_size=7, full=True)
+        out[tag] = (float(ssim_map[mask].mean()), 10 * np.log10(peak ** 2 / mse))
+    return out
+
+
+def undersample(row: Row, accel: int):
+    width = row.kspace.shape[-1]
+    mask, acs = make_mask("equispaced_fraction", width, accel, 0.08 if accel == 4 else 0.04,
+                          seed=tuple(map(ord, row.name)))
+    return mask.astype(bool), int(acs)
+
+
+def run_row(row: Row, accel: int, engine: Reconstructor, settings: AdaptConfig, use_bart: bool) -> dict:
+    mask, acs = undersample(row, accel)
+    crop = row.truth.shape
+    measured = row.kspace * mask
+    result, seconds = {}, {}
+    result["zero-filled"] = rss_image(measured, crop)
+    if use_bart:
+        try:
+            result["BART pics-L1"] = center_crop(np.abs(pics_l1(measured, BartConfig(lam=0.005), acs)), crop)
+        except Exception as exc:  # BART's ESPIRiT fails on some slices: a cell, not a crash
+            print(f"  {row.name} {accel}x: BART failed: {exc}", file=sys.stderr)
+    result["shipped"] = center_crop(engine(measured[None], mask, acs)[0], crop)
+    own = [AdaptSlice(measured, mask, acs, f"{row.name}/test")]
+    t0 = time.perf_counter()
+    scan_engine, info = adapted_engine(engine, own, settings, row.name)
+    seconds["scan"] = time.perf_counter() - t0
+    result["shipped + adapt (scan)"] = center_crop(scan_engine(measured[None], mask, acs)[0], crop)
+    steps = {"scan": f"{info.best_step}/{info.steps}"}
+    if row.site:
+        site = [AdaptSlice(k * mask, mask, acs, f"{row.name}/site{i}") for i, k in enumerate(row.site)]
+        t0 = time.perf_counter()
+        site_engine, info = adapted_engine(engine, site, settings, row.name + " (site)")
+        seconds["site"] = time.perf_counter() - t0
+        result["shipped + adapt (site)"] = center_crop(site_engine(measured[None], mask, acs)[0], crop)
+        steps["site"] = f"{info.best_step}/{info.steps}"
+    return {"row": row.name, "accel": accel, "scores": {k: scores(v, row) for k, v in result.items()},
+            "adapt_seconds": seconds, "adapt_steps": steps}
+
+
+def markdown(results: list[dict]) -> str:
+    methods = []
+    for r in results:
+        methods += [m for m in r["scores"] if m not in methods]
+    lines = ["| row | R | score | " + " | ".join(methods) + " | adapt s (scan/site) |",
+             "|---|---|---|" + "---|" * len(methods) + "---|"]
+    for r in results:
+        for tag, label in (("whole", "whole, vs noisy RSS"), ("head", "in-head, vs truth")):
+            cells = [f"{r['scores'][m][tag][0]:.3f} / {r['scores'][m][tag][1]:.2f}" if m in r["scores"] else "–"
+                     for m in methods]
+            timing = " / ".join(f"{v:.0f}" for v in r["adapt_seconds"].values()) if tag == "whole" else ""
+            lines.append(f"| {r['row']} | {r['accel']}× | {label} | " + " | ".join(cells) + f" | {timing} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=",".join([*SIM_ROWS, *REAL_ROWS]))
+    p.add_argument("--accel", default="4,8")
+    p.add_argument("--out", type=Path, default=None, help="markdown table (and .json beside it)")
+    p.add_argument("--no-bart", action="store_true")
+    p.add_argument("--real-dir", type=Path, default=REAL, help="folder of the real k-space (*_kspace.npy)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    loaded = load_checkpoint(shipped_checkpoint())
+    mode, _ = resolve_refine("auto", loaded)
+    engine = RefinedEngine(Reconstructor(loaded.model, "cpu"), Refiner(RefineConfig(mode=mode)))
+    settings = AdaptConfig()  # the per-scan defaults (varnet infer --adapt scan)
+    use_bart = not args.no_bart and find_bart() is not None
+    results = []
+    for name in args.rows.split(","):
+        row = load_row(name, args.real_dir)
+        for accel in map(int, args.accel.split(",")):
+            results.append(run_row(row, accel, engine, settings, use_bart))
+            print(markdown(results[-1:]), flush=True)
+    table = markdown(results)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
