@@ -70,11 +70,25 @@ def test_train_bench_checkpointing_gives_the_plain_steps_gradients():
 
 
 def test_refine_bench_times_both_paths_and_tables_their_difference():
-    from gadget.bench.refine_bench import RefineTimes, format_table
+    """Reference network, ours and the refine stage timed in one run; the table puts them side by side."""
+    from gadget.bench.refine_bench import RefineTimes, format_table, summary
     from gadget.bench.refine_bench import run as run_refine
 
     results = run_refine([(4, 64, 32)], repeats=1, threads=1)
     assert [r.shape for r in results] == [(4, 64, 32)]
-    assert results[0].network_s > 0 and results[0].refined_s > 0
-    table = format_table([RefineTimes((4, 64, 32), 0.5, 0.75)], "cpu")
-    assert table.splitlines()[-1] == "| 4 × 64 × 32 | 500.0 | 750.0 | 250.0 | 0.50 |"
+    r = results[0]
+    assert r.network_s > 0 and r.refinement_s > 0 and r.refined_s == r.network_s + r.refinement_s
+    assert r.reference_s > 0 and r.max_rel_diff < 1e-4  # the same weights in fastMRI's VarNet
+    table = format_table([RefineTimes((4, 64, 32), 0.5, 0.25, 1.0, 2e-6, {"network": [0.5]})], "cpu")
+    assert table.splitlines()[-1] == "| 4 × 64 × 32 | 1000.0 | 500.0 | 0.50 | 2.0e-06 | 250.0 | 0.50 | 750.0 |"
+    assert summary([RefineTimes((4, 64, 32), 0.5, 0.25, 1.0, 2e-6)]) == {
+        "refine_ratio": 0.5, "reference_ratio": 0.5, "max_rel_diff": 2e-6}
+    no_reference = format_table([RefineTimes((4, 64, 32), 0.5, 0.25)], "cpu")
+    assert no_reference.splitlines()[-1] == "| 4 × 64 × 32 | — | 500.0 | — | — | 250.0 | 0.50 | 750.0 |"
+
+
+def test_targets_table_has_the_refinement_row():
+    table = targets_table({}, [], {"overhead_pct": 1.0}, refine={"refine_ratio": 0.25})
+    assert "| refinement vs network, shipped weights (worst shape) | ≤ 0.3× | 0.25× | yes |" in table
+    table = targets_table({}, [], {"overhead_pct": 1.0}, refine={"refine_ratio": 0.45})
+    assert "| 0.45× | NO |" in table

@@ -299,3 +299,95 @@ def test_refine_takes_one_calibration_count_per_slice_as_the_batching_engine_pas
     for i, case in enumerate((one, two)):
         alone = refine(case[3], case[2], case[0], case[1], RefineConfig(), num_low=12)
         assert torch.allclose(together[i], alone[0], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the row-wise solve
+
+
+def _row_case(width, seed=0, coils=4, rows=6, shared_mask=True, acceleration=3):
+    gen = torch.Generator().manual_seed(seed)
+    maps = torch.complex(torch.randn(2, coils, rows, width, generator=gen), torch.randn(2, coils, rows, width, generator=gen))
+    maps = maps / maps.abs().square().sum(1, keepdim=True).sqrt()
+    x = torch.complex(torch.randn(2, rows, width, generator=gen), torch.randn(2, rows, width, generator=gen))
+    masks = torch.zeros(2, width, dtype=torch.bool)
+    masks[0, ::acceleration] = True
+    masks[1, 1::acceleration] = True
+    masks[:, width // 2 - 2: width // 2 + 2] = True
+    if shared_mask:
+        masks[1] = masks[0]
+    return maps, x, masks
+
+
+@pytest.mark.parametrize("width,shared,transform", [(16, True, "fft"), (17, True, "fft"), (16, True, "dft"),
+                                                     (17, True, "auto"), (53, True, "auto"), (16, False, "auto"),
+                                                     (17, False, "auto")],
+                         ids=["even-fft", "odd-fft", "even-dft", "odd-auto", "prime-auto", "even-per-slice",
+                              "odd-per-slice"])
+def test_row_operator_is_the_2d_normal_operator_row_by_row(width, shared, transform):
+    """A fully sampled readout makes AᴴA act on each readout row alone: RowSense (rolled frame, FFTs or DFT
+    rows) equals the 2-D operator Sᴴ F⁻¹ M F S + λ of gadget.baselines.sense on every row."""
+    from gadget.baselines.sense import SenseOperator
+    from gadget.recon.refine import RowSense, roll_rows
+
+    maps, x, masks = _row_case(width, shared_mask=shared)
+    b, c, h, w = maps.shape
+    lam = torch.tensor([0.3, 0.01])
+    columns = masks.view(2, 1, 1, w)[:1] if shared else masks.view(2, 1, 1, w)
+    want = SenseOperator(maps, columns).normal(x) + lam.view(2, 1, 1) * x
+    row_maps = roll_rows(maps.transpose(1, 2).reshape(b * h, c, w))
+    row_mask = roll_rows(columns.view(1, 1, w) if shared else columns.expand(b, h, 1, w).reshape(b * h, 1, w))
+    op = RowSense(row_maps, row_mask, lam.view(2, 1).expand(2, h).reshape(-1, 1), transform)
+    if transform != "auto":
+        assert (op.dft is not None) == (transform == "dft")
+    if width == 53:
+        assert op.dft is not None  # a prime length with few sampled columns: matrix products
+    if not shared:
+        assert op.dft is None  # a mask per slice: FFTs
+    got = roll_rows(op.apply(roll_rows(x.reshape(b * h, w))), inverse=True).view(b, h, w)
+    assert _rel(got, want) < 1e-5
+    kept = op.select(torch.tensor([1, 4]))
+    again = kept.apply(roll_rows(x.reshape(b * h, w))[[1, 4]])
+    assert _rel(again, roll_rows(got.reshape(b * h, w))[[1, 4]]) < 1e-6
+
+
+def test_row_conjugate_gradient_converges_row_by_row_from_a_warm_start():
+    """Each row stops at its own tolerance and leaves the active set; the result solves every row's system."""
+    from gadget.recon.refine import RowSense, roll_rows, row_conjugate_gradient
+
+    maps, x, masks = _row_case(16, rows=8)
+    b, c, h, w = maps.shape
+    lam = torch.tensor([1.0, 1e-3]).view(2, 1).expand(2, h).reshape(-1, 1)  # fast rows and slow rows
+    op = RowSense(roll_rows(maps.transpose(1, 2).reshape(b * h, c, w)), roll_rows(masks[:1].view(1, 1, w)), lam)
+    truth = roll_rows(x.reshape(b * h, w))
+    rhs = op.apply(truth)
+    start = truth + 0.1 * torch.randn(truth.shape, dtype=truth.dtype, generator=torch.Generator().manual_seed(3))
+    solved = row_conjugate_gradient(op, rhs, start.clone(), iterations=200, tol=1e-6)
+    assert _rel(solved, truth) < 1e-4
+    assert _rel(row_conjugate_gradient(op, rhs, truth.clone(), iterations=5), truth) < 1e-6  # already solved
+
+
+def test_refine_equals_the_converged_2d_solve():
+    """The row-wise solve from the network's image reaches the 2-D CG solution of (AᴴA + λ) x = Aᴴy + λ x₀
+    on the same maps (run to convergence): the refined image differs by less than 1e-3."""
+    import gadget.recon.refine as R
+    from gadget.baselines.sense import SenseOperator, conjugate_gradient
+
+    measured, mask, final, image, truth = _refine_case(snr_db=40)
+    config = RefineConfig(lam=0.02, iterations=200)
+    maps, sources = R.choose_maps(image, final, measured, mask, config)
+    prior = (maps.conj() * ifft2c(final)).sum(1)
+    op = SenseOperator(maps, mask)
+    x = conjugate_gradient(lambda v: op.normal(v) + 0.02 * v, op.adjoint(measured) + 0.02 * prior, 500, tol=1e-9)
+    kept = (image + x.abs() - prior.abs()).clamp(min=0)
+    w = R.solved_weight(R.lambda_floor(config, sources).view(-1, 1, 1), torch.tensor(0.02))
+    want = w * x.abs() + (1 - w) * kept
+    assert _rel(refine(image, final, measured, mask, config), want) < 1e-3
+
+
+def test_rows_without_maps_keep_the_prior():
+    from gadget.recon.refine import solve_rows
+
+    maps = torch.ones(2, 3, 8, 5, dtype=torch.complex64)
+    maps[:, :, :2] = 0
+    maps[0, :, 6:] = 0  # zero in one slice only: still solved (the batch shares its rows)
+    assert solve_rows(maps).tolist() == [2, 3, 4, 5, 6, 7]

@@ -57,6 +57,15 @@ class EspiritConfig:
             field of view; at least the kernel support) and interpolate maps and eigenvalues
             linearly to the full grid before cropping. The maps are smooth, and the eigenproblems
             are most of the cost: ``step`` 4 is about 16× fewer. ``1``: every pixel (BART's way).
+        max_grid: with ``step`` > 1, at most this many grid points per axis (None: no cap). Coil
+            sensitivities vary on the scale of the field of view, not of the pixel, so a fixed number
+            of points serves every matrix size; the cap keeps large matrices from paying for detail
+            the maps do not have.
+        rows_per_column: with ``calib_readout`` None, the calibration window holds this many patches
+            per unknown of the calibration matrix (:func:`default_calib_readout`).
+        single: the calibration's Gram matrix and its eigen-decomposition in complex64 instead of
+            complex128 (the signal subspace is kept down to ``threshold²`` of the largest eigenvalue,
+            far above single precision's rounding; half the work).
     """
 
     kernel: int = 6
@@ -65,18 +74,22 @@ class EspiritConfig:
     crop: float = 0.95
     ref_coil: Optional[int] = None
     step: int = 1
+    max_grid: Optional[int] = None
+    rows_per_column: int = ROWS_PER_COLUMN
+    single: bool = False
 
 
-def default_calib_readout(coils: int, rows: int, num_low: int, kernel: int) -> int:
-    """Readout width giving ``ROWS_PER_COLUMN · coils · kernel²`` patches, clipped to
+def default_calib_readout(coils: int, rows: int, num_low: int, kernel: int,
+                          rows_per_column: int = ROWS_PER_COLUMN) -> int:
+    """Readout width giving ``rows_per_column · coils · kernel²`` patches, clipped to
     ``[max(24, 2·num_low), rows]``."""
     per_row = max(num_low - kernel + 1, 1)
-    needed = -(-ROWS_PER_COLUMN * coils * kernel * kernel // per_row) + kernel - 1
+    needed = -(-rows_per_column * coils * kernel * kernel // per_row) + kernel - 1
     return min(rows, max(24, 2 * num_low, needed))
 
 
 def calibration_region(kspace: np.ndarray, num_low: int, calib_readout: Optional[int] = None,
-                       kernel: int = 6) -> np.ndarray:
+                       kernel: int = 6, rows_per_column: int = ROWS_PER_COLUMN) -> np.ndarray:
     """Centre block ``(coil, calib_readout, num_low)`` of ``(coil, readout, phase)`` k-space.
 
     The phase block starts at ``(phase - num_low + 1) // 2`` (where fastMRI masks put their ACS
@@ -86,7 +99,7 @@ def calibration_region(kspace: np.ndarray, num_low: int, calib_readout: Optional
     if not 1 <= num_low <= cols:
         raise ValueError(f"num_low must be in [1, {cols}], got {num_low}")
     if calib_readout is None:
-        calib_readout = default_calib_readout(coils, rows, num_low, kernel)
+        calib_readout = default_calib_readout(coils, rows, num_low, kernel, rows_per_column)
     width = min(rows, calib_readout)
     top = rows // 2 - width // 2
     left = (cols - num_low + 1) // 2
@@ -112,22 +125,22 @@ def single_thread():
         torch.set_num_threads(saved)
 
 
-def signal_kernels(calib: np.ndarray, kernel: int, threshold: float) -> np.ndarray:
+def signal_kernels(calib: np.ndarray, kernel: int, threshold: float, single: bool = False) -> np.ndarray:
     """Basis of the patch signal subspace, ``(n, coil, k, k)`` complex128, orthonormal rows.
 
     With ``A = U Σ Vᴴ`` and patches as rows of ``A``, every patch lies in the span of the rows of
     ``Vᴴ`` with non-negligible ``σ`` (as vectors, the conjugated right singular vectors). ``V`` and
-    ``σ²`` come from the eigen-decomposition of the Gram matrix ``AᴴA`` (``C·k²`` square, float64
-    precision), several times faster than an SVD of the tall ``A``.
+    ``σ²`` come from the eigen-decomposition of the Gram matrix ``AᴴA`` (``C·k²`` square, complex128,
+    or complex64 with ``single``), several times faster than an SVD of the tall ``A``.
     """
-    a = torch.from_numpy(calibration_matrix(calib.astype(np.complex128), kernel))
+    a = torch.from_numpy(calibration_matrix(calib.astype(np.complex64 if single else np.complex128), kernel))
     with single_thread():
         s2, v = torch.linalg.eigh(a.conj().T @ a)  # ascending σ²
     s2, v = s2.flip(0).clamp_min(0), v.flip(1)
     if s2[0] <= 0:
         raise ValueError("calibration region is all zeros")
     n = int(torch.sum(s2 > threshold ** 2 * s2[0]))
-    return v[:, :n].conj().T.resolve_conj().numpy().reshape(n, calib.shape[0], kernel, kernel)
+    return v[:, :n].conj().T.resolve_conj().numpy().astype(np.complex128).reshape(n, calib.shape[0], kernel, kernel)
 
 
 def averaged_projector_kernel(kernels: np.ndarray) -> np.ndarray:
@@ -165,6 +178,15 @@ def image_operator(g: np.ndarray, shape: Tuple[int, int]) -> torch.Tensor:
     x = torch.fft.ifft2(x, dim=(-2, -1), norm="forward")  # unnormalised sum of exp(+i...)
     x = torch.fft.fftshift(x, dim=(-2, -1))
     return x.reshape(coils, coils, rows * cols).permute(2, 0, 1).contiguous()
+
+
+def coarse_size(n: int, step: int, taps: int, max_grid: Optional[int] = None) -> int:
+    """Points of the coarse eigenproblem grid along an axis of ``n`` pixels: ``ceil(n / step)``, at most
+    ``max_grid`` (when given), at least the kernel support ``taps``, never more than ``n``."""
+    size = -(-n // step)
+    if max_grid is not None:
+        size = min(size, max_grid)
+    return min(n, max(size, taps))
 
 
 def interpolation_matrix(full: int, coarse: int) -> torch.Tensor:
@@ -219,16 +241,16 @@ def espirit_maps(kspace, num_low: Optional[int] = None, mask=None,
         num_low = contiguous_center_lines(sampled)
     if num_low < 2:
         raise ValueError(f"ESPIRiT needs a fully sampled centre block; found {num_low} centre lines")
-    calib = calibration_region(k, num_low, config.calib_readout, config.kernel)
+    calib = calibration_region(k, num_low, config.calib_readout, config.kernel, config.rows_per_column)
     kernel = min(config.kernel, *calib.shape[1:])
     if kernel < config.kernel:
         log.warning("ESPIRiT: calibration region %s smaller than kernel %d; using kernel %d",
                     calib.shape[1:], config.kernel, kernel)
-    kernels = signal_kernels(calib, kernel, config.threshold)
+    kernels = signal_kernels(calib, kernel, config.threshold, config.single)
     g = averaged_projector_kernel(kernels)
     taps = g.shape[-1]
-    grid = (rows, cols) if config.step <= 1 else (max(-(-rows // config.step), taps),
-                                                  max(-(-cols // config.step), taps))
+    grid = (rows, cols) if config.step <= 1 else tuple(coarse_size(n, config.step, taps, config.max_grid)
+                                                       for n in (rows, cols))
     values, vectors = top_eigenvectors(image_operator(g, grid))
     maps = vectors.T.reshape(coils, *grid)
     values = values.reshape(grid)

@@ -1,15 +1,21 @@
-"""Refinement benchmark: what the parallel-imaging refinement (gadget.recon.refine) adds per slice to the
-network it finishes, both measured in the same run, on the same input and device, with the shipped weights.
+"""Refinement benchmark: the network and the parallel-imaging refinement (gadget.recon.refine) that finishes
+it, per slice, with the shipped weights, in one run and one process, beside fastMRI's reference network with
+the same weights.
 
-The input is the model benchmark's simulated phantom scan (:func:`model_bench.make_input`); timings are
-medians over ``repeats`` after one warm-up, with the device synchronised around each (CUDA times include
-the copy of the images back to the host, as every door pays it).
+For each shape the three are timed interleaved, ``repeats`` times after one warm-up each, on the same input
+and device: the reference network (``fastmri.models.VarNet`` with the shipped weights, as the model
+benchmark runs it), our network (``Reconstructor.run_tensors``, as the pipeline runs it) and the refine
+stage on our network's outputs (``Refiner``, as the pipeline runs it after the network). Interleaving puts
+the three under the same load on a shared machine; the table gives medians and the ratios of the medians.
+The input is the model benchmark's simulated phantom scan (:func:`model_bench.make_input`, 2× readout
+oversampling, 4× equispaced with 30 ACS lines). CUDA times include the copy of the images back to the host.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -21,52 +27,123 @@ from .table import markdown_table
 @dataclass
 class RefineTimes:
     shape: tuple[int, int, int]
-    network_s: float
-    refined_s: float
+    network_s: float                       # ours, median
+    refinement_s: float                    # the refine stage alone, median
+    reference_s: Optional[float] = None    # fastMRI's VarNet with the same weights, median (None: not run)
+    max_rel_diff: Optional[float] = None   # our network's image against the reference's
+    times: dict = field(default_factory=dict)
 
     @property
-    def refinement_s(self) -> float:
-        return self.refined_s - self.network_s
+    def refined_s(self) -> float:
+        return self.network_s + self.refinement_s
+
+    @property
+    def refine_ratio(self) -> float:
+        return self.refinement_s / self.network_s
+
+    @property
+    def reference_ratio(self) -> Optional[float]:
+        return None if self.reference_s is None else self.network_s / self.reference_s
 
 
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    sync = MemoryProbe(str(device)).sync  # CUDA: wait for the device around each timing
-    fn()  # warm-up: kernels, FFT plans, allocator
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _reference_model(model, device: torch.device):
+    """fastMRI's VarNet with ``model``'s architecture and weights, or None (fastmri missing, other variant)."""
+    try:
+        from fastmri.models import VarNet as RefVarNet
+    except ImportError:
+        return None
+    cfg = model.config
+    if cfg.variant != "e2e" or cfg.output != "rss":
+        return None
+    ref = RefVarNet(num_cascades=cfg.num_cascades, chans=cfg.chans, pools=cfg.pools, sens_chans=cfg.sens_chans,
+                    sens_pools=cfg.sens_pools, mask_center=cfg.mask_center).eval()
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return ref.to(device)
 
 
-def run(shapes, repeats: int = 5, device: str = "cpu", threads: int = 2, checkpoint=None) -> list[RefineTimes]:
-    """Time ``Reconstructor.run`` alone and followed by the refine stage (as the pipeline runs them) for each
-    ``(coils, readout, phase)``."""
+def run(shapes, repeats: int = 5, device: str = "cpu", threads: int = 2, checkpoint=None,
+        reference: bool = True) -> list[RefineTimes]:
+    """Time the reference network, ours and the refine stage interleaved for each ``(coils, readout, phase)``."""
     from ..model.checkpoint import load_checkpoint
     from ..model.shipped import resolve_checkpoint
+    from ..recon.allocator import keep_freed_memory
     from ..recon.engine import Reconstructor
     from ..recon.refine_stage import Refiner
 
     torch.set_num_threads(threads)
+    keep_freed_memory()
     engine = Reconstructor(load_checkpoint(resolve_checkpoint(checkpoint)).model, device=device)
     refiner = Refiner(device=engine.device)  # the default refinement (pi)
-
-    def refined(kspace, mask):
-        return refiner(*engine.run(kspace, mask), kspace, mask)
+    ref = _reference_model(engine.model, engine.device) if reference else None
+    sync = MemoryProbe(str(engine.device)).sync  # CUDA: wait for the device around each timing
     results = []
     for coils, readout, phase in shapes:
         kspace, mask = make_input(BenchCase(coils=coils, readout=readout, phase=phase))
-        times = [_median_seconds(lambda f=f: f(kspace, mask), repeats, engine.device) for f in (engine.run, refined)]
-        results.append(RefineTimes((coils, readout, phase), *times))
+        k = torch.from_numpy(kspace).to(engine.device)
+        m = torch.from_numpy(mask).to(engine.device)
+        outputs = {}
+
+        def network():
+            image, final = engine.run_tensors(kspace, mask)
+            outputs["ours"] = (image, final)
+            return image
+
+        def refine():
+            image, final = outputs["ours"]
+            return refiner(image, final, kspace, mask)
+
+        def reference_network():
+            with torch.inference_mode():
+                outputs["reference"] = ref(torch.view_as_real(k), m.view(1, 1, 1, -1, 1), None)
+            return outputs["reference"]
+
+        steps = {"reference": reference_network} if ref is not None else {}
+        steps.update(network=network, refine=refine)
+        times = {name: [] for name in steps}
+        for i in range(repeats + 1):  # the first round is the warm-up: kernels, FFT plans, packed weights
+            for name, fn in steps.items():
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                if i:
+                    times[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        diff = None
+        if ref is not None:
+            a, b = outputs["reference"].float().cpu(), outputs["ours"][0].float().cpu()
+            diff = float((a - b).abs().max() / a.abs().max())
+        results.append(RefineTimes((coils, readout, phase), medians["network"], medians["refine"],
+                                   medians.get("reference"), diff, times))
     return results
 
 
 def format_table(results: list[RefineTimes], device: str) -> str:
-    rows = [(f"{c} × {h} × {w}", f"{r.network_s * 1e3:.1f}", f"{r.refined_s * 1e3:.1f}",
-             f"{r.refinement_s * 1e3:.1f}", f"{r.refinement_s / r.network_s:.2f}")
-            for r in results for c, h, w in [r.shape]]
-    header = ("coils × readout × phase", "network ms", "network + refine ms", "refine ms", "refine / network")
-    return f"refinement cost per slice on {device} (shipped weights, median)\n" + markdown_table(header, rows)
+    """One row per shape: reference network, ours, ours/reference, refine, refine/network (medians)."""
+    def ms(seconds: Optional[float]) -> str:
+        return "—" if seconds is None else f"{seconds * 1e3:.1f}"
+
+    rows = []
+    for r in results:
+        c, h, w = r.shape
+        rows.append((f"{c} × {h} × {w}", ms(r.reference_s), ms(r.network_s),
+                     "—" if r.reference_ratio is None else f"{r.reference_ratio:.2f}",
+                     "—" if r.max_rel_diff is None else f"{r.max_rel_diff:.1e}",
+                     ms(r.refinement_s), f"{r.refine_ratio:.2f}", ms(r.refined_s)))
+    header = ("coils × readout × phase", "reference network ms", "our network ms", "ours / reference",
+              "max rel. diff", "refine ms", "refine / our network", "ours + refine ms")
+    n = len(results[0].times.get("network", ())) if results else 0
+    return (f"network and refinement per slice on {device} (shipped weights; reference: fastmri.models.VarNet with "
+            f"the same weights; interleaved, median of {n} after a warm-up, threads={torch.get_num_threads()})\n"
+            + markdown_table(header, rows))
+
+
+def summary(results: list[RefineTimes]) -> dict:
+    """The worst refine/network ratio and the worst ours/reference ratio over the shapes (for the targets table)."""
+    ref = [r.reference_ratio for r in results if r.reference_ratio is not None]
+    return {"refine_ratio": max(r.refine_ratio for r in results),
+            "reference_ratio": max(ref) if ref else None,
+            "max_rel_diff": max((r.max_rel_diff for r in results if r.max_rel_diff is not None), default=None)}
+
+
+__all__ = ["RefineTimes", "run", "format_table", "summary"]

@@ -1,5 +1,5 @@
-"""``varnet bench all``: the model, ingest and pipeline benchmarks in one run, and one table of
-the project's speed targets (required vs measured; docs/results/performance.md) under them."""
+"""``varnet bench all``: the model, refinement, ingest and pipeline benchmarks in one run, and one table
+of the project's speed targets (required vs measured; docs/results/performance.md) under them."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -12,11 +12,17 @@ from .model_bench import format_table as model_table
 from .model_bench import run as run_model_bench
 from .pipeline_bench import format_table as pipeline_table
 from .pipeline_bench import run_pipeline_bench
+from .refine_bench import format_table as refine_table
+from .refine_bench import run as run_refine_bench
+from .refine_bench import summary as refine_summary
 
 INGEST_SIZES = ((2000, 32, 512), (8000, 16, 256))  # (acquisitions, coils, samples): 131 KB and 32 KB lines
+REFINE_SHAPES = ((10, 256, 256), (10, 512, 256), (16, 640, 320))  # (coils, readout, phase), shipped weights
+REFINE_TARGET = 0.3  # the refinement's time per slice against the network's (shipped weights)
 
 
-def targets_table(model: dict, ingests: list[dict], pipeline: dict, device: str = "cpu") -> str:
+def targets_table(model: dict, ingests: list[dict], pipeline: dict, device: str = "cpu",
+                  refine: dict | None = None) -> str:
     """Rows ``target | required | measured | met`` from the benchmarks' results (one ingest result per
     acquisition size). On CUDA the reduced-precision U-Nets compete for the time target (the issue's
     GPU path: autocast around the U-Nets), and the time row shows the winner's own difference; the
@@ -53,6 +59,9 @@ def targets_table(model: dict, ingests: list[dict], pipeline: dict, device: str 
             ours >= 300 and ratio >= 1)
     row("pipeline overhead (model excluded)", "< 5 % of model time", f"{pipeline['overhead_pct']:.1f} %",
         pipeline["overhead_pct"] < 5)
+    if refine is not None:
+        row("refinement vs network, shipped weights (worst shape)", f"≤ {REFINE_TARGET}×",
+            f"{refine['refine_ratio']:.2f}×", refine["refine_ratio"] <= REFINE_TARGET)
     return "\n".join(rows)
 
 
@@ -68,9 +77,13 @@ def run_all(case: BenchCase, implementations=None, progress=print) -> str:
     for other in extra_cases(case):
         progress(f"model benchmark, {other.config} {other.coils}x{other.readout}x{other.phase} ...")
         extras.append(model_table(other, run_model_bench(other, ("reference", "ours-static"))))
+    progress("refinement benchmark (shipped weights, with the reference network) ...")
+    refined = run_refine_bench(REFINE_SHAPES, repeats=case.repeats, device=case.device, threads=case.threads)
     progress("ingest benchmark ...")
     ingests = [run_ingest_bench(n_acq=n, channels=c, samples=s, repeats=9) for n, c, s in INGEST_SIZES]
     progress("pipeline benchmark ...")
     pipeline = run_pipeline_bench(threads=case.threads)
-    return "\n\n".join([model_table(case, model), *extras, *map(ingest_table, ingests), pipeline_table(pipeline),
-                        "targets on this machine:\n" + targets_table(model, ingests, pipeline, case.device)])
+    return "\n\n".join([model_table(case, model), *extras, refine_table(refined, case.device),
+                        *map(ingest_table, ingests), pipeline_table(pipeline),
+                        "targets on this machine:\n" + targets_table(model, ingests, pipeline, case.device,
+                                                                    refine_summary(refined))])

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..mri.parallel import serial
+
 
 def tracing() -> bool:
     """True while TorchScript, ``torch.export``/dynamo or the ONNX exporter records the computation: the
@@ -58,32 +60,6 @@ def fast_path(module: nn.Module, x: torch.Tensor) -> bool:
     return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32  # not a fake tensor
             and not module.training and not torch.is_grad_enabled() and not tracing()
             and not _autocast_on("cpu") and not _hooked(module))
-
-
-#: Element count below which the fast path's memory-bound passes (normalisation, activation, pooling,
-#: the cascades' coil products) run on the calling thread alone. Each parallel region needs every intra-op
-#: thread scheduled at once; on a busy machine the second of two threads often is not, and a pass that
-#: takes well under a millisecond alone then waits a scheduler time slice for it (measured in
-#: docs/results/performance.md, "The network on two shared cores"). Convolutions, FFTs and the passes over
-#: larger tensors (the sensitivity network's 15-coil activations) keep all threads.
-SERIAL_BELOW = 1 << 23
-
-
-class serial:
-    """Context: intra-op work on one thread when ``numel < SERIAL_BELOW`` (the caller's count restored)."""
-
-    __slots__ = ("saved",)
-
-    def __init__(self, numel: int):
-        self.saved = torch.get_num_threads() if numel < SERIAL_BELOW else 1
-
-    def __enter__(self):
-        if self.saved > 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.saved > 1:
-            torch.set_num_threads(self.saved)
 
 
 def instance_norm_leaky_relu_(x: torch.Tensor, eps: float, slope: float) -> torch.Tensor:

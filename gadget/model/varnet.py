@@ -59,7 +59,8 @@ from torch.nn import functional as F
 from ..mri.coils import normalize_sens, rss, sens_expand, sens_reduce
 from ..mri.fft import checkerboard, ifft2c
 from ..mri.masks import detect_num_low_frequencies
-from .unet import Unet, fast_path, serial, tracing
+from ..mri.parallel import serial
+from .unet import Unet, fast_path, tracing
 from .vn_regularizer import VNRegularizer
 
 AcsCount = Union[None, int, torch.Tensor]

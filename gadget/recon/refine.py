@@ -7,7 +7,7 @@ finishes what the cascades started, with the network's image as the prior:
 
     x̂ = argmin_x ||M F S x − y||² + λ ||x − x₀||²   ⇔   (AᴴA + λ I) x = Aᴴ y + λ x₀,   A = M F S,
 
-solved by conjugate gradients, where
+solved by conjugate gradients (how: "The solve" below), where
 
 - ``S`` are ESPIRiT's maps from the measured calibration lines where they cover the network's object
   (:func:`choose_maps`), else maps taken from the network's own final coil images: on whole heads
@@ -31,6 +31,18 @@ noisy whole heads (measured noise put back where the network had removed it, and
 elements at the scalp); the gains and costs per held-out set, and the sweeps behind every default
 below, are in docs/results/refinement.md.
 
+The solve. The mask selects phase columns and every readout sample of a sampled column is measured, so
+after a Fourier transform along the readout the problem falls apart into one independent 1-D SENSE
+problem per readout row (:class:`RowSense`). CG runs on all rows at once but with each row's own step
+lengths and stopping point (:func:`row_conjugate_gradient`: a row leaves once its residual fell to
+:data:`ROW_TOLERANCE` of its first, at the latest after ``iterations`` steps), started from the
+network's image ``x₀``; each step is two 1-D transforms per coil, no centring shifts (the rolled frame,
+:class:`RowSense`). Rows where the maps are zero (ESPIRiT's outside the calibrated object, e.g. across
+the readout oversampling) keep ``x₀``, which is their solution (:func:`solve_rows`). The result is the
+2-D CG's solution (tests/test_refine.py); the cost against the former 2-D CG from zero and the
+unchanged figures are in docs/results/performance.md, "The refinement". Everything here runs on one
+intra-op thread below :data:`gadget.mri.parallel.SERIAL_BELOW` elements (small passes throughout).
+
 Layouts: k-space and coil tensors complex ``(batch, coil, readout, phase)``; mask bool, broadcastable
 to it (``(phase,)`` or ``(batch, 1, 1, phase)``); images real ``(batch, readout, phase)``.
 """
@@ -43,19 +55,20 @@ from dataclasses import dataclass
 import torch
 
 from ..baselines.espirit import EspiritConfig, espirit_maps, per_slice_counts
-from ..baselines.sense import SenseOperator, conjugate_gradient
 from ..mri.fft import ifft2c
+from ..mri.parallel import serial
 
 log = logging.getLogger(__name__)
 
 REFINE_MODES = ("pi", "none")
 MAP_SOURCES = ("auto", "network")
-#: ESPIRiT as the baselines run it, except: the eigenproblems on a 4× coarser grid (the maps barely move
-#: and ESPIRiT gets several times cheaper), and the maps cropped where the top eigenvalue is below 0.9, not
-#: 0.95. With 10 calibration lines (8×) the eigenvalue falls below 0.95 inside the object's edge, and the
+#: ESPIRiT as the baselines run it, except: the eigenproblems on a 4× coarser grid of at most 48 points
+#: per axis (the maps barely move and ESPIRiT gets several times cheaper), the calibration's
+#: eigen-decomposition in complex64 (the same maps, half the work), and the maps cropped where the top
+#: eigenvalue is below 0.9, not 0.95. With 10 calibration lines (8×) the eigenvalue falls below 0.95 inside the object's edge, and the
 #: solve leaves bright folded bands there; 0.9 was best at 8× and close to best at 4× (the crop sweep:
 #: docs/results/refinement.md).
-REFINE_ESPIRIT = EspiritConfig(step=4, crop=0.9)
+REFINE_ESPIRIT = EspiritConfig(step=4, crop=0.9, single=True, max_grid=48)
 #: The eigenvalue that decides whether ESPIRiT's maps are used at all (:func:`choose_maps`): where it is
 #: below 0.95 over more than a tenth of the object, on whole heads with elements at the scalp, the
 #: network's maps did better than ESPIRiT's, and deciding at 0.9 instead lost PSNR there (the solve itself
@@ -68,9 +81,10 @@ class RefineConfig:
     """``mode``: ``pi`` (the solve above) or ``none`` (the network's image as it is). ``lam``: λ, or
     0 for the noise-adaptive choice. ``kappa``, ``lam_min``, ``lam_min_network``, ``lam_max``: that
     choice (κ = 300 puts λ near 0.3 at 30 dB, the noisy held-out brain's best). The floor depends on
-    the maps, as the solve can trust them only as far as they are right. With ESPIRiT's, 0.005 and 30
-    CG ``iterations``: a higher floor or fewer steps lost PSNR on the noise-free held-out brain, a lower
-    floor with more steps cost SSIM at 8×, and more than 30 steps changed almost nothing. With the
+    the maps, as the solve can trust them only as far as they are right. With ESPIRiT's, 0.005 and at
+    most 30 CG ``iterations`` (per row; rows stop earlier at :data:`ROW_TOLERANCE`): a higher floor or
+    fewer steps lost PSNR on the noise-free held-out brain, a lower floor with more steps cost SSIM at
+    8×, and more than 30 steps changed almost nothing. With the
     network's low-passed maps, 0.02: 0.005 did worse on a noise-free brain at 8× (tests/test_shipped.py).
     The sweeps: docs/results/refinement.md. ``smooth``: map low-pass
     width as a fraction of the matrix. ``maps``: ``auto`` (ESPIRiT where it covers the object, else the
@@ -201,26 +215,167 @@ def choose_lambda(config: RefineConfig, sigma: torch.Tensor, prior: torch.Tensor
     return torch.maximum(config.kappa * ratio.square(), floor.to(ratio)).clamp(max=config.lam_max)
 
 
+def solve_rows(maps: torch.Tensor) -> torch.Tensor:
+    """The readout rows the solve runs on, ``(n,)`` long indices shared by the batch: those where the maps
+    ``(b, c, h, w)`` are not all zero.
+
+    Why rows can be left out: the mask selects phase columns and every readout sample of a sampled column
+    is measured, so after a Fourier transform along the readout the problem falls apart into one
+    independent 1-D SENSE problem per readout row. A row without maps (ESPIRiT's are cropped to zero
+    outside the calibrated object, e.g. across the readout oversampling) has ``AᴴA = 0`` and the solution
+    ``x = x₀``."""
+    return (maps.abs().amax(dim=(1, 3)) > 0).any(0).nonzero().squeeze(1)
+
+
+def _prime_factor_sum(n: int) -> int:
+    total, p = 0, 2
+    while p * p <= n:
+        while n % p == 0:
+            total, n = total + p, n // p
+        p += 1
+    return total + (n if n > 1 else 0)
+
+
+class RowSense:
+    """``A = M F_p S`` on a stack of readout rows (the hybrid space of :func:`solve_rows`), in the
+    *rolled* frame: ``F_p`` is the centred orthonormal 1-D transform along the phase axis,
+    ``fftshift ∘ fft ∘ ifftshift``, so ``F_pᴴ M F_p = Rᴴ ifft(M' fft(R ·))`` with ``R`` = ``ifftshift``
+    along the phase axis (a permutation) and ``M'`` the mask permuted likewise. A permutation of the
+    unknowns changes nothing in CG, so images ``(n, w)`` and maps ``(n, c, w)`` are held rolled
+    (:func:`roll_rows`), the mask as ``M'`` ``(n or 1, 1, w)``, and :meth:`apply` (``AᴴA + λ``, λ
+    ``(n, 1)``) takes no shifts, for any ``w``. :meth:`select` keeps some rows.
+
+    ``ifft(M' fft(v))`` is two FFTs, or, with one mask for all rows and few sampled columns against the
+    FFT's cost (the sum of ``w``'s prime factors: a length with a large prime factor transforms slowly),
+    ``Dᴴ (D v)`` with ``D`` the ``(sampled, w)`` rows of the DFT matrix: two matrix products."""
+
+    def __init__(self, maps: torch.Tensor, mask: torch.Tensor, lam: torch.Tensor, transform: str = "auto",
+                 dft=None):
+        """``transform``: ``fft``, ``dft`` (one mask for all rows only) or ``auto`` (the cost rule above)."""
+        self.maps, self.lam = maps, lam
+        self.maps_conj = maps.conj().resolve_conj()
+        self.mask = mask.to(maps.real.dtype)
+        w = maps.shape[-1]
+        if dft is None and mask.shape[0] == 1 and transform != "fft":
+            sampled = mask.reshape(-1).nonzero().squeeze(1)
+            if transform == "dft" or sampled.numel() < 2 * _prime_factor_sum(w):
+                k = sampled.to(maps.real.dtype).unsqueeze(1)
+                j = torch.arange(w, device=maps.device, dtype=maps.real.dtype)
+                rows = torch.polar(torch.full((sampled.numel(), w), w ** -0.5, dtype=maps.real.dtype,
+                                              device=maps.device), -2 * torch.pi * k * j / w)
+                dft = (rows.t().contiguous(), rows.conj().resolve_conj())  # (w, m) forward, (m, w) back
+        self.dft = dft
+
+    def select(self, keep: torch.Tensor) -> "RowSense":
+        mask = self.mask if self.mask.shape[0] == 1 else self.mask[keep]
+        return RowSense(self.maps[keep], mask, self.lam[keep], "fft" if self.dft is None else "dft", self.dft)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        coils = self.maps * x.unsqueeze(1)
+        if self.dft is None:
+            k = torch.fft.fft(coils, dim=-1, norm="ortho").mul_(self.mask)
+            coils = torch.fft.ifft(k, dim=-1, norm="ortho")
+        else:
+            forward, back = self.dft
+            coils = coils @ forward @ back
+        return coils.mul_(self.maps_conj).sum(1).add_(self.lam * x)
+
+
+def roll_rows(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """``ifftshift`` along the last axis (``fftshift`` with ``inverse``): into :class:`RowSense`'s frame and back."""
+    return torch.fft.fftshift(x, dim=-1) if inverse else torch.fft.ifftshift(x, dim=-1)
+
+
+#: CG stops on a row once its residual is below this fraction of its first one (or after the iteration
+#: cap). Rows converge at their own pace: on noisy data (λ large) within a few steps, on clean data more
+#: slowly; converged rows leave the active set.
+ROW_TOLERANCE = 1e-4
+_COMPACT_EVERY = 3  # iterations between removals of converged rows from the active set
+
+
+def row_conjugate_gradient(op: RowSense, rhs: torch.Tensor, x: torch.Tensor, iterations: int,
+                           tol: float = ROW_TOLERANCE) -> torch.Tensor:
+    """CG for ``op.apply(x) = rhs`` on independent rows ``(n, w)`` (each row its own step lengths and its
+    own stopping point, ``‖r‖ ≤ tol·‖r₀‖``) started from ``x`` (updated in place and returned)."""
+    def dot(a, b):
+        return (a.conj() * b).sum(-1).real.unsqueeze(-1)
+
+    out, active = x, None  # active: the rows of out still iterating (None: all, and x is out)
+    r = rhs - op.apply(x)
+    p = r.clone()
+    rr = dot(r, r)
+    stop = rr * tol * tol
+    tiny = torch.finfo(rr.dtype).tiny
+    for step in range(iterations):
+        ap = op.apply(p)
+        alpha = torch.where(rr > stop, rr / dot(p, ap).clamp_min(tiny), 0.0)
+        x.add_(alpha * p)
+        r.sub_(alpha * ap)
+        rr_new = dot(r, r)
+        beta = torch.where(rr > stop, rr_new / rr.clamp_min(tiny), 0.0)
+        p = r.add(p.mul_(beta))
+        rr = rr_new
+        going = (rr > stop).squeeze(-1)
+        if (step + 1) % _COMPACT_EVERY == 0 and not bool(going.all()):
+            if active is not None:  # else x is out itself, up to date
+                out[active] = x
+            if not bool(going.any()):
+                return out
+            keep = going.nonzero().squeeze(1)
+            active = keep if active is None else active[keep]
+            x, r, p, rr, stop, op = x[keep], r[keep], p[keep], rr[keep], stop[keep], op.select(keep)
+    if active is not None:
+        out[active] = x
+    return out
+
+
 @torch.inference_mode()
 def refine(image: torch.Tensor, final_kspace: torch.Tensor, masked_kspace: torch.Tensor, mask: torch.Tensor,
            config: RefineConfig = RefineConfig(), num_low=None) -> torch.Tensor:
     """The refined image ``(b, h, w)`` (module docstring) from the network's RSS ``image`` ``(b, h, w)``,
     its final multi-coil k-space and the measured (masked) k-space, both ``(b, c, h, w)``. ``num_low``:
     calibration lines for ESPIRiT, one count or one per slice (None: the contiguous sampled centre run
-    of each slice's mask)."""
+    of each slice's mask).
+
+    The solve runs per readout row on the rows of :func:`solve_rows` (elsewhere ``x̂ = x₀``), each row by
+    CG from the network's own image ``x₀`` (``config.iterations`` steps)."""
     if config.mode == "none":
         return image
     final = final_kspace.to(torch.complex64)
-    measured = masked_kspace.to(final.device, torch.complex64)
+    with serial(final.numel()):  # small passes throughout: on one thread (gadget.mri.parallel)
+        return _refine(image, final, masked_kspace.to(final.device, torch.complex64), mask, config, num_low)
+
+
+def _refine(image, final, measured, mask, config: RefineConfig, num_low) -> torch.Tensor:
+    b, c, h, w = final.shape
     maps, sources = choose_maps(image, final, measured, mask, config, num_low)
+    columns = mask.to(final.device, torch.bool).reshape(-1, 1, 1, w)
     prior = (maps.conj() * ifft2c(final)).sum(1)
     floor = lambda_floor(config, sources).to(prior.real)
     lam = choose_lambda(config, noise_sigma(measured, mask), prior, floor).view(-1, 1, 1).to(prior.real.dtype)
-    op = SenseOperator(maps, mask.to(final.device, torch.bool).reshape(-1, 1, 1, final.shape[-1]))
-    x = conjugate_gradient(lambda v: op.normal(v) + lam * v, op.adjoint(measured) + lam * prior, config.iterations)
+    rows = solve_rows(maps)
+    x = prior.clone()
+    if rows.numel():
+        x[:, rows] = _solve(maps, prior, measured, columns, lam, rows, config.iterations)
     kept = (image.float() + x.abs() - prior.abs()).clamp(min=0)
     weight = solved_weight(floor.view(-1, 1, 1), lam)
     return weight * x.abs() + (1 - weight) * kept
+
+
+def _solve(maps, prior, measured, columns, lam, rows, iterations: int) -> torch.Tensor:
+    """:func:`refine`'s solve on ``rows``: ``x̂`` there, ``(b, len(rows), w)``."""
+    b, c, h, w = maps.shape
+    n = rows.numel()
+    data = (maps.conj() * ifft2c(measured * columns)).sum(1)[:, rows]  # Aᴴy on those rows
+    row_maps = roll_rows(maps[:, :, rows].transpose(1, 2).reshape(b * n, c, w))
+    row_mask = roll_rows(columns.expand(b, n, 1, w).reshape(b * n, 1, w) if columns.shape[0] > 1
+                         else columns.view(1, 1, w))
+    lam_rows = lam.view(b, 1, 1).expand(b, n, 1).reshape(b * n, 1)
+    op = RowSense(row_maps, row_mask, lam_rows)
+    x0 = roll_rows(prior[:, rows].reshape(b * n, w))
+    rhs = roll_rows(data.reshape(b * n, w)) + lam_rows * x0
+    solved = roll_rows(row_conjugate_gradient(op, rhs, x0.clone(), iterations, ROW_TOLERANCE), inverse=True)
+    return solved.view(b, n, w)
 
 
 def solved_weight(floor: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
