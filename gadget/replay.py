@@ -104,9 +104,8 @@ def _adapted_to_scan(in_path: Path, config: ReconConfig, engine: Reconstructor, 
     try:
         return adapted_engine(engine, slices, scan_settings(config.adapt_steps, config.adapt_time_limit),
                               in_path.name)
-    except AdaptError as exc:
-        log.warning("%s: adapt scan impossible (%s); the weights are used as they are", in_path.name, exc)
-        return engine, None
+    except AdaptError as exc:  # not a fallback to the loaded weights: adapt scan was asked for
+        raise AdaptError(f"{in_path.name}: adapt scan: {exc}") from None
 
 
 def _is_image(item) -> bool:

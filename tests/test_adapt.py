@@ -306,3 +306,23 @@ def test_adaptation_after_an_inference_mode_reconstruction_of_the_same_shape(shi
         model(torch.from_numpy(slices[0].kspace)[None], torch.from_numpy(slices[0].mask), slices[0].acs)
     result = adapt(model, slices, AdaptConfig(steps=2, eval_every=1))
     assert result.steps == 2
+
+
+def test_replay_adapt_scan_names_a_scan_it_cannot_adapt_on(tmp_path, small_volume, capsys):
+    """A scan with no acquired line outside its ACS block cannot be split: ``--adapt scan`` is an error
+    naming the file, not a quiet reconstruction with the weights as loaded."""
+    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+    from converters.simulate import write_fastmri
+    from gadget.cli import main
+
+    acs_only = np.zeros(48, bool)
+    acs_only[20:28] = True
+    src, raw = tmp_path / "acs_only.h5", tmp_path / "raw.h5"
+    write_fastmri(src, small_volume, mask=acs_only, num_low_frequency=8, acceleration=6)
+    convert_fastmri_to_ismrmrd(src, raw)
+    base = _base_checkpoint(tmp_path / "base.pt")
+    assert main(["replay", str(raw), str(tmp_path / "img.h5"), "--checkpoint", str(base), "--adapt", "scan",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "raw.h5: adapt scan" in err and "enough acquired lines" in err
+    assert not (tmp_path / "img.h5").exists()

@@ -36,6 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..recon.pipeline import ReconError
     from ..stream.assemble import AssemblyError
     from ..stream.noise import NoiseError
+    from ..train.adapt import AdaptError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose + 1, 2),
@@ -43,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (UserError, CheckpointError, ConfigError, FastMRIFileError, MrdFileError, HeaderError, AssemblyError,
-            NoiseError, ReconError, FileNotFoundError) as exc:
+            NoiseError, ReconError, AdaptError, FileNotFoundError) as exc:
         print(f"varnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -160,7 +160,6 @@ class _Prepared:
     def __init__(self, sl: AdaptSlice, gamma: np.ndarray, device: torch.device, fixed_maps: bool = False):
         self.source = sl
         self.kspace = torch.from_numpy(np.ascontiguousarray(sl.kspace, np.complex64))[None].to(device)
-        self.mask = sl.mask
         self.gamma = gamma
         self.available = sl.mask & ~gamma
         self.acs = int(sl.acs)

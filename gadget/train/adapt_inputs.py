@@ -25,6 +25,7 @@ from ..data.mrd_file import read_header_xml
 from ..recon.config import ReconConfig
 from ..recon.fastmri_infer import acquired_mask, acs_count
 from ..recon.pipeline import ScanReconstructor
+from ..stream.assemble import SliceData
 from ..stream.types import AcqLine
 from .adapt import AdaptError, AdaptSlice
 
@@ -63,7 +64,7 @@ def ismrmrd_slices(path: Path, config: ReconConfig, lines: Iterable[AcqLine], gr
                              source=path.name)
     out = []
     for item in scan.assembled(lines):
-        if not hasattr(item, "kspace"):
+        if not isinstance(item, SliceData):
             continue
         sl = scan.prepared(item)
         if scan.acceleration(sl) < config.fully_sampled_below:
