@@ -9,14 +9,16 @@ One mechanism, two dialects. Each connection is one scan, handled on its own thr
 is loaded once per process (``ReconService``) and shared by all connections; the engine serialises
 device access.
 
-Dialects differ only where the peers differ (docs/reference/protocol.md):
+Dialects differ only where the peers differ (docs/reference/protocol.md); :class:`Dialect` holds
+each difference, :data:`DIALECTS` names the two:
 * ``mrd`` (gadgetron_ismrmrd_client, python-ismrmrd-server's client.py, FIRE, OpenRecon): CONFIG_FILE
   names a preset (whitelist; OpenRecon's ``openrecon`` is one), CONFIG_TEXT may carry YAML, a JSON TEXT
   before or right after the HEADER carries parameters (gadget/recon/ui_parameters.py); errors go
-  back as TEXT then CLOSE; only images are sent back (clients crash on echoed acquisitions).
+  back as TEXT then CLOSE; warnings follow as TEXT; only images are sent back (clients crash on echoed
+  acquisitions).
 * ``gadgetron`` (Gadgetron's external channel): CONFIG_TEXT is the ``<configuration>`` XML with
-  ``<property>`` elements; errors go back as ERROR(8) then CLOSE, never TEXT; items we do not
-  reconstruct pass through.
+  ``<property>`` elements; errors go back as ERROR(8) then CLOSE, never TEXT; warnings stay in the log;
+  items we do not reconstruct pass through.
 """
 from __future__ import annotations
 
@@ -48,6 +50,65 @@ class SessionError(Exception):
     """A scan failed; the message goes to the client (TEXT or ERROR) and to the log."""
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """What one family of peers expects of the server; everything not named here is shared.
+
+    ``name``: the dialect's name in :data:`DIALECTS`, the CLI and the log.
+    ``json_parameters``: a TEXT holding a JSON object, before the HEADER or right after it, carries
+    parameters and is applied; if false such a TEXT is only logged.
+    ``operator_chain``: a CONFIG_TEXT is the operator's Gadgetron chain XML, merged as the operator's
+    settings (it may name the model; what it names is checked against what this server runs) and
+    anything not XML is refused; if false a CONFIG_TEXT is the client's (XML properties or YAML),
+    limited to the settings a client may set.
+    ``errors_as_text``: an error reaches the peer as TEXT ``ERROR: ...``; if false as ERROR(8). CLOSE
+    follows either way.
+    ``notes_as_text``: notes (warnings the scan raises) go to the peer as TEXT ``WARNING: ...`` as they
+    arise, and any still unsent just before the final CLOSE; if false they are in the log only.
+    ``pass_through``: items we do not reconstruct (acquisitions, waveforms) are sent back; if false
+    only images are sent back.
+    """
+    name: str
+    json_parameters: bool
+    operator_chain: bool
+    errors_as_text: bool
+    notes_as_text: bool
+    pass_through: bool
+
+    def is_json(self, text: str) -> bool:
+        """Whether a TEXT message is parameters this dialect applies."""
+        return self.json_parameters and text.lstrip().startswith("{")
+
+    def report(self, writer: MessageWriter, text: str) -> None:
+        """Tell the peer that the scan failed with ``text``, then CLOSE (the peer may be gone already)."""
+        if self.errors_as_text:
+            _safe(lambda: writer.text(f"ERROR: {text}"))
+        else:
+            _safe(lambda: writer.error(text))
+        _safe(writer.close)
+
+    def send_notes(self, writer: MessageWriter, notes: list[str], sent: int) -> int:
+        """Send the notes from index ``sent`` on where the dialect sends notes; returns the new ``sent``."""
+        return _send_notes(writer, notes, sent) if self.notes_as_text else sent
+
+
+MRD = Dialect("mrd", json_parameters=True, operator_chain=False, errors_as_text=True, notes_as_text=True,
+              pass_through=False)
+GADGETRON = Dialect("gadgetron", json_parameters=False, operator_chain=True, errors_as_text=False,
+                    notes_as_text=False, pass_through=True)
+DIALECTS = {"mrd": MRD, "gadgetron": GADGETRON}
+
+
+def dialect_named(dialect: str | Dialect) -> Dialect:
+    """The :class:`Dialect` for a name in :data:`DIALECTS` (a ``Dialect`` is returned as it is)."""
+    if isinstance(dialect, Dialect):
+        return dialect
+    try:
+        return DIALECTS[dialect]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown dialect {dialect!r}: choose one of {', '.join(map(repr, DIALECTS))}") from None
+
+
 @dataclass
 class SessionResult:
     peer: str
@@ -75,7 +136,10 @@ class ReconService:
 
     # ------------------------------------------------------------------ one connection
 
-    def handle(self, sock: socket.socket, dialect: str = "mrd", peer: str = "?") -> SessionResult:
+    def handle(self, sock: socket.socket, dialect: str | Dialect = "mrd", peer: str = "?") -> SessionResult:
+        """Serve one scan on ``sock`` in ``dialect`` (a name in :data:`DIALECTS` or a :class:`Dialect`; an
+        unknown name is a ValueError, raised before anything is read or sent)."""
+        dialect = dialect_named(dialect)
         result = SessionResult(peer)
         sock.settimeout(self.idle_timeout)
         reader = MessageReader(sock, max_message_bytes=self.max_message_bytes, max_text_bytes=self.max_text_bytes,
@@ -97,20 +161,18 @@ class ReconService:
                 if type(item).__name__ == "Image":
                     writer.image(item)
                     result.images += 1
-                elif dialect == "gadgetron":
+                elif dialect.pass_through:
                     _send_passthrough(writer, item)
-                if dialect == "mrd":  # notes (e.g. a slice the safety check flagged) follow as they arise;
-                    # Gadgetron's channel never gets TEXT: there they are in the log only
-                    sent_notes = _send_notes(writer, scan.notes, sent_notes)
-            if dialect == "mrd":
-                _send_notes(writer, scan.notes, sent_notes)
+                # notes (e.g. a slice the safety check flagged) follow as they arise where the dialect sends them
+                sent_notes = dialect.send_notes(writer, scan.notes, sent_notes)
+            dialect.send_notes(writer, scan.notes, sent_notes)
             writer.close()
             result.model_seconds = scan.stats.model_seconds
             log.info("%s: scan done, %d images, model %.2f s", peer, result.images, scan.stats.model_seconds)
         except Exception as exc:  # every failure ends this scan only, with a message to the peer
             result.error = _describe(exc)
             log.error("%s: scan failed: %s", peer, result.error, exc_info=not _expected(exc))
-            self._report(writer, dialect, result.error)
+            dialect.report(writer, result.error)
         finally:
             self.recent.append(result)
             _safe(lambda: sock.shutdown(socket.SHUT_RDWR))  # also ends a reader thread blocked in recv
@@ -119,7 +181,7 @@ class ReconService:
                 scan.reader_thread.join(5.0)  # its buffers are freed before the server may go idle
         return result
 
-    def _setup(self, reader: MessageReader, writer: MessageWriter, dialect: str,
+    def _setup(self, reader: MessageReader, writer: MessageWriter, dialect: Dialect,
                peer: str) -> Optional[tuple[ReconConfig, str, EncodingInfo, Optional[Message]]]:
         """Config and header phase: ``(config, header XML, its encoding, first message after them)``; ``None`` = the
         peer closed after config only (answer CLOSE). OpenRecon/FIRE send their parameters as a JSON TEXT
@@ -138,7 +200,7 @@ class ReconService:
                 encoding = parse_encoding(msg.payload, source=peer)
                 reader.limits = DataLimits.from_encoding(encoding)
                 header_xml, first = msg.payload, reader.read()
-                if first is not None and first.id == MessageId.TEXT and _is_json(first.payload, dialect):
+                if first is not None and first.id == MessageId.TEXT and dialect.is_json(first.payload):
                     config, first = self._json_text(first.payload, config, writer, peer), None
                 log.info("%s: resolved config: %s", peer, config.summary())
                 return config, header_xml, encoding, first
@@ -146,7 +208,7 @@ class ReconService:
                 config = self._preset(msg.payload, config)
             elif msg.id == MessageId.CONFIG_TEXT:
                 config = self._config_text(msg.payload, config, dialect)
-            elif msg.id == MessageId.TEXT and _is_json(msg.payload, dialect):
+            elif msg.id == MessageId.TEXT and dialect.is_json(msg.payload):
                 config = self._json_text(msg.payload, config, writer, peer)
             elif msg.id == MessageId.TEXT:
                 log.info("%s: text: %s", peer, msg.payload[:200])
@@ -180,16 +242,18 @@ class ReconService:
                                      and v != getattr(ReconConfig(), k)},
                             f"preset {name}")
 
-    def _config_text(self, text: str, config: ReconConfig, dialect: str) -> ReconConfig:
+    def _config_text(self, text: str, config: ReconConfig, dialect: str | Dialect) -> ReconConfig:
+        """``config`` with a CONFIG_TEXT applied as ``dialect`` reads it (:attr:`Dialect.operator_chain`)."""
+        dialect = dialect_named(dialect)
         stripped = text.strip()
         if stripped.startswith("<"):
-            if dialect == "gadgetron":  # the chain file is the operator's: it may name the model (and is
+            if dialect.operator_chain:  # the chain file is the operator's: it may name the model (and is
                 # checked against what this server runs, also where it names a default, e.g. precision fp32)
                 return config.merged(gadgetron_properties(stripped), "Gadgetron configuration")
             values = from_gadgetron_config(stripped, ReconConfig(), "configuration XML")
             changed = {k: v for k, v in values.to_dict().items() if v != getattr(ReconConfig(), k)}
             return client_merge(config, changed, "configuration XML")
-        if dialect == "gadgetron":
+        if dialect.operator_chain:
             raise ConfigError("Gadgetron configuration is not XML")
         return client_merge(config, parse_yaml(stripped, "CONFIG_TEXT"), "CONFIG_TEXT")
 
@@ -215,26 +279,20 @@ class ReconService:
         checkpoint records, :func:`gadget.recon.refine_stage.applied_refine`)."""
         return applied_refine(setting, getattr(self.engine, "checkpoint_refine", None))
 
-    @staticmethod
-    def _report(writer: MessageWriter, dialect: str, text: str) -> None:
-        if dialect == "gadgetron":
-            _safe(lambda: writer.error(text))
-        else:
-            _safe(lambda: writer.text(f"ERROR: {text}"))
-        _safe(writer.close)
-
     # ------------------------------------------------------------------ listening
 
-    def serve(self, host: str = "127.0.0.1", port: int = 9002, dialect: str = "mrd",
+    def serve(self, host: str = "127.0.0.1", port: int = 9002, dialect: str | Dialect = "mrd",
               max_connections: int = 16, ready: Optional[threading.Event] = None,
               stop: Optional[threading.Event] = None) -> None:
-        """Accept scan after scan until ``stop`` is set (Ctrl-C in the CLI)."""
+        """Accept scan after scan until ``stop`` is set (Ctrl-C in the CLI); ``dialect``: a name in
+        :data:`DIALECTS` (an unknown one is a ValueError before the port is bound) or a :class:`Dialect`."""
+        dialect = dialect_named(dialect)
         slots = threading.BoundedSemaphore(max_connections)
         with socket.create_server((host, port), reuse_port=False) as server:
             server.settimeout(0.5)
             self.address = server.getsockname()
             log.info("listening on %s:%d (%s dialect, model %s); memory budget for k-space %s, text messages up "
-                     "to %d bytes", *self.address[:2], dialect, self.model_id, self.budget.summary(),
+                     "to %d bytes", *self.address[:2], dialect.name, self.model_id, self.budget.summary(),
                      self.max_text_bytes)
             if ready:
                 ready.set()
@@ -271,10 +329,6 @@ class ReconService:
         release_freed_memory()
         self.rests += 1
         log.info("idle: freed memory returned; memory budget %s", self.budget.summary())
-
-
-def _is_json(text: str, dialect: str) -> bool:
-    return dialect == "mrd" and text.lstrip().startswith("{")
 
 
 def _messages(reader: MessageReader, first: Optional[Message] = None,
@@ -318,9 +372,9 @@ def _send_passthrough(writer: MessageWriter, item: Any) -> None:
         log.debug("dropping pass-through item of type %s", kind)
 
 
-def _refuse(conn: socket.socket, dialect: str, text: str) -> None:
-    writer = MessageWriter(conn)
-    ReconService._report(writer, dialect, text)
+def _refuse(conn: socket.socket, dialect: Dialect, text: str) -> None:
+    """Turn a connection away with ``text`` (an error as ``dialect`` reports one), then close it."""
+    dialect.report(MessageWriter(conn), text)
     _safe(conn.close)
 
 
@@ -342,4 +396,5 @@ def _safe(fn) -> None:
         pass
 
 
-__all__ = ["ReconService", "SessionResult", "SessionError"]
+__all__ = ["ReconService", "SessionResult", "SessionError", "Dialect", "MRD", "GADGETRON", "DIALECTS",
+           "dialect_named"]

@@ -13,7 +13,7 @@ from gadget.model.varnet import VarNet
 from gadget.recon.config import ReconConfig
 from gadget.recon.engine import Reconstructor
 from gadget.replay import replay_file
-from gadget.server import ReconService
+from gadget.server import GADGETRON, MRD, ReconService, dialect_named
 from gadget.stream.codec import MessageId, MessageWriter
 from gadget.stream.types import AcqLine
 from tests.server_harness import (connect, images_of, make_scan, pixels, read_until_close, running, send_scan,
@@ -347,3 +347,12 @@ def test_gadgetron_listener_dialect(scan):
             msgs = read_until_close(s)
         assert [m.id for m in msgs] == [MessageId.ERROR, MessageId.CLOSE]
         assert "outside the encoding limits" in msgs[0].payload
+
+
+def test_dialects_are_looked_up_by_name_and_an_unknown_name_is_refused_before_listening():
+    assert dialect_named("mrd") is MRD and dialect_named("gadgetron") is GADGETRON
+    assert dialect_named(GADGETRON) is GADGETRON
+    service = ReconService(ReconConfig(mode="zero-filled"), None, "none")
+    with pytest.raises(ValueError, match="unknown dialect 'fire': choose one of 'mrd', 'gadgetron'"):
+        service.serve(port=0, dialect="fire")
+    assert not hasattr(service, "address")  # refused before a port was bound
