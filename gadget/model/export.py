@@ -27,6 +27,7 @@ import math
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,16 +59,26 @@ def _split(n: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _split_tables(n: int, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_tables(n: int, inverse: bool) -> tuple[np.ndarray, np.ndarray]:
     """For :func:`_dft_split`: twiddles ``exp(∓2πi·n2·k1/n)`` as ``(q, p, 2)`` and the ``q``-point DFT
-    matrix ``exp(∓2πi·k2·n2/q)`` as ``(2, q, q)`` (real, imaginary), float64."""
+    matrix ``exp(∓2πi·k2·n2/q)`` as ``(2, q, q)`` (real, imaginary), read-only float64 numpy arrays.
+
+    The cache holds numpy arrays, never tensors: a tensor made here while the ONNX exporter traces is a
+    fake one, and a cached fake tensor would reach every later eager call. :func:`_dft_split` makes the
+    tensors per call."""
     p, q = _split(n)
     sign = 1.0 if inverse else -1.0
-    n2 = torch.arange(q, dtype=torch.float64)
-    twiddle = torch.polar(torch.ones(q, p, dtype=torch.float64),
-                          sign * 2 * math.pi * torch.outer(n2, torch.arange(p, dtype=torch.float64)) / n)
-    matrix = torch.polar(torch.ones(q, q, dtype=torch.float64), sign * 2 * math.pi * torch.outer(n2, n2) / q)
-    return torch.view_as_real(twiddle), torch.stack((matrix.real, matrix.imag))
+    n2 = np.arange(q, dtype=np.float64)
+    twiddle = _unit_phasors(sign * 2 * math.pi * np.outer(n2, np.arange(p, dtype=np.float64)) / n, axis=-1)
+    matrix = _unit_phasors(sign * 2 * math.pi * np.outer(n2, n2) / q, axis=0)
+    return twiddle, matrix
+
+
+def _unit_phasors(angle: np.ndarray, axis: int) -> np.ndarray:
+    """``(cos, sin)`` of ``angle`` stacked along ``axis``, read-only (it is shared through a cache)."""
+    table = np.stack((np.cos(angle), np.sin(angle)), axis=axis)
+    table.flags.writeable = False
+    return table
 
 
 def _dft_split(x: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -85,7 +96,7 @@ def _dft_split(x: torch.Tensor, inverse: bool) -> torch.Tensor:
     fft = inv_fft if inverse else torch.fft.fft
     if q == 1:
         return torch.view_as_real(fft(torch.view_as_complex(x.contiguous()), dim=-1))
-    twiddle, matrix = (t.to(x.dtype) for t in _split_tables(n, inverse))
+    twiddle, matrix = (torch.tensor(t, dtype=x.dtype, device=x.device) for t in _split_tables(n, inverse))
     lead = x.shape[:-2]
     grid = x.reshape(*lead, p, q, 2).transpose(-3, -2)                      # (..., n2, n1, 2), n = q·n1 + n2
     inner = torch.view_as_real(fft(torch.view_as_complex(grid.contiguous()), dim=-1)) if p > 1 else grid
