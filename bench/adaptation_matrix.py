@@ -36,7 +36,8 @@ from gadget.recon.engine import Reconstructor
 from gadget.recon.refine import RefineConfig
 from gadget.recon.refine_stage import RefinedEngine, Refiner
 from gadget.train.adapt import AdaptConfig, AdaptSlice
-from gadget.train.adapt_run import adapted_engine
+from gadget.train.adapt_run import adapt_to_scan, adapted_engine
+from gadget.train.solve_calibration import CalibrationConfig
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 SIM_ROWS = {  # name: simulate_volume arguments (seed of the test volume; the site volume uses seed + 100)
@@ -99,11 +100,18 @@ def undersample(row: Row, accel: int):
     return mask.astype(bool), int(acs)
 
 
-def run_row(row: Row, accel: int, engine: Reconstructor, settings: AdaptConfig, use_bart: bool) -> dict:
+COLUMNS = ("solve", "scan", "site")
+
+
+def run_row(row: Row, accel: int, engine: Reconstructor, settings: AdaptConfig, use_bart: bool,
+            columns=COLUMNS) -> dict:
+    """One row at one acceleration. ``columns``: which adapted columns to run: ``solve`` (the cs refine
+    calibrated on the test slice), ``scan`` (that and the weights adapted on the test slice), ``site``
+    (weights adapted on other slices of the same shift, the cs refine calibrated on the test slice)."""
     mask, acs = undersample(row, accel)
     crop = row.truth.shape
     measured = row.kspace * mask
-    result, seconds = {}, {}
+    result, seconds, steps = {}, {}, {}
     result["zero-filled"] = rss_image(measured, crop)
     if use_bart:
         try:
@@ -112,18 +120,25 @@ def run_row(row: Row, accel: int, engine: Reconstructor, settings: AdaptConfig, 
             print(f"  {row.name} {accel}x: BART failed: {exc}", file=sys.stderr)
     result["shipped"] = center_crop(engine(measured[None], mask, acs)[0], crop)
     own = [AdaptSlice(measured, mask, acs, f"{row.name}/test")]
-    t0 = time.perf_counter()
-    scan_engine, info = adapted_engine(engine, own, settings, row.name)
-    seconds["scan"] = time.perf_counter() - t0
-    result["shipped + adapt (scan)"] = center_crop(scan_engine(measured[None], mask, acs)[0], crop)
-    steps = {"scan": f"{info.best_step}/{info.steps}"}
+    runs = {"solve": ("shipped + solve (scan)", own), "scan": ("shipped + adapt (scan)", own)}
     if row.site:
-        site = [AdaptSlice(k * mask, mask, acs, f"{row.name}/site{i}") for i, k in enumerate(row.site)]
+        runs["site"] = ("shipped + adapt (site)",
+                        [AdaptSlice(k * mask, mask, acs, f"{row.name}/site{i}") for i, k in enumerate(row.site)])
+    for column in [c for c in columns if c in runs]:
+        label, slices = runs[column]
         t0 = time.perf_counter()
-        site_engine, info = adapted_engine(engine, site, settings, row.name + " (site)")
-        seconds["site"] = time.perf_counter() - t0
-        result["shipped + adapt (site)"] = center_crop(site_engine(measured[None], mask, acs)[0], crop)
-        steps["site"] = f"{info.best_step}/{info.steps}"
+        if column == "site":  # the site's weights, then the solve calibrated on the test scan
+            site_engine, info = adapted_engine(engine.engine, slices, settings, row.name + " (site)")
+            adaptation = adapt_to_scan(site_engine, own, "solve", settings, CalibrationConfig(), row.name)
+            steps[column] = f"{info.best_step}/{info.steps}"
+        else:
+            adaptation = adapt_to_scan(engine.engine, slices, column, settings, CalibrationConfig(), row.name)
+            if adaptation.weights is not None:
+                steps[column] = f"{adaptation.weights.best_step}/{adaptation.weights.steps}"
+        seconds[column] = time.perf_counter() - t0
+        scan_engine = RefinedEngine(adaptation.network, adaptation.refiner)
+        result[label] = center_crop(scan_engine(measured[None], mask, acs)[0], crop)
+        steps[column + " solve"] = f"λ {adaptation.solve.lam:g} μ {adaptation.solve.mu:g}"
     return {"row": row.name, "accel": accel, "scores": {k: scores(v, row) for k, v in result.items()},
             "adapt_seconds": seconds, "adapt_steps": steps}
 
@@ -132,13 +147,13 @@ def markdown(results: list[dict]) -> str:
     methods = []
     for r in results:
         methods += [m for m in r["scores"] if m not in methods]
-    lines = ["| row | R | score | " + " | ".join(methods) + " | adapt s (scan/site) |",
+    lines = ["| row | R | score | " + " | ".join(methods) + " | adaptation s |",
              "|---|---|---|" + "---|" * len(methods) + "---|"]
     for r in results:
         for tag, label in (("whole", "whole, vs noisy RSS"), ("head", "in-head, vs truth")):
             cells = [f"{r['scores'][m][tag][0]:.3f} / {r['scores'][m][tag][1]:.2f}" if m in r["scores"] else "–"
                      for m in methods]
-            timing = " / ".join(f"{v:.0f}" for v in r["adapt_seconds"].values()) if tag == "whole" else ""
+            timing = " / ".join(f"{k} {v:.0f}" for k, v in r["adapt_seconds"].items()) if tag == "whole" else ""
             lines.append(f"| {r['row']} | {r['accel']}× | {label} | " + " | ".join(cells) + f" | {timing} |")
     return "\n".join(lines)
 
@@ -149,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--accel", default="4,8")
     p.add_argument("--out", type=Path, default=None, help="markdown table (and .json beside it)")
     p.add_argument("--no-bart", action="store_true")
+    p.add_argument("--columns", default=",".join(COLUMNS), help="adapted columns to run: solve, scan, site")
     p.add_argument("--real-dir", type=Path, default=REAL, help="folder of the real k-space (*_kspace.npy)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -161,7 +177,7 @@ def main(argv=None) -> int:
     for name in args.rows.split(","):
         row = load_row(name, args.real_dir)
         for accel in map(int, args.accel.split(",")):
-            results.append(run_row(row, accel, engine, settings, use_bart))
+            results.append(run_row(row, accel, engine, settings, use_bart, args.columns.split(",")))
             print(markdown(results[-1:]), flush=True)
     table = markdown(results)
     print(table)

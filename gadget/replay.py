@@ -33,7 +33,7 @@ class ReplayResult:
     acquisitions: int
     incomplete: int
     flagged: int = 0  # network images the safety check flagged (their fallback was written)
-    adaptation: Optional[object] = None  # gadget.train.adapt.AdaptResult with adapt: scan
+    adaptation: Optional[object] = None  # gadget.train.adapt_run.ScanAdaptation with adapt: solve | scan
 
 
 @contextmanager
@@ -79,10 +79,12 @@ def replay_file(in_path, config: ReconConfig, engine: Optional[Reconstructor], g
                 model_id: str = "none", progress: Optional[Callable[[int], None]] = None) -> ReplayResult:
     in_path = Path(in_path)
     xml = read_header_xml(in_path, group)
-    adaptation = None
-    if config.adapt == "scan" and engine is not None:
-        engine, adaptation = _adapted_to_scan(in_path, config, engine, group)
-    scan = ScanReconstructor(xml, config, engine, source=in_path.name, model_id=model_id)
+    adaptation = refiner = None
+    if config.adapt != "none" and engine is not None:
+        adaptation = _adapted_to_scan(in_path, config, engine, group)
+        if adaptation is not None:
+            engine, refiner = adaptation.network, adaptation.refiner
+    scan = ScanReconstructor(xml, config, engine, source=in_path.name, model_id=model_id, refiner=refiner)
     t0 = time.perf_counter()
     images = [item for item in overlapped(scan, file_lines(in_path, group, progress)) if _is_image(item)]
     return ReplayResult(images, time.perf_counter() - t0, scan.stats.model_seconds,
@@ -90,22 +92,21 @@ def replay_file(in_path, config: ReconConfig, engine: Optional[Reconstructor], g
 
 
 def _adapted_to_scan(in_path: Path, config: ReconConfig, engine: Reconstructor, group: str):
-    """``(engine, AdaptResult)``: the engine's model adapted on this file's own undersampled slices (a first
-    pass over the file; ``adapt: scan``)."""
+    """The :class:`gadget.train.adapt_run.ScanAdaptation` of this file's own undersampled slices (a first
+    pass over the file; ``adapt: solve | scan``), or None when it has none."""
     from .train.adapt import AdaptError
     from .train.adapt_inputs import ismrmrd_slices
-    from .train.adapt_run import adapted_engine, scan_settings
+    from .train.adapt_run import adapt_for_config
 
     slices = ismrmrd_slices(in_path, config, file_lines(in_path, group), group)
     if not slices:
-        log.warning("%s: adapt scan: no undersampled slice to adapt on; the weights are used as they are",
-                    in_path.name)
-        return engine, None
+        log.warning("%s: adapt %s: no undersampled slice to adapt on; the weights are used as they are",
+                    in_path.name, config.adapt)
+        return None
     try:
-        return adapted_engine(engine, slices, scan_settings(config.adapt_steps, config.adapt_time_limit),
-                              in_path.name)
-    except AdaptError as exc:  # not a fallback to the loaded weights: adapt scan was asked for
-        raise AdaptError(f"{in_path.name}: adapt scan: {exc}") from None
+        return adapt_for_config(engine, slices, config, in_path.name)
+    except AdaptError as exc:  # not a fallback to the loaded weights: adaptation was asked for
+        raise AdaptError(f"{in_path.name}: adapt {config.adapt}: {exc}") from None
 
 
 def _is_image(item) -> bool:

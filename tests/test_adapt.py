@@ -261,14 +261,15 @@ def test_adapt_scan_through_infer_and_replay_gives_the_same_adapted_images(tmp_p
         with h5py.File(out / test_format_file.name, "r") as f:
             outputs[adapt_mode] = f["reconstruction"][()]
     printed = capsys.readouterr().out
-    assert "adapted on its own lines: 6 steps on 3 slices" in printed and "Γ loss" in printed
+    assert "adapted on its own lines: weights: 6 steps on 3 slices" in printed and "Γ loss" in printed
+    assert "cs refine: λ" in printed
     change = np.linalg.norm(outputs["scan"] - outputs["none"]) / np.linalg.norm(outputs["none"])
     assert change > 1e-3
 
     cfg = tmp_path / "adapt.yaml"
     cfg.write_text("prewhiten: false\nfallback: none\nadapt: scan\nadapt_steps: 6\ndevice: cpu\n")
     assert main(["replay", str(raw), str(tmp_path / "img.h5"), "--config", str(cfg), "--checkpoint", str(base)]) == 0
-    assert "adapted on its own lines: 6 steps on 3 slices" in capsys.readouterr().out
+    assert "adapted on its own lines: weights: 6 steps on 3 slices" in capsys.readouterr().out
     (series,) = read_images_h5(tmp_path / "img.h5").values()
     replayed = np.stack([image_magnitude(im) for im in series])
     assert np.linalg.norm(replayed - outputs["scan"]) / np.linalg.norm(outputs["scan"]) < 1e-4
@@ -324,5 +325,5 @@ def test_replay_adapt_scan_names_a_scan_it_cannot_adapt_on(tmp_path, small_volum
     assert main(["replay", str(raw), str(tmp_path / "img.h5"), "--checkpoint", str(base), "--adapt", "scan",
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "raw.h5: adapt scan" in err and "enough acquired lines" in err
+    assert "raw.h5: adapt scan" in err and "acquired lines outside the ACS block" in err
     assert not (tmp_path / "img.h5").exists()

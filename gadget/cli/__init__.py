@@ -104,8 +104,9 @@ def add_adapt_arguments(p: argparse.ArgumentParser, default: Optional[str] = Non
 
     defaults = ReconConfig()
     p.add_argument("--adapt", choices=CHOICES["adapt"], default=default,
-                   help="scan: adapt the weights on each scan's own undersampled lines first (self-supervised; "
-                        "gadget/train/adapt.py), then reconstruct it" + (f" (default {default})" if default
+                   help="solve: choose the cs refine's weights on each scan's own held-back lines; scan: that, "
+                        "and adapt the network's weights on them (self-supervised; gadget/train/adapt_run.py); "
+                        "then reconstruct the scan" + (f" (default {default})" if default
                                                                           else " (default: the config's)"))
     p.add_argument("--adapt-steps", type=int, default=None,
                    help=f"most adaptation steps per scan (default {defaults.adapt_steps})")

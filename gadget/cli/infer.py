@@ -84,33 +84,36 @@ def run(args) -> int:
 
 
 def adapt_settings(args):
-    """The per-scan adaptation's :class:`AdaptConfig` from ``--adapt*`` (None: ``--adapt none``), the
-    values checked as the config checks them."""
+    """The per-scan adaptation's settings from ``--adapt*`` and ``--refine`` as a
+    :class:`gadget.recon.config.ReconConfig` (None: ``--adapt none``), checked as the config checks them."""
     if args.adapt == "none":
         return None
     from ..recon.config import ConfigError, ReconConfig
-    from ..train.adapt_run import scan_settings
     from . import UserError, operator_overrides
 
     try:
-        config = ReconConfig().merged({k: v for k, v in operator_overrides(args).items() if k.startswith("adapt")},
-                                      "command line")
+        config = ReconConfig().merged({k: v for k, v in operator_overrides(args).items()
+                                       if k.startswith("adapt") or k == "refine"}, "command line")
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    return scan_settings(config.adapt_steps, config.adapt_time_limit)
+    if config.adapt == "solve" and not config.calibrates_solve:
+        raise UserError(f"--adapt solve chooses the cs refine's weights on each scan: it needs --refine auto, "
+                        f"not {config.refine}")
+    return config
 
 
-def adapted_to_file(engine, path: Path, settings):
-    """``engine`` with its model adapted on the file's own undersampled slices (``--adapt scan``)."""
+def adapted_to_file(engine, path: Path, config):
+    """``engine`` (a :class:`RefinedEngine`) adapted to the file's own undersampled slices (``--adapt solve``:
+    the cs refine's weights; ``scan``: those and the network's)."""
+    from ..recon.refine_stage import RefinedEngine
     from ..train.adapt import AdaptError
     from ..train.adapt_inputs import fastmri_slices
-    from ..train.adapt_run import adapted_engine
+    from ..train.adapt_run import adapt_for_config
     from . import UserError
 
     try:
-        scan_engine, result = adapted_engine(engine, fastmri_slices(path), settings, path.name)
+        result = adapt_for_config(engine.engine, fastmri_slices(path), config, path.name)
     except AdaptError as exc:
-        raise UserError(f"{path.name}: --adapt scan: {exc}") from None
-    print(f"{path.name}: adapted on its own lines: {result.summary()}"
-          f"{'' if result.improved else '; the start weights were kept'}", flush=True)
-    return scan_engine
+        raise UserError(f"{path.name}: --adapt {config.adapt}: {exc}") from None
+    print(f"{path.name}: adapted on its own lines: {result.summary()}", flush=True)
+    return RefinedEngine(result.network, result.refiner or engine.refiner)

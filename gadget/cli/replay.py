@@ -62,8 +62,7 @@ def run(args) -> int:
     except TwixError as exc:
         raise UserError(str(exc)) from None
     if result.adaptation is not None:
-        print(f"{args.input}: adapted on its own lines: {result.adaptation.summary()}"
-              f"{'' if result.adaptation.improved else '; the start weights were kept'}")
+        print(f"{args.input}: adapted on its own lines: {result.adaptation.summary()}")
     if not result.images:
         raise UserError(f"{args.input}: no complete slice was found; nothing reconstructed")
     group = args.out_group or args.input.stem

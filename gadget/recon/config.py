@@ -27,7 +27,7 @@ CHOICES = {
     "also_send": ("none", "zero-filled", "sense"),
     "noise_units": ("scan", "gadgetron"),  # gadget.stream.noise.UNITS
     "refine": ("auto", "pi", "none"),  # auto: the checkpoint's own; else gadget.recon.refine.REFINE_MODES
-    "adapt": ("none", "scan"),  # gadget.train.adapt_run
+    "adapt": ("none", "solve", "scan"),  # gadget.train.adapt_run
 }
 
 
@@ -103,7 +103,9 @@ class ReconConfig:
     # only (it did not separate a good model from a failing one).
     safety_departure_max: float = math.inf
     # Self-supervised adaptation on each scan's own undersampled lines before it is reconstructed
-    # (gadget/train/adapt.py; offline doors only: varnet infer, varnet replay): none | scan.
+    # (gadget/train/adapt_run.py; offline doors only: varnet infer, varnet replay): none; solve (the cs
+    # refine, its weights chosen on the scan's held-back lines); scan (that, and the network's weights
+    # adapted on the scan). With refine pi or none given explicitly, scan adapts the weights only.
     adapt: str = "none"
     # The most optimiser steps of that adaptation; fewer when the held-back lines' loss stops falling.
     adapt_steps: int = 60
@@ -111,6 +113,11 @@ class ReconConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def calibrates_solve(self) -> bool:
+        """Per-scan adaptation chooses the ``cs`` refine's weights (``adapt`` solve or scan, refine auto)."""
+        return self.adapt != "none" and self.refine == "auto"
 
     def merged(self, values: Mapping[str, Any], source: str) -> "ReconConfig":
         """A copy with ``values`` applied (validated and converted); ``source`` names them in errors."""

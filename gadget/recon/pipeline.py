@@ -412,13 +412,16 @@ def build_engine(config: ReconConfig, offline: bool = False) -> tuple[Optional[R
     The engine keeps the refine the checkpoint records (``checkpoint_refine``), which a scan's refine stage
     takes for ``refine: auto`` (:meth:`Refiner.for_config`); ``config.refine`` as this checkpoint resolves it
     is logged here once (:func:`gadget.model.checkpoint.resolve_refine`). ``offline``: the door reads a
-    whole scan before reconstructing it (replay), which per-scan adaptation (``adapt: scan``) needs; the
+    whole scan before reconstructing it (replay), which per-scan adaptation (``adapt: solve | scan``) needs; the
     streaming doors refuse that setting here."""
     if config.adapt != "none" and not offline:
         raise ConfigError(f"adapt '{config.adapt}' needs the whole scan before its first image: it is for the "
                           "offline doors (varnet replay, varnet infer), not for streaming servers or Gadgetron chains")
     if config.adapt != "none" and config.mode != "varnet":
         raise ConfigError(f"adapt '{config.adapt}' adapts the network: it needs mode 'varnet', not '{config.mode}'")
+    if config.adapt == "solve" and config.refine != "auto":
+        raise ConfigError(f"adapt 'solve' chooses the cs refine's weights on each scan: it needs refine 'auto', "
+                          f"not '{config.refine}'")
     if config.mode == "zero-filled":
         return None, "none (zero-filled)"
     from ..model.checkpoint import default_refine, load_checkpoint, resolve_refine

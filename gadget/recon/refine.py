@@ -57,10 +57,14 @@ import torch
 from ..baselines.espirit import EspiritConfig, espirit_maps, per_slice_counts
 from ..mri.fft import ifft2c
 from ..mri.parallel import serial
+from . import sparse
 
 log = logging.getLogger(__name__)
 
 REFINE_MODES = ("pi", "none")
+#: The stage's modes: the two a config or checkpoint may name, and ``cs`` (:mod:`gadget.recon.sparse`), whose
+#: weights a scan's own lines choose (``adapt: solve``; gadget/train/solve_calibration.py).
+STAGE_MODES = REFINE_MODES + ("cs",)
 MAP_SOURCES = ("auto", "network")
 #: ESPIRiT as the baselines run it, except: the eigenproblems on a 4× coarser grid of at most 48 points
 #: per axis (the maps barely move and ESPIRiT gets several times cheaper), the calibration's
@@ -89,7 +93,9 @@ class RefineConfig:
     The sweeps: docs/results/refinement.md. ``smooth``: map low-pass
     width as a fraction of the matrix. ``maps``: ``auto`` (ESPIRiT where it covers the object, else the
     network's maps; :func:`choose_maps`) or ``network``; ``coverage``: the share of the object ESPIRiT
-    must vouch for (:func:`espirit_coverage`)."""
+    must vouch for (:func:`espirit_coverage`). ``cs_lambda``, ``cs_mu``, ``cs_iterations``: the ``cs``
+    mode's pull to the network's image, sparsity weight and FISTA steps (:mod:`gadget.recon.sparse`;
+    chosen per scan by :func:`gadget.train.solve_calibration.calibrate_solve`)."""
 
     mode: str = "pi"
     lam: float = 0.0
@@ -101,10 +107,16 @@ class RefineConfig:
     iterations: int = 30
     maps: str = "auto"
     coverage: float = 0.9
+    cs_lambda: float = 0.0
+    cs_mu: float = 0.0
+    cs_iterations: int = 60
 
     def __post_init__(self):
-        if self.mode not in REFINE_MODES:
-            raise ValueError(f"refine must be one of {', '.join(REFINE_MODES)}, got {self.mode!r}")
+        if self.mode not in STAGE_MODES:
+            raise ValueError(f"refine must be one of {', '.join(STAGE_MODES)}, got {self.mode!r}")
+        if not (self.cs_lambda >= 0 and self.cs_mu >= 0 and self.cs_iterations >= 1):
+            raise ValueError(f"refine cs weights must be >= 0 and its iterations >= 1, got λ {self.cs_lambda}, "
+                             f"μ {self.cs_mu}, {self.cs_iterations} iterations")
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             raise ValueError(f"refine_lambda must be a finite number >= 0 (0: from the noise), got {self.lam}")
         if not (0 < self.lam_min <= self.lam_max and 0 < self.lam_min_network <= self.lam_max):
@@ -342,8 +354,27 @@ def refine(image: torch.Tensor, final_kspace: torch.Tensor, masked_kspace: torch
     if config.mode == "none":
         return image
     final = final_kspace.to(torch.complex64)
+    measured = masked_kspace.to(final.device, torch.complex64)
+    if config.mode == "cs":
+        return _refine_sparse(image, final, measured, mask, config, num_low)
     with serial(final.numel()):  # small passes throughout: on one thread (gadget.mri.parallel)
-        return _refine(image, final, masked_kspace.to(final.device, torch.complex64), mask, config, num_low)
+        return _refine(image, final, measured, mask, config, num_low)
+
+
+def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low) -> torch.Tensor:
+    """The ``cs`` mode: :func:`gadget.recon.sparse.solve` per slice with the config's weights; ``|x̂|``
+    where the maps cover the slice, the network's image where they vanish (no data reaches it there)."""
+    b, _, _, w = final.shape
+    maps, _ = choose_maps(image, final, measured, mask, config, num_low)
+    prior = (maps.conj() * ifft2c(final)).sum(1)
+    columns = _mask_rows(mask, b, w).to(final.device)
+    out = image.float().clone()
+    for i in range(b):
+        x = sparse.solve(maps[i], measured[i], columns[i], prior[i], [config.cs_lambda], [config.cs_mu],
+                         config.cs_iterations)[0]
+        covered = maps[i].abs().amax(0) > 0
+        out[i] = torch.where(covered, x.abs(), out[i])
+    return out
 
 
 def _refine(image, final, measured, mask, config: RefineConfig, num_low) -> torch.Tensor:

@@ -1,15 +1,18 @@
-"""Adaptation as the doors use it: per scan (``adapt: scan`` in ``varnet infer`` / ``varnet replay``) and
-per site (``varnet adapt`` → a checkpoint with its provenance)."""
+"""Adaptation as the doors use it: per scan (``adapt: solve | scan`` in ``varnet infer`` / ``varnet replay``)
+and per site (``varnet adapt`` → a checkpoint with its provenance)."""
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..model.checkpoint import LoadedCheckpoint, default_refine, save_checkpoint
 from ..model.varnet import VarNet
+from ..recon.refine_stage import Refiner
 from .adapt import AdaptConfig, AdaptResult, AdaptSlice, adapt, adapted_model
+from .solve_calibration import CalibrationConfig, CalibrationResult, calibrate_solve
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,57 @@ def adapted_engine(engine, slices: Sequence[AdaptSlice], settings: AdaptConfig, 
     if model is engine.model:
         return engine, result
     return engine.with_model(model), result
+
+
+@dataclass
+class ScanAdaptation:
+    """What per-scan adaptation (``adapt: solve | scan``) made for one scan: ``network``, the engine to run
+    (the start's, or one with weights adapted on the scan: ``weights``, None with ``solve``), and
+    ``refiner``, the ``cs`` refine with weights chosen on the scan's own lines (``solve``)."""
+
+    network: object
+    refiner: Optional[Refiner] = None
+    solve: Optional[CalibrationResult] = None
+    weights: Optional[AdaptResult] = None
+
+    def summary(self) -> str:
+        parts = []
+        if self.weights is not None:
+            kept = "" if self.weights.improved else "; the start weights were kept"
+            parts.append(f"weights: {self.weights.summary()}{kept}")
+        if self.solve is not None:
+            parts.append(f"cs refine: {self.solve.summary()}")
+        return "; ".join(parts)
+
+
+def adapt_to_scan(network, slices: Sequence[AdaptSlice], mode: str, settings: AdaptConfig,
+                  calibration: Optional[CalibrationConfig], source: str) -> ScanAdaptation:
+    """Per-scan adaptation of ``network`` (a :class:`gadget.recon.engine.Reconstructor`) on one scan's
+    ``slices``: the ``cs`` refine's weights calibrated on the scan's lines (:func:`calibrate_solve`;
+    ``calibration`` None: not, and the door keeps its own refine), with ``mode`` ``scan`` then the network's
+    weights adapted too (:func:`adapt_scan`). The calibration runs with the start weights: the adapted ones
+    were trained on the lines the folds hold back."""
+    if mode not in ("solve", "scan") or (mode == "solve" and calibration is None):
+        raise ValueError(f"per-scan adaptation is solve (with a calibration) or scan, got {mode!r}")
+    solve = refiner = None
+    if calibration is not None:
+        solve = calibrate_solve(network, slices, calibration,
+                                on_fold=lambda done, total: log.info("%s: cs refine: fold %d of %d", source,
+                                                                     done, total))
+        log.info("%s: cs refine calibrated on its own lines: %s", source, solve.summary())
+        refiner = Refiner(solve.refine_config(), network.device)
+    if mode == "solve":
+        return ScanAdaptation(network, refiner, solve)
+    adapted, weights = adapted_engine(network, slices, settings, source)
+    return ScanAdaptation(adapted, refiner, solve, weights)
+
+
+def adapt_for_config(network, slices: Sequence[AdaptSlice], config, source: str) -> ScanAdaptation:
+    """:func:`adapt_to_scan` as a :class:`gadget.recon.config.ReconConfig` asks for it: its ``adapt``,
+    ``adapt_steps``, ``adapt_time_limit``, and the calibration only with ``refine: auto``."""
+    calibration = CalibrationConfig() if config.calibrates_solve else None
+    return adapt_to_scan(network, slices, config.adapt, scan_settings(config.adapt_steps, config.adapt_time_limit),
+                         calibration, source)
 
 
 def provenance(base: LoadedCheckpoint, inputs: Sequence[tuple[str, str]], settings: AdaptConfig,

@@ -1,0 +1,152 @@
+"""L1-wavelet SENSE with the network's image as a prior (the ``cs`` refine).
+
+    x̂ = argmin_x ½||M F S x − y||² + ½λ||x − x₀||² + μ||Ψ x||₁
+
+with ``S`` the coil maps (``Σ|S|² ≤ 1``, so ``||AᴴA|| ≤ 1`` for ``A = M F S``), ``x₀`` the network's
+coil images combined with those maps, ``Ψ`` an orthonormal 2-D Haar transform (:func:`haar2`), ``λ`` the
+pull towards the network's image and ``μ`` the sparsity weight, in units of :func:`image_scale`. ``λ = 0``
+is plain compressed sensing started from the network's image; large ``λ`` returns ``x₀``. Which pair
+suits a scan is measured on the scan's own held-back lines (:mod:`gadget.train.solve_calibration`).
+
+Solved by FISTA (Beck and Teboulle, SIAM J. Imaging Sci. 2009) with step ``1 / (1 + λ)``, the gradient's
+Lipschitz bound. The wavelet grid is shifted by a random offset at every step (cycle spinning, which
+BART's ``pics`` also does) so that the Haar blocks leave no fixed edges; the offsets come from a
+seeded generator, so a solve is repeatable. The mask selects phase columns and every readout sample of
+a sampled column is measured, so ``Fᴴ M F`` is a 1-D operation along the phase axis: each step costs
+two 1-D transforms per coil.
+
+Several ``(λ, μ)`` pairs are solved at once as a batch of candidates (``P`` below), in chunks that keep
+the coil-image temporaries under :data:`CHUNK_VALUES`.
+
+Layouts: maps and k-space complex ``(coil, readout, phase)``; images complex ``(readout, phase)``;
+candidates ``(P, readout, phase)``; ``columns`` bool ``(phase,)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..mri.fft import ifft2c
+
+HAAR_LEVELS = 4
+"""Haar levels: the coarsest band (1/16 of the matrix each way) is left unthresholded."""
+
+CHUNK_VALUES = 1 << 25
+"""Most complex values of one chunk's coil images (candidates × coils × pixels): 256 MiB."""
+
+
+def haar2(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Orthonormal 2-D Haar analysis of ``x`` ``(..., H, W)``, ``H`` and ``W`` multiples of ``2**levels``:
+    ``(coarse, details)``, ``details[l]`` ``(..., 3, H / 2**(l+1), W / 2**(l+1))`` the horizontal, vertical
+    and diagonal bands of level ``l`` (finest first)."""
+    details = []
+    a = x
+    for _ in range(levels):
+        *lead, h, w = a.shape
+        q = a.reshape(*lead, h // 2, 2, w // 2, 2)
+        p00, p01, p10, p11 = q[..., 0, :, 0], q[..., 0, :, 1], q[..., 1, :, 0], q[..., 1, :, 1]
+        a = (p00 + p01 + p10 + p11) / 2
+        details.append(torch.stack(((p00 - p01 + p10 - p11) / 2, (p00 + p01 - p10 - p11) / 2,
+                                    (p00 - p01 - p10 + p11) / 2), dim=-3))
+    return a, details
+
+
+def ihaar2(coarse: torch.Tensor, details: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The inverse of :func:`haar2`."""
+    a = coarse
+    for d in reversed(details):
+        h1, v1, d1 = d.unbind(-3)
+        p00, p01 = (a + h1 + v1 + d1) / 2, (a - h1 + v1 - d1) / 2
+        p10, p11 = (a + h1 - v1 - d1) / 2, (a - h1 - v1 + d1) / 2
+        *lead, h, w = a.shape
+        rows0 = torch.stack((p00, p01), dim=-1).reshape(*lead, h, 2 * w)
+        rows1 = torch.stack((p10, p11), dim=-1).reshape(*lead, h, 2 * w)
+        a = torch.stack((rows0, rows1), dim=-2).reshape(*lead, 2 * h, 2 * w)
+    return a
+
+
+def soft_threshold(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Complex soft threshold: ``z · max(|z| − t, 0) / |z|`` (``t`` broadcast to ``z``)."""
+    mag = z.abs()
+    return z * ((mag - t).clamp(min=0) / mag.clamp(min=torch.finfo(mag.dtype).tiny))
+
+
+def wavelet_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, offset: tuple[int, int]) -> torch.Tensor:
+    """The proximal step of ``t·||Ψ x||₁`` for the Haar grid moved by ``offset`` (rows, columns): ``x``
+    ``(P, H, W)`` zero-padded to multiples of ``2**levels``, rolled, detail bands soft-thresholded by
+    ``threshold`` ``(P,)``, rolled back and cropped."""
+    p, h, w = x.shape
+    block = 2 ** levels
+    padded = x.new_zeros(p, -(-h // block) * block, -(-w // block) * block)
+    padded[:, :h, :w] = x
+    padded = torch.roll(padded, offset, (-2, -1))
+    coarse, details = haar2(padded, levels)
+    t = threshold.view(p, 1, 1, 1).to(x.real.dtype)
+    out = ihaar2(coarse, [soft_threshold(d, t) for d in details])
+    return torch.roll(out, (-offset[0], -offset[1]), (-2, -1))[:, :h, :w]
+
+
+def _phase_fft(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Centred orthonormal 1-D DFT along the last axis (phase)."""
+    shifted = torch.fft.ifftshift(x, dim=-1)
+    out = torch.fft.ifft(shifted, dim=-1, norm="ortho") if inverse else torch.fft.fft(shifted, dim=-1, norm="ortho")
+    return torch.fft.fftshift(out, dim=-1)
+
+
+def normal(maps: torch.Tensor, columns: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``AᴴA x`` for candidates ``x`` ``(P, H, W)``: ``Σ_c conj(S_c) Fᴴ M F (S_c x)``, with ``F`` along
+    the phase axis only (the readout transforms cancel)."""
+    coils = maps.unsqueeze(0) * x.unsqueeze(1)
+    kept = _phase_fft(coils, inverse=False) * columns.to(coils.dtype)
+    return (maps.conj().unsqueeze(0) * _phase_fft(kept, inverse=True)).sum(1)
+
+
+def adjoint(maps: torch.Tensor, measured: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``Aᴴ y`` ``(H, W)`` for the measured k-space ``y`` ``(C, H, W)`` on ``columns``."""
+    return (maps.conj() * ifft2c(measured * columns.to(measured.dtype))).sum(0)
+
+
+def image_scale(prior: torch.Tensor) -> torch.Tensor:
+    """The unit ``μ`` is given in: the 99th percentile of ``|x₀|`` (0-d tensor, at least the smallest
+    positive float), so one ``μ`` means the same on scans of any signal level."""
+    q = torch.quantile(prior.abs().flatten().float(), 0.99)
+    return q.clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def solve(maps: torch.Tensor, measured: torch.Tensor, columns: torch.Tensor, prior: torch.Tensor,
+          lam: torch.Tensor, mu: torch.Tensor, iterations: int = 60, seed: int = 0) -> torch.Tensor:
+    """``x̂`` ``(P, H, W)`` for each candidate ``(lam[p], mu[p])`` (``(P,)`` each; ``mu`` in units of
+    :func:`image_scale` of ``prior``), by ``iterations`` FISTA steps from ``prior``. Every chunk of
+    candidates sees the same wavelet offsets (``seed``), so a candidate's result does not depend on
+    the others solved with it."""
+    lam = torch.as_tensor(lam, dtype=torch.float32, device=prior.device).reshape(-1)
+    mu = torch.as_tensor(mu, dtype=torch.float32, device=prior.device).reshape(-1)
+    if lam.shape != mu.shape or bool((lam < 0).any()) or bool((mu < 0).any()):
+        raise ValueError(f"lam and mu must be non-negative and of one length, got {lam.shape} and {mu.shape}")
+    data = adjoint(maps, measured, columns)
+    scale = image_scale(prior)
+    per_candidate = maps.numel()
+    chunk = max(1, CHUNK_VALUES // per_candidate)
+    parts = [_fista(maps, columns, data, prior, lam[i:i + chunk], mu[i:i + chunk] * scale, iterations, seed)
+             for i in range(0, lam.numel(), chunk)]
+    return torch.cat(parts)
+
+
+def _fista(maps, columns, data, prior, lam, mu, iterations: int, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    block = 2 ** HAAR_LEVELS
+    lam3 = lam.view(-1, 1, 1)
+    step = 1.0 / (1.0 + lam3)
+    x = prior.unsqueeze(0).expand(lam.numel(), *prior.shape).clone()
+    z, t = x.clone(), 1.0
+    for _ in range(iterations):
+        gradient = normal(maps, columns, z) - data + lam3 * (z - prior)
+        offset = (int(rng.integers(block)), int(rng.integers(block)))
+        new = wavelet_shrink(z - step * gradient, mu * step.view(-1), HAAR_LEVELS, offset)
+        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        z = new + ((t - 1) / t_new) * (new - x)
+        x, t = new, t_new
+    return x

@@ -1,0 +1,147 @@
+"""Per-scan calibration of the cs refine (gadget/train/solve_calibration.py): the folds, that a fold's lines
+never reach the network or the solve they score, that the choice tracks the truth, and the doors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gadget.mri.coils import rss
+from gadget.mri.fft import ifft2c
+from gadget.recon import sparse
+from gadget.recon.engine import Reconstructor
+from gadget.recon.refine import RefineConfig, refine
+from gadget.train import solve_calibration as cal
+from gadget.train.adapt import AdaptError, AdaptSlice
+from gadget.train.splits import acs_lines
+
+from conftest import equispaced_mask
+from test_adapt import tiny_model
+
+SMALL_GRID = cal.CalibrationConfig(lams=(0.0, 0.03, 1.0), mus=(0.0, 0.005), folds=4, slices=1, iterations=30)
+
+
+@pytest.mark.parametrize("width,accel,acs,folds", [(48, 4, 8, 4), (128, 4, 10, 6), (180, 8, 7, 6)])
+def test_folds_partition_the_outer_acquired_lines(width, accel, acs, folds):
+    mask = equispaced_mask(width, accel, acs)
+    parts = cal.outer_folds(mask, acs, folds, np.random.default_rng(0))
+    joined = np.concatenate(parts)
+    assert len(parts) == folds and len(np.unique(joined)) == joined.size, "folds overlap"
+    assert set(joined) == set(np.flatnonzero(mask & ~acs_lines(width, acs))), "not every outer line held back once"
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(AdaptError, match="too few"):
+        cal.outer_folds(mask, acs, int((mask & ~acs_lines(width, acs)).sum()) + 1, np.random.default_rng(0))
+
+
+def test_spread_picks_evenly():
+    assert cal.spread(3, 5) == [0, 1, 2]
+    assert cal.spread(9, 1) == [4]
+    assert cal.spread(10, 2) == [3, 6]
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    from converters.simulate import simulate_volume
+
+    vol = simulate_volume(num_slices=1, num_coils=6, recon_size=(32, 48), seed=11, snr_db=30)
+    mask = equispaced_mask(48, 4, 8)
+    return AdaptSlice((vol.kspace[0] * mask).astype(np.complex64), mask, 8, "sim/0"), vol.kspace[0]
+
+
+def test_a_folds_lines_never_reach_the_network_or_the_solve_it_scores(phantom, monkeypatch):
+    sl, _ = phantom
+    poisoned = AdaptSlice(sl.kspace.copy(), sl.mask, sl.acs, "poisoned")
+    fold = cal.outer_folds(sl.mask, sl.acs, 4, np.random.default_rng(0))[1]
+    poisoned.kspace[..., fold] = 1e6  # a leak would show as this value in an input
+    engine = Reconstructor(tiny_model(), "cpu")
+    seen = []
+    run = engine.run_tensors
+    monkeypatch.setattr(engine, "run_tensors", lambda k, m, *a, **kw: (seen.append(("net", k, m)), run(k, m, *a, **kw))[1])
+    solve = cal.solve
+    monkeypatch.setattr(cal, "solve", lambda maps, y, cols, *a: (seen.append(("solve", y.numpy(), cols.numpy())),
+                                                                 solve(maps, y, cols, *a))[1])
+    lam, mu = SMALL_GRID.candidates()
+    errors = cal.fold_errors(engine, poisoned, fold, lam, mu, SMALL_GRID)
+    assert [s[0] for s in seen] == ["net", "solve"]
+    for _, k, m in seen:
+        assert not np.asarray(m)[fold].any() and np.abs(np.asarray(k)[..., fold]).max() == 0
+    assert errors.shape == lam.shape and bool(torch.isfinite(errors).all())
+    assert float(errors.min()) > 0.9  # scored against the poison, which nothing could predict
+
+
+def _truth_errors(engine, sl, full, lam, mu, iterations):
+    """Each candidate's error against the fully sampled RSS, solved on all the slice's lines."""
+    image, maps, prior = cal.network_prior(engine, sl.kspace, sl.mask, sl.acs)
+    x = sparse.solve(maps, torch.from_numpy(sl.kspace), torch.from_numpy(sl.mask), prior, lam, mu, iterations)
+    truth = rss(ifft2c(torch.from_numpy(full)[None]), dim=1)[0]
+    errors = [float(torch.linalg.vector_norm(c.abs() - truth) / torch.linalg.vector_norm(truth)) for c in x]
+    net = float(torch.linalg.vector_norm(image - truth) / torch.linalg.vector_norm(truth))
+    return np.array(errors), net
+
+
+def test_a_poor_network_is_trusted_less_and_the_choice_tracks_the_truth(phantom):
+    """An untrained network is a poor prior: the held-out lines say so (small λ), and the calibrated solve's
+    image is closer to the truth than the network's and within 25 % of the grid's best candidate."""
+    sl, full = phantom
+    settings = cal.CalibrationConfig(lams=(0.0, 0.01, 0.1, 1.0), mus=(0.0, 0.002, 0.01), folds=4, slices=1,
+                                     iterations=40)
+    engine = Reconstructor(tiny_model(), "cpu")
+    result = cal.calibrate_solve(engine, [sl], settings)
+    assert result.lam <= 0.01, result.summary()
+    lam, mu = settings.candidates()
+    truth, network = _truth_errors(engine, sl, full, lam, mu, settings.iterations)
+    chosen = truth[[i for i, row in enumerate(result.table) if (row["lam"], row["mu"]) == (result.lam, result.mu)][0]]
+    assert chosen < 0.7 * network, (chosen, network)
+    assert chosen <= 1.25 * truth.min(), (chosen, truth.min())
+    assert len(result.table) == lam.numel() and result.folds == 4 and result.slices == 1
+
+
+def test_the_cs_refine_is_the_solve_where_the_maps_cover_and_the_network_elsewhere(phantom):
+    sl, _ = phantom
+    engine = Reconstructor(tiny_model(), "cpu")
+    image, final = engine.run_tensors(sl.kspace[None], sl.mask, sl.acs)
+    config = RefineConfig(mode="cs", cs_lambda=0.03, cs_mu=0.005, cs_iterations=20, coverage=1e-3)  # ESPIRiT maps: cropped
+    out = refine(image, final, torch.from_numpy(sl.kspace[None]), torch.from_numpy(sl.mask), config, sl.acs)[0]
+    _, maps, prior = cal.network_prior(engine, sl.kspace, sl.mask, sl.acs, refine=config)
+    want = sparse.solve(maps, torch.from_numpy(sl.kspace), torch.from_numpy(sl.mask), prior, [0.03], [0.005], 20)[0]
+    covered = maps.abs().amax(0) > 0
+    assert covered.any() and (~covered).any()
+    np.testing.assert_allclose(out[covered].numpy(), want.abs()[covered].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out[~covered].numpy(), image[0][~covered].numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="cs weights"):
+        RefineConfig(mode="cs", cs_mu=-1)
+
+
+def test_adapt_solve_through_both_offline_doors(tmp_path, test_format_file, capsys):
+    """``--adapt solve``: the weights as loaded, the cs refine calibrated on the scan; infer and replay
+    give the same images; with an explicit refine it is refused, naming why."""
+    import h5py
+
+    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+    from gadget.cli import main
+    from gadget.recon.config import ConfigError, ReconConfig
+    from gadget.recon.pipeline import build_engine
+    from gadget.stream.images import image_magnitude
+    from gadget.stream.sinks import read_images_h5
+    from test_adapt import _base_checkpoint
+
+    base = _base_checkpoint(tmp_path / "base.pt")
+    out = tmp_path / "inf"
+    assert main(["infer", "--checkpoint", str(base), "--input", str(test_format_file), "--output", str(out),
+                 "--adapt", "solve", "--device", "cpu"]) == 0
+    assert "adapted on its own lines: cs refine: λ" in capsys.readouterr().out
+    with h5py.File(out / test_format_file.name, "r") as f:
+        inferred = f["reconstruction"][()]
+    raw = tmp_path / "raw.h5"
+    convert_fastmri_to_ismrmrd(test_format_file, raw)
+    cfg = tmp_path / "solve.yaml"
+    cfg.write_text("prewhiten: false\nfallback: none\nadapt: solve\ndevice: cpu\n")
+    assert main(["replay", str(raw), str(tmp_path / "img.h5"), "--config", str(cfg), "--checkpoint", str(base)]) == 0
+    (series,) = read_images_h5(tmp_path / "img.h5").values()
+    replayed = np.stack([image_magnitude(im) for im in series])
+    assert np.linalg.norm(replayed - inferred) / np.linalg.norm(inferred) < 1e-4
+    assert main(["infer", "--checkpoint", str(base), "--input", str(test_format_file), "--output", str(out),
+                 "--adapt", "solve", "--refine", "pi"]) == 2
+    assert "needs --refine auto" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="refine 'auto'"):
+        build_engine(ReconConfig(adapt="solve", refine="none", checkpoint=str(base)), offline=True)
