@@ -1,9 +1,11 @@
 """Cost of self-supervised adaptation with the shipped weights and the per-scan defaults.
 
-Prints one table: for each shape, the time of one network forward (what reconstruction costs), of one
-adaptation step (``splits_per_step`` forwards and backwards), of one Γ score per slice, and the time of
-the whole default per-scan adaptation (``--full``: run it; else estimated from the step count, the
-evaluation interval and the slices scored). Random-phase simulated k-space; threads as the product uses.
+Prints one table: for each shape, the time of one network forward (what reconstruction costs), of
+``adapt: solve`` (the cs refine's calibration on the scan, run once, plus the cs refine of every slice),
+of one weight-adaptation step (``splits_per_step`` forwards and backwards), of one Γ score per slice, and
+of the whole default weight adaptation (``--full``: run it; else estimated from the step count, the
+evaluation interval and the slices scored); ``adapt: scan`` costs the solve column plus the last.
+Random-phase simulated k-space; threads as the product uses.
 
     python bench/adapt_cost.py --repeats 2
 """
@@ -17,7 +19,10 @@ import torch
 
 from gadget.model.checkpoint import load_checkpoint
 from gadget.model.shipped import shipped_checkpoint
+from gadget.recon.engine import Reconstructor
+from gadget.recon.refine_stage import Refiner
 from gadget.train.adapt import AdaptConfig, AdaptSlice, _Prepared, adapt, gamma_score, ssdu_loss
+from gadget.train.solve_calibration import calibrate_solve
 from gadget.train.splits import holdout_lines, seeded_rng, split_lines
 
 CASES = [  # (label, coils, readout, phase, slices)
@@ -49,6 +54,23 @@ def _median_time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
+def _solve_time(model, sl: AdaptSlice, slices: int, repeats: int) -> str:
+    """``adapt: solve`` for a scan of ``slices`` copies of ``sl``: the calibration (once) and the network
+    plus the calibrated cs refine per slice (median of ``repeats``)."""
+    engine = Reconstructor(model.eval(), "cpu")
+    t0 = time.perf_counter()
+    result = calibrate_solve(engine, [sl] * slices)
+    t_cal = time.perf_counter() - t0
+    refiner = Refiner(result.refine_config())
+
+    def reconstruct():
+        image, final = engine.run_tensors(sl.kspace[None], sl.mask, sl.acs)
+        refiner(image, final, sl.kspace, sl.mask, sl.acs)
+
+    per_slice = _median_time(reconstruct, repeats)
+    return f"{t_cal + slices * per_slice:.0f} ({t_cal:.0f} + {slices} × {per_slice:.1f})"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -60,8 +82,9 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; defaults: {settings.steps} steps, "
           f"{settings.splits_per_step} splits/step, Γ every {settings.eval_every} steps on <= {settings.eval_slices} slices")
-    print("| case | forward s | step s | Γ score s/slice | default adaptation s |")
-    print("|---|---|---|---|---|")
+    print("| case | forward s | adapt solve s (calibration + cs refine) | weight step s | Γ score s/slice | "
+          "default weight adaptation s |")
+    print("|---|---|---|---|---|---|")
     for n, (label, coils, readout, phase, slices) in enumerate(CASES):
         sl = _slice(coils, readout, phase, rng)
         gamma = holdout_lines(sl.mask, sl.acs, settings.split, seeded_rng(0, 1))
@@ -79,6 +102,7 @@ def main(argv=None) -> int:
                 model(prepared.kspace, torch.from_numpy(sl.mask), sl.acs)
 
         t_fwd = _median_time(forward, args.repeats)
+        t_solve = _solve_time(model, sl, slices, args.repeats)
         t_step = _median_time(step, args.repeats)
         model.zero_grad(set_to_none=True)
         t_gamma = _median_time(lambda: gamma_score(model.eval(), [prepared]), args.repeats)
@@ -89,7 +113,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             result = adapt(model, [sl] * slices, settings)
             total = f"{time.perf_counter() - t0:.0f} (run: {result.steps} steps, {result.stopped})"
-        print(f"| {label} | {t_fwd:.2f} | {t_step:.2f} | {t_gamma:.2f} | {total} |", flush=True)
+        print(f"| {label} | {t_fwd:.2f} | {t_solve} | {t_step:.2f} | {t_gamma:.2f} | {total} |", flush=True)
     return 0
 
 

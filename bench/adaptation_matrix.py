@@ -1,7 +1,8 @@
 """Adaptation matrix: does self-supervised adaptation help where the shipped weights meet data they never saw?
 
 Rows: simulated shifts where the truth is known (a proton-density contrast, a 20-coil array, low SNR, a
-320² matrix; 1 test slice each, noise-free target kept) and the real scanner k-space in
+320² matrix; 1 test slice each, noise-free target kept), INIA19's real T1 brain with a 10-coil birdcage
+model at 30 and 50 dB (anatomy and coils no training set has), and the real scanner k-space in
 ../shared/data/real/ (retrospectively undersampled; no noise-free truth, so both scores are against the
 RSS of the fully sampled data). Columns: zero-filled, BART pics-L1 (ESPIRiT maps, λ 0.005), the shipped
 weights (their default refinement), shipped + adapt per scan (on the test slice's own undersampled lines),
@@ -47,6 +48,10 @@ SIM_ROWS = {  # name: simulate_volume arguments (seed of the test volume; the si
     "sim-320": dict(source="colin", num_coils=8, recon_size=(320, 320), snr_db=40),
 }
 REAL_ROWS = ("real-brain16", "real-phantom16", "real-phantom32", "real-phantom4")
+OOD_ROWS = {  # name: SNR dB of INIA19's real T1 brain (an anatomy no training source has), 10-coil birdcage, 256²
+    "ood-brain": 30.0,
+    "ood-brain-hi": 50.0,
+}
 
 
 @dataclasses.dataclass
@@ -64,7 +69,30 @@ def rss_image(kspace: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
     return center_crop(np.sqrt((np.abs(coils) ** 2).sum(0)).astype(np.float32), crop)
 
 
+def ood_slice(fraction: float, snr_db: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(kspace, clean RSS)`` of INIA19's T1 slice at ``fraction`` of the brain's height, 10 birdcage
+    coils, 256², a smooth random phase, complex Gaussian noise at ``snr_db`` (the held-out brain of
+    docs/results/held-out-matrix.md, built by the same functions)."""
+    from converters.simulate import centred_fft, correlated_noise, noise_sigma
+    from make_ood_data import birdcage_sensitivities, inia_t1_slice
+
+    rng = np.random.default_rng(seed)
+    size = 256
+    image = inia_t1_slice(fraction, size)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    phase = rng.uniform(-np.pi, np.pi) + rng.uniform(-1, 1) * yy + rng.uniform(-1, 1) * xx
+    clean = centred_fft(centred_fft(birdcage_sensitivities(size, 10) * (image * np.exp(1j * phase))[None], -2), -1)
+    clean = (clean / np.abs(clean).max()).astype(np.complex64)
+    truth = rss_image(clean, (size, size))
+    noise = correlated_noise(clean.shape, np.eye(10) * noise_sigma(truth, snr_db) ** 2, rng)
+    return (clean + noise).astype(np.complex64), truth
+
+
 def load_row(name: str, real_dir: Path = REAL) -> Row:
+    if name in OOD_ROWS:
+        kspace, truth = ood_slice(0.5, OOD_ROWS[name], seed=21)
+        site, _ = ood_slice(0.6, OOD_ROWS[name], seed=121)
+        return Row(name, kspace, truth, rss_image(kspace, truth.shape), [site])
     if name in SIM_ROWS:
         args = SIM_ROWS[name]
         vol = simulate_volume(num_slices=3, seed=21, **args)
@@ -160,7 +188,7 @@ def markdown(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default=",".join([*SIM_ROWS, *REAL_ROWS]))
+    p.add_argument("--rows", default=",".join([*SIM_ROWS, *OOD_ROWS, *REAL_ROWS]))
     p.add_argument("--accel", default="4,8")
     p.add_argument("--out", type=Path, default=None, help="markdown table (and .json beside it)")
     p.add_argument("--no-bart", action="store_true")

@@ -18,7 +18,8 @@ from gadget.train.splits import acs_lines
 from conftest import equispaced_mask
 from test_adapt import tiny_model
 
-SMALL_GRID = cal.CalibrationConfig(lams=(0.0, 0.03, 1.0), mus=(0.0, 0.005), folds=4, slices=1, iterations=30)
+SMALL_GRID = cal.CalibrationConfig(lams=(0.0, 0.03, 1.0), mus=(0.0, 0.005), start_mu=0.0, folds=4, slices=1,
+                                   iterations=30)
 
 
 @pytest.mark.parametrize("width,accel,acs,folds", [(48, 4, 8, 4), (128, 4, 10, 6), (180, 8, 7, 6)])
@@ -36,7 +37,8 @@ def test_folds_partition_the_outer_acquired_lines(width, accel, acs, folds):
 def test_spread_picks_evenly():
     assert cal.spread(3, 5) == [0, 1, 2]
     assert cal.spread(9, 1) == [4]
-    assert cal.spread(10, 2) == [3, 6]
+    assert cal.spread(10, 2) == [2, 7]
+    assert cal.spread(3, 2) == [0, 2]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_a_folds_lines_never_reach_the_network_or_the_solve_it_scores(phantom, m
     monkeypatch.setattr(cal, "solve", lambda maps, y, cols, *a: (seen.append(("solve", y.numpy(), cols.numpy())),
                                                                  solve(maps, y, cols, *a))[1])
     lam, mu = SMALL_GRID.candidates()
-    errors = cal.fold_errors(engine, poisoned, fold, lam, mu, SMALL_GRID)
+    errors = cal.fold_errors(cal.hold_out(engine, poisoned, fold), lam, mu, SMALL_GRID)
     assert [s[0] for s in seen] == ["net", "solve"]
     for _, k, m in seen:
         assert not np.asarray(m)[fold].any() and np.abs(np.asarray(k)[..., fold]).max() == 0
@@ -81,7 +83,8 @@ def _truth_errors(engine, sl, full, lam, mu, iterations):
 
 def test_a_poor_network_is_trusted_less_and_the_choice_tracks_the_truth(phantom):
     """An untrained network is a poor prior: the held-out lines say so (small λ), and the calibrated solve's
-    image is closer to the truth than the network's and within 25 % of the grid's best candidate."""
+    image is closer to the truth than the network's and within 25 % of the whole grid's best candidate
+    (the search scores one line along λ, then one along μ)."""
     sl, full = phantom
     settings = cal.CalibrationConfig(lams=(0.0, 0.01, 0.1, 1.0), mus=(0.0, 0.002, 0.01), folds=4, slices=1,
                                      iterations=40)
@@ -90,10 +93,15 @@ def test_a_poor_network_is_trusted_less_and_the_choice_tracks_the_truth(phantom)
     assert result.lam <= 0.01, result.summary()
     lam, mu = settings.candidates()
     truth, network = _truth_errors(engine, sl, full, lam, mu, settings.iterations)
-    chosen = truth[[i for i, row in enumerate(result.table) if (row["lam"], row["mu"]) == (result.lam, result.mu)][0]]
+    grid = [(a, b) for a in settings.lams for b in settings.mus]  # candidates()'s order
+    chosen = truth[grid.index((result.lam, result.mu))]
     assert chosen < 0.7 * network, (chosen, network)
     assert chosen <= 1.25 * truth.min(), (chosen, truth.min())
-    assert len(result.table) == lam.numel() and result.folds == 4 and result.slices == 1
+    scored = {(row["lam"], row["mu"]) for row in result.table}
+    assert scored == {(a, 0.002) for a in settings.lams} | {(result.lam, b) for b in settings.mus}
+    assert result.folds == 4 and result.slices == 1
+    with pytest.raises(ValueError, match="start_mu"):
+        cal.CalibrationConfig(mus=(0.0, 0.01), start_mu=0.002)
 
 
 def test_the_cs_refine_is_the_solve_where_the_maps_cover_and_the_network_elsewhere(phantom):

@@ -3,7 +3,7 @@
 The engine (:class:`gadget.recon.engine.Reconstructor`) returns the network's image and final k-space;
 what is sent is decided after it:
 
-    engine.run ─▶ Refiner (refine: pi | none) ─▶ safety check ─▶ image sent
+    engine.run ─▶ Refiner (refine: pi | none | cs) ─▶ safety check ─▶ image sent
 
 :class:`gadget.recon.pipeline.ScanReconstructor` holds a :class:`Refiner` built from its config
 (:meth:`Refiner.for_config`), so every door gets the refine its config asks for from one shared engine.
@@ -14,7 +14,10 @@ k-space (and its re-run, which is never refined); its departure figure the image
 Which mode a config's ``refine`` stands for (:func:`applied_refine`): ``auto`` → the checkpoint's recorded
 refine (:func:`gadget.model.checkpoint.default_refine`, which :func:`gadget.recon.pipeline.build_engine`
 keeps on the engine as ``checkpoint_refine``; ``pi``, :class:`RefineConfig`'s default, for an engine built
-from a model without a checkpoint); a mode given explicitly always wins.
+from a model without a checkpoint); a mode given explicitly always wins. The ``cs`` mode (an L1-wavelet
+solve around the network's image, :mod:`gadget.recon.sparse`) is never a config's or checkpoint's: its
+weights are chosen per scan, and per-scan adaptation (``adapt: solve | scan``,
+:mod:`gadget.train.adapt_run`) hands the doors a :class:`Refiner` holding them.
 """
 from __future__ import annotations
 

@@ -12,11 +12,12 @@ Solved by FISTA (Beck and Teboulle, SIAM J. Imaging Sci. 2009) with step ``1 / (
 Lipschitz bound. The wavelet grid is shifted by a random offset at every step (cycle spinning, which
 BART's ``pics`` also does) so that the Haar blocks leave no fixed edges; the offsets come from a
 seeded generator, so a solve is repeatable. The mask selects phase columns and every readout sample of
-a sampled column is measured, so ``Fᴴ M F`` is a 1-D operation along the phase axis: each step costs
-two 1-D transforms per coil.
+a sampled column is measured, so ``Fᴴ M F`` is a 1-D operation along the phase axis and ``AᴴA`` one
+``W × W`` matrix per readout row (:func:`row_gram`), built once per solve: a step costs one batched
+matrix product, independent of the number of coils.
 
-Several ``(λ, μ)`` pairs are solved at once as a batch of candidates (``P`` below), in chunks that keep
-the coil-image temporaries under :data:`CHUNK_VALUES`.
+Several ``(λ, μ)`` pairs are solved at once as a batch of candidates (``P`` below), in chunks of at
+most :data:`CHUNK_VALUES` image values.
 
 Layouts: maps and k-space complex ``(coil, readout, phase)``; images complex ``(readout, phase)``;
 candidates ``(P, readout, phase)``; ``columns`` bool ``(phase,)``.
@@ -30,12 +31,13 @@ import numpy as np
 import torch
 
 from ..mri.fft import ifft2c
+from ..mri.parallel import serial
 
 HAAR_LEVELS = 4
 """Haar levels: the coarsest band (1/16 of the matrix each way) is left unthresholded."""
 
-CHUNK_VALUES = 1 << 25
-"""Most complex values of one chunk's coil images (candidates × coils × pixels): 256 MiB."""
+CHUNK_VALUES = 1 << 23
+"""Most complex values of one chunk of candidate images (candidates × pixels): 64 MiB per copy."""
 
 
 def haar2(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -74,34 +76,60 @@ def soft_threshold(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return z * ((mag - t).clamp(min=0) / mag.clamp(min=torch.finfo(mag.dtype).tiny))
 
 
+def _wrapped_segments(n: int, size: int, offset: int) -> list[tuple[slice, slice]]:
+    """Where indices ``0..n-1`` land when shifted by ``offset`` on a circle of ``size`` (``n <= size``):
+    ``(source, destination)`` slices, one or two."""
+    first = min(n, size - offset)
+    out = [(slice(0, first), slice(offset, offset + first))]
+    if first < n:
+        out.append((slice(first, n), slice(0, n - first)))
+    return out
+
+
 def wavelet_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, offset: tuple[int, int]) -> torch.Tensor:
     """The proximal step of ``t·||Ψ x||₁`` for the Haar grid moved by ``offset`` (rows, columns): ``x``
-    ``(P, H, W)`` zero-padded to multiples of ``2**levels``, rolled, detail bands soft-thresholded by
-    ``threshold`` ``(P,)``, rolled back and cropped."""
+    ``(P, H, W)`` placed at ``offset`` in a zero grid of multiples of ``2**levels`` (circularly), detail
+    bands soft-thresholded by ``threshold`` ``(P,)``, and read back from the same place."""
     p, h, w = x.shape
     block = 2 ** levels
-    padded = x.new_zeros(p, -(-h // block) * block, -(-w // block) * block)
-    padded[:, :h, :w] = x
-    padded = torch.roll(padded, offset, (-2, -1))
-    coarse, details = haar2(padded, levels)
+    grid = x.new_zeros(p, -(-h // block) * block, -(-w // block) * block)
+    places = [(rs, rd, cs, cd) for rs, rd in _wrapped_segments(h, grid.shape[1], offset[0])
+              for cs, cd in _wrapped_segments(w, grid.shape[2], offset[1])]
+    for rs, rd, cs, cd in places:
+        grid[:, rd, cd] = x[:, rs, cs]
+    coarse, details = haar2(grid, levels)
     t = threshold.view(p, 1, 1, 1).to(x.real.dtype)
-    out = ihaar2(coarse, [soft_threshold(d, t) for d in details])
-    return torch.roll(out, (-offset[0], -offset[1]), (-2, -1))[:, :h, :w]
+    shrunk = ihaar2(coarse, [soft_threshold(d, t) for d in details])
+    out = torch.empty_like(x)
+    for rs, rd, cs, cd in places:
+        out[:, rs, cs] = shrunk[:, rd, cd]
+    return out
 
 
-def _phase_fft(x: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Centred orthonormal 1-D DFT along the last axis (phase)."""
-    shifted = torch.fft.ifftshift(x, dim=-1)
-    out = torch.fft.ifft(shifted, dim=-1, norm="ortho") if inverse else torch.fft.fft(shifted, dim=-1, norm="ortho")
-    return torch.fft.fftshift(out, dim=-1)
+def row_gram(maps: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``AᴴA`` restricted to each readout row, ``(H, W, W)``: ``G_r = Q ⊙ (S_rᴴ S_r)`` with ``Q = Fᴴ M F``
+    (the centred orthonormal 1-D DFT ``F`` along the phase axis, ``M`` the sampled columns) and ``S_r``
+    ``(C, W)`` row ``r`` of the maps, since ``Σ_c diag(s̄_c) Q diag(s_c)`` is ``Q`` times ``Σ_c s̄_c s_cᵀ``
+    elementwise. One matrix product per row and step then applies ``AᴴA`` whatever the coil count."""
+    w = maps.shape[-1]
+    eye = torch.eye(w, dtype=maps.dtype, device=maps.device)
+    dft = torch.fft.fftshift(torch.fft.fft(torch.fft.ifftshift(eye, dim=0), dim=0, norm="ortho"), dim=0)
+    sampled = dft[columns.to(torch.bool)]
+    q = sampled.conj().T @ sampled
+    rows = maps.permute(1, 0, 2)                                    # (H, C, W)
+    return q * (rows.conj().transpose(1, 2) @ rows)
+
+
+def apply_gram(gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``AᴴA x`` for candidates ``x`` ``(P, H, W)`` with :func:`row_gram`'s ``gram``: ``x[p, r] @ G_rᵀ``
+    per row, as one batched product over rows on a strided view (no copy of ``x``)."""
+    return torch.matmul(x.transpose(0, 1), gram.transpose(1, 2)).transpose(0, 1)
 
 
 def normal(maps: torch.Tensor, columns: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``AᴴA x`` for candidates ``x`` ``(P, H, W)``: ``Σ_c conj(S_c) Fᴴ M F (S_c x)``, with ``F`` along
     the phase axis only (the readout transforms cancel)."""
-    coils = maps.unsqueeze(0) * x.unsqueeze(1)
-    kept = _phase_fft(coils, inverse=False) * columns.to(coils.dtype)
-    return (maps.conj().unsqueeze(0) * _phase_fft(kept, inverse=True)).sum(1)
+    return apply_gram(row_gram(maps, columns), x)
 
 
 def adjoint(maps: torch.Tensor, measured: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -127,15 +155,15 @@ def solve(maps: torch.Tensor, measured: torch.Tensor, columns: torch.Tensor, pri
     if lam.shape != mu.shape or bool((lam < 0).any()) or bool((mu < 0).any()):
         raise ValueError(f"lam and mu must be non-negative and of one length, got {lam.shape} and {mu.shape}")
     data = adjoint(maps, measured, columns)
+    gram = row_gram(maps, columns)
     scale = image_scale(prior)
-    per_candidate = maps.numel()
-    chunk = max(1, CHUNK_VALUES // per_candidate)
-    parts = [_fista(maps, columns, data, prior, lam[i:i + chunk], mu[i:i + chunk] * scale, iterations, seed)
+    chunk = max(1, CHUNK_VALUES // prior.numel())
+    parts = [_fista(gram, data, prior, lam[i:i + chunk], mu[i:i + chunk] * scale, iterations, seed)
              for i in range(0, lam.numel(), chunk)]
     return torch.cat(parts)
 
 
-def _fista(maps, columns, data, prior, lam, mu, iterations: int, seed: int) -> torch.Tensor:
+def _fista(gram, data, prior, lam, mu, iterations: int, seed: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     block = 2 ** HAAR_LEVELS
     lam3 = lam.view(-1, 1, 1)
@@ -143,10 +171,12 @@ def _fista(maps, columns, data, prior, lam, mu, iterations: int, seed: int) -> t
     x = prior.unsqueeze(0).expand(lam.numel(), *prior.shape).clone()
     z, t = x.clone(), 1.0
     for _ in range(iterations):
-        gradient = normal(maps, columns, z) - data + lam3 * (z - prior)
+        normal_z = apply_gram(gram, z)  # the one heavy product: all threads
         offset = (int(rng.integers(block)), int(rng.integers(block)))
-        new = wavelet_shrink(z - step * gradient, mu * step.view(-1), HAAR_LEVELS, offset)
-        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
-        z = new + ((t - 1) / t_new) * (new - x)
-        x, t = new, t_new
+        with serial(z.numel()):  # the rest are small passes (gadget.mri.parallel)
+            gradient = normal_z - data + lam3 * (z - prior)
+            new = wavelet_shrink(z - step * gradient, mu * step.view(-1), HAAR_LEVELS, offset)
+            t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            z = new + ((t - 1) / t_new) * (new - x)
+            x, t = new, t_new
     return x

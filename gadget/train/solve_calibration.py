@@ -8,10 +8,12 @@ lines stands in for it:
 
 - the acquired lines outside the ACS block are dealt at random into ``folds`` disjoint folds (the ACS
   block always stays: the maps and the sensitivity network read it);
-- for each fold, the network runs on the slice without that fold's lines, and every candidate
-  ``(λ, μ)`` of the grid is solved on the same lines;
+- for each fold, the network runs on the slice without that fold's lines, and each candidate ``(λ, μ)``
+  is solved on the same lines;
 - each candidate predicts the fold's lines (``F S x̂`` on those columns); its score is the squared
-  error normalised by the lines' energy, summed over folds and slices;
+  error normalised by the lines' energy, averaged over folds and slices;
+- the search runs along the axes of the grid: every λ at the starting μ, then every μ at the best λ
+  (the score varies smoothly in both, and two lines cost a fraction of the whole grid);
 - the pair with the lowest score wins and the scan is reconstructed with it on all its lines.
 
 Every acquired outer line is held back exactly once, and a candidate never sees the lines it is scored
@@ -42,9 +44,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Settings of :func:`calibrate_solve`. ``lams`` × ``mus``: the grid of candidates (λ is the pull to
-    the network's image relative to the data term, μ the sparsity weight in units of the image's 99th
-    percentile); ``folds``: K of the cross-validation; ``slices``: the most slices scored (spread over
+    """Settings of :func:`calibrate_solve`. ``lams`` × ``mus``: the grid searched (λ is the pull to the
+    network's image relative to the data term, μ the sparsity weight in units of the image's 99th
+    percentile), along λ at ``start_mu`` first; ``folds``: K of the cross-validation; ``slices``: the most slices scored (spread over
     the scan; the noise, coils and contrast that decide the weights are the scan's, not the slice's);
     ``iterations``: FISTA steps per solve.
 
@@ -55,6 +57,7 @@ class CalibrationConfig:
 
     lams: tuple = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     mus: tuple = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+    start_mu: float = 0.002
     folds: int = 6
     slices: int = 2
     iterations: int = 60
@@ -63,6 +66,8 @@ class CalibrationConfig:
     def __post_init__(self):
         if not self.lams or not self.mus or min(self.lams) < 0 or min(self.mus) < 0:
             raise ValueError(f"the calibration grid needs non-negative λ and μ values, got {self.lams}, {self.mus}")
+        if self.start_mu not in self.mus:
+            raise ValueError(f"start_mu {self.start_mu} must be one of mus {self.mus}")
         if self.folds < 2 or self.slices < 1 or self.iterations < 1:
             raise ValueError(f"folds must be >= 2, slices and iterations >= 1, got {self.folds}, {self.slices}, "
                              f"{self.iterations}")
@@ -72,14 +77,22 @@ class CalibrationConfig:
         lam, mu = np.meshgrid(np.asarray(self.lams, np.float32), np.asarray(self.mus, np.float32), indexing="ij")
         return torch.from_numpy(lam.ravel()), torch.from_numpy(mu.ravel())
 
+    def lam_line(self) -> list[tuple[float, float]]:
+        """The first line searched: every λ at ``start_mu``."""
+        return [(float(lam), float(self.start_mu)) for lam in self.lams]
+
+    def mu_line(self, lam: float) -> list[tuple[float, float]]:
+        """The second line: every μ at ``lam``."""
+        return [(float(lam), float(mu)) for mu in self.mus]
+
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass
 class CalibrationResult:
-    """What :func:`calibrate_solve` chose: ``lam``/``mu``, their ``score`` and the whole grid's
-    (``table``: one ``{lam, mu, score}`` per candidate), the folds and slices it used and its time."""
+    """What :func:`calibrate_solve` chose: ``lam``/``mu``, their ``score`` and every scored candidate's
+    (``table``: one ``{lam, mu, score}`` each), the folds and slices it used and its time."""
 
     lam: float
     mu: float
@@ -112,7 +125,7 @@ def spread(count: int, most: int) -> list[int]:
     """Up to ``most`` indices of ``range(count)`` spread evenly (the middle one when ``most`` is 1)."""
     if count <= most:
         return list(range(count))
-    return sorted({int(round(x)) for x in np.linspace(0, count - 1, most + 2)[1:-1]})
+    return [int((i + 0.5) * count / most) for i in range(most)]  # the centres of ``most`` equal parts
 
 
 def network_prior(engine, kspace: np.ndarray, mask: np.ndarray, acs: int, sens_kspace=None,
@@ -128,22 +141,40 @@ def network_prior(engine, kspace: np.ndarray, mask: np.ndarray, acs: int, sens_k
     return image[0], maps[0], prior[0]
 
 
-def fold_errors(engine, sl: AdaptSlice, fold: np.ndarray, lam: torch.Tensor, mu: torch.Tensor,
-                settings: CalibrationConfig) -> torch.Tensor:
-    """Each candidate's normalised squared error ``(P,)`` on the lines of ``fold``, solved without them."""
+@dataclass
+class HeldOutFold:
+    """One slice with one fold's lines held back: the data the candidates see (``measured`` complex
+    ``(C, H, W)`` on ``kept`` ``(W,)``), the network's ``prior`` ``(H, W)`` and ``maps`` ``(C, H, W)`` from
+    those data alone, and the held-back lines (``fold`` column indices, ``held`` ``(C, H, len(fold))``)."""
+
+    measured: torch.Tensor
+    kept: torch.Tensor
+    maps: torch.Tensor
+    prior: torch.Tensor
+    fold: np.ndarray
+    held: torch.Tensor
+
+
+def hold_out(engine, sl: AdaptSlice, fold: np.ndarray) -> HeldOutFold:
+    """The slice ``sl`` without the lines of ``fold``, and the network's image from what is left."""
     kept = sl.mask.copy()
     kept[fold] = False
     measured = sl.kspace * kept
     _, maps, prior = network_prior(engine, measured, kept, sl.acs, sl.sens_kspace)
     device = prior.device
-    y = torch.from_numpy(measured).to(device, torch.complex64)
-    x = solve(maps, y, torch.from_numpy(kept).to(device), prior, lam, mu, settings.iterations, settings.seed)
-    held = torch.from_numpy(sl.kspace[..., fold]).to(device, torch.complex64)
+    return HeldOutFold(torch.from_numpy(measured).to(device, torch.complex64), torch.from_numpy(kept).to(device),
+                       maps, prior, fold, torch.from_numpy(sl.kspace[..., fold]).to(device, torch.complex64))
+
+
+def fold_errors(data: HeldOutFold, lam: torch.Tensor, mu: torch.Tensor, settings: CalibrationConfig) -> torch.Tensor:
+    """Each candidate's squared error on the held-back lines ``(P,)``, normalised by their energy."""
+    x = solve(data.maps, data.measured, data.kept, data.prior, lam, mu, settings.iterations, settings.seed)
     errors = []
     for candidate in x:  # one at a time: the whole k-space of every candidate at once is large
-        predicted = fft2c(maps * candidate)[..., fold]
-        errors.append((predicted - held).abs().square().sum())
-    return torch.stack(errors).cpu() / held.abs().square().sum().clamp(min=torch.finfo(torch.float32).tiny).cpu()
+        predicted = fft2c(data.maps * candidate)[..., data.fold]
+        errors.append((predicted - data.held).abs().square().sum())
+    energy = data.held.abs().square().sum().clamp(min=torch.finfo(torch.float32).tiny)
+    return (torch.stack(errors) / energy).cpu()
 
 
 @torch.inference_mode()
@@ -156,17 +187,26 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
     if not slices:
         raise AdaptError("no slices to calibrate the solve on")
     t0 = time.perf_counter()
-    lam, mu = settings.candidates()
     rng = np.random.default_rng(settings.seed)
     chosen = [slices[i] for i in spread(len(slices), settings.slices)]
     plan = [(sl, fold) for sl in chosen for fold in outer_folds(sl.mask, sl.split_acs, settings.folds, rng)]
-    total = torch.zeros(lam.numel())
+    table = []
+
+    def best(line: list[tuple[float, float]]) -> tuple[float, float, float]:
+        lam, mu = (torch.tensor(values, dtype=torch.float32) for values in zip(*line))
+        total = torch.zeros(len(line))
+        for data in held_out:
+            total += fold_errors(data, lam, mu, settings)
+        scores = (total / len(held_out)).tolist()
+        table.extend({"lam": a, "mu": b, "score": c} for (a, b), c in zip(line, scores))
+        i = int(np.argmin(scores))
+        return line[i][0], line[i][1], scores[i]
+
+    held_out = []
     for done, (sl, fold) in enumerate(plan, 1):
-        total += fold_errors(engine, sl, fold, lam, mu, settings)
+        held_out.append(hold_out(engine, sl, fold))
         if on_fold:
             on_fold(done, len(plan))
-    score = total / len(plan)
-    best = int(torch.argmin(score))
-    table = [{"lam": float(a), "mu": float(b), "score": float(s)} for a, b, s in zip(lam, mu, score)]
-    return CalibrationResult(float(lam[best]), float(mu[best]), float(score[best]), table, settings.folds,
-                             len(chosen), time.perf_counter() - t0)
+    lam, _, _ = best(settings.lam_line())
+    lam, mu, score = best(settings.mu_line(lam))
+    return CalibrationResult(lam, mu, score, table, settings.folds, len(chosen), time.perf_counter() - t0)
