@@ -30,8 +30,12 @@ def test_folds_partition_the_outer_acquired_lines(width, accel, acs, folds):
     assert len(parts) == folds and len(np.unique(joined)) == joined.size, "folds overlap"
     assert set(joined) == set(np.flatnonzero(mask & ~acs_lines(width, acs))), "not every outer line held back once"
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    n_outer = int((mask & ~acs_lines(width, acs)).sum())
+    assert [len(p) for p in cal.outer_folds(mask, acs, n_outer + 3, np.random.default_rng(0))] == [1] * n_outer
+    one = acs_lines(width, acs)
+    one[0] = True
     with pytest.raises(AdaptError, match="too few"):
-        cal.outer_folds(mask, acs, int((mask & ~acs_lines(width, acs)).sum()) + 1, np.random.default_rng(0))
+        cal.outer_folds(one, acs, folds, np.random.default_rng(0))
 
 
 def test_spread_picks_evenly():

@@ -113,10 +113,12 @@ class CalibrationResult:
 
 def outer_folds(mask: np.ndarray, acs: int, folds: int, rng: np.random.Generator) -> list[np.ndarray]:
     """The acquired lines of ``mask`` outside the ACS block dealt at random into ``folds`` disjoint sets
-    (sorted column indices; sizes differ by at most one)."""
+    (sorted column indices; sizes differ by at most one); one line per fold where there are fewer lines
+    than folds. At least two such lines are needed."""
     outer = np.flatnonzero(np.asarray(mask, bool) & ~acs_lines(mask.size, acs))
-    if outer.size < folds:
-        raise AdaptError(f"{outer.size} acquired lines outside the ACS block: too few for {folds} folds")
+    if outer.size < 2:
+        raise AdaptError(f"{outer.size} acquired lines outside the ACS block: too few to hold any back")
+    folds = min(folds, outer.size)
     rng.shuffle(outer)
     return [np.sort(outer[k::folds]) for k in range(folds)]
 
@@ -209,4 +211,4 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
             on_fold(done, len(plan))
     lam, _, _ = best(settings.lam_line())
     lam, mu, score = best(settings.mu_line(lam))
-    return CalibrationResult(lam, mu, score, table, settings.folds, len(chosen), time.perf_counter() - t0)
+    return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0)
