@@ -26,7 +26,7 @@ import torch
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from converters.simulate import simulate_volume
+from gadget.converters.simulate import simulate_volume
 from gadget.baselines.bart import BartConfig, find_bart, pics_l1
 from gadget.model.checkpoint import load_checkpoint, resolve_refine
 from gadget.model.shipped import shipped_checkpoint

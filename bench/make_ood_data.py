@@ -3,7 +3,7 @@
 * ``bart/``: BART's analytic phantoms in k-space with BART's own coil sensitivities
   (``bart phantom -k -s C -x N``; Shepp-Logan and the geometric phantom), no readout
   oversampling, complex Gaussian noise added at the given SNR (definition of
-  :mod:`converters.simulate`); one slice per file.
+  :mod:`gadget.converters.simulate`); one slice per file.
 * ``brain/``: real T1 intensities of INIA19 (``inia19-t1-brain.nii.gz``, an anatomy no training
   source contains), axial slices scaled to human size in a 256×256 field of view that holds the
   whole brain, times a 10-coil birdcage model (:func:`birdcage_sensitivities`), a smooth image phase,
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.simulate import (SimulatedVolume, centred_fft, correlated_noise, kspace_to_rss, noise_sigma,
+from gadget.converters.simulate import (SimulatedVolume, centred_fft, correlated_noise, kspace_to_rss, noise_sigma,
                                  write_fastmri)
 from gadget.baselines.bart import read_cfl, run_bart
 
@@ -78,10 +78,10 @@ def birdcage_sensitivities(size: int, coils: int, radius: float = 1.5) -> np.nda
 
 def inia_t1_slice(fraction: float, size: int) -> np.ndarray:
     """Axial slice at ``fraction`` of INIA19's T1 brain height, scaled to human size
-    (``converters.tissue.INIA_SCALE``), centred in ``size``×``size`` 1 mm pixels; float32, max 1."""
+    (``gadget.converters.tissue.INIA_SCALE``), centred in ``size``×``size`` 1 mm pixels; float32, max 1."""
     from scipy import ndimage
-    from converters.anatomy import _read_nifti
-    from converters.tissue import INIA_SCALE, inia_path
+    from gadget.converters.anatomy import _read_nifti
+    from gadget.converters.tissue import INIA_SCALE, inia_path
 
     data, affine = _read_nifti(inia_path())
     k = int(round(fraction * (data.shape[2] - 1)))

@@ -29,8 +29,8 @@ def _parse() -> argparse.Namespace:
 
 
 def _time_source(source: str, args) -> tuple[float, float] | None:
-    from converters.anatomy import AnatomyUnavailable, load_anatomy
-    from converters.simulate import simulate_volume, write_fastmri
+    from gadget.converters.anatomy import AnatomyUnavailable, load_anatomy
+    from gadget.converters.simulate import simulate_volume, write_fastmri
 
     try:
         load_anatomy(source)
@@ -56,7 +56,7 @@ def _preview(path: Path, args) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from converters.simulate import image_from_kspace, simulate_volume
+    from gadget.converters.simulate import image_from_kspace, simulate_volume
     from gadget.mri.masks import make_mask
 
     vol = simulate_volume(1, args.coils, (args.matrix, args.matrix), seed=3, source="mni", workers=args.threads)

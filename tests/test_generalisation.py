@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters.simulate import simulate_volume, write_fastmri
 from gadget.evaluation import EvaluationError, Undersample, compare_methods
 from gadget.evaluation.generalisation import (HELD_OUT, SEEN, EvalSet, ModelSpec, load_spec, matrix_markdown,
                                               parse_spec, training_label, unseen_factors)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from converters.anatomy import AnatomyUnavailable
-from converters.headsim import HeadScan, simulate_head_volume
-from converters.tissue import CONTRAST_SIGNALS
+from gadget.converters.anatomy import AnatomyUnavailable
+from gadget.converters.headsim import HeadScan, simulate_head_volume
+from gadget.converters.tissue import CONTRAST_SIGNALS
 from gadget.baselines.espirit import espirit_maps
 from gadget.baselines.sense import cg_sense
 from gadget.model.checkpoint import load_checkpoint
@@ -133,7 +133,7 @@ def random_engine():
 
 def _fastmri_kspace(raw_path):
     """The scan's measured k-space per slice, read back independently (the test-format file of the scan)."""
-    from converters.ismrmrd_to_fastmri import convert_ismrmrd_to_fastmri
+    from gadget.converters.ismrmrd_to_fastmri import convert_ismrmrd_to_fastmri
     import h5py
 
     out = raw_path.with_name(raw_path.stem + "_fm.h5")
