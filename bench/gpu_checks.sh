@@ -13,7 +13,10 @@ mkdir -p "$OUT"
 if [ -d .gpu-wheels ]; then
     "$PY" -m pip install --quiet --no-index --no-deps --find-links .gpu-wheels .gpu-wheels/*.whl
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The checkout itself, editable: gadget.converters and gadget.pipelines exist only through an install
+# (pyproject.toml maps converters/ and pipelines/ into the package), so PYTHONPATH=$PWD is not enough.
+# No network there: the build backend (setuptools) comes from the machine or from .gpu-wheels.
+"$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
 "$PY" - <<'PY'
 import torch
 assert torch.cuda.is_available(), "no CUDA device: these checks need one"
