@@ -1,4 +1,5 @@
-"""Out-of-distribution test sets that no `varnet synth` source or coil model produced (docs/results/held-out-matrix.md).
+"""Out-of-distribution test sets that no `varnet synth` source or coil model produced
+(docs/results/held-out-matrix.md).
 
 * ``bart/``: BART's analytic phantoms in k-space with BART's own coil sensitivities
   (``bart phantom -k -s C -x N``; Shepp-Logan and the geometric phantom), no readout
@@ -15,7 +16,8 @@
   converter.
 
 Both are fully sampled fastMRI-layout files; `varnet compare --acceleration R` undersamples them.
-Usage: ``python bench/make_ood_data.py OUT_DIR`` (needs Debian ``bart`` and ``ismrmrd-tools``).
+Usage: ``python experiments/generalisation/scripts/make_ood_data.py OUT_DIR`` (needs Debian ``bart`` and
+``ismrmrd-tools``).
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gadget.converters.simulate import (SimulatedVolume, centred_fft, correlated_noise, kspace_to_rss, noise_sigma,
-                                 write_fastmri)
+from gadget.converters.simulate import (SimulatedVolume, centred_fft, correlated_noise, kspace_to_rss,
+                                        noise_sigma, write_fastmri)
 from gadget.baselines.bart import read_cfl, run_bart
 
 

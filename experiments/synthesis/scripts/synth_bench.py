@@ -1,6 +1,7 @@
 """Speed of ``varnet synth``: simulated slices per second (12 coils, k-space 640×320, 2 threads).
 
-    python bench/synth_bench.py [--coils 12] [--matrix 320] [--slices 4] [--threads 2] [--preview PNG]
+    python experiments/synthesis/scripts/synth_bench.py [--coils 12] [--matrix 320] [--slices 4] [--threads 2] \
+        [--preview PNG]
 
 Prints one table row per anatomy source (anatomy loading is done before timing): the pure
 simulation (``simulate_volume``) and simulation plus writing the fastMRI file. ``--preview``
@@ -90,7 +91,6 @@ def main() -> int:
     args = _parse()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     print(f"synth benchmark: {args.coils} coils, k-space {2 * args.matrix}x{args.matrix} (readout x phase), "
           f"{args.slices} slices/volume, {args.threads} threads, {os.cpu_count()} CPUs")
     print(f"{'source':8s} {'simulate slices/s':>18s} {'+ write slices/s':>17s}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks (docs/results/performance.md, "GPU") in one run on a CUDA machine, e.g. through the device tool:
 #   make gpu-wheels            # here, once: the machine there cannot download
-#   run(command="bash bench/gpu_checks.sh", carry=[".gpu-wheels"], timeout_s=540)
+#   run(command="bash experiments/gpu/scripts/gpu_checks.sh", carry=[".gpu-wheels"], timeout_s=540)
 # Installs the carried wheels next to the machine's own PyTorch, runs every CUDA test, then the
 # model benchmark (reference and ours on the same card, in one run), the training-step benchmark and the
 # refinement's cost against the network's.
