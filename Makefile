@@ -38,9 +38,10 @@ openrecon: install
 	$(BIN)/varnet openrecon package --out-dir dist/openrecon
 
 # Wheels for a CUDA machine that cannot download (Python 3.12 there, PyTorch already installed):
-# what the package and its GPU checks import beyond that image. Used by bench/gpu_checks.sh.
+# what the package and its GPU checks import beyond that image, and setuptools to install the checkout
+# editable there. Used by experiments/gpu/scripts/gpu_checks.sh.
 GPU_WHEELS := ismrmrd==1.15.0 xsdata==26.10 gadgetron==1.4.1 multimethod==2.1 pyFFTW==0.15.1 \
-              nibabel==5.4.2 nilearn==0.14.1 fastmri==0.3.0 pydicom==3.0.2
+              nibabel==5.4.2 nilearn==0.14.1 fastmri==0.3.0 pydicom==3.0.2 setuptools==84.2.1
 gpu-wheels: install
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels $(GPU_WHEELS)

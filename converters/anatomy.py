@@ -56,7 +56,7 @@ TISSUE_SIGNAL = {
 }
 
 #: Default recon field of view (mm, along the image rows) per source: the object fits with margin.
-DEFAULT_FOV_MM = {"mni": 220.0, "colin": 256.0, "phantom": 240.0, "inia": 220.0}  # inia: converters.tissue
+DEFAULT_FOV_MM = {"mni": 220.0, "colin": 256.0, "phantom": 240.0, "inia": 220.0}  # inia: gadget.converters.tissue
 
 
 class AnatomyUnavailable(ValueError):

@@ -1,6 +1,6 @@
 """Receive coil array: circular loops on a cylinder, Biot–Savart sensitivities, noise covariance.
 
-Frame: scanner coordinates (mm, RAS; B0 along +z — see :mod:`converters.geometry`).
+Frame: scanner coordinates (mm, RAS; B0 along +z — see :mod:`gadget.converters.geometry`).
 
 Geometry (:func:`loop_array`): ``C`` flat loops tangent to a cylinder of radius ``R`` around the
 z axis, in ``ceil(C / 8)`` rings spread along z (every other ring turned by half a loop

@@ -4,7 +4,7 @@ Two frames, both in millimetres with RAS axes (x → Right, y → Anterior, z �
 
 * **scanner** coordinates: B0 along +z; the receive array sits on a cylinder around the z axis;
   slices are planes in this frame.
-* **object** coordinates (see :mod:`converters.anatomy`): the anatomy's own frame. A
+* **object** coordinates (see :mod:`gadget.converters.anatomy`): the anatomy's own frame. A
   :class:`Pose` maps one to the other — the subject is scaled, turned about the slice normal and
   shifted in the slice plane, which varies the anatomy between simulated volumes.
 

@@ -2,7 +2,7 @@
 
 Per volume, every choice is drawn from one ``numpy.random.Generator`` (:func:`random_head_scan`):
 
-* anatomy: a whole head (:mod:`converters.tissue`: scalp, fat, skull, marrow, muscle — real for
+* anatomy: a whole head (:mod:`gadget.converters.tissue`: scalp, fat, skull, marrow, muscle — real for
   Colin27, derived for the skull-stripped sources), or with ``brain_only`` the brain alone
   (skull-stripped; field of view and coils placed as for the head around it), with a random
   contrast (T1w/T2w/PDw/FLAIR-like or fully random class values), a random smooth deformation
@@ -13,13 +13,13 @@ Per volume, every choice is drawn from one ``numpy.random.Generator`` (:func:`ra
   axis is the phase axis is drawn too;
 * matrix: readout and phase sizes from the pixel size, 96–384, square or not, even or odd; 2×
   readout oversampling or none;
-* receive array: 8–32 loops hugging the scalp (:func:`converters.coils.head_array`, 3–12 mm away),
+* receive array: 8–32 loops hugging the scalp (:func:`gadget.converters.coils.head_array`, 3–12 mm away),
   random element phases, noise correlation from the sensitivity overlap; B0-like smooth phase;
-* noise: SNR drawn in dB (definition in :mod:`converters.simulate`).
+* noise: SNR drawn in dB (definition in :mod:`gadget.converters.simulate`).
 
-The forward model is that of :mod:`converters.simulate` (fine grid at twice the resolution,
+The forward model is that of :mod:`gadget.converters.simulate` (fine grid at twice the resolution,
 cropped in k-space, no inverse crime), extended to rectangular fields of view, optional readout
-oversampling and phase aliasing. Output: a :class:`converters.simulate.SimulatedVolume` (k-space
+oversampling and phase aliasing. Output: a :class:`gadget.converters.simulate.SimulatedVolume` (k-space
 ``(slice, coil, os·H, W)``, targets ``(slice, H, W)``).
 """
 from __future__ import annotations
@@ -152,7 +152,7 @@ def random_head_scan(rng: np.random.Generator, sources: Sequence[str] = ("mni", 
                      snr_limits_db: tuple[float, float] = (15.0, 40.0),
                      brain_only_fraction: float = 0.0) -> HeadScan:
     """Draw a :class:`HeadScan`: source uniform over ``sources``; contrast by
-    :func:`converters.tissue.random_signals`; axial 60 %, coronal and sagittal 20 % each; phase
+    :func:`gadget.converters.tissue.random_signals`; axial 60 %, coronal and sagittal 20 % each; phase
     axis either in-plane axis; readout FOV 1.0–1.25 × the head, phase FOV 0.8–1.15 × (below 1 the
     head folds in); pixel 0.7–2.0 mm, phase pixels 1–1.35 × coarser; readout oversampling 1 or 2;
     coils and SNR uniform in their limits; loops 3–12 mm from the head; texture 0–8 %; bias 0–0.3;

@@ -2,19 +2,19 @@
 
 Physics, in order (one function each, tested separately in ``tests/test_synth.py``):
 
-1. **Anatomy** (:mod:`converters.anatomy`, :mod:`converters.geometry`): slices from the central
+1. **Anatomy** (:mod:`gadget.converters.anatomy`, :mod:`gadget.converters.geometry`): slices from the central
    part of a 3-D head/brain volume (MNI152, Colin27) or an analytic phantom, the subject
    randomly scaled/turned/shifted per volume, sampled (trilinear) on a **fine grid**: twice the
    acquisition matrix over the recon FOV (pixel = FOV / (2 · matrix)).
 2. **Smooth random phase** (:class:`SmoothPhase`): a quadratic polynomial plus a few
    low-frequency cosines (periods of about 150 mm) in scanner coordinates, like B0-offset phase.
-3. **Coil sensitivities** (:mod:`converters.coils`): Biot–Savart fields of circular loops on a
+3. **Coil sensitivities** (:mod:`gadget.converters.coils`): Biot–Savart fields of circular loops on a
    cylinder around the head; sensitivity ``B_x - i B_y``.
 4. **k-space without inverse crime** (:func:`fine_to_kspace`): coil images on the fine grid →
    centred orthonormal FFT → keep the central ``W`` phase and ``2H`` readout frequencies, with the
    readout FOV twice the recon FOV (2× readout oversampling, as fastMRI stores 640 for a 320 image).
 5. **Noise** (:func:`correlated_noise`): complex Gaussian, covariance ``σ² Ψ`` across coils
-   (``Ψ`` from :func:`converters.coils.noise_covariance`, mean diagonal 1), white over k-space,
+   (``Ψ`` from :func:`gadget.converters.coils.noise_covariance`, mean diagonal 1), white over k-space,
    plus a noise-only acquisition. **SNR definition**: ``SNR_dB = 20 log10(μ / σ)`` where ``μ`` is
    the mean of the noise-free RSS target over the object (pixels above 10 % of the volume's
    maximum) and ``σ²`` the mean per-coil noise variance of one k-space sample — equal, with the

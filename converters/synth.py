@@ -1,10 +1,10 @@
 """The ``varnet synth`` job: write N simulated multi-coil volumes (fastMRI or ISMRMRD files).
 
-Volume ``i`` is simulated by :func:`converters.simulate.simulate_volume` with its own seed drawn
+Volume ``i`` is simulated by :func:`gadget.converters.simulate.simulate_volume` with its own seed drawn
 from ``SeedSequence([seed, i])`` (so volumes differ, and any one is reproducible alone), and
 written to ``OUT_DIR/synth_<source>_<orientation>_<iii>.h5``.
 
-fastMRI format, per file (train/val layout, see :mod:`converters.simulate`): ``kspace`` complex64
+fastMRI format, per file (train/val layout, see :mod:`gadget.converters.simulate`): ``kspace`` complex64
 ``(slice, coil, 2·matrix, matrix)`` fully sampled; ``reconstruction_rss`` and
 ``target_noise_free`` float32 ``(slice, matrix, matrix)``; ``noise`` complex64 ``(coil, samples)``;
 ``ismrmrd_header``; attrs ``max``, ``norm``, ``acquisition`` (e.g. ``SIM_MNI_T1``), ``patient_id``.
@@ -13,7 +13,7 @@ volume, drawn from the list; mask seeded per volume, shared by all slices) and t
 carries ``mask`` and attrs ``acceleration``, ``num_low_frequency`` — the targets are kept.
 
 ISMRMRD format: the fastMRI file is written to a temporary folder inside ``OUT_DIR`` and converted
-by :func:`converters.fastmri_to_ismrmrd.convert_fastmri_to_ismrmrd` (the mask applied there).
+by :func:`gadget.converters.fastmri_to_ismrmrd.convert_fastmri_to_ismrmrd` (the mask applied there).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ NOISE_READOUTS = 8  # noise-only samples per coil = NOISE_READOUTS × readout le
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to write. Sizes in voxels, SNR in dB (definition in :mod:`converters.simulate`)."""
+    """What to write. Sizes in voxels, SNR in dB (definition in :mod:`gadget.converters.simulate`)."""
 
     out_dir: Path
     source: str = "mni"
@@ -55,7 +55,7 @@ class SynthConfig:
     contrast: str = "t1w"
     fov_mm: Optional[float] = None
     threads: int = 1
-    head: bool = False                          # domain-randomised whole heads (converters.headsim)
+    head: bool = False                          # domain-randomised whole heads (gadget.converters.headsim)
     head_sources: tuple[str, ...] = ("mni", "colin")
     matrix_limits: tuple[int, int] = (96, 384)  # head mode: image matrix range
     coil_limits: tuple[int, int] = (8, 32)      # head mode: coil count range
@@ -131,7 +131,7 @@ def volume_mask(config: SynthConfig, index: int, width: Optional[int] = None) ->
 def run_synth(config: SynthConfig, progress: Optional[Callable[[int], None]] = None) -> list[Path]:
     """Write ``config.volumes`` files into ``config.out_dir``; returns their paths.
 
-    Raises ``ValueError`` for bad settings, :class:`converters.anatomy.AnatomyUnavailable` when the
+    Raises ``ValueError`` for bad settings, :class:`gadget.converters.anatomy.AnatomyUnavailable` when the
     anatomy files are missing, ``ImportError`` when the ISMRMRD converter is unavailable.
     """
     if not config.head:  # head sources are checked by SynthConfig; their files load per volume

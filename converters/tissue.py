@@ -4,7 +4,7 @@ A :class:`TissueVolume` holds, on one voxel grid, the fraction ``f_k(v) ∈ [0, 
 ``k`` of :data:`CLASSES` (``Σ_k f_k ≤ 1``; the rest is air). A contrast is one signal value per
 class; the magnitude is ``m(v) = Σ_k f_k(v) s_k`` (partial volume comes for free from fractions).
 
-Sources (each its own function; facts about the files in :mod:`converters.anatomy`):
+Sources (each its own function; facts about the files in :mod:`gadget.converters.anatomy`):
 
 * :func:`mni_tissues` — the skull-stripped MNI152 2009 template: GM/WM probability maps, CSF the
   rest of the brain mask; everything outside the brain is *derived* (:func:`head_layers`).

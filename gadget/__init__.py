@@ -2,7 +2,9 @@
 
 Layers (imports point downward only): ``mri`` (pure k-space math) → ``model``
 (E2E-VarNet, checkpoints) → ``data`` (file formats) → ``recon`` (engine) →
-``cli`` and the other doors.
+``cli`` and the other doors. ``gadget.converters`` (installed from the repository's
+converters/ folder) may import the core and is imported only by the doors, the CLI, the demo and
+the benchmarks; ``gadget.pipelines`` (from pipelines/) is data: presets and chains.
 """
 from importlib.metadata import PackageNotFoundError, version
 

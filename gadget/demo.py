@@ -1,6 +1,6 @@
 """The built-in demo job: a simulated undersampled raw scan streamed through the gadget.
 
-A simulated multi-coil whole-head scan (:mod:`converters.headsim`: scalp, fat and skull around
+A simulated multi-coil whole-head scan (:mod:`gadget.converters.headsim`: scalp, fat and skull around
 the brain, coils close to the scalp, the head filling the phase field of view; with a noise scan)
 is written as a raw ISMRMRD file and streamed through the same pipeline the Gadgetron and
 MRD-server doors use (replay door), once zero-filled and once with E2E-VarNet; images go to HDF5
@@ -16,9 +16,9 @@ from typing import Optional
 
 import numpy as np
 
-from converters.headsim import HeadScan, simulate_head_volume
-from converters.simulate import write_fastmri
-from converters.tissue import CONTRAST_SIGNALS
+from gadget.converters.headsim import HeadScan, simulate_head_volume
+from gadget.converters.simulate import write_fastmri
+from gadget.converters.tissue import CONTRAST_SIGNALS
 
 from .mri.metrics import volume_metrics
 from .recon.engine import Reconstructor
@@ -74,7 +74,7 @@ def run_demo(settings: DemoSettings, progress=print) -> dict[str, dict[str, floa
     """Simulate → raw ISMRMRD → gadget pipeline (zero-filled and E2E-VarNet) → images, PNG, metrics.
 
     The scan is a held-out simulated volume (a seed no training volume used)."""
-    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+    from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
 
     from .model.checkpoint import load_checkpoint, resolve_refine
     from .model.shipped import resolve_checkpoint

@@ -41,14 +41,14 @@ def ismrmrd_source(path, group: str = "dataset") -> Iterator[tuple[Path, str]]:
     """``(ISMRMRD file, group)`` holding the acquisitions of ``path``: the file itself when it is HDF5
     (or anything else that is not twix: the ISMRMRD reader reports it), else a Siemens twix file
     converted into a temporary ISMRMRD file that is removed afterwards. A non-HDF5 ``.dat`` file that
-    is not twix, or a twix scan that is not Cartesian, raises :class:`converters.twix.TwixError` naming it."""
+    is not twix, or a twix scan that is not Cartesian, raises :class:`gadget.converters.twix.TwixError` naming it."""
     import h5py
 
     path = Path(path)
     if not path.is_file() or h5py.is_hdf5(path):
         yield path, group
         return
-    from converters.twix import TwixError, convert_twix_to_ismrmrd, sniff_twix
+    from gadget.converters.twix import TwixError, convert_twix_to_ismrmrd, sniff_twix
 
     if path.suffix.lower() != ".dat":
         try:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters.simulate import simulate_volume, write_fastmri
 
 
 def equispaced_mask(width: int, acceleration: int, acs: int) -> np.ndarray:

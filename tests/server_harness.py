@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+from gadget.converters.simulate import simulate_volume, write_fastmri
 from gadget.data.mrd_file import iter_acquisitions, read_header_xml
 from gadget.server import ReconService
 from gadget.stream.codec import MessageId, MessageReader, MessageWriter

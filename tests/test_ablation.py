@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters.simulate import simulate_volume, write_fastmri
 from gadget.cli import main
 from gadget.evaluation.ablation import Setting, load, scaled_acs, variant_config
 from gadget.model.checkpoint import load_checkpoint

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.simulate import simulate_volume
+from gadget.converters.simulate import simulate_volume
 from gadget.baselines.espirit import EspiritConfig, espirit_maps
 from gadget.baselines.sense import SenseConfig, cg_sense
 from gadget.data.fastmri_file import FastMRIFileError, FastMRIVolume

@@ -91,7 +91,7 @@ def tiny_model(seed: int = 0) -> VarNet:
 @pytest.fixture(scope="module")
 def shifted_slices():
     """Two 6-coil phantom slices (k-space 64 × 48), 4× equispaced + 8 ACS lines, and their clean RSS."""
-    from converters.simulate import simulate_volume
+    from gadget.converters.simulate import simulate_volume
 
     vol = simulate_volume(num_slices=2, num_coils=6, recon_size=(32, 48), seed=11, snr_db=40)
     mask = equispaced_mask(48, 4, 8)
@@ -243,7 +243,7 @@ def test_adapt_scan_through_infer_and_replay_gives_the_same_adapted_images(tmp_p
     log it, and reconstruct with the adapted weights; streaming doors refuse the setting."""
     import h5py
 
-    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+    from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
     from gadget.cli import main
     from gadget.recon.config import ConfigError, ReconConfig
     from gadget.recon.pipeline import build_engine
@@ -312,8 +312,8 @@ def test_adaptation_after_an_inference_mode_reconstruction_of_the_same_shape(shi
 def test_replay_adapt_scan_names_a_scan_it_cannot_adapt_on(tmp_path, small_volume, capsys):
     """A scan with no acquired line outside its ACS block cannot be split: ``--adapt scan`` is an error
     naming the file, not a quiet reconstruction with the weights as loaded."""
-    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
-    from converters.simulate import write_fastmri
+    from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+    from gadget.converters.simulate import write_fastmri
     from gadget.cli import main
 
     acs_only = np.zeros(48, bool)

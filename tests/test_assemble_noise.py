@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+from gadget.converters.simulate import simulate_volume, write_fastmri
 from gadget.data.mrd_file import flag_mask, iter_acquisitions, read_header_xml
 from gadget.data.mrd_header import parse_encoding
 from gadget.stream.assemble import AssemblyError, SliceAssembler

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.special import expit
 
-from converters.simulate import simulate_volume
+from gadget.converters.simulate import simulate_volume
 from gadget.baselines import (
     BartConfig,
     BartError,

@@ -8,9 +8,9 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd, file_seed
-from converters.ismrmrd_to_fastmri import convert_ismrmrd_to_fastmri
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd, file_seed
+from gadget.converters.ismrmrd_to_fastmri import convert_ismrmrd_to_fastmri
+from gadget.converters.simulate import simulate_volume, write_fastmri
 from gadget.cli import main
 from gadget.data.mrd_file import MrdFileError, has_flag, iter_acquisitions, read_header_xml
 from gadget.data.mrd_header import parse_encoding
@@ -287,7 +287,7 @@ def test_bad_fastmri_inputs(tmp_path, test_format_file, damage, expected, capsys
 
 
 def test_failure_mid_write_leaves_no_output(tmp_path, small_volume, monkeypatch):
-    import converters.fastmri_to_ismrmrd as f2i
+    import gadget.converters.fastmri_to_ismrmrd as f2i
 
     src = tmp_path / "a.h5"
     write_fastmri(src, small_volume)

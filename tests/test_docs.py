@@ -15,8 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE_DIRS = ("gadget", "converters", "pipelines")          # no measured figures in their docstrings/comments
-CITING = ("gadget", "converters", "pipelines", "bench", "tests", "Makefile", "Dockerfile", ".ci/run", "mkdocs.yml",
-          "pyproject.toml")                                   # no citation of a document the repository lacks
+CITING = ("gadget", "converters", "pipelines", "bench", "experiments", "tests", "Makefile", "Dockerfile", ".ci/run",
+          "mkdocs.yml", "pyproject.toml")                     # no citation of a document the repository lacks
 SUFFIXES = (".py", ".yaml", ".yml", ".sh", ".xml")
 
 # A measured figure: a decimal number with a unit of time, size, speed or image quality, a quality metric

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.simulate import NOISE_FREE_TARGET, simulate_volume, write_fastmri
+from gadget.converters.simulate import NOISE_FREE_TARGET, simulate_volume, write_fastmri
 from gadget.baselines import BartConfig
 from gadget.cli import UserError
 from gadget.cli import compare as compare_cli

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters.simulate import simulate_volume, write_fastmri
 from gadget.cli import main
 from gadget.data.fastmri_file import FastMRIVolume
 from gadget.data.mrd_file import HEADER_DTYPE, iter_acquisitions

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters.simulate import simulate_volume, write_fastmri
 from gadget.evaluation import EvaluationError, Undersample, compare_methods
 from gadget.evaluation.generalisation import (HELD_OUT, SEEN, EvalSet, ModelSpec, load_spec, matrix_markdown,
                                               parse_spec, training_label, unseen_factors)
@@ -62,7 +62,7 @@ def test_spec_errors_name_the_key(over, message):
 
 
 def test_example_spec_parses():
-    spec = load_spec(ROOT / "bench" / "generalisation_matrix.example.yaml")
+    spec = load_spec(ROOT / "experiments" / "generalisation" / "configs" / "generalisation_matrix.example.yaml")
     assert [m.name for m in spec.models] == ["shipped-v1", "head-rss"]
     assert [(u.acceleration, u.center_fraction, u.kind) for u in spec.undersamples] == [
         (4, 0.08, "equispaced-fraction"), (8, 0.04, "equispaced-fraction")]
@@ -85,7 +85,8 @@ def test_markdown_layout_bold_best_and_failures():
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("generalisation_matrix", ROOT / "bench" / "generalisation_matrix.py")
+    spec = importlib.util.spec_from_file_location(
+        "generalisation_matrix", ROOT / "experiments" / "generalisation" / "scripts" / "generalisation_matrix.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

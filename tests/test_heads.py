@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from converters import anatomy as anat
-from converters import coils, headsim, tissue
+from gadget.converters import anatomy as anat
+from gadget.converters import coils, headsim, tissue
 
 HAVE_NILEARN = importlib.util.find_spec("nilearn") is not None
 needs_mni = pytest.mark.skipif(not HAVE_NILEARN, reason="nilearn not installed (MNI template)")
@@ -373,8 +373,8 @@ def test_training_config_accepts_several_mask_kinds():
 
 
 def test_preview_sheet_shows_each_volume(tmp_path):
-    from converters.preview import preview_panels, write_preview
-    from converters.simulate import simulate_volume, write_fastmri
+    from gadget.converters.preview import preview_panels, write_preview
+    from gadget.converters.simulate import simulate_volume, write_fastmri
 
     paths = []
     for seed in (1, 2):
@@ -392,7 +392,7 @@ def test_preview_sheet_shows_each_volume(tmp_path):
 
 
 def test_synth_config_rejects_a_brain_only_fraction_outside_0_1(tmp_path):
-    from converters.synth import SynthConfig
+    from gadget.converters.synth import SynthConfig
 
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="brain-only fraction"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters.simulate import simulate_volume, write_fastmri
 from gadget.cli import main
 from gadget.model.checkpoint import save_checkpoint
 from gadget.model.varnet import VarNet

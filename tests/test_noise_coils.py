@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from converters.simulate import simulate_volume
+from gadget.converters.simulate import simulate_volume
 from gadget.data.mrd_file import HEADER_DTYPE, flag_mask
 from gadget.mri.masks import make_mask
 from gadget.recon.coil_compression import (CompressionError, calibration_columns, compress, compress_slice,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+from gadget.converters.simulate import simulate_volume, write_fastmri
 from gadget.cli import main
 from gadget.data.mrd_file import iter_acquisitions, read_header_xml
 from gadget.model.checkpoint import (CheckpointError, default_refine, load_checkpoint, resolve_refine,

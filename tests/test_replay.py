@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
 from gadget.cli import main
 from gadget.model.checkpoint import save_checkpoint
 from gadget.model.varnet import VarNet

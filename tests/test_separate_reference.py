@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import pytest
 
-from converters.simulate import correlated_noise, noise_sigma, simulate_volume
+from gadget.converters.simulate import correlated_noise, noise_sigma, simulate_volume
 from gadget.data.mrd_header import parse_encoding
 from gadget.recon.config import ReconConfig
 from gadget.recon.pipeline import ScanReconstructor, build_engine

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from converters.headsim import HeadScan, simulate_head_volume
-from converters.tissue import CONTRAST_SIGNALS
+from gadget.converters.headsim import HeadScan, simulate_head_volume
+from gadget.converters.tissue import CONTRAST_SIGNALS
 from gadget.model.checkpoint import load_checkpoint
 from gadget.model.shipped import SHIPPED_NAME, shipped_checkpoint
 from gadget.mri.coils import rss

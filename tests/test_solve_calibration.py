@@ -47,7 +47,7 @@ def test_spread_picks_evenly():
 
 @pytest.fixture(scope="module")
 def phantom():
-    from converters.simulate import simulate_volume
+    from gadget.converters.simulate import simulate_volume
 
     vol = simulate_volume(num_slices=1, num_coils=6, recon_size=(32, 48), seed=11, snr_db=30)
     mask = equispaced_mask(48, 4, 8)
@@ -129,7 +129,7 @@ def test_adapt_solve_through_both_offline_doors(tmp_path, test_format_file, caps
     give the same images; with an explicit refine it is refused, naming why."""
     import h5py
 
-    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+    from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
     from gadget.cli import main
     from gadget.recon.config import ConfigError, ReconConfig
     from gadget.recon.pipeline import build_engine

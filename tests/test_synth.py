@@ -11,9 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from converters import anatomy as anat
-from converters import coils, geometry, synth
-from converters.simulate import (
+from gadget.converters import anatomy as anat
+from gadget.converters import coils, geometry, synth
+from gadget.converters.simulate import (
     NOISE_FREE_TARGET,
     OBJECT_THRESHOLD,
     centred_fft,
@@ -427,7 +427,7 @@ def test_mni_volume_end_to_end(tmp_path, orientation):
 
 def test_ismrmrd_format(tmp_path):
     try:
-        from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd  # noqa: F401
+        from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd  # noqa: F401
         from gadget.data.mrd_file import iter_acquisitions, read_header_xml
     except ImportError as exc:
         pytest.skip(f"ISMRMRD converter not available: {exc}")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from converters import simulate
-from converters.simulate import simulate_volume, write_fastmri
+from gadget.converters import simulate
+from gadget.converters.simulate import simulate_volume, write_fastmri
 from gadget.data.fastmri_file import write_atomic_h5
 from gadget.data.mrd_header import build_header_xml
 from gadget.model.checkpoint import load_checkpoint

@@ -19,7 +19,7 @@ twixtools = pytest.importorskip("twixtools", reason="twixtools is not installed 
 from twixtools import mdh_def  # noqa: E402
 from twixtools.quat import quaternion_to_directions as ismrmrd_c_quaternion_to_directions  # noqa: E402
 
-from converters.twix import (  # noqa: E402
+from gadget.converters.twix import (  # noqa: E402
     TwixError, convert_twix_to_ismrmrd, ismrmrd_flags, quaternion_to_directions, sniff_twix)
 from gadget.cli import main  # noqa: E402
 from gadget.data.mrd_header import parse_encoding, parse_xml  # noqa: E402
@@ -431,7 +431,7 @@ def test_truncated_twix_files_are_refused(tmp_path):
 
 
 def test_replay_refuses_a_non_cartesian_twix_scan(tmp_path, monkeypatch, capsys):
-    import converters.twix as twix
+    import gadget.converters.twix as twix
 
     path = _twix_path("phantom32")
     monkeypatch.setattr(twix, "TRAJECTORIES", {1: "radial"})  # the protocol's ucTrajectory 1 read as radial
@@ -441,7 +441,7 @@ def test_replay_refuses_a_non_cartesian_twix_scan(tmp_path, monkeypatch, capsys)
 
 
 def test_encoding_axis_from_protocol_or_data():
-    from converters.twix import _fit_axis
+    from gadget.converters.twix import _fit_axis
 
     # a product protocol with 6/8 partial Fourier: lines 64..255 of 256, centre 128 in the MDHs
     notes = {}

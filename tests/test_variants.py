@@ -41,7 +41,7 @@ def _rel(a, b):
 def case():
     """Two slices of the small simulated volume (6 coils, k-space 128 × 48), 4× equispaced + 8 ACS lines,
     and their ESPIRiT maps (computed once)."""
-    from converters.simulate import simulate_volume
+    from gadget.converters.simulate import simulate_volume
 
     vol = simulate_volume(num_slices=3, num_coils=6, recon_size=(64, 48), seed=7)
     mask = equispaced_mask(48, 4, ACS)
@@ -372,7 +372,7 @@ def test_pipeline_runs_a_vnu_checkpoint_end_to_end(tmp_path):
     and the safety check's re-run reused the cached maps."""
     import h5py
 
-    from converters.ismrmrd_to_fastmri import convert_ismrmrd_to_fastmri
+    from gadget.converters.ismrmrd_to_fastmri import convert_ismrmrd_to_fastmri
     from gadget.recon.config import ReconConfig
     from gadget.recon.pipeline import ScanReconstructor
     from gadget.stream.images import image_magnitude

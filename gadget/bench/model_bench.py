@@ -47,7 +47,7 @@ class BenchCase:
 
 def make_input(case: BenchCase) -> tuple[np.ndarray, np.ndarray]:
     """``(kspace (1, coil, readout, phase) complex64, mask (phase,) bool)``: equispaced, ACS in the middle."""
-    from converters.simulate import simulate_volume
+    from gadget.converters.simulate import simulate_volume
 
     vol = simulate_volume(num_slices=1, num_coils=case.coils, recon_size=(case.readout // 2, case.phase),
                           seed=case.seed)

@@ -1,5 +1,5 @@
-"""Simulated raw scans for the benchmarks: a volume from ``converters.simulate``, written as a fastMRI
-file, converted to raw ISMRMRD (``converters.fastmri_to_ismrmrd``) and read back as pipeline lines."""
+"""Simulated raw scans for the benchmarks: a volume from ``gadget.converters.simulate``, written as a fastMRI
+file, converted to raw ISMRMRD (``gadget.converters.fastmri_to_ismrmrd``) and read back as pipeline lines."""
 from __future__ import annotations
 
 import tempfile
@@ -10,8 +10,8 @@ def simulated_scan(slices: int, coils: int, recon_size: tuple[int, int], seed: i
                    center_fraction: float = 0.08, with_noise: bool = False):
     """``(header XML, AcqLines, fully sampled RSS reference (slice, H, W) float32)`` of a scan with an
     equispaced-fraction mask; ``with_noise`` adds a noise scan before the imaging lines."""
-    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
-    from converters.simulate import simulate_volume, write_fastmri
+    from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+    from gadget.converters.simulate import simulate_volume, write_fastmri
 
     from ..data.mrd_file import iter_acquisitions, read_header_xml
     from ..stream.types import AcqLine

@@ -133,7 +133,7 @@ def run(args) -> int:
         raise UserError(str(exc)) from None
     files = expand(args.inputs)
     base = load_checkpoint(resolve_checkpoint(args.checkpoint))
-    from converters.twix import TwixError
+    from gadget.converters.twix import TwixError
 
     try:
         slices, hashes = load_inputs(files, config, args.group)

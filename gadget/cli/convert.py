@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
 
 
 def run_fastmri_to_ismrmrd(args) -> int:
-    from converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
+    from gadget.converters.fastmri_to_ismrmrd import convert_fastmri_to_ismrmrd
     from gadget.data.fastmri_file import open_volume
 
     from . import UserError
@@ -85,7 +85,7 @@ def run_fastmri_to_ismrmrd(args) -> int:
 
 
 def run_ismrmrd_to_fastmri(args) -> int:
-    from converters.ismrmrd_to_fastmri import convert_ismrmrd_to_fastmri
+    from gadget.converters.ismrmrd_to_fastmri import convert_ismrmrd_to_fastmri
 
     from . import UserError
 
@@ -100,7 +100,7 @@ def run_ismrmrd_to_fastmri(args) -> int:
 
 
 def run_twix_to_ismrmrd(args) -> int:
-    from converters.twix import TwixError, convert_twix_to_ismrmrd
+    from gadget.converters.twix import TwixError, convert_twix_to_ismrmrd
 
     from . import UserError
 

@@ -38,7 +38,7 @@ def run(args) -> int:
     from ..data.mrd_file import count_acquisitions, read_header_xml
     from ..recon.config import ConfigError, load_config
     from ..recon.pipeline import build_engine
-    from converters.twix import TwixError
+    from gadget.converters.twix import TwixError
 
     from ..replay import ismrmrd_source, replay_file
     from ..stream.sinks import save_png_previews, write_dicom, write_images_h5

@@ -75,14 +75,14 @@ def _check(name: str, value: str, options) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from converters.anatomy import CONTRASTS, SOURCES, AnatomyUnavailable
-    from converters.coils import MAX_COILS, MIN_COILS
-    from converters.geometry import ORIENTATIONS
-    from converters.synth import FORMATS, MASK_KINDS, SynthConfig, run_synth
+    from gadget.converters.anatomy import CONTRASTS, SOURCES, AnatomyUnavailable
+    from gadget.converters.coils import MAX_COILS, MIN_COILS
+    from gadget.converters.geometry import ORIENTATIONS
+    from gadget.converters.synth import FORMATS, MASK_KINDS, SynthConfig, run_synth
 
     from . import UserError
 
-    from converters.tissue import HEAD_SOURCES
+    from gadget.converters.tissue import HEAD_SOURCES
 
     for name, options in (("orientation", tuple(ORIENTATIONS)), ("format", FORMATS),
                           ("mask", MASK_KINDS), ("contrast", CONTRASTS)):
@@ -109,13 +109,13 @@ def run(args) -> int:
     except AnatomyUnavailable as exc:
         raise UserError(str(exc)) from None
     except ImportError as exc:
-        raise UserError(f"--format ismrmrd needs converters.fastmri_to_ismrmrd ({exc})") from None
+        raise UserError(f"--format ismrmrd needs gadget.converters.fastmri_to_ismrmrd ({exc})") from None
     except ValueError as exc:
         raise UserError(str(exc)) from None
     for path in paths:
         print(path)
     if args.preview:
-        from converters.preview import write_preview
+        from gadget.converters.preview import write_preview
 
         print(write_preview(paths, config.out_dir / "preview.png"))
     return 0

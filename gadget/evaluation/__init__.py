@@ -7,7 +7,7 @@
 * :mod:`.sources` — naming inputs (sources, ``NAME=PATH``) and checkpoints (``varnet:NAME`` rows);
 * :mod:`.report` — ``results.md``, ``results.csv`` (per source and pooled), ``figure.png``;
 * :mod:`.generalisation` — models × test sets seen in training or held out
-  (``bench/generalisation_matrix.py``).
+  (``experiments/generalisation/scripts/generalisation_matrix.py``).
 """
 from .compare import METHODS, Undersample, compare_methods
 from .scoring import (

@@ -1,6 +1,6 @@
 """A generalisation matrix: models against test sets they did or did not see in training.
 
-A spec (YAML, see ``bench/generalisation_matrix.example.yaml``) names
+A spec (YAML, see ``experiments/generalisation/configs/generalisation_matrix.example.yaml``) names
 
 * ``models``: ``name → {checkpoint, trained_on: {sources, coils, contrasts}}`` (``checkpoint:
   shipped`` is the packaged weights; ``coils`` / ``contrasts`` optional);

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..mri.metrics import center_crop, volume_metrics
 
-NOISE_FREE_TARGET = "target_noise_free"   # same name as converters.simulate.NOISE_FREE_TARGET
+NOISE_FREE_TARGET = "target_noise_free"   # same name as gadget.converters.simulate.NOISE_FREE_TARGET
 RSS_TARGET = "reconstruction_rss"
 TARGET_KEYS = (NOISE_FREE_TARGET, RSS_TARGET)
 TARGET_KEY_CHOICES = ("auto",) + TARGET_KEYS

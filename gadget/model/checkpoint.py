@@ -10,9 +10,10 @@ Three on-disk formats are read, always with ``torch.load(weights_only=True)``:
 
 The refine a checkpoint is run with when none is given (``refine: auto``, the default; :func:`default_refine`)
 comes from the file: our format records it in its description (``"refine"``, written by
-``bench/ship_weights.py``: the refine its evaluation was run with; files shipped before that field are
-listed by sha256 in :data:`RECORDED_REFINE`); everything else (fastMRI and bare state dicts, Lightning ``.ckpt``,
-our checkpoints that record none) gets ``none``, the network's image as the weights were trained to give it.
+``experiments/shipping/scripts/ship_weights.py``: the refine its evaluation was run with; files shipped
+before that field are listed by sha256 in :data:`RECORDED_REFINE`); everything else (fastMRI and bare state
+dicts, Lightning ``.ckpt``, our checkpoints that record none) gets ``none``, the network's image as the
+weights were trained to give it.
 
 Hyperparameters missing from a file are inferred from the state dict's shapes, and the model
 variant (``VarNetConfig.variant``, the seed paper's ablation) from its parameter names: no
@@ -44,8 +45,8 @@ _LIGHTNING_PREFIX = "varnet."
 #: The refine of checkpoints shipped before our format had a ``"refine"`` field, by the file's sha256 (a
 #: shipped file is not rewritten: its hash is what ``varnet`` reports and tests pin). ``varnet_head_v3.pt``:
 #: ``pi``, the refinement was measured and made the default with these weights
-#: (``bench/generalisation_matrix.v3-refine.yaml``, docs/results/refinement.md). A file that records ``"refine"``
-#: in its description is read from there instead.
+#: (``experiments/generalisation/configs/generalisation_matrix.v3-refine.yaml``, docs/results/refinement.md).
+#: A file that records ``"refine"`` in its description is read from there instead.
 RECORDED_REFINE = {"669d36e6c6591b85af0eb0653db366fac4dc75ff8432e84338dcc840f241b36b": "pi"}
 _KIND_NAMES = {"fastmri-state-dict": "fastMRI state dict", "lightning": "Lightning checkpoint"}
 

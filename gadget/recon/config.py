@@ -194,7 +194,7 @@ _PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def presets_dir() -> Path:
-    import pipelines
+    from gadget import pipelines
 
     return Path(pipelines.__file__).resolve().parent
 

@@ -314,7 +314,7 @@ def _variants() -> tuple[str, ...]:
 
 
 def presets_dir() -> Path:
-    import pipelines
+    from gadget import pipelines
 
     return Path(pipelines.__file__).resolve().parent / "train"
 

@@ -55,7 +55,7 @@ from ..mri.masks import MaskSampler, MaskSpec, center_block, contiguous_center_l
 
 log = logging.getLogger(__name__)
 
-NOISE_FREE_TARGET = "target_noise_free"   # written by `varnet synth` (converters.simulate)
+NOISE_FREE_TARGET = "target_noise_free"   # written by `varnet synth` (gadget.converters.simulate)
 FASTMRI_TARGET = "reconstruction_rss"
 AUTO_TARGET = "auto"
 

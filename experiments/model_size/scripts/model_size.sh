@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Model size, chosen on held-out data (docs/results/model_size.md): three sizes trained from scratch with the
 # whole-head recipe at an equal step budget (800 steps, lr 1e-3), then scored by
-#   python bench/generalisation_matrix.py bench/model_size.yaml --out results/model_size
+#   python experiments/generalisation/scripts/generalisation_matrix.py \
+#       experiments/model_size/configs/model_size.yaml --out results/model_size
 # small 4 cascades x 6 channels (1.2 M parameters), shipped 6 x 8 (3.0 M), large 10 x 8 (5.0 M, the
 # most that fits the 20 MB weight limit in float32).
 set -euo pipefail

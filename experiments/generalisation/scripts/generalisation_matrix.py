@@ -1,6 +1,7 @@
 """Generalisation matrix: each model against test sets seen in its training or held out.
 
-    python bench/generalisation_matrix.py bench/generalisation_matrix.example.yaml --out results/generalisation
+    python experiments/generalisation/scripts/generalisation_matrix.py \
+        experiments/generalisation/configs/generalisation_matrix.example.yaml --out results/generalisation
 
 Reads the YAML spec (format: ``gadget/evaluation/generalisation.py`` and the example file), runs
 ``compare_methods`` once per acceleration with every test set and model in it, prints the matrix
@@ -20,7 +21,8 @@ def main(argv=None) -> int:
     from gadget.recon.config import CHOICES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("spec", type=Path, help="YAML spec (see bench/generalisation_matrix.example.yaml)")
+    parser.add_argument("spec", type=Path,
+                        help="YAML spec (see experiments/generalisation/configs/generalisation_matrix.example.yaml)")
     parser.add_argument("--out", type=Path, default=Path("generalisation_results"),
                         help="output directory (default ./generalisation_results)")
     parser.add_argument("--device", default="auto", help="E2E-VarNet device: auto, cpu, cuda, cuda:N")

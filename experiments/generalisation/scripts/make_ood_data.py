@@ -1,9 +1,10 @@
-"""Out-of-distribution test sets that no `varnet synth` source or coil model produced (docs/results/held-out-matrix.md).
+"""Out-of-distribution test sets that no `varnet synth` source or coil model produced
+(docs/results/held-out-matrix.md).
 
 * ``bart/``: BART's analytic phantoms in k-space with BART's own coil sensitivities
   (``bart phantom -k -s C -x N``; Shepp-Logan and the geometric phantom), no readout
   oversampling, complex Gaussian noise added at the given SNR (definition of
-  :mod:`converters.simulate`); one slice per file.
+  :mod:`gadget.converters.simulate`); one slice per file.
 * ``brain/``: real T1 intensities of INIA19 (``inia19-t1-brain.nii.gz``, an anatomy no training
   source contains), axial slices scaled to human size in a 256×256 field of view that holds the
   whole brain, times a 10-coil birdcage model (:func:`birdcage_sensitivities`), a smooth image phase,
@@ -15,7 +16,8 @@
   converter.
 
 Both are fully sampled fastMRI-layout files; `varnet compare --acceleration R` undersamples them.
-Usage: ``python bench/make_ood_data.py OUT_DIR`` (needs Debian ``bart`` and ``ismrmrd-tools``).
+Usage: ``python experiments/generalisation/scripts/make_ood_data.py OUT_DIR`` (needs Debian ``bart`` and
+``ismrmrd-tools``).
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.simulate import (SimulatedVolume, centred_fft, correlated_noise, kspace_to_rss, noise_sigma,
-                                 write_fastmri)
+from gadget.converters.simulate import (SimulatedVolume, centred_fft, correlated_noise, kspace_to_rss,
+                                        noise_sigma, write_fastmri)
 from gadget.baselines.bart import read_cfl, run_bart
+from gadget.converters.heldout import birdcage_sensitivities, inia_t1_slice
 
 
 def rss(kspace: np.ndarray) -> np.ndarray:
@@ -59,39 +62,6 @@ def write_noisy_slice(path: Path, kspace: np.ndarray, snr_db: float, rng: np.ran
                           acquisition=acquisition, fov_mm=fov_mm, snr_db=snr_db, sigma=sigma)
     write_fastmri(path, vol, patient_id=patient_id)
     return path
-
-
-def birdcage_sensitivities(size: int, coils: int, radius: float = 1.5) -> np.ndarray:
-    """Birdcage-style coil model ``(coil, size, size)`` complex64, max modulus 1: coil ``c`` sits at
-    angle ``2πc/C`` on a circle of ``radius`` (in half fields of view); its sensitivity is the inverse
-    distance, with the phase of the direction to the coil plus the coil's angle. Neither our training
-    coil model (Biot–Savart loops) nor BART's (which stops at 8 coils)."""
-    yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
-    maps = []
-    for c in range(coils):
-        angle = 2 * np.pi * c / coils
-        dy, dx = yy - radius * np.sin(angle), xx - radius * np.cos(angle)
-        maps.append(np.exp(1j * (np.arctan2(dy, dx) + angle)) / np.hypot(dy, dx))
-    maps = np.stack(maps)
-    return (maps / np.abs(maps).max()).astype(np.complex64)
-
-
-def inia_t1_slice(fraction: float, size: int) -> np.ndarray:
-    """Axial slice at ``fraction`` of INIA19's T1 brain height, scaled to human size
-    (``converters.tissue.INIA_SCALE``), centred in ``size``×``size`` 1 mm pixels; float32, max 1."""
-    from scipy import ndimage
-    from converters.anatomy import _read_nifti
-    from converters.tissue import INIA_SCALE, inia_path
-
-    data, affine = _read_nifti(inia_path())
-    k = int(round(fraction * (data.shape[2] - 1)))
-    img = ndimage.zoom(data[:, :, k], abs(affine[0, 0]) * INIA_SCALE, order=1)
-    img = np.clip(img, 0, None)[::-1].T                  # rows anterior→posterior, columns right→left
-    out = np.zeros((size, size), np.float32)
-    h, w = min(img.shape[0], size), min(img.shape[1], size)
-    r0, c0 = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
-    out[(size - h) // 2:(size - h) // 2 + h, (size - w) // 2:(size - w) // 2 + w] = img[r0:r0 + h, c0:c0 + w]
-    return out / out.max()
 
 
 def brain_case(out: Path, fraction: float, size: int, coils: int, snr_db: float, seed: int) -> Path:

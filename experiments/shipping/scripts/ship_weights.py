@@ -1,6 +1,7 @@
 """Package a trained checkpoint as the shipped weights, with its recipe and evaluation table.
 
-    python bench/ship_weights.py runs/head-rss-v3b/best.pt --evaluation results/generalisation_v3/matrix.md
+    python experiments/shipping/scripts/ship_weights.py runs/head-rss-v3b/best.pt \
+        --evaluation results/generalisation_v3/matrix.md
 
 Reads the checkpoint (our format), keeps its training description, adds the human-readable data
 sentence, the exact recipe and the evaluation tables (``varnet compare`` results.md or the
@@ -20,19 +21,23 @@ from gadget.train.trainer import read_training_state, training_state_description
 LIMIT_BYTES = 20 * 2**20
 DATA = ("varnet synth --head: domain-randomised whole heads from MNI152 (derived scalp, fat, skull) and Colin27 "
         "(real head), 560 volumes x 4 slices: 160 with matrices 96-224, 8-16 coils, SNR 15-40 dB "
-        "(bench/make_head_data.sh), 300 with matrices 96-320, 8-24 coils, SNR 15-70 dB and 100 of those "
-        "skull-stripped (the brain alone in the head's field of view; bench/make_head_data_v3.sh); "
+        "(experiments/shipping/scripts/make_head_data.sh), 300 with matrices 96-320, 8-24 coils, SNR 15-70 dB "
+        "and 100 of those skull-stripped (the brain alone in the head's field of view; "
+        "experiments/shipping/scripts/make_head_data_v3.sh); "
         "T1w/T2w/PDw/FLAIR-like or random contrasts, deformations, bias, texture; "
         "phase FOV 0.8-1.15 x the head (folding), odd/even matrices with and without 2x readout oversampling; "
         "head-hugging loops; random and equispaced-fraction masks at 4x/8x (fastMRI centre fractions) and 2x/3x; "
         "target: RSS of the noisy, fully sampled k-space. INIA19 held out. Initialised from varnet_head_v2 "
         "(160 volumes, SNR 15-40 dB), itself from varnet_synth_brain_v1 (their stages below).")
-RECIPE = ["bash bench/make_head_data.sh && bash bench/make_head_data_v3.sh   # data",
+RECIPE = ["bash experiments/shipping/scripts/make_head_data.sh "
+          "&& bash experiments/shipping/scripts/make_head_data_v3.sh   # data",
           "varnet train --config pipelines/train/head-rss-v3.yaml          # from varnet_head_v2, stopped at step 2800",
           "varnet train --config pipelines/train/head-rss-v3b.yaml         # + skull-stripped volumes, 1 epoch",
-          "python bench/make_ood_data.py data/ood                          # held-out brain and phantom test sets",
-          "python bench/generalisation_matrix.py bench/generalisation_matrix.v3.yaml --out results/generalisation_v3",
-          "python bench/ship_weights.py runs/head-rss-v3b/best.pt --evaluation results/generalisation_v3/matrix.md"]
+          "python experiments/generalisation/scripts/make_ood_data.py data/ood   # held-out brain and phantom test sets",
+          "python experiments/generalisation/scripts/generalisation_matrix.py "
+          "experiments/generalisation/configs/generalisation_matrix.v3.yaml --out results/generalisation_v3",
+          "python experiments/shipping/scripts/ship_weights.py runs/head-rss-v3b/best.pt "
+          "--evaluation results/generalisation_v3/matrix.md"]
 
 
 def stage_record(path: str) -> dict:

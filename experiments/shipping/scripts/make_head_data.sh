@@ -14,6 +14,6 @@ $VARNET synth $OUT/test_inia --source inia --volumes 8 --slices 2 --seed 14 $COM
 wait
 $VARNET synth $OUT/test_seen --source mni,colin --volumes 8 --slices 2 --seed 15 $COMMON > /dev/null
 # one folder per source, for leave-one-source-out runs and the generalisation matrix
-.venv/bin/python bench/split_by_source.py $OUT/train_only $OUT/train_a $OUT/train_b
-.venv/bin/python bench/split_by_source.py $OUT/val_only $OUT/val
-.venv/bin/python bench/split_by_source.py $OUT/test $OUT/test_seen
+.venv/bin/python experiments/shipping/scripts/split_by_source.py $OUT/train_only $OUT/train_a $OUT/train_b
+.venv/bin/python experiments/shipping/scripts/split_by_source.py $OUT/val_only $OUT/val
+.venv/bin/python experiments/shipping/scripts/split_by_source.py $OUT/test $OUT/test_seen

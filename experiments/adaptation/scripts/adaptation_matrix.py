@@ -11,7 +11,7 @@ shift, scored on the unseen test slice). Masks: fastMRI equispaced-fraction, 4×
 0.04, seeded by the row's name. Scores: PSNR dB / SSIM on the whole image against the noisy RSS, and inside
 the head (object mask: target above 10 % of its maximum, closed and filled) against the clean truth.
 
-    python bench/adaptation_matrix.py --rows sim-pd,real-brain16 --accel 4 --out docs/adaptation_matrix.md
+    python experiments/adaptation/scripts/adaptation_matrix.py --rows sim-pd,real-brain16 --accel 4 --out results/adaptation_matrix.md
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from converters.simulate import simulate_volume
+from gadget.converters.simulate import simulate_volume
 from gadget.baselines.bart import BartConfig, find_bart, pics_l1
 from gadget.model.checkpoint import load_checkpoint, resolve_refine
 from gadget.model.shipped import shipped_checkpoint
@@ -73,8 +73,8 @@ def ood_slice(fraction: float, snr_db: float, seed: int) -> tuple[np.ndarray, np
     """``(kspace, clean RSS)`` of INIA19's T1 slice at ``fraction`` of the brain's height, 10 birdcage
     coils, 256², a smooth random phase, complex Gaussian noise at ``snr_db`` (the held-out brain of
     docs/results/held-out-matrix.md, built by the same functions)."""
-    from converters.simulate import centred_fft, correlated_noise, noise_sigma
-    from make_ood_data import birdcage_sensitivities, inia_t1_slice
+    from gadget.converters.simulate import centred_fft, correlated_noise, noise_sigma
+    from gadget.converters.heldout import birdcage_sensitivities, inia_t1_slice
 
     rng = np.random.default_rng(seed)
     size = 256

@@ -1,6 +1,7 @@
 """Speed of ``varnet synth``: simulated slices per second (12 coils, k-space 640×320, 2 threads).
 
-    python bench/synth_bench.py [--coils 12] [--matrix 320] [--slices 4] [--threads 2] [--preview PNG]
+    python experiments/synthesis/scripts/synth_bench.py [--coils 12] [--matrix 320] [--slices 4] [--threads 2] \
+        [--preview PNG]
 
 Prints one table row per anatomy source (anatomy loading is done before timing): the pure
 simulation (``simulate_volume``) and simulation plus writing the fastMRI file. ``--preview``
@@ -29,8 +30,8 @@ def _parse() -> argparse.Namespace:
 
 
 def _time_source(source: str, args) -> tuple[float, float] | None:
-    from converters.anatomy import AnatomyUnavailable, load_anatomy
-    from converters.simulate import simulate_volume, write_fastmri
+    from gadget.converters.anatomy import AnatomyUnavailable, load_anatomy
+    from gadget.converters.simulate import simulate_volume, write_fastmri
 
     try:
         load_anatomy(source)
@@ -56,7 +57,7 @@ def _preview(path: Path, args) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from converters.simulate import image_from_kspace, simulate_volume
+    from gadget.converters.simulate import image_from_kspace, simulate_volume
     from gadget.mri.masks import make_mask
 
     vol = simulate_volume(1, args.coils, (args.matrix, args.matrix), seed=3, source="mni", workers=args.threads)
@@ -90,7 +91,6 @@ def main() -> int:
     args = _parse()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     print(f"synth benchmark: {args.coils} coils, k-space {2 * args.matrix}x{args.matrix} (readout x phase), "
           f"{args.slices} slices/volume, {args.threads} threads, {os.cpu_count()} CPUs")
     print(f"{'source':8s} {'simulate slices/s':>18s} {'+ write slices/s':>17s}")

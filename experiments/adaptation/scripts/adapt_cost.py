@@ -7,7 +7,7 @@ of the whole default weight adaptation (``--full``: run it; else estimated from 
 evaluation interval and the slices scored); ``adapt: scan`` costs the solve column plus the last.
 Random-phase simulated k-space; threads as the product uses.
 
-    python bench/adapt_cost.py --repeats 2
+    python experiments/adaptation/scripts/adapt_cost.py --repeats 2
 """
 from __future__ import annotations
 

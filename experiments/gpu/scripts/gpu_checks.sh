@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks (docs/results/performance.md, "GPU") in one run on a CUDA machine, e.g. through the device tool:
 #   make gpu-wheels            # here, once: the machine there cannot download
-#   run(command="bash bench/gpu_checks.sh", carry=[".gpu-wheels"], timeout_s=540)
+#   run(command="bash experiments/gpu/scripts/gpu_checks.sh", carry=[".gpu-wheels"], timeout_s=540)
 # Installs the carried wheels next to the machine's own PyTorch, runs every CUDA test, then the
 # model benchmark (reference and ours on the same card, in one run), the training-step benchmark and the
 # refinement's cost against the network's.
@@ -13,7 +13,10 @@ mkdir -p "$OUT"
 if [ -d .gpu-wheels ]; then
     "$PY" -m pip install --quiet --no-index --no-deps --find-links .gpu-wheels .gpu-wheels/*.whl
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The checkout itself, editable: gadget.converters and gadget.pipelines exist only through an install
+# (pyproject.toml maps converters/ and pipelines/ into the package), so PYTHONPATH=$PWD is not enough.
+# No network there: the build backend (setuptools) comes from the machine or from .gpu-wheels.
+"$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
 "$PY" - <<'PY'
 import torch
 assert torch.cuda.is_available(), "no CUDA device: these checks need one"

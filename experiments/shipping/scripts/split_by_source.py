@@ -1,6 +1,7 @@
 """Symlink `varnet synth --head` files into one folder per anatomy source (leave-one-source-out runs).
 
-    python bench/split_by_source.py PREFIX DIR [DIR ...]   # → PREFIX_mni/, PREFIX_colin/, ...
+    python experiments/shipping/scripts/split_by_source.py PREFIX DIR [DIR ...]
+    # → PREFIX_mni/, PREFIX_colin/, ...
 
 The source is read from each file's ``acquisition`` attribute (``SIM_<SOURCE>HEAD_<CONTRAST>``).
 """
