@@ -77,7 +77,7 @@ def test_a_folds_lines_never_reach_the_network_or_the_solve_it_scores(phantom, m
 
 def _truth_errors(engine, sl, full, lam, mu, iterations):
     """Each candidate's error against the fully sampled RSS, solved on all the slice's lines."""
-    image, maps, prior = cal.network_prior(engine, sl.kspace, sl.mask, sl.acs)
+    image, maps, prior, _ = cal.network_prior(engine, sl.kspace, sl.mask, sl.acs)
     x = sparse.solve(maps, torch.from_numpy(sl.kspace), torch.from_numpy(sl.mask), prior, lam, mu, iterations)
     truth = rss(ifft2c(torch.from_numpy(full)[None]), dim=1)[0]
     errors = [float(torch.linalg.vector_norm(c.abs() - truth) / torch.linalg.vector_norm(truth)) for c in x]
@@ -94,7 +94,8 @@ def test_a_poor_network_is_trusted_less_and_the_choice_tracks_the_truth(phantom)
                                      iterations=40)
     engine = Reconstructor(tiny_model(), "cpu")
     result = cal.calibrate_solve(engine, [sl], settings)
-    assert result.lam <= 0.01, result.summary()
+    assert result.lam <= 0.01 and result.used, result.summary()
+    assert result.score < 0.9 * result.network_score
     lam, mu = settings.candidates()
     truth, network = _truth_errors(engine, sl, full, lam, mu, settings.iterations)
     grid = [(a, b) for a in settings.lams for b in settings.mus]  # candidates()'s order
@@ -108,13 +109,30 @@ def test_a_poor_network_is_trusted_less_and_the_choice_tracks_the_truth(phantom)
         cal.CalibrationConfig(mus=(0.0, 0.01), start_mu=0.002)
 
 
+def test_held_out_lines_that_favour_nothing_keep_the_doors_refine(phantom):
+    """Pure noise in the acquired lines: no candidate predicts the held-back lines better than the network
+    by the margin, so per-scan adaptation hands back no cs refine (the door keeps its own)."""
+    from gadget.train.adapt import AdaptConfig
+    from gadget.train.adapt_run import adapt_to_scan
+
+    sl, _ = phantom
+    rng = np.random.default_rng(3)
+    noise = (rng.standard_normal(sl.kspace.shape) + 1j * rng.standard_normal(sl.kspace.shape)).astype(np.complex64)
+    noisy = AdaptSlice(noise * sl.mask, sl.mask, sl.acs, "noise")
+    engine = Reconstructor(tiny_model(), "cpu")
+    adaptation = adapt_to_scan(engine, [noisy], "solve", AdaptConfig(), SMALL_GRID, "noise")
+    assert not adaptation.solve.used and adaptation.refiner is None, adaptation.summary()
+    assert adaptation.solve.score > 0.9 * adaptation.solve.network_score
+    assert "not used" in adaptation.summary()
+
+
 def test_the_cs_refine_is_the_solve_where_the_maps_cover_and_the_network_elsewhere(phantom):
     sl, _ = phantom
     engine = Reconstructor(tiny_model(), "cpu")
     image, final = engine.run_tensors(sl.kspace[None], sl.mask, sl.acs)
     config = RefineConfig(mode="cs", cs_lambda=0.03, cs_mu=0.005, cs_iterations=20, coverage=1e-3)  # ESPIRiT maps: cropped
     out = refine(image, final, torch.from_numpy(sl.kspace[None]), torch.from_numpy(sl.mask), config, sl.acs)[0]
-    _, maps, prior = cal.network_prior(engine, sl.kspace, sl.mask, sl.acs, refine=config)
+    _, maps, prior, _ = cal.network_prior(engine, sl.kspace, sl.mask, sl.acs, refine=config)
     want = sparse.solve(maps, torch.from_numpy(sl.kspace), torch.from_numpy(sl.mask), prior, [0.03], [0.005], 20)[0]
     covered = maps.abs().amax(0) > 0
     assert covered.any() and (~covered).any()

@@ -76,7 +76,8 @@ def adapt_to_scan(network, slices: Sequence[AdaptSlice], mode: str, settings: Ad
                   calibration: Optional[CalibrationConfig], source: str) -> ScanAdaptation:
     """Per-scan adaptation of ``network`` (a :class:`gadget.recon.engine.Reconstructor`) on one scan's
     ``slices``: the ``cs`` refine's weights calibrated on the scan's lines (:func:`calibrate_solve`;
-    ``calibration`` None: not, and the door keeps its own refine), with ``mode`` ``scan`` then the network's
+    ``calibration`` None: not; where it is not used, ``refiner`` is None and the door keeps its own
+    refine), with ``mode`` ``scan`` then the network's
     weights adapted too (:func:`adapt_scan`). The calibration runs with the start weights: the adapted ones
     were trained on the lines the folds hold back."""
     if mode not in ("solve", "scan") or (mode == "solve" and calibration is None):
@@ -87,7 +88,11 @@ def adapt_to_scan(network, slices: Sequence[AdaptSlice], mode: str, settings: Ad
                                 on_fold=lambda done, total: log.info("%s: cs refine: fold %d of %d", source,
                                                                      done, total))
         log.info("%s: cs refine calibrated on its own lines: %s", source, solve.summary())
-        refiner = Refiner(solve.refine_config(), network.device)
+        if solve.used:
+            refiner = Refiner(solve.refine_config(), network.device)
+        else:
+            log.warning("%s: the held-back lines do not favour the cs refine; the refine as configured is kept",
+                        source)
     if mode == "solve":
         return ScanAdaptation(network, refiner, solve)
     adapted, weights = adapted_engine(network, slices, settings, source)

@@ -14,7 +14,11 @@ lines stands in for it:
   error normalised by the lines' energy, averaged over folds and slices;
 - the search runs along the axes of the grid: every λ at the starting μ, then every μ at the best λ
   (the score varies smoothly in both, and two lines cost a fraction of the whole grid);
-- the pair with the lowest score wins and the scan is reconstructed with it on all its lines.
+- the pair with the lowest score wins and the scan is reconstructed with it on all its lines, provided
+  it predicts the held-back lines better than the network alone does (its own final k-space, scored the
+  same way) by a relative ``margin``. Where no candidate does, the held-back lines cannot tell the
+  candidates apart (noise-dominated outer lines, too little coil encoding left at high acceleration),
+  and the door keeps its own refine.
 
 Every acquired outer line is held back exactly once, and a candidate never sees the lines it is scored
 on, nor does the network that gives it ``x₀``. Leaving a fold out makes the data a little more
@@ -46,16 +50,20 @@ log = logging.getLogger(__name__)
 class CalibrationConfig:
     """Settings of :func:`calibrate_solve`. ``lams`` × ``mus``: the grid searched (λ is the pull to the
     network's image relative to the data term, μ the sparsity weight in units of the image's 99th
-    percentile), along λ at ``start_mu`` first; ``folds``: K of the cross-validation; ``slices``: the most slices scored (spread over
+    percentile), along λ at ``start_mu`` first; ``margin``: how much lower (relative) than the network's
+    own the winner's held-out error must be for the ``cs`` refine to be used; ``folds``: K of the
+    cross-validation; ``slices``: the most slices scored (spread over
     the scan; the noise, coils and contrast that decide the weights are the scan's, not the slice's);
     ``iterations``: FISTA steps per solve.
 
     Why these defaults: the grid spans plain compressed sensing (λ 0) to the network's image (λ 1, where
     the solve barely moves it) and no sparsity to strong sparsity at low SNR; six folds hold back a
     sixth of the outer lines at a time, so the data the candidates are scored on stay close to the
-    scan's own sampling."""
+    scan's own sampling; the margin keeps the door's refine where the scores differ by little more than
+    their noise."""
 
     lams: tuple = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    margin: float = 0.1
     mus: tuple = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
     start_mu: float = 0.002
     folds: int = 6
@@ -66,6 +74,8 @@ class CalibrationConfig:
     def __post_init__(self):
         if not self.lams or not self.mus or min(self.lams) < 0 or min(self.mus) < 0:
             raise ValueError(f"the calibration grid needs non-negative λ and μ values, got {self.lams}, {self.mus}")
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
         if self.start_mu not in self.mus:
             raise ValueError(f"start_mu {self.start_mu} must be one of mus {self.mus}")
         if self.folds < 2 or self.slices < 1 or self.iterations < 1:
@@ -92,7 +102,8 @@ class CalibrationConfig:
 @dataclass
 class CalibrationResult:
     """What :func:`calibrate_solve` chose: ``lam``/``mu``, their ``score`` and every scored candidate's
-    (``table``: one ``{lam, mu, score}`` each), the folds and slices it used and its time."""
+    (``table``: one ``{lam, mu, score}`` each), the network's own held-out error (``network_score``),
+    whether the winner beat it by the margin (``used``), the folds and slices it used and its time."""
 
     lam: float
     mu: float
@@ -101,10 +112,14 @@ class CalibrationResult:
     folds: int
     slices: int
     seconds: float
+    network_score: float = float("nan")
+    used: bool = True
 
     def summary(self) -> str:
-        return (f"λ {self.lam:g}, μ {self.mu:g} (held-out error {self.score:.4g}; {len(self.table)} candidates, "
-                f"{self.folds} folds on {self.slices} slices, {self.seconds:.1f} s)")
+        verdict = "used" if self.used else "not used: no better than the network's own on the held-back lines"
+        return (f"λ {self.lam:g}, μ {self.mu:g}, {verdict} (held-out error {self.score:.4g}, the network's "
+                f"{self.network_score:.4g}; {len(self.table)} candidates, {self.folds} folds on {self.slices} "
+                f"slices, {self.seconds:.1f} s)")
 
     def refine_config(self, base: RefineConfig = RefineConfig()) -> RefineConfig:
         """The ``cs`` refine with the chosen weights (the other settings from ``base``)."""
@@ -132,22 +147,24 @@ def spread(count: int, most: int) -> list[int]:
 
 def network_prior(engine, kspace: np.ndarray, mask: np.ndarray, acs: int, sens_kspace=None,
                   refine: RefineConfig = RefineConfig()):
-    """``(image, maps, prior)``: the network's RSS image ``(H, W)``, the refine's maps ``(C, H, W)``
-    (:func:`gadget.recon.refine.choose_maps`) and the network's coil images combined with them ``(H, W)``,
-    for one slice. ``acs``: the network's ACS count (with ``sens_kspace``, the reference's lines)."""
+    """``(image, maps, prior, final)``: the network's RSS image ``(H, W)``, the refine's maps ``(C, H, W)``
+    (:func:`gadget.recon.refine.choose_maps`), the network's coil images combined with them ``(H, W)`` and
+    its final k-space ``(C, H, W)``, for one slice. ``acs``: the network's ACS count (with
+    ``sens_kspace``, the reference's lines)."""
     image, final = engine.run_tensors(kspace[None], mask, acs, None if sens_kspace is None else sens_kspace[None])
     measured = torch.from_numpy(kspace[None]).to(final.device, torch.complex64)
     maps_acs = 0 if sens_kspace is not None else acs  # no calibration block in the imaging lines: the network's maps
     maps, _ = choose_maps(image, final, measured, torch.from_numpy(mask).to(final.device), refine, maps_acs)
     prior = (maps.conj() * ifft2c(final.to(torch.complex64))).sum(1)
-    return image[0], maps[0], prior[0]
+    return image[0], maps[0], prior[0], final[0].to(torch.complex64)
 
 
 @dataclass
 class HeldOutFold:
     """One slice with one fold's lines held back: the data the candidates see (``measured`` complex
     ``(C, H, W)`` on ``kept`` ``(W,)``), the network's ``prior`` ``(H, W)`` and ``maps`` ``(C, H, W)`` from
-    those data alone, and the held-back lines (``fold`` column indices, ``held`` ``(C, H, len(fold))``)."""
+    those data alone, the held-back lines (``fold`` column indices, ``held`` ``(C, H, len(fold))``) and
+    the network's own prediction of them (``network``, same layout)."""
 
     measured: torch.Tensor
     kept: torch.Tensor
@@ -155,6 +172,12 @@ class HeldOutFold:
     prior: torch.Tensor
     fold: np.ndarray
     held: torch.Tensor
+    network: torch.Tensor
+
+    def error(self, predicted: torch.Tensor) -> torch.Tensor:
+        """Squared error of ``predicted`` held-back lines, normalised by their energy (0-d)."""
+        energy = self.held.abs().square().sum().clamp(min=torch.finfo(torch.float32).tiny)
+        return (predicted - self.held).abs().square().sum() / energy
 
 
 def hold_out(engine, sl: AdaptSlice, fold: np.ndarray) -> HeldOutFold:
@@ -162,21 +185,18 @@ def hold_out(engine, sl: AdaptSlice, fold: np.ndarray) -> HeldOutFold:
     kept = sl.mask.copy()
     kept[fold] = False
     measured = sl.kspace * kept
-    _, maps, prior = network_prior(engine, measured, kept, sl.acs, sl.sens_kspace)
+    _, maps, prior, final = network_prior(engine, measured, kept, sl.acs, sl.sens_kspace)
     device = prior.device
     return HeldOutFold(torch.from_numpy(measured).to(device, torch.complex64), torch.from_numpy(kept).to(device),
-                       maps, prior, fold, torch.from_numpy(sl.kspace[..., fold]).to(device, torch.complex64))
+                       maps, prior, fold, torch.from_numpy(sl.kspace[..., fold]).to(device, torch.complex64),
+                       final[..., fold])
 
 
 def fold_errors(data: HeldOutFold, lam: torch.Tensor, mu: torch.Tensor, settings: CalibrationConfig) -> torch.Tensor:
     """Each candidate's squared error on the held-back lines ``(P,)``, normalised by their energy."""
     x = solve(data.maps, data.measured, data.kept, data.prior, lam, mu, settings.iterations, settings.seed)
-    errors = []
-    for candidate in x:  # one at a time: the whole k-space of every candidate at once is large
-        predicted = fft2c(data.maps * candidate)[..., data.fold]
-        errors.append((predicted - data.held).abs().square().sum())
-    energy = data.held.abs().square().sum().clamp(min=torch.finfo(torch.float32).tiny)
-    return (torch.stack(errors) / energy).cpu()
+    # one candidate at a time: the whole k-space of every candidate at once is large
+    return torch.stack([data.error(fft2c(data.maps * candidate)[..., data.fold]) for candidate in x]).cpu()
 
 
 @torch.inference_mode()
@@ -211,4 +231,6 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
             on_fold(done, len(plan))
     lam, _, _ = best(settings.lam_line())
     lam, mu, score = best(settings.mu_line(lam))
-    return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0)
+    network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
+    return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
+                             network, score < (1 - settings.margin) * network)

@@ -40,7 +40,7 @@ from gadget.train.adapt import AdaptConfig, AdaptSlice
 from gadget.train.adapt_run import adapt_to_scan, adapted_engine
 from gadget.train.solve_calibration import CalibrationConfig
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+REAL = Path(__file__).resolve().parents[4] / "shared" / "data" / "real"  # beside the repository
 SIM_ROWS = {  # name: simulate_volume arguments (seed of the test volume; the site volume uses seed + 100)
     "sim-pd": dict(source="mni", contrast="pdw", num_coils=12, recon_size=(128, 128), snr_db=40),
     "sim-20coil": dict(source="colin", num_coils=20, recon_size=(128, 128), snr_db=40),
@@ -164,9 +164,11 @@ def run_row(row: Row, accel: int, engine: Reconstructor, settings: AdaptConfig, 
             if adaptation.weights is not None:
                 steps[column] = f"{adaptation.weights.best_step}/{adaptation.weights.steps}"
         seconds[column] = time.perf_counter() - t0
-        scan_engine = RefinedEngine(adaptation.network, adaptation.refiner)
+        scan_engine = RefinedEngine(adaptation.network, adaptation.refiner or engine.refiner)
         result[label] = center_crop(scan_engine(measured[None], mask, acs)[0], crop)
-        steps[column + " solve"] = f"λ {adaptation.solve.lam:g} μ {adaptation.solve.mu:g}"
+        solve = adaptation.solve
+        steps[column + " solve"] = (f"λ {solve.lam:g} μ {solve.mu:g} {'used' if solve.used else 'not used'} "
+                                    f"(error {solve.score:.3f}, network {solve.network_score:.3f})")
     return {"row": row.name, "accel": accel, "scores": {k: scores(v, row) for k, v in result.items()},
             "adapt_seconds": seconds, "adapt_steps": steps}
 
@@ -175,13 +177,14 @@ def markdown(results: list[dict]) -> str:
     methods = []
     for r in results:
         methods += [m for m in r["scores"] if m not in methods]
-    lines = ["| row | R | score | " + " | ".join(methods) + " | adaptation s |",
+    lines = ["| row | R | score | " + " | ".join(methods) + " | adaptation s; choices |",
              "|---|---|---|" + "---|" * len(methods) + "---|"]
     for r in results:
         for tag, label in (("whole", "whole, vs noisy RSS"), ("head", "in-head, vs truth")):
             cells = [f"{r['scores'][m][tag][0]:.3f} / {r['scores'][m][tag][1]:.2f}" if m in r["scores"] else "–"
                      for m in methods]
-            timing = " / ".join(f"{k} {v:.0f}" for k, v in r["adapt_seconds"].items()) if tag == "whole" else ""
+            timing = (" / ".join(f"{k} {v:.0f}" for k, v in r["adapt_seconds"].items()) if tag == "whole"
+                      else "; ".join(f"{k}: {v}" for k, v in r["adapt_steps"].items()))
             lines.append(f"| {r['row']} | {r['accel']}× | {label} | " + " | ".join(cells) + f" | {timing} |")
     return "\n".join(lines)
 
