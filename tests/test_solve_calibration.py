@@ -170,6 +170,12 @@ def test_adapt_solve_through_both_offline_doors(tmp_path, test_format_file, caps
     (series,) = read_images_h5(tmp_path / "img.h5").values()
     replayed = np.stack([image_magnitude(im) for im in series])
     assert np.linalg.norm(replayed - inferred) / np.linalg.norm(inferred) < 1e-4
+    # scan: where the cs refine is used, the weights are not adapted (the same images as solve)
+    assert main(["infer", "--checkpoint", str(base), "--input", str(test_format_file), "--output",
+                 str(tmp_path / "scan"), "--adapt", "scan", "--device", "cpu"]) == 0
+    assert "weights:" not in capsys.readouterr().out
+    with h5py.File(tmp_path / "scan" / test_format_file.name, "r") as f:
+        np.testing.assert_array_equal(f["reconstruction"][()], inferred)
     assert main(["infer", "--checkpoint", str(base), "--input", str(test_format_file), "--output", str(out),
                  "--adapt", "solve", "--refine", "pi"]) == 2
     assert "needs --refine auto" in capsys.readouterr().err

@@ -109,7 +109,7 @@ class ReconConfig:
     adapt: str = "none"
     # The most optimiser steps of that adaptation; fewer when the held-back lines' loss stops falling.
     adapt_steps: int = 60
-    adapt_time_limit: float = 480.0      # seconds the adaptation may take per scan (0 = no limit)
+    adapt_time_limit: float = 480.0      # seconds the adaptation may take per scan, calibration included (0 = no limit)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

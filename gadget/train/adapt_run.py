@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -77,9 +77,11 @@ def adapt_to_scan(network, slices: Sequence[AdaptSlice], mode: str, settings: Ad
     """Per-scan adaptation of ``network`` (a :class:`gadget.recon.engine.Reconstructor`) on one scan's
     ``slices``: the ``cs`` refine's weights calibrated on the scan's lines (:func:`calibrate_solve`;
     ``calibration`` None: not; where it is not used, ``refiner`` is None and the door keeps its own
-    refine), with ``mode`` ``scan`` then the network's
-    weights adapted too (:func:`adapt_scan`). The calibration runs with the start weights: the adapted ones
-    were trained on the lines the folds hold back."""
+    refine). With ``mode`` ``scan`` the network's weights are adapted (:func:`adapt_scan`) where the cs
+    refine is not used: the held-out lines validated the cs refine together with the loaded weights'
+    image as its start and prior, not with weights adapted afterwards (which have been trained on the
+    lines the folds held back), and an adapted prior under the chosen λ and μ lost several dB in-head on
+    the real brain (docs/results/adaptation.md)."""
     if mode not in ("solve", "scan") or (mode == "solve" and calibration is None):
         raise ValueError(f"per-scan adaptation is solve (with a calibration) or scan, got {mode!r}")
     solve = refiner = None
@@ -93,8 +95,10 @@ def adapt_to_scan(network, slices: Sequence[AdaptSlice], mode: str, settings: Ad
         else:
             log.warning("%s: the held-back lines do not favour the cs refine; the refine as configured is kept",
                         source)
-    if mode == "solve":
+    if mode == "solve" or refiner is not None:
         return ScanAdaptation(network, refiner, solve)
+    if settings.time_limit and solve is not None:  # the limit is the whole adaptation's: the weights get the rest
+        settings = replace(settings, time_limit=max(settings.time_limit - solve.seconds, 1.0))
     adapted, weights = adapted_engine(network, slices, settings, source)
     return ScanAdaptation(adapted, refiner, solve, weights)
 
