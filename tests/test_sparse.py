@@ -20,16 +20,52 @@ def haar_matrix(n: int) -> np.ndarray:
 def test_haar_matches_the_separable_matrices_and_inverts():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 12)) + 1j * rng.standard_normal((2, 8, 12))
-    coarse, details = sparse.haar2(torch.from_numpy(x), 1)
+    coarse, details = sparse.wavelet2(torch.from_numpy(x), 1, "haar")
     y = haar_matrix(8) @ x @ haar_matrix(12).T  # rows then columns
     np.testing.assert_allclose(coarse.numpy(), y[:, :4, :6], atol=1e-12)
     np.testing.assert_allclose(details[0][:, 0].numpy(), y[:, :4, 6:], atol=1e-12)   # across columns
     np.testing.assert_allclose(details[0][:, 1].numpy(), y[:, 4:, :6], atol=1e-12)   # across rows
     np.testing.assert_allclose(details[0][:, 2].numpy(), y[:, 4:, 6:], atol=1e-12)   # diagonal
-    coarse3, details3 = sparse.haar2(torch.from_numpy(x[:, :8, :8]), 3)
+    coarse3, details3 = sparse.wavelet2(torch.from_numpy(x[:, :8, :8]), 3, "haar")
     energy = coarse3.abs().square().sum() + sum(d.abs().square().sum() for d in details3)
     assert float(energy) == pytest.approx(float(np.sum(np.abs(x[:, :8, :8]) ** 2)), rel=1e-12)
-    np.testing.assert_allclose(sparse.ihaar2(coarse3, details3).numpy(), x[:, :8, :8], atol=1e-12)
+    np.testing.assert_allclose(sparse.iwavelet2(coarse3, details3, "haar").numpy(), x[:, :8, :8], atol=1e-12)
+
+
+def periodic_matrix(n: int, h) -> np.ndarray:
+    """One level of the periodic 1-D wavelet analysis with low-pass ``h`` as an explicit matrix:
+    row ``i`` (< n/2) holds ``h[k]`` at column ``(2i + k) mod n``, row ``n/2 + i`` the mirror filter."""
+    g = [(-1) ** k * h[len(h) - 1 - k] for k in range(len(h))]
+    m = np.zeros((n, n))
+    for i in range(n // 2):
+        for k in range(len(h)):
+            m[i, (2 * i + k) % n] += h[k]
+            m[n // 2 + i, (2 * i + k) % n] += g[k]
+    return m
+
+
+def test_db2_matches_the_periodic_matrices_is_orthonormal_and_kills_ramps():
+    h = sparse.WAVELETS["db2"]
+    for n in (8, 12):
+        m = periodic_matrix(n, h)
+        np.testing.assert_allclose(m @ m.T, np.eye(n), atol=1e-12)  # orthonormal
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 8, 12)) + 1j * rng.standard_normal((3, 8, 12))
+    coarse, details = sparse.wavelet2(torch.from_numpy(x), 1, "db2")
+    y = periodic_matrix(8, h) @ x @ periodic_matrix(12, h).T
+    np.testing.assert_allclose(coarse.numpy(), y[:, :4, :6], atol=1e-12)
+    np.testing.assert_allclose(details[0][:, 0].numpy(), y[:, :4, 6:], atol=1e-12)
+    np.testing.assert_allclose(details[0][:, 1].numpy(), y[:, 4:, :6], atol=1e-12)
+    np.testing.assert_allclose(details[0][:, 2].numpy(), y[:, 4:, 6:], atol=1e-12)
+    big = torch.from_numpy(rng.standard_normal((2, 32, 16)).astype(np.complex128))
+    coarse, details = sparse.wavelet2(big, 3, "db2")
+    np.testing.assert_allclose(sparse.iwavelet2(coarse, details, "db2").numpy(), big.numpy(), atol=1e-12)
+    # two vanishing moments: a ramp has no detail away from the periodic wrap
+    ramp = torch.arange(32, dtype=torch.float64).repeat(32, 1)[None]
+    _, details = sparse.wavelet2(ramp.to(torch.complex128), 1, "db2")
+    assert float(details[0][0, 0, :, :-1].abs().max()) < 1e-10
+    with pytest.raises(ValueError, match="wavelet"):
+        sparse.wavelet2(big, 1, "db8")
 
 
 def test_soft_threshold_and_shrink():
@@ -38,7 +74,7 @@ def test_soft_threshold_and_shrink():
     np.testing.assert_allclose(out.numpy(), [(3 + 4j) * 4 / 5, 0, 0], atol=1e-12)
     # a constant image has no detail: shrinking leaves it (any offset, any threshold)
     flat = torch.full((1, 20, 28), 2 - 1j, dtype=torch.complex64)
-    np.testing.assert_allclose(sparse.wavelet_shrink(flat, torch.tensor([5.0]), 2, (1, 3)).numpy()[:, :16, :16],
+    np.testing.assert_allclose(sparse.wavelet_shrink(flat, torch.tensor([5.0]), 2, (1, 3), "haar").numpy()[:, :16, :16],
                                flat.numpy()[:, :16, :16], atol=1e-5)
 
 

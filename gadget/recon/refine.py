@@ -93,8 +93,8 @@ class RefineConfig:
     The sweeps: docs/results/refinement.md. ``smooth``: map low-pass
     width as a fraction of the matrix. ``maps``: ``auto`` (ESPIRiT where it covers the object, else the
     network's maps; :func:`choose_maps`) or ``network``; ``coverage``: the share of the object ESPIRiT
-    must vouch for (:func:`espirit_coverage`). ``cs_lambda``, ``cs_mu``, ``cs_iterations``: the ``cs``
-    mode's pull to the network's image, sparsity weight and FISTA steps (:mod:`gadget.recon.sparse`;
+    must vouch for (:func:`espirit_coverage`). ``cs_lambda``, ``cs_mu``, ``cs_iterations``, ``cs_wavelet``:
+    the ``cs`` mode's pull to the network's image, sparsity weight, FISTA steps and wavelet (:mod:`gadget.recon.sparse`;
     chosen per scan by :func:`gadget.train.solve_calibration.calibrate_solve`)."""
 
     mode: str = "pi"
@@ -110,6 +110,7 @@ class RefineConfig:
     cs_lambda: float = 0.0
     cs_mu: float = 0.0
     cs_iterations: int = 60
+    cs_wavelet: str = "db2"
 
     def __post_init__(self):
         if self.mode not in STAGE_MODES:
@@ -117,6 +118,8 @@ class RefineConfig:
         if not (self.cs_lambda >= 0 and self.cs_mu >= 0 and self.cs_iterations >= 1):
             raise ValueError(f"refine cs weights must be >= 0 and its iterations >= 1, got λ {self.cs_lambda}, "
                              f"μ {self.cs_mu}, {self.cs_iterations} iterations")
+        if self.cs_wavelet not in sparse.WAVELETS:
+            raise ValueError(f"refine cs wavelet must be one of {', '.join(sparse.WAVELETS)}, got {self.cs_wavelet!r}")
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             raise ValueError(f"refine_lambda must be a finite number >= 0 (0: from the noise), got {self.lam}")
         if not (0 < self.lam_min <= self.lam_max and 0 < self.lam_min_network <= self.lam_max):
@@ -371,7 +374,7 @@ def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low) 
     out = image.float().clone()
     for i in range(b):
         x = sparse.solve(maps[i], measured[i], columns[i], prior[i], [config.cs_lambda], [config.cs_mu],
-                         config.cs_iterations)[0]
+                         config.cs_iterations, wavelet=config.cs_wavelet)[0]
         covered = maps[i].abs().amax(0) > 0
         out[i] = torch.where(covered, x.abs(), out[i])
     return out

@@ -3,15 +3,18 @@
     x̂ = argmin_x ½||M F S x − y||² + ½λ||x − x₀||² + μ||Ψ x||₁
 
 with ``S`` the coil maps (``Σ|S|² ≤ 1``, so ``||AᴴA|| ≤ 1`` for ``A = M F S``), ``x₀`` the network's
-coil images combined with those maps, ``Ψ`` an orthonormal 2-D Haar transform (:func:`haar2`), ``λ`` the
-pull towards the network's image and ``μ`` the sparsity weight, in units of :func:`image_scale`. ``λ = 0``
+coil images combined with those maps, ``Ψ`` an orthonormal periodic 2-D wavelet transform
+(:func:`wavelet2`: Daubechies' four-tap db2 by default, or Haar), ``λ`` the pull towards the network's
+image and ``μ`` the sparsity weight, in units of :func:`image_scale`. ``λ = 0``
 is plain compressed sensing started from the network's image; large ``λ`` returns ``x₀``. Which pair
 suits a scan is measured on the scan's own held-back lines (:mod:`gadget.train.solve_calibration`).
 
 Solved by FISTA (Beck and Teboulle, SIAM J. Imaging Sci. 2009) with step ``1 / (1 + λ)``, the gradient's
 Lipschitz bound. The wavelet grid is shifted by a random offset at every step (cycle spinning, which
-BART's ``pics`` also does) so that the Haar blocks leave no fixed edges; the offsets come from a
-seeded generator, so a solve is repeatable. The mask selects phase columns and every readout sample of
+BART's ``pics`` also does) so that the wavelet's block grid leaves no fixed edges; the offsets come from
+a seeded generator, so a solve is repeatable. Why db2: on INIA19's real-intensity brain it kept more
+detail than Haar at the same weights; Haar did slightly better only on our label-based simulated heads,
+whose piecewise-constant tissue suits it (docs/results/adaptation.md). The mask selects phase columns and every readout sample of
 a sampled column is measured, so ``Fᴴ M F`` is a 1-D operation along the phase axis and ``AᴴA`` one
 ``W × W`` matrix per readout row (:func:`row_gram`), built once per solve: a step costs one batched
 matrix product, independent of the number of coils.
@@ -33,40 +36,78 @@ import torch
 from ..mri.fft import ifft2c
 from ..mri.parallel import serial
 
-HAAR_LEVELS = 4
-"""Haar levels: the coarsest band (1/16 of the matrix each way) is left unthresholded."""
+WAVELET_LEVELS = 4
+"""Wavelet levels: the coarsest band (1/16 of the matrix each way) is left unthresholded."""
 
 CHUNK_VALUES = 1 << 23
 """Most complex values of one chunk of candidate images (candidates × pixels): 64 MiB per copy."""
 
 
-def haar2(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Orthonormal 2-D Haar analysis of ``x`` ``(..., H, W)``, ``H`` and ``W`` multiples of ``2**levels``:
-    ``(coarse, details)``, ``details[l]`` ``(..., 3, H / 2**(l+1), W / 2**(l+1))`` the horizontal, vertical
-    and diagonal bands of level ``l`` (finest first)."""
+_SQRT3 = math.sqrt(3.0)
+#: Orthonormal scaling (low-pass) filters: Haar, and Daubechies' four-tap filter (db2, two vanishing
+#: moments: smooth regions and ramps give no detail coefficients).
+WAVELETS = {
+    "haar": (1 / math.sqrt(2), 1 / math.sqrt(2)),
+    "db2": tuple(c / (4 * math.sqrt(2)) for c in (1 + _SQRT3, 3 + _SQRT3, 3 - _SQRT3, 1 - _SQRT3)),
+}
+
+
+def _filters(wavelet: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(h, g)``: the low-pass filter and its quadrature mirror ``g[k] = (−1)^k h[K−1−k]``."""
+    if wavelet not in WAVELETS:
+        raise ValueError(f"wavelet must be one of {', '.join(WAVELETS)}, got {wavelet!r}")
+    h = WAVELETS[wavelet]
+    return h, tuple((-1) ** k * h[len(h) - 1 - k] for k in range(len(h)))
+
+
+def _analysis(x: torch.Tensor, dim: int, h, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """One periodic level along ``dim`` (negative, even length): ``(low, high)``, each half as long;
+    ``low[n] = Σ_k h[k] x[2n + k]`` (indices modulo the length), ``high`` likewise with ``g``."""
+    even, odd = x.unflatten(dim, (-1, 2)).unbind(dim)
+    taps = [even, odd]
+    for _ in range(1, len(h) // 2):  # pairs further right, wrapping round
+        taps += [torch.roll(taps[-2], -1, dim), torch.roll(taps[-1], -1, dim)]
+    low = sum(c * t for c, t in zip(h, taps))
+    high = sum(c * t for c, t in zip(g, taps))
+    return low, high
+
+
+def _synthesis(low: torch.Tensor, high: torch.Tensor, dim: int, h, g) -> torch.Tensor:
+    """The inverse (the transpose) of :func:`_analysis` along ``dim``."""
+    even = h[0] * low + g[0] * high
+    odd = h[1] * low + g[1] * high
+    for j in range(1, len(h) // 2):  # the contributions of coefficients j places to the left
+        low_j, high_j = torch.roll(low, j, dim), torch.roll(high, j, dim)
+        even = even + h[2 * j] * low_j + g[2 * j] * high_j
+        odd = odd + h[2 * j + 1] * low_j + g[2 * j + 1] * high_j
+    return torch.stack((even, odd), dim=dim).flatten(dim - 1, dim)
+
+
+def wavelet2(x: torch.Tensor, levels: int, wavelet: str = "haar") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Orthonormal periodic 2-D wavelet analysis of ``x`` ``(..., H, W)``, ``H`` and ``W`` multiples of
+    ``2**levels``: ``(coarse, details)``, ``details[l]`` ``(..., 3, H / 2**(l+1), W / 2**(l+1))`` the bands
+    of level ``l`` (finest first): low along rows and high along columns, high along rows and low along
+    columns, high along both."""
+    h, g = _filters(wavelet)
     details = []
     a = x
     for _ in range(levels):
-        *lead, h, w = a.shape
-        q = a.reshape(*lead, h // 2, 2, w // 2, 2)
-        p00, p01, p10, p11 = q[..., 0, :, 0], q[..., 0, :, 1], q[..., 1, :, 0], q[..., 1, :, 1]
-        a = (p00 + p01 + p10 + p11) / 2
-        details.append(torch.stack(((p00 - p01 + p10 - p11) / 2, (p00 + p01 - p10 - p11) / 2,
-                                    (p00 - p01 - p10 + p11) / 2), dim=-3))
+        lo_w, hi_w = _analysis(a, -1, h, g)
+        a, hl = _analysis(lo_w, -2, h, g)
+        lh, hh = _analysis(hi_w, -2, h, g)
+        details.append(torch.stack((lh, hl, hh), dim=-3))
     return a, details
 
 
-def ihaar2(coarse: torch.Tensor, details: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The inverse of :func:`haar2`."""
+def iwavelet2(coarse: torch.Tensor, details: Sequence[torch.Tensor], wavelet: str = "haar") -> torch.Tensor:
+    """The inverse of :func:`wavelet2`."""
+    h, g = _filters(wavelet)
     a = coarse
     for d in reversed(details):
-        h1, v1, d1 = d.unbind(-3)
-        p00, p01 = (a + h1 + v1 + d1) / 2, (a - h1 + v1 - d1) / 2
-        p10, p11 = (a + h1 - v1 - d1) / 2, (a - h1 - v1 + d1) / 2
-        *lead, h, w = a.shape
-        rows0 = torch.stack((p00, p01), dim=-1).reshape(*lead, h, 2 * w)
-        rows1 = torch.stack((p10, p11), dim=-1).reshape(*lead, h, 2 * w)
-        a = torch.stack((rows0, rows1), dim=-2).reshape(*lead, 2 * h, 2 * w)
+        lh, hl, hh = d.unbind(-3)
+        lo_w = _synthesis(a, hl, -2, h, g)
+        hi_w = _synthesis(lh, hh, -2, h, g)
+        a = _synthesis(lo_w, hi_w, -1, h, g)
     return a
 
 
@@ -86,8 +127,9 @@ def _wrapped_segments(n: int, size: int, offset: int) -> list[tuple[slice, slice
     return out
 
 
-def wavelet_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, offset: tuple[int, int]) -> torch.Tensor:
-    """The proximal step of ``t·||Ψ x||₁`` for the Haar grid moved by ``offset`` (rows, columns): ``x``
+def wavelet_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, offset: tuple[int, int],
+                   wavelet: str = "haar") -> torch.Tensor:
+    """The proximal step of ``t·||Ψ x||₁`` for the wavelet grid moved by ``offset`` (rows, columns): ``x``
     ``(P, H, W)`` placed at ``offset`` in a zero grid of multiples of ``2**levels`` (circularly), detail
     bands soft-thresholded by ``threshold`` ``(P,)``, and read back from the same place."""
     p, h, w = x.shape
@@ -97,9 +139,9 @@ def wavelet_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, offset
               for cs, cd in _wrapped_segments(w, grid.shape[2], offset[1])]
     for rs, rd, cs, cd in places:
         grid[:, rd, cd] = x[:, rs, cs]
-    coarse, details = haar2(grid, levels)
+    coarse, details = wavelet2(grid, levels, wavelet)
     t = threshold.view(p, 1, 1, 1).to(x.real.dtype)
-    shrunk = ihaar2(coarse, [soft_threshold(d, t) for d in details])
+    shrunk = iwavelet2(coarse, [soft_threshold(d, t) for d in details], wavelet)
     out = torch.empty_like(x)
     for rs, rd, cs, cd in places:
         out[:, rs, cs] = shrunk[:, rd, cd]
@@ -145,9 +187,11 @@ def image_scale(prior: torch.Tensor) -> torch.Tensor:
 
 
 def solve(maps: torch.Tensor, measured: torch.Tensor, columns: torch.Tensor, prior: torch.Tensor,
-          lam: torch.Tensor, mu: torch.Tensor, iterations: int = 60, seed: int = 0) -> torch.Tensor:
+          lam: torch.Tensor, mu: torch.Tensor, iterations: int = 60, seed: int = 0,
+          wavelet: str = "db2") -> torch.Tensor:
     """``x̂`` ``(P, H, W)`` for each candidate ``(lam[p], mu[p])`` (``(P,)`` each; ``mu`` in units of
-    :func:`image_scale` of ``prior``), by ``iterations`` FISTA steps from ``prior``. Every chunk of
+    :func:`image_scale` of ``prior``), by ``iterations`` FISTA steps from ``prior`` with ``wavelet``
+    (a key of :data:`WAVELETS`). Every chunk of
     candidates sees the same wavelet offsets (``seed``), so a candidate's result does not depend on
     the others solved with it."""
     lam = torch.as_tensor(lam, dtype=torch.float32, device=prior.device).reshape(-1)
@@ -158,14 +202,14 @@ def solve(maps: torch.Tensor, measured: torch.Tensor, columns: torch.Tensor, pri
     gram = row_gram(maps, columns)
     scale = image_scale(prior)
     chunk = max(1, CHUNK_VALUES // prior.numel())
-    parts = [_fista(gram, data, prior, lam[i:i + chunk], mu[i:i + chunk] * scale, iterations, seed)
+    parts = [_fista(gram, data, prior, lam[i:i + chunk], mu[i:i + chunk] * scale, iterations, seed, wavelet)
              for i in range(0, lam.numel(), chunk)]
     return torch.cat(parts)
 
 
-def _fista(gram, data, prior, lam, mu, iterations: int, seed: int) -> torch.Tensor:
+def _fista(gram, data, prior, lam, mu, iterations: int, seed: int, wavelet: str) -> torch.Tensor:
     rng = np.random.default_rng(seed)
-    block = 2 ** HAAR_LEVELS
+    block = 2 ** WAVELET_LEVELS
     lam3 = lam.view(-1, 1, 1)
     step = 1.0 / (1.0 + lam3)
     x = prior.unsqueeze(0).expand(lam.numel(), *prior.shape).clone()
@@ -175,7 +219,7 @@ def _fista(gram, data, prior, lam, mu, iterations: int, seed: int) -> torch.Tens
         offset = (int(rng.integers(block)), int(rng.integers(block)))
         with serial(z.numel()):  # the rest are small passes (gadget.mri.parallel)
             gradient = normal_z - data + lam3 * (z - prior)
-            new = wavelet_shrink(z - step * gradient, mu * step.view(-1), HAAR_LEVELS, offset)
+            new = wavelet_shrink(z - step * gradient, mu * step.view(-1), WAVELET_LEVELS, offset, wavelet)
             t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
             z = new + ((t - 1) / t_new) * (new - x)
             x, t = new, t_new

@@ -39,7 +39,7 @@ import torch
 
 from ..mri.fft import fft2c, ifft2c
 from ..recon.refine import RefineConfig, choose_maps
-from ..recon.sparse import solve
+from ..recon.sparse import WAVELETS, solve
 from .adapt import AdaptError, AdaptSlice
 from .splits import acs_lines
 
@@ -52,9 +52,9 @@ class CalibrationConfig:
     network's image relative to the data term, μ the sparsity weight in units of the image's 99th
     percentile), along λ at ``start_mu`` first; ``margin``: how much lower (relative) than the network's
     own the winner's held-out error must be for the ``cs`` refine to be used; ``folds``: K of the
-    cross-validation; ``slices``: the most slices scored (spread over
-    the scan; the noise, coils and contrast that decide the weights are the scan's, not the slice's);
-    ``iterations``: FISTA steps per solve.
+    cross-validation; ``slices``: the most slices scored (spread over the scan; the noise, coils and
+    contrast that decide the weights are the scan's, not the slice's); ``iterations``: FISTA steps per
+    solve; ``wavelet``: the solve's (:data:`gadget.recon.sparse.WAVELETS`).
 
     Why these defaults: the grid spans plain compressed sensing (λ 0) to the network's image (λ 1, where
     the solve barely moves it) and no sparsity to strong sparsity at low SNR; six folds hold back a
@@ -63,17 +63,20 @@ class CalibrationConfig:
     their noise."""
 
     lams: tuple = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-    margin: float = 0.1
     mus: tuple = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
     start_mu: float = 0.002
+    margin: float = 0.1
     folds: int = 6
     slices: int = 2
     iterations: int = 60
+    wavelet: str = "db2"
     seed: int = 0
 
     def __post_init__(self):
         if not self.lams or not self.mus or min(self.lams) < 0 or min(self.mus) < 0:
             raise ValueError(f"the calibration grid needs non-negative λ and μ values, got {self.lams}, {self.mus}")
+        if self.wavelet not in WAVELETS:
+            raise ValueError(f"wavelet must be one of {', '.join(WAVELETS)}, got {self.wavelet!r}")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
         if self.start_mu not in self.mus:
@@ -114,6 +117,7 @@ class CalibrationResult:
     seconds: float
     network_score: float = float("nan")
     used: bool = True
+    wavelet: str = "db2"
 
     def summary(self) -> str:
         verdict = "used" if self.used else "not used: no better than the network's own on the held-back lines"
@@ -123,7 +127,8 @@ class CalibrationResult:
 
     def refine_config(self, base: RefineConfig = RefineConfig()) -> RefineConfig:
         """The ``cs`` refine with the chosen weights (the other settings from ``base``)."""
-        return RefineConfig(**{**asdict(base), "mode": "cs", "cs_lambda": self.lam, "cs_mu": self.mu})
+        return RefineConfig(**{**asdict(base), "mode": "cs", "cs_lambda": self.lam, "cs_mu": self.mu,
+                               "cs_wavelet": self.wavelet})
 
 
 def outer_folds(mask: np.ndarray, acs: int, folds: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -194,7 +199,8 @@ def hold_out(engine, sl: AdaptSlice, fold: np.ndarray) -> HeldOutFold:
 
 def fold_errors(data: HeldOutFold, lam: torch.Tensor, mu: torch.Tensor, settings: CalibrationConfig) -> torch.Tensor:
     """Each candidate's squared error on the held-back lines ``(P,)``, normalised by their energy."""
-    x = solve(data.maps, data.measured, data.kept, data.prior, lam, mu, settings.iterations, settings.seed)
+    x = solve(data.maps, data.measured, data.kept, data.prior, lam, mu, settings.iterations, settings.seed,
+              settings.wavelet)
     # one candidate at a time: the whole k-space of every candidate at once is large
     return torch.stack([data.error(fft2c(data.maps * candidate)[..., data.fold]) for candidate in x]).cpu()
 
@@ -233,4 +239,4 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
     lam, mu, score = best(settings.mu_line(lam))
     network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
     return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
-                             network, score < (1 - settings.margin) * network)
+                             network, score < (1 - settings.margin) * network, settings.wavelet)
