@@ -8,7 +8,7 @@
 set -euo pipefail
 VARNET=${VARNET:-.venv/bin/varnet}
 STEPS=${STEPS:-800}
-COMMON=(--config pipelines/train/head-rss.yaml --set optim.epochs=1 --set run.max_steps_per_epoch=$STEPS
+COMMON=(--config experiments/shipping/configs/head-rss.yaml --set optim.epochs=1 --set run.max_steps_per_epoch=$STEPS
         --set run.tensorboard=false --set run.init_from=null --set optim.lr=1.0e-3)
 $VARNET train "${COMMON[@]}" --set model.num_cascades=4 --set model.chans=6 --set run.out_dir=runs/size-4x6
 $VARNET train "${COMMON[@]}" --set model.num_cascades=6 --set model.chans=8 --set run.out_dir=runs/size-6x8

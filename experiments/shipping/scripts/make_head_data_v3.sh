@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Extra training heads of the v3 recipe (pipelines/train/head-rss-v3.yaml): fresh seeds, wider
+# Extra training heads of the v3 recipe (experiments/shipping/configs/head-rss-v3.yaml): fresh seeds, wider
 # matrices (96-320) and coil counts (8-24) than make_head_data.sh (next to this script), which must run first, and
 # SNR up to 70 dB (practically noise-free) so that a noise floor is not learned as part of every image,
 # and 100 skull-stripped volumes (the brain alone in the head's field of view) so that a head is not

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Data for the shipped weights (see pipelines/train/ship-synth-brain.yaml); run from the repository root.
+# Data for the shipped weights (see experiments/shipping/configs/ship-synth-brain.yaml); run from the repository root.
 set -e
 i=0
 for src in mni colin; do for ori in axial coronal sagittal; do
   i=$((i+1))
   varnet synth data/ship/train --source $src --orientation $ori --volumes 2 --slices 8 --coils 8 --matrix 128 --seed $((10+i)) --threads 1
 done; done
-# stage 3 (pipelines/train/ship-synth-brain-more.yaml): 12 more volumes, new seeds and poses
+# stage 3 (experiments/shipping/configs/ship-synth-brain-more.yaml): 12 more volumes, new seeds and poses
 i=0
 for src in mni colin; do for ori in axial coronal sagittal; do
   i=$((i+1))
   varnet synth data/ship/train2 --source $src --orientation $ori --volumes 2 --slices 8 --coils 8 --matrix 128 --seed $((30+i)) --threads 1
 done; done
-# stage 4 (pipelines/train/ship-synth-brain-more2.yaml): 12 more
+# stage 4 (experiments/shipping/configs/ship-synth-brain-more2.yaml): 12 more
 i=0
 for src in mni colin; do for ori in axial coronal sagittal; do
   i=$((i+1))

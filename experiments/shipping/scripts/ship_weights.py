@@ -31,8 +31,8 @@ DATA = ("varnet synth --head: domain-randomised whole heads from MNI152 (derived
         "(160 volumes, SNR 15-40 dB), itself from varnet_synth_brain_v1 (their stages below).")
 RECIPE = ["bash experiments/shipping/scripts/make_head_data.sh "
           "&& bash experiments/shipping/scripts/make_head_data_v3.sh   # data",
-          "varnet train --config pipelines/train/head-rss-v3.yaml          # from varnet_head_v2, stopped at step 2800",
-          "varnet train --config pipelines/train/head-rss-v3b.yaml         # + skull-stripped volumes, 1 epoch",
+          "varnet train --config experiments/shipping/configs/head-rss-v3.yaml          # from varnet_head_v2, stopped at step 2800",
+          "varnet train --config experiments/shipping/configs/head-rss-v3b.yaml         # + skull-stripped volumes, 1 epoch",
           "python experiments/generalisation/scripts/make_ood_data.py data/ood   # held-out brain and phantom test sets",
           "python experiments/generalisation/scripts/generalisation_matrix.py "
           "experiments/generalisation/configs/generalisation_matrix.v3.yaml --out results/generalisation_v3",
