@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..data.typed_config import choice
 from ..mri.coils import normalize_sens, rss, sens_expand, sens_reduce
 from ..mri.fft import checkerboard, ifft2c
 from ..mri.masks import detect_num_low_frequencies
@@ -87,7 +88,7 @@ class VarNetConfig:
     output: str = "rss"  # "rss" (paper, fastMRI) | "sense" (|R(k)| with the model's maps); see module doc
     # "e2e" | "vnu-k" | "vnu" | "vn" (module doc). Unused fields: sens_* for the fixed-map variants,
     # chans/pools for "vn"; output only for the k-space variants (image-space ones output |x|).
-    variant: str = "e2e"
+    variant: str = choice("e2e", VARIANTS)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:

@@ -14,22 +14,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import yaml
+from ..data.typed_config import choice, choices_of, convert_field, load_yaml_mapping, presets_folder, yaml_stems
 
 log = logging.getLogger(__name__)
-
-CHOICES = {
-    "mode": ("varnet", "zero-filled"),
-    "image_dtype": ("float32", "uint16"),
-    "acs_source": ("flags", "mask"),
-    "precision": ("fp32", "bf16", "fp16"),  # gadget.model.varnet.PRECISIONS
-    "fallback": ("none", "sense", "zero-filled"),
-    "also_send": ("none", "zero-filled", "sense"),
-    "noise_units": ("scan", "gadgetron"),  # gadget.stream.noise.UNITS
-    "refine": ("auto", "pi", "none"),  # auto: the checkpoint's own; else gadget.recon.refine.REFINE_MODES
-    "adapt": ("none", "solve", "scan"),  # gadget.train.adapt_run
-}
-
 
 # Settings only the operator sets (command line, preset file, Gadgetron chain), never a network client.
 OPERATOR_ONLY = ("checkpoint", "device", "precision", "refine", "refine_lambda", "adapt", "adapt_steps",
@@ -44,24 +31,28 @@ class ConfigError(ValueError):
 class ReconConfig:
     """Pipeline settings. Units: ``dither_sigma`` relative to the image maximum."""
 
-    mode: str = "varnet"                 # varnet | zero-filled (no model; debugging, comparison)
+    # varnet | zero-filled (no model; debugging, comparison)
+    mode: str = choice("varnet", ("varnet", "zero-filled"))
     # The model file, a path given by the operator (never by a client); unset: $VARNET_CHECKPOINT, else the
     # weights shipped in the package (docs/guide/doors.md, "Model weights").
     checkpoint: Optional[str] = None
     device: str = "auto"                 # auto (CUDA when present) | cpu | cuda | cuda:N
-    precision: str = "fp32"              # fp32 | bf16 | fp16: the U-Nets' arithmetic (FFTs, coil maths stay fp32)
+    # fp32 | bf16 | fp16: the U-Nets' arithmetic (FFTs, coil maths stay fp32)
+    precision: str = choice("fp32", ("fp32", "bf16", "fp16"))
     # The network's image finished by a parallel-imaging solve with its image as the prior (ESPIRiT's maps
     # where they cover the object, else its own; docs/guide/refinement.md): pi | none | auto (the default:
     # what the checkpoint records, gadget.model.checkpoint.default_refine: pi for the shipped weights,
     # none for fastMRI and bare state dicts and Lightning .ckpt, whose output is then fastMRI's).
-    refine: str = "auto"
+    refine: str = choice("auto", ("auto", "pi", "none"))
     # The refinement's prior weight λ; 0 = chosen per slice from the noise (noisy data lean on the network,
     # clean data on the measurements).
     refine_lambda: float = 0.0
     batch_size: int = 1                  # slices per forward pass
     prewhiten: bool = True               # noise prewhitening from noise-measurement acquisitions
-    acs_source: str = "flags"            # flags (calibration flags; else the centre run of the mask) | mask (the centre run)
-    image_dtype: str = "float32"         # float32 | uint16 (scale recorded in the meta)
+    # flags (calibration flags; else the centre run of the mask) | mask (the centre run)
+    acs_source: str = choice("flags", ("flags", "mask"))
+    # float32 | uint16 (scale recorded in the meta)
+    image_dtype: str = choice("float32", ("float32", "uint16"))
     uint16_max: int = 4095               # uint16 only: the largest stored value (4095: the 12 bits consoles store)
     # uint16 only: stored = float · scale, one scale for the whole series. 0 = chosen from the first
     # slice reconstructed (its maximum maps to uint16_max / 2, so slices up to twice as bright keep their
@@ -74,14 +65,14 @@ class ReconConfig:
     sequence_description_additional: str = "VARNET"  # SequenceDescriptionAdditional of the images ("" = omitted)
     image_series_index: int = 1          # series number of the network's images (also_send's series: + 1)
     # A second series for side-by-side reading, numbered image_series_index + 1: none | zero-filled | sense.
-    also_send: str = "none"
+    also_send: str = choice("none", ("none", "zero-filled", "sense"))
     # Receiver noise bandwidth relative to the sampling bandwidth, used when the header does not give
     # acquisitionSystemInformation/relativeReceiverNoiseBandwidth (Gadgetron's NoiseAdjustGadget default).
     noise_bandwidth_ratio: float = 0.793
     # The whitened noise level (gadget/stream/noise.py): scan = the imaging data's own per-coil level, which
     # no dwell-time difference between noise scan and data can change; gadgetron = NoiseAdjustGadget's
     # absolute units, scaled by sqrt(2 · imaging dwell / noise dwell · noise_bandwidth_ratio).
-    noise_units: str = "scan"
+    noise_units: str = choice("scan", ("scan", "gadgetron"))
     # Virtual coils kept by PCA coil compression from the calibration region (0 = off).
     coil_compression: int = 0
     reconstruct_incomplete: bool = True  # at end of stream, reconstruct buffers never marked complete
@@ -91,7 +82,7 @@ class ReconConfig:
     # What is sent for a slice the safety check (gadget/recon/safety.py) flags: zero-filled (RSS of the
     # measured lines; the default: it invents nothing, and on held-out heads ESPIRiT + CG-SENSE was worse
     # than it, docs/results/safety.md) | sense (ESPIRiT + CG-SENSE) | none (the network's image, flagged).
-    fallback: str = "zero-filled"
+    fallback: str = choice("zero-filled", ("none", "sense", "zero-filled"))
     # Flag a slice whose withheld-line prediction error exceeds this (zero-filling scores 1; above it the
     # network's guess of unseen k-space is worse than none). 1.1: above every held-out slice of a good
     # model, below half of a failing one's (docs/results/safety.md).
@@ -106,7 +97,7 @@ class ReconConfig:
     # (gadget/train/adapt_run.py; offline doors only: varnet infer, varnet replay): none; solve (the cs
     # refine, its weights chosen on the scan's held-back lines); scan (that, and the network's weights
     # adapted on the scan). With refine pi or none given explicitly, scan adapts the weights only.
-    adapt: str = "none"
+    adapt: str = choice("none", ("none", "solve", "scan"))
     # The most optimiser steps of that adaptation; fewer when the held-back lines' loss stops falling.
     adapt_steps: int = 60
     adapt_time_limit: float = 480.0      # seconds the adaptation may take per scan, calibration included (0 = no limit)
@@ -127,41 +118,23 @@ class ReconConfig:
             name = str(key).replace("-", "_")
             if name not in known:
                 raise ConfigError(f"{source}: unknown setting '{key}' (known: {', '.join(sorted(known))})")
-            updates[name] = _convert(name, known[name].type, value, source)
+            updates[name] = _check_range(name, convert_field(ReconConfig, name, value, source=source,
+                                                             error=ConfigError), source)
         return dataclasses.replace(self, **updates)
 
     def summary(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.to_dict().items())
 
 
-def _convert(name: str, annotation: str, value: Any, source: str) -> Any:
-    target = str(annotation).replace("Optional[", "").rstrip("]")
-    try:
-        if value is None:
-            if "Optional" in str(annotation):
-                return None
-            raise ValueError("null")
-        if target == "bool":
-            if isinstance(value, bool):
-                out = value
-            elif str(value).strip().lower() in ("true", "1", "yes", "on"):
-                out = True
-            elif str(value).strip().lower() in ("false", "0", "no", "off"):
-                out = False
-            else:
-                raise ValueError(value)
-        elif target == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            out = int(str(value).strip()) if isinstance(value, str) else int(value)
-        elif target == "float":
-            out = float(value)
-        else:
-            out = str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: setting '{name}' = {value!r} is not a valid {target}") from None
-    if name in CHOICES and out not in CHOICES[name]:
-        raise ConfigError(f"{source}: setting '{name}' = {out!r} must be one of {', '.join(CHOICES[name])}")
+# The allowed values of each choice field, declared beside the fields (gadget.data.typed_config.choice):
+# precision is gadget.model.varnet.PRECISIONS, noise_units gadget.stream.noise.UNITS; refine auto is the
+# checkpoint's own, else gadget.recon.refine.REFINE_MODES; adapt is gadget.train.adapt_run's.
+CHOICES = choices_of(ReconConfig)
+
+
+def _check_range(name: str, out: Any, source: str) -> Any:
+    """``out`` (already converted to the field's type) if it lies in the range setting ``name`` allows,
+    else a :class:`ConfigError` naming ``source`` and the setting."""
     if name in ("batch_size", "uint16_max", "image_series_index", "adapt_steps") and out < 1:
         raise ConfigError(f"{source}: setting '{name}' must be >= 1, got {out}")
     if name in ("safety_consistency_max", "safety_departure_max", "safety_prediction_max") and not out > 0:
@@ -194,13 +167,13 @@ _PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def presets_dir() -> Path:
-    from gadget import pipelines
-
-    return Path(pipelines.__file__).resolve().parent
+    """The folder of the pipeline presets (``gadget.pipelines``, ``pipelines/*.yaml`` in the source tree)."""
+    return presets_folder()
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+    """The names of the pipeline presets, sorted."""
+    return yaml_stems(presets_dir())
 
 
 def preset_path(name: str) -> Path:
@@ -213,15 +186,9 @@ def preset_path(name: str) -> Path:
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text) if text.strip() else {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
-    return data
+    """The mapping of settings in YAML ``text`` (empty: ``{}``); a :class:`ConfigError` naming ``source``
+    for invalid YAML or another top level."""
+    return load_yaml_mapping(text, source, error=ConfigError, what="settings")
 
 
 def load_config(spec: Optional[str] = None, base: ReconConfig = ReconConfig()) -> ReconConfig:

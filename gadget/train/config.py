@@ -23,13 +23,14 @@ Overrides are ``section.key=value`` strings whose value is parsed as YAML (``[4,
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from ..data.typed_config import (check_choice, choice, choices_of, convert_field, joined_by, load_yaml_mapping,
+                                 presets_folder, yaml_stems)
 from ..model.varnet import VarNetConfig
 
 MASK_KINDS = ("random", "equispaced", "equispaced-fraction")
@@ -48,8 +49,8 @@ class DataConfig:
 
     train_dirs: list[str] = field(default_factory=list)   # directories of *.h5 (fastMRI or `varnet synth`)
     val_dirs: list[str] = field(default_factory=list)     # train/val layout, or test layout with `mask`
-    mask: str = "random"                                  # random | equispaced | equispaced-fraction, or several
-                                                          # joined by commas (one drawn per mask)
+    # random | equispaced | equispaced-fraction, or several joined by commas (one drawn per mask)
+    mask: str = choice("random", MASK_KINDS, joined=",")
     center_fractions: list[float] = field(default_factory=lambda: [0.08, 0.04])
     accelerations: list[float] = field(default_factory=lambda: [4.0, 8.0])
     target: str = TARGET_AUTO                             # dataset name, or auto
@@ -76,7 +77,7 @@ class LossConfig:
     """``ssim``: 1 − SSIM (fastMRI SSIMLoss: 7×7 uniform window, k1 0.01, k2 0.03, data range = the
     volume maximum of the target); ``l1``: mean |output − target| / volume maximum."""
 
-    kind: str = "ssim"
+    kind: str = choice("ssim", LOSS_KINDS)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class RunConfig:
     out_dir: str = "runs/varnet"
     seed: int = 42
     device: str = "auto"                      # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    amp: str = "off"                          # off | bf16 | fp16 — the U-Nets' arithmetic (FFTs stay fp32)
+    amp: str = choice("off", AMP_MODES)       # off | bf16 | fp16 — the U-Nets' arithmetic (FFTs stay fp32)
     activation_checkpointing: bool = False    # recompute each cascade in backward (less memory)
     resume: Optional[str] = None              # a last.pt written by an earlier run
     init_from: Optional[str] = None           # start from these weights (any checkpoint; fresh optimizer)
@@ -155,17 +156,8 @@ def build_config(values: Optional[Mapping[str, Any]] = None, overrides: Sequence
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML file (see the module docstring) and apply ``overrides``."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TrainConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text) if text.strip() else {}
-    except yaml.YAMLError as exc:
-        raise TrainConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is not None and not isinstance(data, Mapping):
-        raise TrainConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return build_config(data or {}, overrides, source=str(path))
+    data = load_yaml_mapping(path, str(path), error=TrainConfigError, what="sections")
+    return build_config(data, overrides, source=str(path))
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -193,62 +185,18 @@ def _check_section(section: str, source: str) -> None:
 def _build_section(name: str, values: Mapping[str, Any], source: str):
     cls = SECTIONS[name]
     known = {f.name: f for f in fields(cls)}
-    hints = typing.get_type_hints(cls)
     converted = {}
     for key, value in values.items():
         attr = key.replace("-", "_")
         if attr not in known:
             raise TrainConfigError(f"{source}: unknown setting '{name}.{key}' "
                                    f"(known in '{name}': {', '.join(known)})")
-        converted[attr] = _convert(f"{name}.{attr}", hints[attr], value, source)
+        converted[attr] = convert_field(cls, attr, value, source=source, error=TrainConfigError,
+                                        name=f"{name}.{attr}")
     try:
         return cls(**converted)
     except ValueError as exc:  # a section's own check (e.g. model.output)
         raise TrainConfigError(f"{source}: section '{name}': {exc}") from None
-
-
-def _convert(name: str, annotation: Any, value: Any, source: str) -> Any:
-    """Convert ``value`` to the field type (int, float, bool, str, Optional[...], list[...])."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union and type(None) in args:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
-            return None
-        annotation = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        elif not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_scalar(name, args[0], v, source) for v in value]
-    return _scalar(name, annotation, value, source)
-
-
-def _scalar(name: str, kind: type, value: Any, source: str) -> Any:
-    bad = TrainConfigError(f"{source}: setting '{name}' = {value!r} is not a valid {kind.__name__}")
-    if isinstance(value, (list, dict)) or value is None:
-        raise bad
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise bad
-    try:
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(str(value).strip()) if isinstance(value, str) else int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-    except (TypeError, ValueError):
-        raise bad from None
-    return str(value)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -264,8 +212,11 @@ def validate(config: TrainConfig, source: str = "config") -> None:
     for key in ("num_cascades", "chans", "pools", "sens_chans", "sens_pools"):
         if getattr(m, key) < 1:
             fail(f"model.{key} must be >= 1, got {getattr(m, key)}")
-    if any(kind not in MASK_KINDS for kind in mask_kinds(d.mask)):
-        fail(f"data.mask = {d.mask!r} must be one of {', '.join(MASK_KINDS)}, or several joined by commas")
+    for section in fields(config):  # the choices declared beside the fields (typed_config.choice)
+        values = getattr(config, section.name)
+        for key, allowed in choices_of(values).items():
+            check_choice(getattr(values, key), allowed, name=f"{section.name}.{key}", source=source,
+                         error=TrainConfigError, joined=joined_by(values, key))
     if len(d.center_fractions) != len(d.accelerations):
         fail(f"data.center_fractions ({len(d.center_fractions)} values) and data.accelerations "
              f"({len(d.accelerations)} values) must pair up one to one")
@@ -275,12 +226,8 @@ def validate(config: TrainConfig, source: str = "config") -> None:
         fail(f"data.center_fractions must lie in (0, 1), got {d.center_fractions}")
     if any(a < 1 for a in d.accelerations):
         fail(f"data.accelerations must be >= 1, got {d.accelerations}")
-    variants = _variants()
-    variant = getattr(m, "variant", "e2e")
-    if variants and variant not in variants:
-        fail(f"model.variant = {variant!r} must be one of {', '.join(variants)}")
-    if variant != "e2e" and r.activation_checkpointing:
-        fail(f"run.activation_checkpointing supports model.variant=e2e only, not {variant!r}")
+    if m.variant != "e2e" and r.activation_checkpointing:
+        fail(f"run.activation_checkpointing supports model.variant=e2e only, not {m.variant!r}")
     if d.maps_cache_mb < 0:
         fail(f"data.maps_cache_mb must be >= 0, got {d.maps_cache_mb}")
     if d.batch_size < 1 or d.num_workers < 0:
@@ -289,10 +236,6 @@ def validate(config: TrainConfig, source: str = "config") -> None:
         fail("data.target must name a dataset (or be 'auto')")
     if not o.lr > 0 or o.epochs < 1 or o.lr_step_size < 1 or not o.lr_gamma > 0 or o.weight_decay < 0:
         fail(f"optim needs lr > 0, epochs >= 1, lr_step_size >= 1, lr_gamma > 0, weight_decay >= 0; got {o}")
-    if config.loss.kind not in LOSS_KINDS:
-        fail(f"loss.kind = {config.loss.kind!r} must be one of {', '.join(LOSS_KINDS)}")
-    if r.amp not in AMP_MODES:
-        fail(f"run.amp = {r.amp!r} must be one of {', '.join(AMP_MODES)}")
     if r.device != "auto" and r.device != "cpu" and not r.device.startswith("cuda"):
         fail(f"run.device = {r.device!r} must be auto, cpu, cuda or cuda:N")
     if r.val_every < 1 or r.log_every < 1 or r.save_every < 0:
@@ -303,24 +246,17 @@ def validate(config: TrainConfig, source: str = "config") -> None:
         fail("run.out_dir must not be empty")
 
 
-def _variants() -> tuple[str, ...]:
-    """The model variants :mod:`gadget.model.varnet` offers (empty before it offers any)."""
-    from ..model import varnet
-
-    return tuple(getattr(varnet, "VARIANTS", ()))
-
-
 # ----------------------------------------------------------------------------- presets
 
 
 def presets_dir() -> Path:
-    from gadget import pipelines
-
-    return Path(pipelines.__file__).resolve().parent / "train"
+    """The folder of the training recipes (``gadget.pipelines`` ``train/``, ``pipelines/train/*.yaml``)."""
+    return presets_folder("train")
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+    """The names of the training recipes, sorted."""
+    return yaml_stems(presets_dir())
 
 
 def resolve_config_path(spec: str) -> Path:
