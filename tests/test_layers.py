@@ -135,3 +135,24 @@ def test_imports_are_resolved_as_installed():
     assert (2, "gadget.converters") in found
     assert any(_violation(module_name(core), m) for _, m in found)
     assert module_name(ROOT / "pipelines" / "__init__.py") == "gadget.pipelines"
+
+
+def subpackage(module: str) -> str | None:
+    """``gadget.X`` for a module inside the package (``gadget.X.Y...`` or ``gadget.X``), else None."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "gadget" and len(parts) > 1 else None
+
+
+def test_no_subpackage_imports_one_that_imports_it_back():
+    """Between the package's parts the imports form no cycle of two (``gadget.model`` and ``gadget.recon``
+    once did, through one import inside a function)."""
+    edges: dict[str, dict[str, str]] = {}
+    for path in sources():
+        here = subpackage(module_name(path))
+        for line, imported in imports(path):
+            there = subpackage(imported)
+            if here and there and there != here and there.split(".")[1] not in DATA:
+                edges.setdefault(here, {}).setdefault(there, f"{path.relative_to(ROOT)}:{line}")
+    cycles = [f"{a} -> {b} ({where}) and back ({edges[b][a]})" for a, targets in edges.items()
+              for b, where in targets.items() if a < b and a in edges.get(b, {})]
+    assert not cycles, "\n".join(cycles)

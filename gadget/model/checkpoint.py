@@ -216,11 +216,14 @@ def save_checkpoint(path: str | os.PathLike, model: VarNet, description: Optiona
     os.replace(tmp, path)
 
 
+#: The refine modes a checkpoint (or a config) may name; the refine stage itself lives in
+#: :mod:`gadget.recon.refine`, which imports this (the model layer never imports the recon layer).
+REFINE_MODES = ("pi", "none")
+
+
 def default_refine(loaded: LoadedCheckpoint) -> tuple[str, str]:
     """The refine ``loaded`` is run with when none is given: ``(mode, reason)``, the reason worded for the
     log (module docstring). A recorded value that is not a refine mode is a :class:`CheckpointError`."""
-    from ..recon.refine import REFINE_MODES
-
     if loaded.kind != FORMAT_NAME:
         return "none", _KIND_NAMES.get(loaded.kind, loaded.kind)
     recorded = loaded.description.get("refine")

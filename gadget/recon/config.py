@@ -128,7 +128,7 @@ class ReconConfig:
 
 # The allowed values of each choice field, declared beside the fields (gadget.data.typed_config.choice):
 # precision is gadget.model.varnet.PRECISIONS, noise_units gadget.stream.noise.UNITS; refine auto is the
-# checkpoint's own, else gadget.recon.refine.REFINE_MODES; adapt is gadget.train.adapt_run's.
+# checkpoint's own, else gadget.model.checkpoint.REFINE_MODES; adapt is gadget.train.adapt_run's.
 CHOICES = choices_of(ReconConfig)
 
 

@@ -56,12 +56,12 @@ import torch
 
 from ..baselines.espirit import EspiritConfig, espirit_maps, per_slice_counts
 from ..mri.fft import ifft2c
+from ..model.checkpoint import REFINE_MODES
 from ..mri.parallel import serial
 from . import sparse
 
 log = logging.getLogger(__name__)
 
-REFINE_MODES = ("pi", "none")
 #: The stage's modes: the two a config or checkpoint may name, and ``cs`` (:mod:`gadget.recon.sparse`), whose
 #: weights a scan's own lines choose (``adapt: solve``; gadget/train/solve_calibration.py).
 STAGE_MODES = REFINE_MODES + ("cs",)
