@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from ..data.fastmri_file import open_volume
+from ..data.typed_config import load_yaml_mapping
 from ..mri.masks import make_mask
 from ..mri.metrics import center_crop
 from ..recon.fastmri_infer import crop_size_for
@@ -156,12 +157,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[AblationSpec,
     """Read an ablation YAML: ``(spec, training sections, training overrides)``; ``overrides`` are
     ``section.key=value`` strings, ``ablation.*`` ones go to the spec."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise TrainConfigError(f"cannot read ablation config {path}: {exc}") from None
-    if not isinstance(data, Mapping):
-        raise TrainConfigError(f"{path}: expected a mapping of sections")
+    data = load_yaml_mapping(path, error=TrainConfigError, what="sections")
     ablation_items = [item for item in overrides if item.strip().startswith("ablation.")]
     spec_overrides = []
     for item in ablation_items:
