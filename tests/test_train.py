@@ -484,5 +484,5 @@ def test_init_from_refuses_another_architecture_and_bad_outputs(data_dirs, tmp_p
         Trainer(_config(data_dirs, tmp_path / "b", f"run.init_from={tmp_path / 'a' / 'best.pt'}", "model.chans=6"))
     with pytest.raises(TrainConfigError, match="run.init_from: .*nothere.pt"):
         Trainer(_config(data_dirs, tmp_path / "c", f"run.init_from={tmp_path / 'nothere.pt'}"))
-    with pytest.raises(TrainConfigError, match="output must be one of rss, sense"):
+    with pytest.raises(TrainConfigError, match="'model.output' = 'mean' must be one of rss, sense"):
         _config(data_dirs, tmp_path / "d", "model.output=mean")

@@ -85,7 +85,7 @@ class VarNetConfig:
     sens_chans: int = 8
     sens_pools: int = 4
     mask_center: bool = True
-    output: str = "rss"  # "rss" (paper, fastMRI) | "sense" (|R(k)| with the model's maps); see module doc
+    output: str = choice("rss", OUTPUTS)  # rss (paper, fastMRI) | sense (|R(k)| with the model's maps); module doc
     # "e2e" | "vnu-k" | "vnu" | "vn" (module doc). Unused fields: sens_* for the fixed-map variants,
     # chans/pools for "vn"; output only for the k-space variants (image-space ones output |x|).
     variant: str = choice("e2e", VARIANTS)
