@@ -109,9 +109,12 @@ def test_a_poor_network_is_trusted_less_and_the_choice_tracks_the_truth(phantom)
         cal.CalibrationConfig(mus=(0.0, 0.01), start_mu=0.002)
 
 
-def test_held_out_lines_that_favour_nothing_keep_the_doors_refine(phantom):
+def test_held_out_lines_that_favour_nothing_fall_back_to_the_noise_level(phantom):
     """Pure noise in the acquired lines: no candidate predicts the held-back lines better than the network
-    by the margin, so per-scan adaptation hands back no cs refine (the door keeps its own)."""
+    by the margin. Without a fallback the door keeps its own refine; with the discrepancy principle
+    (the default) every μ leaves a residual within the noise, so the largest is chosen."""
+    import dataclasses
+
     from gadget.train.adapt import AdaptConfig
     from gadget.train.adapt_run import adapt_to_scan
 
@@ -120,10 +123,34 @@ def test_held_out_lines_that_favour_nothing_keep_the_doors_refine(phantom):
     noise = (rng.standard_normal(sl.kspace.shape) + 1j * rng.standard_normal(sl.kspace.shape)).astype(np.complex64)
     noisy = AdaptSlice(noise * sl.mask, sl.mask, sl.acs, "noise")
     engine = Reconstructor(tiny_model(), "cpu")
-    adaptation = adapt_to_scan(engine, [noisy], "solve", AdaptConfig(), SMALL_GRID, "noise")
-    assert not adaptation.solve.used and adaptation.refiner is None, adaptation.summary()
-    assert adaptation.solve.score > 0.9 * adaptation.solve.network_score
-    assert "not used" in adaptation.summary()
+    kept = adapt_to_scan(engine, [noisy], "solve", AdaptConfig(), dataclasses.replace(SMALL_GRID, fallback="none"),
+                         "noise")
+    assert not kept.solve.used and kept.refiner is None and kept.solve.rule == "none", kept.summary()
+    assert kept.solve.score > 0.9 * kept.solve.network_score
+    assert "not used" in kept.summary()
+    chosen = adapt_to_scan(engine, [noisy], "solve", AdaptConfig(), SMALL_GRID, "noise")
+    assert chosen.solve.rule == "discrepancy" and chosen.refiner is not None, chosen.summary()
+    assert (chosen.solve.lam, chosen.solve.mu) == (SMALL_GRID.fallback_lam, max(SMALL_GRID.mus))
+    assert "noise level" in chosen.summary()
+
+
+def test_the_discrepancy_principle_regularises_more_where_the_noise_is_higher():
+    """The same phantom at 40 and 10 dB: the μ whose residual stays within the noise is larger at 10 dB;
+    an empty grid of admissible μ gives None."""
+    from gadget.converters.simulate import simulate_volume
+
+    mask = equispaced_mask(48, 4, 8)
+    engine = Reconstructor(tiny_model(), "cpu")
+    settings = cal.CalibrationConfig(mus=(0.0, 0.002, 0.01, 0.05, 0.2, 1.0, 5.0), start_mu=0.0, iterations=30)
+    found, slices = {}, {}
+    for snr in (40, 10):
+        vol = simulate_volume(num_slices=1, num_coils=6, recon_size=(32, 48), seed=11, snr_db=snr)
+        slices[snr] = AdaptSlice((vol.kspace[0] * mask).astype(np.complex64), mask, 8, f"snr{snr}")
+        found[snr] = cal.discrepancy_mu(engine, [slices[snr]], settings)
+    assert found[10] is not None and found[10] > (found[40] if found[40] is not None else -1), found
+    silent = AdaptSlice(np.zeros_like(slices[40].kspace), mask, 8, "zeros")  # σ 0: no residual is within it
+    silent.kspace[0, 0, np.flatnonzero(mask)[0]] = 1.0
+    assert cal.discrepancy_mu(engine, [silent], settings) is None
 
 
 def test_the_cs_refine_is_the_solve_where_the_maps_cover_and_the_network_elsewhere(phantom):

@@ -93,8 +93,8 @@ def adapt_to_scan(network, slices: Sequence[AdaptSlice], mode: str, settings: Ad
         if solve.used:
             refiner = Refiner(solve.refine_config(), network.device)
         else:
-            log.warning("%s: the held-back lines do not favour the cs refine; the refine as configured is kept",
-                        source)
+            log.warning("%s: neither the held-back lines nor the noise level favour the cs refine; the refine as "
+                        "configured is kept", source)
     if mode == "solve" or refiner is not None:
         return ScanAdaptation(network, refiner, solve)
     if settings.time_limit and solve is not None:  # the limit is the whole adaptation's: the weights get the rest

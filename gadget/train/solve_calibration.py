@@ -17,8 +17,12 @@ lines stands in for it:
 - the pair with the lowest score wins and the scan is reconstructed with it on all its lines, provided
   it predicts the held-back lines better than the network alone does (its own final k-space, scored the
   same way) by a relative ``margin``. Where no candidate does, the held-back lines cannot tell the
-  candidates apart (noise-dominated outer lines, too little coil encoding left at high acceleration),
-  and the door keeps its own refine.
+  candidates apart (noise-dominated outer lines, too little coil encoding left at high acceleration);
+- there the discrepancy principle decides instead (``fallback``): on all the slice's lines, with λ
+  ``fallback_lam``, the largest μ whose data residual ``‖M F S x̂ − y‖²`` stays within the noise
+  (``σ²`` per acquired sample, σ from the outer readout: :func:`gadget.recon.refine.noise_sigma`); the
+  most regularised image still consistent with the measurements. Where even μ 0 leaves more than the
+  noise (model error dominates), the door keeps its own refine.
 
 Every acquired outer line is held back exactly once, and a candidate never sees the lines it is scored
 on, nor does the network that gives it ``x₀``. Leaving a fold out makes the data a little more
@@ -38,7 +42,7 @@ import numpy as np
 import torch
 
 from ..mri.fft import fft2c, ifft2c
-from ..recon.refine import RefineConfig, choose_maps
+from ..recon.refine import RefineConfig, choose_maps, noise_sigma
 from ..recon.sparse import WAVELETS, solve
 from .adapt import AdaptError, AdaptSlice
 from .splits import acs_lines
@@ -60,7 +64,10 @@ class CalibrationConfig:
     the solve barely moves it) and no sparsity to strong sparsity at low SNR; six folds hold back a
     sixth of the outer lines at a time, so the data the candidates are scored on stay close to the
     scan's own sampling; the margin keeps the door's refine where the scores differ by little more than
-    their noise."""
+    their noise. ``fallback``: ``discrepancy`` (module docstring) or ``none`` (the door's refine) where
+    the folds do not decide; ``fallback_lam``: λ of that fallback, a light pull to the network's image.
+    The folds come first because, as the only rule, the discrepancy principle chose less well where
+    they do decide (docs/results/adaptation.md)."""
 
     lams: tuple = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     mus: tuple = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
@@ -70,6 +77,8 @@ class CalibrationConfig:
     slices: int = 2
     iterations: int = 60
     wavelet: str = "db2"
+    fallback: str = "discrepancy"
+    fallback_lam: float = 0.003
     seed: int = 0
 
     def __post_init__(self):
@@ -77,6 +86,9 @@ class CalibrationConfig:
             raise ValueError(f"the calibration grid needs non-negative λ and μ values, got {self.lams}, {self.mus}")
         if self.wavelet not in WAVELETS:
             raise ValueError(f"wavelet must be one of {', '.join(WAVELETS)}, got {self.wavelet!r}")
+        if self.fallback not in ("discrepancy", "none") or self.fallback_lam < 0:
+            raise ValueError(f"fallback must be discrepancy or none and fallback_lam >= 0, got {self.fallback!r}, "
+                             f"{self.fallback_lam}")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
         if self.start_mu not in self.mus:
@@ -106,7 +118,8 @@ class CalibrationConfig:
 class CalibrationResult:
     """What :func:`calibrate_solve` chose: ``lam``/``mu``, their ``score`` and every scored candidate's
     (``table``: one ``{lam, mu, score}`` each), the network's own held-out error (``network_score``),
-    whether the winner beat it by the margin (``used``), the folds and slices it used and its time."""
+    whether the cs refine is used (``used``) and by which rule (``rule``: ``folds``, ``discrepancy`` or
+    ``none``), the folds and slices it used and its time."""
 
     lam: float
     mu: float
@@ -118,9 +131,11 @@ class CalibrationResult:
     network_score: float = float("nan")
     used: bool = True
     wavelet: str = "db2"
+    rule: str = "folds"
 
     def summary(self) -> str:
-        verdict = "used" if self.used else "not used: no better than the network's own on the held-back lines"
+        verdict = {"folds": "used", "discrepancy": "chosen by the noise level (the held-back lines did not decide)",
+                   "none": "not used: no better than the network's own on the held-back lines"}[self.rule]
         return (f"λ {self.lam:g}, μ {self.mu:g}, {verdict} (held-out error {self.score:.4g}, the network's "
                 f"{self.network_score:.4g}; {len(self.table)} candidates, {self.folds} folds on {self.slices} "
                 f"slices, {self.seconds:.1f} s)")
@@ -238,5 +253,31 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
     lam, _, _ = best(settings.lam_line())
     lam, mu, score = best(settings.mu_line(lam))
     network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
+    rule = "folds" if score < (1 - settings.margin) * network else "none"
+    if rule == "none" and settings.fallback == "discrepancy":
+        found = discrepancy_mu(engine, chosen, settings)
+        if found is not None:
+            lam, mu, rule = settings.fallback_lam, found, "discrepancy"
     return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
-                             network, score < (1 - settings.margin) * network, settings.wavelet)
+                             network, rule != "none", settings.wavelet, rule)
+
+
+def discrepancy_mu(engine, slices: Sequence[AdaptSlice], settings: CalibrationConfig) -> Optional[float]:
+    """The largest μ of ``settings.mus`` whose solve (λ ``settings.fallback_lam``, all acquired lines)
+    leaves a data residual no larger than the noise, summed over ``slices``: ``Σ‖M F S x̂ − y‖² ≤ Σ N σ²``
+    with ``N`` the acquired samples of a slice and σ its noise level; None when not even the smallest
+    does."""
+    mus = sorted(settings.mus)
+    residual, noise = torch.zeros(len(mus)), 0.0
+    for sl in slices:
+        _, maps, prior, _ = network_prior(engine, sl.kspace, sl.mask, sl.acs, sl.sens_kspace)
+        y = torch.from_numpy(sl.kspace).to(prior.device, torch.complex64)
+        columns = torch.from_numpy(sl.mask).to(prior.device)
+        x = solve(maps, y, columns, prior, [settings.fallback_lam] * len(mus), mus, settings.iterations,
+                  settings.seed, settings.wavelet)
+        for i, candidate in enumerate(x):
+            residual[i] += float((fft2c(maps * candidate)[..., columns] - y[..., columns]).abs().square().sum())
+        sigma = float(noise_sigma(y[None], columns)[0])
+        noise += sigma ** 2 * y.shape[0] * y.shape[1] * int(columns.sum())
+    within = [mu for mu, r in zip(mus, residual.tolist()) if r <= noise]
+    return max(within) if within else None
