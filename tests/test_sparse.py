@@ -105,7 +105,8 @@ def test_normal_operator_and_adjoint_match_the_dense_matrix():
     a = dense_operator(maps.astype(np.complex128), columns)
     x = truth.astype(np.complex128)
     want = (a.conj().T @ (a @ x.ravel())).reshape(x.shape)
-    got = sparse.normal(torch.from_numpy(maps), torch.from_numpy(columns), torch.from_numpy(truth)[None])[0]
+    gram = sparse.row_gram(torch.from_numpy(maps), torch.from_numpy(columns))
+    got = sparse.apply_gram(gram, torch.from_numpy(truth)[None])[0]
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     y = (a @ x.ravel()).reshape(maps.shape).astype(np.complex64)
     got_adj = sparse.adjoint(torch.from_numpy(maps), torch.from_numpy(y), torch.from_numpy(columns))

@@ -199,6 +199,13 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     return torch.stack(chosen), sources
 
 
+def maps_and_prior(image, final, measured, mask, config: RefineConfig, num_low=None):
+    """``(maps, sources, prior)``: :func:`choose_maps` and the network's coil images (its final k-space
+    ``final``) combined with them, ``x₀ = Σ conj(S) · c`` ``(b, h, w)``: the prior of both solves."""
+    maps, sources = choose_maps(image, final, measured, mask, config, num_low)
+    return maps, sources, (maps.conj() * ifft2c(final)).sum(1)
+
+
 def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-slice noise σ (``E|n|² = σ²``) from the outer eighth of the readout on each side, sampled
     columns only → ``(b,)``. Signal left in those samples biases it upwards (towards the network)."""
@@ -368,8 +375,7 @@ def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low) 
     """The ``cs`` mode: :func:`gadget.recon.sparse.solve` per slice with the config's weights; ``|x̂|``
     where the maps cover the slice, the network's image where they vanish (no data reaches it there)."""
     b, _, _, w = final.shape
-    maps, _ = choose_maps(image, final, measured, mask, config, num_low)
-    prior = (maps.conj() * ifft2c(final)).sum(1)
+    maps, _, prior = maps_and_prior(image, final, measured, mask, config, num_low)
     columns = _mask_rows(mask, b, w).to(final.device)
     out = image.float().clone()
     for i in range(b):
@@ -382,9 +388,8 @@ def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low) 
 
 def _refine(image, final, measured, mask, config: RefineConfig, num_low) -> torch.Tensor:
     b, c, h, w = final.shape
-    maps, sources = choose_maps(image, final, measured, mask, config, num_low)
+    maps, sources, prior = maps_and_prior(image, final, measured, mask, config, num_low)
     columns = mask.to(final.device, torch.bool).reshape(-1, 1, 1, w)
-    prior = (maps.conj() * ifft2c(final)).sum(1)
     floor = lambda_floor(config, sources).to(prior.real)
     lam = choose_lambda(config, noise_sigma(measured, mask), prior, floor).view(-1, 1, 1).to(prior.real.dtype)
     rows = solve_rows(maps)

@@ -168,12 +168,6 @@ def apply_gram(gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.transpose(0, 1), gram.transpose(1, 2)).transpose(0, 1)
 
 
-def normal(maps: torch.Tensor, columns: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``AᴴA x`` for candidates ``x`` ``(P, H, W)``: ``Σ_c conj(S_c) Fᴴ M F (S_c x)``, with ``F`` along
-    the phase axis only (the readout transforms cancel)."""
-    return apply_gram(row_gram(maps, columns), x)
-
-
 def adjoint(maps: torch.Tensor, measured: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """``Aᴴ y`` ``(H, W)`` for the measured k-space ``y`` ``(C, H, W)`` on ``columns``."""
     return (maps.conj() * ifft2c(measured * columns.to(measured.dtype))).sum(0)

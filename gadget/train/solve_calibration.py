@@ -41,8 +41,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..mri.fft import fft2c, ifft2c
-from ..recon.refine import RefineConfig, choose_maps, noise_sigma
+from ..mri.fft import fft2c
+from ..recon.refine import RefineConfig, maps_and_prior, noise_sigma
 from ..recon.sparse import WAVELETS, solve
 from .adapt import AdaptError, AdaptSlice
 from .splits import acs_lines
@@ -129,9 +129,13 @@ class CalibrationResult:
     slices: int
     seconds: float
     network_score: float = float("nan")
-    used: bool = True
     wavelet: str = "db2"
     rule: str = "folds"
+
+    @property
+    def used(self) -> bool:
+        """Whether the scan is reconstructed with the ``cs`` refine (a rule decided)."""
+        return self.rule != "none"
 
     def summary(self) -> str:
         verdict = {"folds": "used", "discrepancy": "chosen by the noise level (the held-back lines did not decide)",
@@ -174,9 +178,9 @@ def network_prior(engine, kspace: np.ndarray, mask: np.ndarray, acs: int, sens_k
     image, final = engine.run_tensors(kspace[None], mask, acs, None if sens_kspace is None else sens_kspace[None])
     measured = torch.from_numpy(kspace[None]).to(final.device, torch.complex64)
     maps_acs = 0 if sens_kspace is not None else acs  # no calibration block in the imaging lines: the network's maps
-    maps, _ = choose_maps(image, final, measured, torch.from_numpy(mask).to(final.device), refine, maps_acs)
-    prior = (maps.conj() * ifft2c(final.to(torch.complex64))).sum(1)
-    return image[0], maps[0], prior[0], final[0].to(torch.complex64)
+    final = final.to(torch.complex64)
+    maps, _, prior = maps_and_prior(image, final, measured, torch.from_numpy(mask).to(final.device), refine, maps_acs)
+    return image[0], maps[0], prior[0], final[0]
 
 
 @dataclass
@@ -259,7 +263,7 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
         if found is not None:
             lam, mu, rule = settings.fallback_lam, found, "discrepancy"
     return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
-                             network, rule != "none", settings.wavelet, rule)
+                             network, settings.wavelet, rule)
 
 
 def discrepancy_mu(engine, slices: Sequence[AdaptSlice], settings: CalibrationConfig) -> Optional[float]:
