@@ -267,3 +267,82 @@ def test_espirit_single_precision_calibration_and_capped_grid_match_the_defaults
     inside_t = torch.as_tensor(inside)
     assert float((fast.abs() - base.abs())[:, inside_t].abs().max()) < 0.01
     assert float((fast.conj() * base).sum(0).abs()[inside_t].min()) > 0.999
+
+
+def _hermitian_with_spectrum(rng, values: np.ndarray) -> np.ndarray:
+    """Hermitian ``(c, c)`` with eigenvalues ``values`` in random unitary coordinates."""
+    c = values.size
+    q, _ = np.linalg.qr(rng.standard_normal((c, c)) + 1j * rng.standard_normal((c, c)))
+    return (q * values) @ q.conj().T
+
+
+def _spectra_cases(rng, c: int = 8) -> np.ndarray:
+    spectra = [np.r_[1.0, rng.uniform(0, 0.6, c - 1)], np.r_[0.97, 0.2, rng.uniform(0, 0.1, c - 2)],
+               np.r_[0.3, rng.uniform(0, 0.2, c - 1)], np.r_[1.0, 0.996, rng.uniform(0, 0.5, c - 2)],
+               np.r_[1.0, 0.9995, rng.uniform(0, 0.5, c - 2)], np.zeros(c)]
+    return np.stack([_hermitian_with_spectrum(rng, s) for s in spectra]).astype(np.complex64)
+
+
+def test_top_eigenvectors_match_a_full_eigendecomposition():
+    """Repeated squaring against numpy's eigh (ESPIRiT's eigenvalue range [0, 1]): separated top eigenvalues
+    give eigh's value and vector (up to a phase); nearly equal ones a value within EIGEN_RESIDUAL and a vector
+    of their two-dimensional eigenspace; an all-zero matrix 0, not NaN."""
+    from gadget.baselines.espirit import EIGEN_RESIDUAL, top_eigenvectors
+
+    mats = _spectra_cases(np.random.default_rng(3))
+    values, vectors = (t.numpy() for t in top_eigenvectors(torch.from_numpy(mats)))
+    expected_values, expected_vectors = np.linalg.eigh(mats.astype(np.complex128))
+    np.testing.assert_allclose(values[:3], expected_values[:3, -1], atol=2e-6)
+    for i in range(3):
+        assert abs(np.vdot(expected_vectors[i, :, -1], vectors[i])) == pytest.approx(1.0, abs=1e-5)
+    for i in (3, 4):
+        assert abs(values[i] - expected_values[i, -1]) < EIGEN_RESIDUAL
+        assert np.linalg.norm(expected_vectors[i, :, -2:].conj().T @ vectors[i]) == pytest.approx(1.0, abs=1e-5)
+    assert values[5] == 0 and np.all(np.isfinite(vectors))
+
+
+def test_top_eigenvectors_fall_back_to_eigh_where_the_residual_is_too_large(monkeypatch):
+    """With the residual bound at 0 every matrix is decided by eigh: its values and vectors exactly."""
+    from gadget.baselines import espirit
+
+    monkeypatch.setattr(espirit, "EIGEN_RESIDUAL", -1.0)
+    mats = _spectra_cases(np.random.default_rng(5))
+    values, vectors = espirit.top_eigenvectors(torch.from_numpy(mats))
+    expected_values, expected_vectors = torch.linalg.eigh(torch.from_numpy(mats))
+    assert torch.equal(values, expected_values[:, -1]) and torch.equal(vectors, expected_vectors[:, :, -1])
+
+
+def test_interpolated_maps_equal_the_complex_products():
+    from gadget.baselines.espirit import interpolate_maps, interpolation_matrix
+
+    rng = np.random.default_rng(4)
+    maps = torch.from_numpy((rng.standard_normal((3, 6, 5)) + 1j * rng.standard_normal((3, 6, 5))).astype(np.complex64))
+    rows, cols = interpolation_matrix(20, 6), interpolation_matrix(14, 5)
+    expected = rows.to(torch.complex128) @ maps.to(torch.complex128) @ cols.T.to(torch.complex128)
+    got = interpolate_maps(maps, rows.float(), cols.float())
+    assert got.dtype == torch.complex64 and got.shape == (3, 20, 14)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("spectrum", ["steep", "flat"])
+def test_leading_eigenvectors_match_numpy_above_the_ratio(spectrum):
+    """The randomized subspace iteration against numpy's full eigh on a Hermitian PSD matrix of 300: a
+    steep spectrum (34 above the ratio; the first subspace suffices) and a flat one (150 above it: the
+    subspace doubles, then the full decomposition takes over). Eigenvalues above the ratio and the
+    projector onto their eigenvectors agree."""
+    from gadget.baselines.espirit import leading_eigenvectors
+
+    rng = np.random.default_rng(6)
+    n, ratio = 300, 4e-4
+    values = 10.0 ** -np.linspace(0, 30, n) if spectrum == "steep" else np.r_[np.linspace(1, 0.5, 150), np.full(150, 1e-6)]
+    gram = _hermitian_with_spectrum(rng, values)
+    got_values, got_vectors = leading_eigenvectors(torch.from_numpy(gram), ratio)
+    expected_values, expected_vectors = np.linalg.eigh(gram)
+    expected_values, expected_vectors = expected_values[::-1], expected_vectors[:, ::-1]
+    kept = int(np.sum(expected_values > ratio * expected_values[0]))
+    assert kept == (34 if spectrum == "steep" else 150)
+    assert int(torch.sum(got_values > ratio * got_values[0])) == kept
+    np.testing.assert_allclose(got_values[:kept].numpy(), expected_values[:kept], rtol=1e-8, atol=1e-12)
+    v = got_vectors[:, :kept].numpy()
+    w = expected_vectors[:, :kept]
+    assert np.linalg.norm(v @ v.conj().T - w @ w.conj().T, 2) < 1e-6

@@ -40,8 +40,8 @@ network's image ``x₀``; each step is two 1-D transforms per coil, no centring 
 :class:`RowSense`). Rows where the maps are zero (ESPIRiT's outside the calibrated object, e.g. across
 the readout oversampling) keep ``x₀``, which is their solution (:func:`solve_rows`). The result is the
 2-D CG's solution (tests/test_refine.py); the cost against the former 2-D CG from zero and the
-unchanged figures are in docs/results/performance.md, "The refinement". Everything here runs on one
-intra-op thread below :data:`gadget.mri.parallel.SERIAL_BELOW` elements (small passes throughout).
+unchanged figures are in docs/results/performance.md, "The refinement". Slices of fewer than
+:data:`SERIAL_REFINE_BELOW` coil-stack values are refined on one intra-op thread, larger ones on all.
 
 Layouts: k-space and coil tensors complex ``(batch, coil, readout, phase)``; mask bool, broadcastable
 to it (``(phase,)`` or ``(batch, 1, 1, phase)``); images real ``(batch, readout, phase)``.
@@ -78,6 +78,10 @@ REFINE_ESPIRIT = EspiritConfig(step=4, crop=0.9, single=True, max_grid=48)
 #: network's maps did better than ESPIRiT's, and deciding at 0.9 instead lost PSNR there (the solve itself
 #: crops at 0.9 either way; docs/results/refinement.md).
 COVERAGE_CROP = 0.95
+#: Coil-stack size (values) below which the whole stage runs on one intra-op thread: on two cores a
+#: 10×512×256 slice refines faster on one (160 vs 172 ms), a 16×640×320 one on two (342 vs 438 ms;
+#: docs/results/performance.md, "The refinement").
+SERIAL_REFINE_BELOW = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -246,7 +250,7 @@ def solve_rows(maps: torch.Tensor) -> torch.Tensor:
     independent 1-D SENSE problem per readout row. A row without maps (ESPIRiT's are cropped to zero
     outside the calibrated object, e.g. across the readout oversampling) has ``AᴴA = 0`` and the solution
     ``x = x₀``."""
-    return (maps.abs().amax(dim=(1, 3)) > 0).any(0).nonzero().squeeze(1)
+    return torch.view_as_real(maps).ne(0).any(dim=(0, 1, 3, 4)).nonzero().squeeze(1)
 
 
 def _prime_factor_sum(n: int) -> int:
@@ -367,7 +371,7 @@ def refine(image: torch.Tensor, final_kspace: torch.Tensor, masked_kspace: torch
     measured = masked_kspace.to(final.device, torch.complex64)
     if config.mode == "cs":
         return _refine_sparse(image, final, measured, mask, config, num_low)
-    with serial(final.numel()):  # small passes throughout: on one thread (gadget.mri.parallel)
+    with serial(final.numel(), below=SERIAL_REFINE_BELOW):
         return _refine(image, final, measured, mask, config, num_low)
 
 
