@@ -254,8 +254,12 @@ def interpolate_maps(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor)
 #: Squarings of the normalised matrix in :func:`top_eigenvectors`: components of eigenvalue ratio λ₂/λ₁ shrink
 #: by (λ₂/λ₁)^(2^8), 0.97^256 < 1e-3.
 SQUARINGS = 8
-#: A pixel whose vector leaves ``‖G v − λ v‖`` above this (eigenvalues in [0, 1]; two top eigenvalues too close
-#: for the squarings to part them) is decided by a full eigen-decomposition instead.
+#: A pixel whose squared matrix is not yet a projector onto one vector (its squared Frobenius norm, 1 for a
+#: rank-one projector of trace 1, below ``1 − EIGEN_MIXTURE``: the second eigenvalue still weighs more than
+#: about ``EIGEN_MIXTURE / 2``, as where noise fills the calibration's subspace and the top eigenvalues
+#: crowd together), or whose vector leaves ``‖G v − λ v‖`` above :data:`EIGEN_RESIDUAL` (eigenvalues in
+#: [0, 1]), is decided by a full eigen-decomposition instead.
+EIGEN_MIXTURE = 2e-3
 EIGEN_RESIDUAL = 1e-3
 
 
@@ -265,7 +269,8 @@ def top_eigenvectors(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     squared :data:`SQUARINGS` times, rescaled by its trace each time, is the projector ``v vᴴ`` onto the top
     eigenvector wherever that eigenvalue stands apart; its largest column, times ``G`` once more, is ``v``.
     Batched products of ``c × c`` matrices cost a fraction of one LAPACK eigen-decomposition per pixel.
-    Pixels whose residual stays above :data:`EIGEN_RESIDUAL` get :func:`torch.linalg.eigh`'s answer."""
+    Where it does not stand apart (:data:`EIGEN_MIXTURE`, :data:`EIGEN_RESIDUAL`) :func:`torch.linalg.eigh`
+    answers, as it did for every pixel before."""
     g = matrices
     tiny = torch.finfo(g.real.dtype).tiny
     p = g
@@ -273,6 +278,7 @@ def top_eigenvectors(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
         p = p / torch.diagonal(p, dim1=-2, dim2=-1).real.sum(-1).clamp_min(tiny).view(-1, 1, 1)
         if _ < SQUARINGS:
             p = torch.bmm(p, p)
+    purity = torch.view_as_real(p).square().sum(dim=(-3, -2, -1))  # ‖p‖_F², p of trace 1
     column = torch.diagonal(p, dim1=-2, dim2=-1).real.argmax(-1)
     v = torch.bmm(g, torch.gather(p, 2, column.view(-1, 1, 1).expand(-1, p.shape[1], 1)))
     v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(tiny)
@@ -280,7 +286,7 @@ def top_eigenvectors(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     values = (v.conj() * gv).sum(1).real                                    # (n, 1) Rayleigh quotients
     residual = torch.linalg.vector_norm(gv - values.unsqueeze(1) * v, dim=1).squeeze(1)
     values, v = values.squeeze(1), v.squeeze(2)
-    unsure = (residual > EIGEN_RESIDUAL).nonzero().squeeze(1)
+    unsure = ((residual > EIGEN_RESIDUAL) | (purity < 1 - EIGEN_MIXTURE)).nonzero().squeeze(1)
     if unsure.numel():
         m = g[unsure]
         w, vectors = torch.linalg.eigh(0.5 * (m + m.mH))  # exact Hermitian symmetry for eigh
