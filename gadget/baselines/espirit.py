@@ -263,14 +263,20 @@ EIGEN_MIXTURE = 2e-3
 EIGEN_RESIDUAL = 1e-3
 
 
-def top_eigenvectors(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def top_eigenvectors(matrices: torch.Tensor, chunk: int = 16384) -> Tuple[torch.Tensor, torch.Tensor]:
     """Largest eigenvalue ``(n,)`` and its unit eigenvector ``(n, coil)`` of Hermitian positive semi-definite
     ``(n, c, c)`` with eigenvalues in [0, 1] (ESPIRiT's :func:`image_operator`), by repeated squaring: ``G``
     squared :data:`SQUARINGS` times, rescaled by its trace each time, is the projector ``v vᴴ`` onto the top
     eigenvector wherever that eigenvalue stands apart; its largest column, times ``G`` once more, is ``v``.
     Batched products of ``c × c`` matrices cost a fraction of one LAPACK eigen-decomposition per pixel.
     Where it does not stand apart (:data:`EIGEN_MIXTURE`, :data:`EIGEN_RESIDUAL`) :func:`torch.linalg.eigh`
-    answers, as it did for every pixel before."""
+    answers, as it did for every pixel before. ``chunk`` pixels at a time (a full-grid map set has one
+    matrix per pixel)."""
+    parts = [_top_eigenvectors(matrices[start:start + chunk]) for start in range(0, matrices.shape[0], chunk)]
+    return torch.cat([values for values, _ in parts]), torch.cat([vectors for _, vectors in parts])
+
+
+def _top_eigenvectors(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     g = matrices
     tiny = torch.finfo(g.real.dtype).tiny
     p = g
