@@ -280,9 +280,9 @@ def _top_eigenvectors(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     g = matrices
     tiny = torch.finfo(g.real.dtype).tiny
     p = g
-    for _ in range(SQUARINGS + 1):  # the first pass only rescales
+    for squaring in range(SQUARINGS + 1):  # rescaled to trace 1 before each product and after the last
         p = p / torch.diagonal(p, dim1=-2, dim2=-1).real.sum(-1).clamp_min(tiny).view(-1, 1, 1)
-        if _ < SQUARINGS:
+        if squaring < SQUARINGS:
             p = torch.bmm(p, p)
     purity = torch.view_as_real(p).square().sum(dim=(-3, -2, -1))  # ‖p‖_F², p of trace 1
     column = torch.diagonal(p, dim1=-2, dim2=-1).real.argmax(-1)
