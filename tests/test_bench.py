@@ -92,3 +92,26 @@ def test_targets_table_has_the_refinement_row():
     assert "| refinement vs network, shipped weights (worst shape) | ≤ 0.3× | 0.25× | yes |" in table
     table = targets_table({}, [], {"overhead_pct": 1.0}, refine={"refine_ratio": 0.45})
     assert "| 0.45× | NO |" in table
+
+
+def test_infer_bench_runs_both_whole_processes_on_the_same_file_and_weights(monkeypatch):
+    """Tiny case: both processes exit 0, each round is timed, and the two reconstructions agree to the
+    reference's bound (the same weights, refine none for a fastMRI state dict); a failing process is an
+    error naming it."""
+    import sys
+
+    import pytest
+
+    from gadget.bench import infer_bench
+
+    case = infer_bench.InferCase(config="small", coils=4, readout=64, phase=48, slices=2, acs=8, repeats=1)
+    result = infer_bench.run(case)
+    assert all(len(result.seconds[name]) == 1 and result.seconds[name][0] > 0 for name in infer_bench.IMPLEMENTATIONS)
+    assert result.max_rel_diff < 1e-5
+    table = infer_bench.format_table(result)
+    assert "| reference |" in table and "| ours |" in table
+    real = infer_bench._command
+    monkeypatch.setattr(infer_bench, "_command", lambda name, *args: (
+        [sys.executable, "-c", "import sys; sys.exit('no such weights')"] if name == "ours" else real(name, *args)))
+    with pytest.raises(RuntimeError, match="ours inference failed .exit 1.:\n.*no such weights"):
+        infer_bench.run(infer_bench.InferCase(config="small", coils=4, readout=64, phase=48, slices=1, acs=8))

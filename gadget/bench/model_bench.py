@@ -51,11 +51,17 @@ def make_input(case: BenchCase) -> tuple[np.ndarray, np.ndarray]:
 
     vol = simulate_volume(num_slices=1, num_coils=case.coils, recon_size=(case.readout // 2, case.phase),
                           seed=case.seed)
+    mask = equispaced_mask(case)
+    return vol.kspace * mask, mask
+
+
+def equispaced_mask(case: BenchCase) -> np.ndarray:
+    """Bool ``(phase,)``: every ``acceleration``-th line and ``acs`` centre lines (fastMRI's placement)."""
     mask = np.zeros(case.phase, bool)
     mask[::case.acceleration] = True
     start = (case.phase - case.acs + 1) // 2
     mask[start:start + case.acs] = True
-    return vol.kspace * mask, mask
+    return mask
 
 
 IMPLEMENTATIONS = ("reference", "ours", "ours-static", "ours-bf16", "ours-fp16", "onnxruntime")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(sub) -> None:
@@ -94,6 +95,21 @@ def add_parser(sub) -> None:
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     r.add_argument("--checkpoint", default=None, help="weights (default: shipped)")
     r.set_defaults(run=run_refine)
+
+    n = which.add_parser("infer", help="whole processes: varnet infer vs fastMRI's inference path, same file and "
+                                       "weights",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=example_epilog("varnet bench infer",
+                                               "varnet bench infer --config small --shape 8 320 256 --slices 2"))
+    n.add_argument("--config", choices=("default", "small", "shipped"), default="default",
+                   help="architecture of the random weights (saved as a fastMRI state dict)")
+    n.add_argument("--shape", nargs=3, type=int, metavar=("COILS", "READOUT", "PHASE"), default=(15, 640, 368))
+    n.add_argument("--slices", type=int, default=4)
+    n.add_argument("--acceleration", type=int, default=4)
+    n.add_argument("--acs", type=int, default=30)
+    n.add_argument("--repeats", type=int, default=1, help="rounds, each running both processes")
+    n.add_argument("--threads", type=int, default=2)
+    n.set_defaults(run=run_infer)
 
     s = which.add_parser("soak", help="thousands of mixed good/malformed/stalled connections against one server "
                                       "process: its resident memory over time, peak and resting after",
@@ -195,6 +211,20 @@ def run_refine(args) -> int:
     device = _check_device(args.device, ())
     shapes = [tuple(s) for s in args.shape] if args.shape else [(10, 512, 256), (16, 640, 320)]
     print(format_table(run(shapes, args.repeats, device, args.threads, args.checkpoint), device))
+    return 0
+
+
+def run_infer(args) -> int:
+    from ..bench.infer_bench import InferCase, format_table, run
+    from . import UserError
+
+    coils, readout, phase = args.shape
+    if min(args.repeats, args.slices, args.threads, coils) < 1 or readout % 2 or not 0 < args.acs <= phase:
+        raise UserError("--repeats, --slices, --threads and the coil count must be >= 1, the readout even (2× "
+                        f"oversampling) and --acs in 1..{phase}")
+    case = InferCase(config=args.config, coils=coils, readout=readout, phase=phase, slices=args.slices,
+                     acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads)
+    print(format_table(run(case, progress=lambda line: print(line, file=sys.stderr, flush=True))))
     return 0
 
 
