@@ -13,8 +13,8 @@ The input is one simulated multicoil volume (``gadget.converters.simulate``: the
 phase`` with 2× readout oversampling, equispaced ``acceleration`` with ``acs`` centre lines), written
 as a fastMRI test-format file; the weights are a random model of ``config``
 (:data:`gadget.bench.model_bench.CONFIGS`) saved as a bare fastMRI state dict, which ``varnet infer``
-runs without a refinement (fastMRI's output; issue 23). Both processes get ``threads`` OpenMP threads;
-``repeats`` rounds alternate them. The table gives each side's median wall time, the ratio, and the
+runs without a refinement, as fastMRI does (the default for such files). Both processes get ``threads``
+OpenMP threads; ``repeats`` rounds alternate them. The table gives each side's median wall time, the ratio, and the
 largest difference between the two reconstructions relative to the reference's maximum.
 """
 from __future__ import annotations
