@@ -419,7 +419,7 @@ def build_engine(config: ReconConfig, offline: bool = False) -> tuple[Optional[R
                           "offline doors (varnet replay, varnet infer), not for streaming servers or Gadgetron chains")
     if config.adapt != "none" and config.mode != "varnet":
         raise ConfigError(f"adapt '{config.adapt}' adapts the network: it needs mode 'varnet', not '{config.mode}'")
-    if config.adapt == "solve" and config.refine != "auto":
+    if config.adapt == "solve" and not config.calibrates_solve:
         raise ConfigError(f"adapt 'solve' chooses the cs refine's weights on each scan: it needs refine 'auto', "
                           f"not '{config.refine}'")
     if config.mode == "zero-filled":

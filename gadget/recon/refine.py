@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from ..baselines.espirit import EspiritConfig, espirit_maps, per_slice_counts
+from ..mri.coils import sens_reduce
 from ..mri.fft import ifft2c
 from ..model.checkpoint import REFINE_MODES
 from ..mri.parallel import serial
@@ -207,7 +208,7 @@ def maps_and_prior(image, final, measured, mask, config: RefineConfig, num_low=N
     """``(maps, sources, prior)``: :func:`choose_maps` and the network's coil images (its final k-space
     ``final``) combined with them, ``x₀ = Σ conj(S) · c`` ``(b, h, w)``: the prior of both solves."""
     maps, sources = choose_maps(image, final, measured, mask, config, num_low)
-    return maps, sources, (maps.conj() * ifft2c(final)).sum(1)
+    return maps, sources, sens_reduce(final, maps)[:, 0]
 
 
 def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -241,6 +242,12 @@ def choose_lambda(config: RefineConfig, sigma: torch.Tensor, prior: torch.Tensor
     return torch.maximum(config.kappa * ratio.square(), floor.to(ratio)).clamp(max=config.lam_max)
 
 
+def map_support(maps: torch.Tensor) -> torch.Tensor:
+    """Where the maps ``(b, c, h, w)`` reach: bool ``(b, h, w)``, True at pixels where any coil's map is not
+    zero (ESPIRiT's are cropped to zero outside the calibrated object)."""
+    return torch.view_as_real(maps).ne(0).any(dim=(1, 4))
+
+
 def solve_rows(maps: torch.Tensor) -> torch.Tensor:
     """The readout rows the solve runs on, ``(n,)`` long indices shared by the batch: those where the maps
     ``(b, c, h, w)`` are not all zero.
@@ -250,7 +257,7 @@ def solve_rows(maps: torch.Tensor) -> torch.Tensor:
     independent 1-D SENSE problem per readout row. A row without maps (ESPIRiT's are cropped to zero
     outside the calibrated object, e.g. across the readout oversampling) has ``AᴴA = 0`` and the solution
     ``x = x₀``."""
-    return torch.view_as_real(maps).ne(0).any(dim=(0, 1, 3, 4)).nonzero().squeeze(1)
+    return map_support(maps).any(dim=(0, 2)).nonzero().squeeze(1)
 
 
 def _prime_factor_sum(n: int) -> int:
@@ -382,11 +389,11 @@ def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low) 
     maps, _, prior = maps_and_prior(image, final, measured, mask, config, num_low)
     columns = _mask_rows(mask, b, w).to(final.device)
     out = image.float().clone()
+    covered = map_support(maps)
     for i in range(b):
         x = sparse.solve(maps[i], measured[i], columns[i], prior[i], [config.cs_lambda], [config.cs_mu],
                          config.cs_iterations, wavelet=config.cs_wavelet)[0]
-        covered = maps[i].abs().amax(0) > 0
-        out[i] = torch.where(covered, x.abs(), out[i])
+        out[i] = torch.where(covered[i], x.abs(), out[i])
     return out
 
 
@@ -409,7 +416,7 @@ def _solve(maps, prior, measured, columns, lam, rows, iterations: int) -> torch.
     """:func:`refine`'s solve on ``rows``: ``x̂`` there, ``(b, len(rows), w)``."""
     b, c, h, w = maps.shape
     n = rows.numel()
-    data = (maps.conj() * ifft2c(measured * columns)).sum(1)[:, rows]  # Aᴴy on those rows
+    data = sens_reduce(measured * columns, maps)[:, 0, rows]  # Aᴴy on those rows
     row_maps = roll_rows(maps[:, :, rows].transpose(1, 2).reshape(b * n, c, w))
     row_mask = roll_rows(columns.expand(b, n, 1, w).reshape(b * n, 1, w) if columns.shape[0] > 1
                          else columns.view(1, 1, w))

@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..mri.fft import ifft2c
+from ..mri.coils import sens_reduce
 from ..mri.parallel import serial
 
 WAVELET_LEVELS = 4
@@ -170,7 +170,7 @@ def apply_gram(gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def adjoint(maps: torch.Tensor, measured: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """``Aᴴ y`` ``(H, W)`` for the measured k-space ``y`` ``(C, H, W)`` on ``columns``."""
-    return (maps.conj() * ifft2c(measured * columns.to(measured.dtype))).sum(0)
+    return sens_reduce((measured * columns.to(measured.dtype))[None], maps[None])[0, 0]
 
 
 def image_scale(prior: torch.Tensor) -> torch.Tensor:
