@@ -1,4 +1,6 @@
 """`varnet infer` gives the numbers of fastMRI's own pretrained-VarNet inference path."""
+import threading
+
 import h5py
 import numpy as np
 import pytest
@@ -163,3 +165,54 @@ def test_cuda_matches_cpu(tmp_path, test_format_file):
         with h5py.File(tmp_path / dev / test_format_file.name, "r") as f:
             outs[dev] = f["reconstruction"][()]
     assert _rel(outs["cuda"], outs["cpu"]) < 1e-4
+
+
+def test_workers_side_by_side_give_the_reference_output(tmp_path, small_volume, capsys):
+    """Slices reconstructed by several workers at once land in their own places (the output starts as NaN)
+    and match one worker and fastMRI's path; bad counts are refused by name."""
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    write_fastmri(in_dir / "a.h5", small_volume, mask=equispaced_mask(48, 4, 8), num_low_frequency=8,
+                  acceleration=4)
+    ckpt, state = _checkpoint(tmp_path)
+    got = {}
+    for workers in ("1", "3"):
+        out_dir = tmp_path / f"out{workers}"
+        assert main(["infer", "--checkpoint", str(ckpt), "--input", str(in_dir), "--output", str(out_dir),
+                     "--workers", workers]) == 0
+        with h5py.File(out_dir / "a.h5", "r") as f:
+            got[workers] = f["reconstruction"][()]
+    want = _reference_recon(in_dir, state, SMALL)["a.h5"]
+    assert np.isfinite(got["3"]).all()
+    assert _rel(got["3"], got["1"]) < 1e-6 and _rel(got["3"], want) < 1e-5
+    for bad in ("0", "two"):
+        assert main(["infer", "--checkpoint", str(ckpt), "--input", str(in_dir), "--output",
+                     str(tmp_path / "bad"), "--workers", bad]) == 2
+        assert "--workers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("forwards, overlap", [(2, True), (1, False)])
+def test_engine_runs_as_many_forwards_at_once_as_it_allows(forwards, overlap):
+    from gadget.recon.engine import Reconstructor
+
+    engine = Reconstructor(VarNet(**SMALL), "cpu", forwards=forwards)
+    inside = threading.Barrier(2, timeout=2)  # passes only when two forwards are inside at once
+    met = []
+
+    def forward(kspace, mask, num_low, **_):
+        try:
+            inside.wait()
+            met.append(True)
+        except threading.BrokenBarrierError:
+            met.append(False)
+        return torch.zeros(kspace.shape[0], *kspace.shape[-2:])
+
+    engine.model.forward = forward
+    k, m = np.zeros((1, 2, 8, 8), np.complex64), np.ones(8, bool)
+    threads = [threading.Thread(target=engine, args=(k, m, 4)) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert met == [overlap, overlap]
+    assert engine.with_model(VarNet(**SMALL)).forwards == forwards
+    with pytest.raises(ValueError, match="forwards"):
+        Reconstructor(VarNet(**SMALL), "cpu", forwards=0)

@@ -1,5 +1,8 @@
 """gadget.mri.parallel: small passes on one intra-op thread, the caller's count restored; large operations
-inside such a block on the threads it set aside."""
+inside such a block on the threads it set aside; items side by side on worker threads with a share each."""
+import threading
+import time
+
 import pytest
 import torch
 
@@ -48,3 +51,55 @@ def test_all_threads_lends_a_serial_block_its_threads_back_for_one_operation(two
     torch.set_num_threads(1)
     with parallel.all_threads():
         assert torch.get_num_threads() == 1
+
+
+def test_in_workers_keeps_order_splits_the_threads_and_restores_the_count(two_threads):
+    seen = {}
+    started = threading.Barrier(2, timeout=20)  # both workers inside fn at once, or the barrier breaks
+
+    def work(i):
+        if i < 2:
+            started.wait()
+        seen[i] = torch.get_num_threads()
+        return i * i
+
+    assert list(parallel.in_workers(work, range(5), workers=2)) == [0, 1, 4, 9, 16]
+    assert set(seen.values()) == {1}  # two threads shared by two workers
+    assert torch.get_num_threads() == 2
+    assert list(parallel.in_workers(work, range(2, 5), workers=1)) == [4, 9, 16]
+    assert seen[4] == 2  # one worker: the calling thread, its own count
+
+
+def test_in_workers_holds_at_most_workers_items_in_flight(two_threads):
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return i
+
+    results = parallel.in_workers(work, range(12), workers=3)
+    assert next(results) == 0
+    time.sleep(0.05)  # the consumer idles: nothing beyond the items already submitted may start
+    assert list(results) == list(range(1, 12))
+    assert most[0] <= 3
+
+
+def test_in_workers_passes_an_item_error_to_the_caller_and_restores_the_count(two_threads):
+    def work(i):
+        if i == 3:
+            raise ValueError("slice 3 is broken")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="slice 3"):
+        for value in parallel.in_workers(work, range(6), workers=2):
+            got.append(value)
+    assert got == [0, 1, 2]
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="workers"):
+        list(parallel.in_workers(work, range(2), workers=0))

@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     add_refine_argument(p)
     add_adapt_arguments(p, default="none")
     p.add_argument("--batch-size", type=int, default=1, help="slices per forward pass")
+    p.add_argument("--workers", default="auto",
+                   help="batches reconstructed side by side, each on its share of the CPU threads (auto: 2 on a "
+                        "CPU with 2 or more threads, 1 on a GPU; more hold more slices in memory at once)")
     p.add_argument("--acs", choices=("auto", "attrs", "mask"), default="auto",
                    help="ACS line count: file attribute num_low_frequency (attrs), fastMRI's detection from "
                         "the mask (mask; what the reference does), or the attribute when present, else the run "
@@ -60,27 +63,59 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     files = input_files(args.input)
+    device = _device(args.device)
+    workers = slice_workers(args.workers, device)
     from ..model.shipped import resolve_checkpoint
 
     loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
     refine = refine_config(args, loaded)  # auto: the checkpoint's own; logged
     try:
-        network = Reconstructor(loaded.model, args.device, args.precision)
+        network = Reconstructor(loaded.model, device, args.precision, forwards=workers)
     except (RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from None
     engine = RefinedEngine(network, Refiner(refine, network.device))  # the network, then the refine stage
-    log.info("checkpoint %s (%s, sha256 %s), device %s, U-Nets in %s, refine %s", loaded.path, loaded.kind,
-             loaded.sha256[:12], engine.device, args.precision, refine.mode)
+    log.info("checkpoint %s (%s, sha256 %s), device %s, U-Nets in %s, refine %s, %d worker(s)", loaded.path,
+             loaded.kind, loaded.sha256[:12], engine.device, args.precision, refine.mode, workers)
     adapt = adapt_settings(args)
     args.output.mkdir(parents=True, exist_ok=True)
     for path in files:
         scan_engine = engine if adapt is None else adapted_to_file(engine, path, adapt)
         with open_volume(path) as volume, tqdm(total=volume.num_slices, desc=path.name, unit="slice",
                                                leave=False, disable=None) as bar:
-            recon = reconstruct_volume(scan_engine, volume, args.batch_size, args.acs, on_batch=bar.update)
+            recon = reconstruct_volume(scan_engine, volume, args.batch_size, args.acs, on_batch=bar.update,
+                                       workers=workers)
         write_reconstruction(args.output / path.name, recon)
         print(f"{path.name}: {recon.shape[0]} slices -> {args.output / path.name}")
     return 0
+
+
+def _device(name: str):
+    from ..recon.engine import resolve_device
+    from . import UserError
+
+    try:
+        return resolve_device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def slice_workers(setting: str, device) -> int:
+    """``--workers``: a count >= 1, or ``auto``: 2 on a CPU with at least 2 intra-op threads (two slices on
+    half the threads each beat one slice on all of them: docs/results/performance.md, "Slices side by
+    side"), else 1 (a GPU runs one forward at a time)."""
+    import torch
+
+    from . import UserError
+
+    if setting == "auto":
+        return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+    try:
+        count = int(setting)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UserError(f"--workers must be 'auto' or a whole number >= 1, got {setting!r}")
+    return count
 
 
 def adapt_settings(args):

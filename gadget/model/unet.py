@@ -21,6 +21,7 @@ it to fastMRI's reference).
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -93,6 +94,7 @@ _PACK_ENTRIES = 4  # packed weights kept per convolution (one per input shape se
 # convolution module → {key: packed weight}; outside the module, so copies, pickles and state dicts never
 # see it, and dropped with the module
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_PACKING = threading.Lock()  # forwards run side by side (gadget.mri.parallel.in_workers) pack one at a time
 
 
 def _weight_version(weight: torch.Tensor) -> int:
@@ -110,10 +112,14 @@ def _packed_weight(conv: nn.Module, x: torch.Tensor, part: slice | None, transpo
     key = (weight.data_ptr(), _weight_version(weight), None if part is None else (part.start, part.stop),
            tuple(x.shape), _MKLDNN is not None)
     cache = _PACKED.get(conv)
-    if cache is None:
-        cache = _PACKED[conv] = {}
-    packed = cache.get(key)
-    if packed is None:
+    packed = None if cache is None else cache.get(key)
+    if packed is not None:
+        return packed
+    with _PACKING:
+        cache = _PACKED.setdefault(conv, {})
+        packed = cache.get(key)
+        if packed is not None:
+            return packed
         w = weight.detach()
         w = (w[part] if transposed else w[:, part]) if part is not None else w
         w = w.contiguous(memory_format=torch.channels_last)

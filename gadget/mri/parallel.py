@@ -8,12 +8,23 @@ thread alone; convolutions, FFTs and passes over larger tensors keep all threads
 
 :class:`all_threads` gives one large operation inside such a block (a tall matrix product) the threads back.
 
-``torch.set_num_threads`` is process-wide: while a ``serial`` block runs, another thread's intra-op work
-also sees one thread (a matter of speed only; the caller's count is restored on exit).
+With PyTorch's OpenMP backend the intra-op count is the calling thread's own once it has run parallel
+work; ``torch.set_num_threads`` also sets the count that threads started later begin with.
+
+:func:`in_workers` runs independent items (slices) side by side, each worker thread on its share of the
+intra-op threads: small convolutions and memory-bound passes use two cores better as two one-thread
+streams than as one two-thread stream (docs/results/performance.md, "Slices side by side").
 """
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: Element count below which :class:`serial` blocks run on one thread.
 SERIAL_BELOW = 1 << 23
@@ -30,17 +41,23 @@ class serial:
 
     def __enter__(self):
         if self.saved > 1:
-            _SET_ASIDE.append(self.saved)
+            _set_aside().append(self.saved)
             torch.set_num_threads(1)
 
     def __exit__(self, *exc):
         if self.saved > 1:
-            _SET_ASIDE.pop()
+            _set_aside().pop()
             torch.set_num_threads(self.saved)
 
 
-#: Thread counts the open :class:`serial` blocks set aside, innermost last (the count is process-wide).
-_SET_ASIDE: list[int] = []
+_LOCAL = threading.local()
+
+
+def _set_aside() -> list[int]:
+    """The thread counts this thread's open :class:`serial` blocks set aside, innermost last."""
+    if not hasattr(_LOCAL, "counts"):
+        _LOCAL.counts = []
+    return _LOCAL.counts
 
 
 class all_threads:
@@ -50,10 +67,37 @@ class all_threads:
     __slots__ = ("count",)
 
     def __enter__(self):
-        self.count = _SET_ASIDE[-1] if _SET_ASIDE and torch.get_num_threads() == 1 else 0
+        counts = _set_aside()
+        self.count = counts[-1] if counts and torch.get_num_threads() == 1 else 0
         if self.count:
             torch.set_num_threads(self.count)
 
     def __exit__(self, *exc):
         if self.count:
             torch.set_num_threads(1)
+
+
+def in_workers(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``fn(item)`` for each item, results in the items' order. ``workers`` 1: on the calling thread, as a
+    plain loop. More: that many threads, each with ``threads // workers`` intra-op threads (at least one)
+    of the caller's count, at most ``workers`` items in flight; the caller's count is restored when the
+    results are consumed or the generator is closed. An exception from ``fn`` reaches the caller when its
+    item's result is due."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    saved = torch.get_num_threads()
+    share = max(1, saved // workers)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(share,)) as pool:
+            pending = []
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= workers:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+    finally:
+        torch.set_num_threads(saved)  # the count new threads start with, and the caller's own

@@ -50,7 +50,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class Reconstructor:
-    """Runs E2E-VarNet on batches; thread-safe (one forward at a time per engine).
+    """Runs E2E-VarNet on batches; thread-safe (at most ``forwards`` forward passes at a time per engine; the
+    default 1 serialises them, which bounds the activations' memory to one pass).
 
     ``precision``: the U-Nets' arithmetic (``fp32``, ``bf16``, ``fp16``; see
     :meth:`VarNet.set_precision`), set on ``model`` itself (engines sharing one model share it);
@@ -58,12 +59,18 @@ class Reconstructor:
     (:class:`MapsCache`; used only by the fixed-map variants, ``model.needs_maps``). ``checkpoint_refine``:
     the refine the loaded checkpoint records (:func:`gadget.model.checkpoint.default_refine`; what a
     config's ``refine: auto`` stands for, :func:`gadget.recon.refine_stage.applied_refine`), set by
-    :func:`gadget.recon.pipeline.build_engine`; ``None`` for a model passed in without one. The engine
-    itself never refines."""
+    :func:`gadget.recon.pipeline.build_engine`; ``None`` for a model passed in without one. ``forwards``: how
+    many threads may run a forward at once (``varnet infer --workers``: on a CPU, slices side by side on a
+    share of the intra-op threads each, :func:`gadget.mri.parallel.in_workers`). The engine itself never
+    refines."""
 
     def __init__(self, model: VarNet, device: str | torch.device = "auto", precision: Optional[str] = None,
-                 maps_cache_bytes: int = MAPS_CACHE_BYTES, checkpoint_refine: Optional[str] = None):
+                 maps_cache_bytes: int = MAPS_CACHE_BYTES, checkpoint_refine: Optional[str] = None,
+                 forwards: int = 1):
+        if forwards < 1:
+            raise ValueError(f"forwards must be >= 1, got {forwards}")
         self.checkpoint_refine = checkpoint_refine
+        self.forwards = forwards
         self.maps_cache = MapsCache(maps_cache_bytes)
         self.device = resolve_device(device) if isinstance(device, str) else device
         keep_freed_memory()  # per-slice tensors reuse their pages instead of page-faulting afresh
@@ -74,12 +81,13 @@ class Reconstructor:
                         "slower than fp32 (measured: docs/results/performance.md); it pays on GPUs",
                         model.precision, torch.backends.cpu.get_cpu_capability())
         self.model = model.to(self.device).eval()
-        self._lock = threading.Lock()
+        self._lock = threading.BoundedSemaphore(forwards)
 
     def with_model(self, model: VarNet) -> "Reconstructor":
         """An engine for ``model`` (e.g. adapted from this one's) on the same device, with the same maps
-        cache bound and checkpoint refine; the model's precision is left as it is."""
-        return Reconstructor(model, self.device, None, self.maps_cache.max_bytes, self.checkpoint_refine)
+        cache bound, checkpoint refine and concurrent forwards; the model's precision is left as it is."""
+        return Reconstructor(model, self.device, None, self.maps_cache.max_bytes, self.checkpoint_refine,
+                             self.forwards)
 
     @torch.inference_mode()
     def __call__(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,

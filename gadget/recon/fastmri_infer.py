@@ -14,6 +14,7 @@ import numpy as np
 from ..data.fastmri_file import FastMRIFileError, FastMRIVolume
 from ..mri.masks import AcsLinesError, acs_lines
 from ..mri.metrics import center_crop
+from ..mri.parallel import in_workers
 from .engine import Reconstructor
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,23 @@ def acs_count(volume: FastMRIVolume, mask: np.ndarray, source: AcsSource = "auto
 
 def reconstruct_volume(engine: Reconstructor, volume: FastMRIVolume, batch_size: int = 1,
                        acs_source: AcsSource = "auto",
-                       on_batch: Optional[Callable[[int], None]] = None) -> np.ndarray:
+                       on_batch: Optional[Callable[[int], None]] = None, workers: int = 1) -> np.ndarray:
     """Reconstruct every slice; returns float32 ``(slice, H, W)`` cropped as fastMRI does. ``engine``: any
     callable ``engine(kspace, mask, acs) -> images``: a :class:`Reconstructor` (the network's images) or a
-    :class:`gadget.recon.refine_stage.RefinedEngine` (the network, then the refine stage)."""
+    :class:`gadget.recon.refine_stage.RefinedEngine` (the network, then the refine stage). ``workers``:
+    batches reconstructed side by side (:func:`gadget.mri.parallel.in_workers`; the engine must allow that
+    many concurrent forwards, else they queue)."""
     mask = acquired_mask(volume)
     num_low = acs_count(volume, mask, acs_source)
     log.info("%s: %d slices, kspace %s, %d of %d lines sampled, ACS %d (%s)", volume.path.name,
              volume.num_slices, tuple(volume.kspace.shape), int(mask.sum()), mask.size, num_low, acs_source)
-    out = None
-    for start in range(0, volume.num_slices, batch_size):
+
+    def batch(start: int) -> tuple[int, int, np.ndarray]:
         stop = min(start + batch_size, volume.num_slices)
-        images = engine(volume.kspace[start:stop], mask, num_low)
+        return start, stop, engine(volume.kspace[start:stop], mask, num_low)
+
+    out = None
+    for start, stop, images in in_workers(batch, range(0, volume.num_slices, batch_size), workers):
         crop = crop_size_for(images.shape[-2:], volume.encoding.recon_size)
         if out is None:
             out = np.full((volume.num_slices, *crop), np.nan, np.float32)  # NaN exposes a missed write
