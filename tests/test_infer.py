@@ -169,22 +169,25 @@ def test_cuda_matches_cpu(tmp_path, test_format_file):
 
 def test_workers_side_by_side_give_the_reference_output(tmp_path, small_volume, capsys):
     """Slices reconstructed by several workers at once land in their own places (the output starts as NaN)
-    and match one worker and fastMRI's path; bad counts are refused by name."""
+    and match one worker (with and without the refine stage) and fastMRI's path; bad counts are refused
+    by name."""
     in_dir = tmp_path / "in"
     in_dir.mkdir()
     write_fastmri(in_dir / "a.h5", small_volume, mask=equispaced_mask(48, 4, 8), num_low_frequency=8,
                   acceleration=4)
     ckpt, state = _checkpoint(tmp_path)
     got = {}
-    for workers in ("1", "3"):
-        out_dir = tmp_path / f"out{workers}"
+    for workers, refine in (("1", "none"), ("3", "none"), ("1", "pi"), ("2", "pi")):
+        out_dir = tmp_path / f"out{workers}{refine}"
         assert main(["infer", "--checkpoint", str(ckpt), "--input", str(in_dir), "--output", str(out_dir),
-                     "--workers", workers]) == 0
+                     "--workers", workers, "--refine", refine]) == 0
         with h5py.File(out_dir / "a.h5", "r") as f:
-            got[workers] = f["reconstruction"][()]
+            got[workers, refine] = f["reconstruction"][()]
     want = _reference_recon(in_dir, state, SMALL)["a.h5"]
-    assert np.isfinite(got["3"]).all()
-    assert _rel(got["3"], got["1"]) < 1e-6 and _rel(got["3"], want) < 1e-5
+    assert np.isfinite(got["3", "none"]).all() and np.isfinite(got["2", "pi"]).all()
+    assert _rel(got["3", "none"], got["1", "none"]) < 1e-6 and _rel(got["3", "none"], want) < 1e-5
+    assert _rel(got["2", "pi"], got["1", "pi"]) < 1e-6  # the refine stage inside the workers too
+    assert _rel(got["2", "pi"], want) > 1e-4  # ... which did run
     for bad in ("0", "two"):
         assert main(["infer", "--checkpoint", str(ckpt), "--input", str(in_dir), "--output",
                      str(tmp_path / "bad"), "--workers", bad]) == 2
