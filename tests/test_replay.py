@@ -114,3 +114,40 @@ def test_replay_output_carries_the_scan_header_as_ismrmrd_writes_it(tmp_path, te
         assert header.encoding[0].encodedSpace.matrixSize.x == ismrmrd.xsd.CreateFromDocument(want).encoding[0] \
             .encodedSpace.matrixSize.x
     assert set(read_images_h5(out)) == {"scan/image_2"}
+
+
+def test_replay_workers_side_by_side_send_the_same_images_in_order(tmp_path, test_format_file, capsys):
+    """Slices reconstructed by several workers at once (network, refine, safety check with its re-run)
+    come out as one worker sends them: the same images, numbers, meta and second series, in stream order;
+    the config refuses a count below one by name."""
+    import ismrmrd
+
+    torch.manual_seed(3)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, VarNet(**SMALL))
+    raw = tmp_path / "raw.h5"
+    convert_fastmri_to_ismrmrd(test_format_file, raw)
+    cfg = tmp_path / "both.yaml"
+    cfg.write_text("also_send: zero-filled\n")
+    sent = {}
+    for workers in ("1", "3"):
+        out = tmp_path / f"img{workers}.h5"
+        assert main(["replay", str(raw), str(out), "--config", str(cfg), "--checkpoint", str(ckpt),
+                     "--refine", "pi", "--workers", workers]) == 0
+        sent[workers] = read_images_h5(out)
+    assert sent["1"].keys() == sent["3"].keys() and len(sent["1"]) == 2  # the network's and the zero-filled series
+    for name, one in sent["1"].items():
+        many = sent["3"][name]
+        assert [(im.image_index, im.slice) for im in many] == [(im.image_index, im.slice) for im in one]
+        assert len(one) == 3
+        np.testing.assert_allclose(_magnitudes(many), _magnitudes(one), rtol=0, atol=1e-6 * _magnitudes(one).max())
+        for a, b in zip(one, many):
+            meta_a, meta_b = (ismrmrd.Meta.deserialize(im.attribute_string) for im in (a, b))
+            assert meta_a.get("VarNetSafety") == meta_b.get("VarNetSafety")
+            assert meta_a.get("ImageComments") == meta_b.get("ImageComments")
+            assert meta_b.get("VarNetOutput") in ("E2E-VarNet", "zero-filled RSS")
+    network = next(ims for ims in sent["3"].values()
+                   if ismrmrd.Meta.deserialize(ims[0].attribute_string).get("VarNetOutput") == "E2E-VarNet")
+    assert all(ismrmrd.Meta.deserialize(im.attribute_string).get("VarNetSafety") == "pass" for im in network)
+    assert main(["replay", str(raw), str(tmp_path / "bad.h5"), "--checkpoint", str(ckpt), "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err

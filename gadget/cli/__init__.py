@@ -53,6 +53,29 @@ def example_epilog(*lines: str) -> str:
     return "example:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+def add_workers_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", default="auto",
+                   help="batches reconstructed side by side, each on its share of the CPU threads (auto: 2 on a "
+                        "CPU with 2 or more threads, 1 on a GPU; more hold more slices in memory at once)")
+
+
+def slice_workers(setting: str, device) -> int:
+    """``--workers``: a count >= 1, or ``auto``: 2 on a CPU (``device``, a ``torch.device``) with at least 2
+    intra-op threads (two slices on half the threads each beat one slice on all of them:
+    docs/results/performance.md, "Slices side by side"), else 1 (a GPU runs one forward at a time)."""
+    import torch
+
+    if setting == "auto":
+        return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+    try:
+        count = int(setting)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UserError(f"--workers must be 'auto' or a whole number >= 1, got {setting!r}")
+    return count
+
+
 def add_precision_argument(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
     from ..recon.config import CHOICES  # not gadget.model.varnet.PRECISIONS: keeps torch out of --help
 

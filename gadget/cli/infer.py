@@ -11,7 +11,8 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    from . import add_adapt_arguments, add_precision_argument, add_refine_argument, example_epilog
+    from . import (add_adapt_arguments, add_precision_argument, add_refine_argument, add_workers_argument,
+                   example_epilog)
 
     p = sub.add_parser(
         "infer", help="reconstruct fastMRI test-format files with a checkpoint",
@@ -29,9 +30,7 @@ def add_parser(sub) -> None:
     add_refine_argument(p)
     add_adapt_arguments(p, default="none")
     p.add_argument("--batch-size", type=int, default=1, help="slices per forward pass")
-    p.add_argument("--workers", default="auto",
-                   help="batches reconstructed side by side, each on its share of the CPU threads (auto: 2 on a "
-                        "CPU with 2 or more threads, 1 on a GPU; more hold more slices in memory at once)")
+    add_workers_argument(p)
     p.add_argument("--acs", choices=("auto", "attrs", "mask"), default="auto",
                    help="ACS line count: file attribute num_low_frequency (attrs), fastMRI's detection from "
                         "the mask (mask; what the reference does), or the attribute when present, else the run "
@@ -58,7 +57,7 @@ def run(args) -> int:
     from ..recon.engine import Reconstructor
     from ..recon.fastmri_infer import reconstruct_volume
     from ..recon.refine_stage import RefinedEngine, Refiner
-    from . import UserError, refine_config
+    from . import UserError, refine_config, slice_workers
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
@@ -97,25 +96,6 @@ def _device(name: str):
         return resolve_device(name)
     except (RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-
-
-def slice_workers(setting: str, device) -> int:
-    """``--workers``: a count >= 1, or ``auto``: 2 on a CPU with at least 2 intra-op threads (two slices on
-    half the threads each beat one slice on all of them: docs/results/performance.md, "Slices side by
-    side"), else 1 (a GPU runs one forward at a time)."""
-    import torch
-
-    from . import UserError
-
-    if setting == "auto":
-        return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
-    try:
-        count = int(setting)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise UserError(f"--workers must be 'auto' or a whole number >= 1, got {setting!r}")
-    return count
 
 
 def adapt_settings(args):

@@ -8,7 +8,8 @@ from tqdm import tqdm
 
 
 def add_parser(sub) -> None:
-    from . import add_adapt_arguments, add_precision_argument, add_refine_argument, example_epilog
+    from . import (add_adapt_arguments, add_precision_argument, add_refine_argument, add_workers_argument,
+                   example_epilog)
 
     p = sub.add_parser("replay", help="reconstruct an ISMRMRD raw file through the streaming pipeline",
                        description="Reads acquisitions from an ISMRMRD HDF5 file (or a Siemens twix meas.dat, "
@@ -27,6 +28,7 @@ def add_parser(sub) -> None:
     add_precision_argument(p)
     add_refine_argument(p, default=None)
     add_adapt_arguments(p)
+    add_workers_argument(p)
     p.add_argument("--group", default="dataset", help="ISMRMRD group in the input file")
     p.add_argument("--out-group", default=None, help="group in the output file (default: input file stem)")
     p.add_argument("--png", type=Path, default=None, help="write PNG previews into this directory")
@@ -37,17 +39,20 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..data.mrd_file import count_acquisitions, read_header_xml
     from ..recon.config import ConfigError, load_config
+    from ..recon.engine import resolve_device
     from ..recon.pipeline import build_engine
     from gadget.converters.twix import TwixError
 
     from ..replay import ismrmrd_source, replay_file
     from ..stream.sinks import save_png_previews, write_dicom, write_images_h5
-    from . import UserError, operator_overrides
+    from . import UserError, operator_overrides, slice_workers
 
     try:
         config = load_config(args.config)
         config = config.merged(operator_overrides(args), "command line")
-    except ConfigError as exc:
+        config = config.merged({"workers": slice_workers(args.workers, resolve_device(config.device))},
+                               "command line")
+    except (ConfigError, RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from None
     try:
         engine, model_id = build_engine(config, offline=True)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # Settings only the operator sets (command line, preset file, Gadgetron chain), never a network client.
 OPERATOR_ONLY = ("checkpoint", "device", "precision", "refine", "refine_lambda", "adapt", "adapt_steps",
-                 "adapt_time_limit")
+                 "adapt_time_limit", "workers")
 
 
 class ConfigError(ValueError):
@@ -48,6 +48,10 @@ class ReconConfig:
     # clean data on the measurements).
     refine_lambda: float = 0.0
     batch_size: int = 1                  # slices per forward pass
+    # Batches reconstructed side by side (network, refine, safety check), each on its share of the CPU
+    # threads: more slices per second when slices wait (varnet replay --workers sets it; auto there is 2 on
+    # a CPU), but each slice takes longer alone, so a live stream keeps 1.
+    workers: int = 1
     prewhiten: bool = True               # noise prewhitening from noise-measurement acquisitions
     # flags (calibration flags; else the centre run of the mask) | mask (the centre run)
     acs_source: str = choice("flags", ("flags", "mask"))
@@ -135,7 +139,7 @@ CHOICES = choices_of(ReconConfig)
 def _check_range(name: str, out: Any, source: str) -> Any:
     """``out`` (already converted to the field's type) if it lies in the range setting ``name`` allows,
     else a :class:`ConfigError` naming ``source`` and the setting."""
-    if name in ("batch_size", "uint16_max", "image_series_index", "adapt_steps") and out < 1:
+    if name in ("batch_size", "workers", "uint16_max", "image_series_index", "adapt_steps") and out < 1:
         raise ConfigError(f"{source}: setting '{name}' must be >= 1, got {out}")
     if name in ("safety_consistency_max", "safety_departure_max", "safety_prediction_max") and not out > 0:
         raise ConfigError(f"{source}: setting '{name}' must be > 0 (a relative norm; inf switches it off), got {out}")

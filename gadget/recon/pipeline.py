@@ -3,6 +3,8 @@
     items ─▶ as_lines ─▶ prewhiten ─▶ assemble slices ─▶ reconstruct (batched) ─▶ images
 
 and per network image (``reconstruct``): the engine's forward ─▶ refine (:class:`Refiner`) ─▶ safety check.
+With ``workers`` > 1 those three run for that many batches side by side (each on its share of the CPU
+threads, :func:`gadget.mri.parallel.in_workers`); the images are built on the calling thread, in stream order.
 
 ``items`` may hold ``AcqLine``s, ``ismrmrd.Acquisition``s (converted) and anything else
 (waveforms, images from upstream gadgets), which passes through unchanged. Every door
@@ -12,6 +14,7 @@ pipeline, a sink.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
@@ -21,6 +24,7 @@ import numpy as np
 from ..data.mrd_header import EncodingInfo, parse_encoding
 from ..mri.masks import AcsLinesError, acs_lines
 from ..mri.metrics import center_crop_at_most
+from ..mri.parallel import in_workers
 from ..stream.assemble import SliceAssembler, SliceData
 from ..stream.budget import MemoryBudget
 from ..stream.images import ImageOptions, SeriesScale, build_image
@@ -82,6 +86,7 @@ class ScanReconstructor:
         self.assembler = SliceAssembler(self.encoding, budget=budget, owner=source)
         self.notes: list[str] = []  # warnings for the peer (doors send them as TEXT where allowed)
         self._logged_series = False
+        self._stats_lock = threading.Lock()  # the workers' stages add to ``stats`` side by side
         self.reader_thread = None  # set by gadget/recon/overlap.py when the per-line half runs on its own thread
         self.model_id = model_id
 
@@ -115,7 +120,18 @@ class ScanReconstructor:
 
     def reconstruct(self, stream: Iterable[Any]) -> Iterator[Any]:
         """The per-slice half: :class:`SliceData` → images in batches of ``batch_size``; other items
-        pass through."""
+        pass through, in stream order. ``config.workers`` batches are reconstructed side by side (the
+        network, refine and safety check: :meth:`_computed`); their images are built here."""
+        for unit, computed in in_workers(self._computed, self._units(stream), self.config.workers):
+            if computed is None:
+                yield unit
+                continue
+            yield from self._built(computed)
+            for sl in unit:  # their images are built: the assembler may reuse the k-space memory
+                self.assembler.recycle(sl)
+
+    def _units(self, stream: Iterable[Any]) -> Iterator[Any]:
+        """The stream as units of work: a batch (list) of prepared slices, or a pass-through item."""
         pending: list[SliceData] = []
         compressed_log: list[str] = []  # coil compression is logged once per scan
         for item in stream:
@@ -124,10 +140,10 @@ class ScanReconstructor:
                 continue
             pending.append(self.prepared(item, compressed_log))
             if len(pending) >= self.config.batch_size:
-                yield from self._images_then_recycle(pending)
+                yield pending
                 pending = []
         if pending:
-            yield from self._images_then_recycle(pending)
+            yield pending
 
     def prepared(self, sl: SliceData, logged: Optional[list[str]] = None) -> SliceData:
         """``sl`` as the network receives it: with ``coil_compression`` virtual coils when that is set and
@@ -153,11 +169,6 @@ class ScanReconstructor:
             log.debug("%s: slice %s: %s", self.source, sl.key_dict(), text)
         return out
 
-    def _images_then_recycle(self, slices: list[SliceData]) -> Iterator[Any]:
-        yield from self._images(slices)
-        for sl in slices:  # their images are built: the assembler may reuse the k-space memory
-            self.assembler.recycle(sl)
-
     def note(self, text: str) -> None:
         """A warning for the log and the peer (doors send ``notes`` as TEXT where the dialect allows)."""
         log.warning("%s: %s", self.source, text)
@@ -165,12 +176,29 @@ class ScanReconstructor:
 
     # ------------------------------------------------------------------ stages
 
-    def _images(self, slices: list[SliceData]) -> Iterator[Any]:
-        for group in _same_shape_groups(slices):
+    def _computed(self, unit: Any) -> tuple[Any, Optional[list["_Slice"]]]:
+        """``(unit, its slices' results and safety checks)`` for a batch, ``(unit, None)`` for a
+        pass-through item. Safe to run for several units at once."""
+        if not isinstance(unit, list):
+            return unit, None
+        out = []
+        for group in _same_shape_groups(unit):
             for sl, result in zip(group, self._reconstruct(group)):
-                yield self._image(sl, result)
-                if self.config.also_send != "none":
-                    yield self._conventional_image(sl, result)
+                comments = [f"E2E-VarNet ({self.config.mode})", f"lines {int(sl.mask.sum())}/{sl.mask.size}"]
+                checked = self._checked(sl, result, comments) if result.method == "varnet" else None
+                out.append(_Slice(sl, result, comments, checked))
+        return unit, out
+
+    def _images(self, slices: list[SliceData]) -> Iterator[Any]:
+        """The images of a batch of slices, computed on this thread (what one worker does)."""
+        yield from self._built(self._computed(slices)[1])
+
+    def _built(self, computed: list["_Slice"]) -> Iterator[Any]:
+        """The images (and ``also_send``'s) of slices through :meth:`_computed`, in their order."""
+        for done in computed:
+            yield self._image(done)
+            if self.config.also_send != "none":
+                yield self._conventional_image(done.data, done.result)
 
     def _reconstruct(self, group: list[SliceData]) -> list["_Result"]:
         """One :class:`_Result` per slice (magnitudes ``(readout, phase)`` float32, uncropped): the
@@ -203,8 +231,9 @@ class ScanReconstructor:
             for j, i in enumerate(members):
                 results[i] = _Result(images[j], "varnet", accels[i], acs, finals[j])
         dt = time.perf_counter() - t0
-        self.stats.model_seconds += dt
-        self._log_series(group[0], results[0], dt / len(group))
+        with self._stats_lock:
+            self.stats.model_seconds += dt
+            self._log_series(group[0], results[0], dt / len(group))
         return results
 
     def acceleration(self, sl: SliceData) -> float:
@@ -235,8 +264,8 @@ class ScanReconstructor:
             raise ReconError(f"{self.source}: slice {sl.key_dict()} has no calibration (ACS) lines: no line is "
                              "flagged as calibration and the k-space centre line was not acquired") from None
 
-    def _image(self, sl: SliceData, result: "_Result"):
-        comments = [f"E2E-VarNet ({self.config.mode})", f"lines {int(sl.mask.sum())}/{sl.mask.size}"]
+    def _image(self, done: "_Slice"):
+        sl, result, comments = done.data, done.result, list(done.comments)
         processing: tuple[str, ...] = ("ZEROFILLED",)
         magnitude, output, extra = result.magnitude, "zero-filled RSS", {}
         if result.method == "fully-sampled":
@@ -244,7 +273,7 @@ class ScanReconstructor:
             comments.append(f"fully sampled (acceleration {result.acceleration:.2f}): RSS coil combination of the "
                             "measured data, not the network")
         elif result.method == "varnet":
-            magnitude, output, processing, extra = self._checked(sl, result, comments)
+            magnitude, output, processing, extra = done.checked
         extra["VarNetOutput"] = output
         if sl.incomplete:
             self.stats.incomplete += 1
@@ -301,7 +330,8 @@ class ScanReconstructor:
                 return self.engine.run(*args, **reference, **kwargs)
             finally:
                 forward_seconds = time.perf_counter() - start
-                self.stats.model_seconds += forward_seconds
+                with self._stats_lock:
+                    self.stats.model_seconds += forward_seconds
 
         figures = safety_figures(sl.kspace, sl.mask, result.acs, result.magnitude, result.final_kspace,
                                  self.encoding.recon_size, run=run)
@@ -317,9 +347,11 @@ class ScanReconstructor:
             extra["VarNetSafety"] = "pass"
             comments.append(f"safety check passed (prediction {extra['VarNetPrediction']}, consistency "
                             f"{figures.consistency:.3f}, departure {figures.departure:.3f})")
-            self.stats.safety_seconds += time.perf_counter() - t0 - forward_seconds
+            with self._stats_lock:
+                self.stats.safety_seconds += time.perf_counter() - t0 - forward_seconds
             return magnitude, output, processing, extra
-        self.stats.flagged += 1
+        with self._stats_lock:
+            self.stats.flagged += 1
         extra["VarNetSafety"] = "flagged"
         fallback = cfg.fallback
         if fallback == "sense":
@@ -339,10 +371,12 @@ class ScanReconstructor:
                 f"sent: {output}")
         comments.append(flag)
         self.note(f"slice {sl.key_dict()}: {flag}")
-        self.stats.safety_seconds += time.perf_counter() - t0 - forward_seconds
+        with self._stats_lock:
+            self.stats.safety_seconds += time.perf_counter() - t0 - forward_seconds
         return magnitude, output, processing, extra
 
     def _log_series(self, sl: SliceData, result: "_Result", seconds_per_slice: float) -> None:
+        """Once per scan the series' setup, later each slice's time (under ``_stats_lock``)."""
         acs = result.acs
         self.stats.acs_counts.add(acs)
         if self._logged_series:
@@ -400,6 +434,16 @@ class _Result:
     final_kspace: Optional[np.ndarray] = None  # the network's final k-space (coil, readout, phase)
 
 
+@dataclass
+class _Slice:
+    """A slice through the workers' stages: its result, the image comments so far, and the safety check's
+    ``(magnitude, output, processing, extra)`` (network images only)."""
+    data: SliceData
+    result: _Result
+    comments: list
+    checked: Optional[tuple] = None
+
+
 def _same_shape_groups(slices: list[SliceData]) -> list[list[SliceData]]:
     groups: dict[tuple, list[SliceData]] = {}
     for s in slices:
@@ -432,5 +476,5 @@ def build_engine(config: ReconConfig, offline: bool = False) -> tuple[Optional[R
     loaded = load_checkpoint(resolve_checkpoint(config.checkpoint))  # none given: the shipped weights
     resolve_refine(config.refine, loaded)  # logged once; each scan's stage applies it (Refiner.for_config)
     engine = Reconstructor(loaded.model, config.device, config.precision,
-                           checkpoint_refine=default_refine(loaded)[0])
+                           checkpoint_refine=default_refine(loaded)[0], forwards=config.workers)
     return engine, f"{loaded.path} ({loaded.kind}, sha256 {loaded.sha256[:12]}, U-Nets in {config.precision})"
