@@ -109,6 +109,22 @@ def test_a_poor_network_is_trusted_less_and_the_choice_tracks_the_truth(phantom)
         cal.CalibrationConfig(mus=(0.0, 0.01), start_mu=0.002)
 
 
+def test_folds_side_by_side_choose_and_score_as_one_at_a_time(phantom):
+    """An engine admitting two forwards runs the folds on two workers: the same choice, the same scores
+    (within float rounding of one thread against two) and the table in the same order."""
+    sl, _ = phantom
+    model = tiny_model()
+    one = cal.calibrate_solve(Reconstructor(model, "cpu"), [sl], SMALL_GRID)
+    seen = []
+    two = cal.calibrate_solve(Reconstructor(model, "cpu", forwards=2), [sl], SMALL_GRID,
+                              on_fold=lambda done, total: seen.append((done, total)))
+    assert (two.lam, two.mu, two.rule) == (one.lam, one.mu, one.rule)
+    assert [(r["lam"], r["mu"]) for r in two.table] == [(r["lam"], r["mu"]) for r in one.table]
+    np.testing.assert_allclose([r["score"] for r in two.table], [r["score"] for r in one.table], rtol=1e-5)
+    assert two.network_score == pytest.approx(one.network_score, rel=1e-5)
+    assert seen == [(i, 4) for i in range(1, 5)]
+
+
 def test_held_out_lines_that_favour_nothing_fall_back_to_the_noise_level(phantom):
     """Pure noise in the acquired lines: no candidate predicts the held-back lines better than the network
     by the margin. Without a fallback the door keeps its own refine; with the discrepancy principle

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..mri.fft import fft2c
+from ..mri.parallel import in_workers
 from ..recon.refine import RefineConfig, maps_and_prior, noise_sigma
 from ..recon.sparse import WAVELETS, solve
 from .adapt import AdaptError, AdaptSlice
@@ -229,8 +230,9 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
                     on_fold: Optional[Callable[[int, int], None]] = None) -> CalibrationResult:
     """The ``cs`` refine's ``(λ, μ)`` for a scan (module docstring). ``engine``: a
     :class:`gadget.recon.engine.Reconstructor` (the network the scan will be reconstructed with);
-    ``slices``: the scan's undersampled slices; ``on_fold(done, total)`` is called after each fold.
-    Raises :class:`AdaptError` when no slice has enough outer lines for the folds."""
+    ``slices``: the scan's undersampled slices; ``on_fold(done, total)`` is called after each fold. The folds
+    run side by side on as many workers as the engine admits forwards (``Reconstructor.forwards``, which
+    ``--workers`` sets). Raises :class:`AdaptError` when no slice has enough outer lines for the folds."""
     if not slices:
         raise AdaptError("no slices to calibrate the solve on")
     t0 = time.perf_counter()
@@ -239,21 +241,23 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
     plan = [(sl, fold) for sl in chosen for fold in outer_folds(sl.mask, sl.split_acs, settings.folds, rng)]
     table = []
 
+    workers = min(getattr(engine, "forwards", 1), len(plan))  # folds side by side, as the engine admits
+
     def best(line: list[tuple[float, float]]) -> tuple[float, float, float]:
         lam, mu = (torch.tensor(values, dtype=torch.float32) for values in zip(*line))
         total = torch.zeros(len(line))
-        for data in held_out:
-            total += fold_errors(data, lam, mu, settings)
+        for errors in in_workers(_inference(lambda data: fold_errors(data, lam, mu, settings)), held_out, workers):
+            total += errors
         scores = (total / len(held_out)).tolist()
         table.extend({"lam": a, "mu": b, "score": c} for (a, b), c in zip(line, scores))
         i = int(np.argmin(scores))
         return line[i][0], line[i][1], scores[i]
 
     held_out = []
-    for done, (sl, fold) in enumerate(plan, 1):
-        held_out.append(hold_out(engine, sl, fold))
+    for data in in_workers(_inference(lambda step: hold_out(engine, *step)), plan, workers):
+        held_out.append(data)
         if on_fold:
-            on_fold(done, len(plan))
+            on_fold(len(held_out), len(plan))
     lam, _, _ = best(settings.lam_line())
     lam, mu, score = best(settings.mu_line(lam))
     network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
@@ -264,6 +268,14 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
             lam, mu, rule = settings.fallback_lam, found, "discrepancy"
     return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
                              network, settings.wavelet, rule)
+
+
+def _inference(fn: Callable) -> Callable:
+    """``fn`` under ``torch.inference_mode`` on whichever thread runs it (the mode is per thread)."""
+    def run(*args):
+        with torch.inference_mode():
+            return fn(*args)
+    return run
 
 
 def discrepancy_mu(engine, slices: Sequence[AdaptSlice], settings: CalibrationConfig) -> Optional[float]:

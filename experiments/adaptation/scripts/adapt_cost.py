@@ -5,7 +5,8 @@ Prints one table: for each shape, the time of one network forward (what reconstr
 of one weight-adaptation step (``splits_per_step`` forwards and backwards), of one Γ score per slice, and
 of the whole default weight adaptation (``--full``: run it; else estimated from the step count, the
 evaluation interval and the slices scored); ``adapt: scan`` costs the solve column plus the last.
-Random-phase simulated k-space; threads as the product uses.
+Random-phase simulated k-space; threads as the product uses; ``--workers``: the calibration's folds side by
+side, as ``varnet infer``/``replay --workers`` run them (the per-slice refine is timed one slice at a time).
 
     python experiments/adaptation/scripts/adapt_cost.py --repeats 2
 """
@@ -54,10 +55,10 @@ def _median_time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def _solve_time(model, sl: AdaptSlice, slices: int, repeats: int) -> str:
-    """``adapt: solve`` for a scan of ``slices`` copies of ``sl``: the calibration (once) and the network
-    plus the calibrated cs refine per slice (median of ``repeats``)."""
-    engine = Reconstructor(model.eval(), "cpu")
+def _solve_time(model, sl: AdaptSlice, slices: int, repeats: int, workers: int = 1) -> str:
+    """``adapt: solve`` for a scan of ``slices`` copies of ``sl``: the calibration (once, its folds on
+    ``workers``) and the network plus the calibrated cs refine per slice (median of ``repeats``)."""
+    engine = Reconstructor(model.eval(), "cpu", forwards=workers)
     t0 = time.perf_counter()
     result = calibrate_solve(engine, [sl] * slices)
     t_cal = time.perf_counter() - t0
@@ -75,12 +76,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--full", type=int, default=0, help="run the whole default adaptation for the first N cases")
+    p.add_argument("--workers", type=int, default=2, help="the calibration's folds side by side (the doors' auto)")
+    p.add_argument("--solve-only", action="store_true", help="only the forward and adapt solve columns")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     model = load_checkpoint(shipped_checkpoint()).model
     settings = AdaptConfig()
     rng = np.random.default_rng(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; defaults: {settings.steps} steps, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.workers} worker(s); defaults: {settings.steps} steps, "
           f"{settings.splits_per_step} splits/step, Γ every {settings.eval_every} steps on <= {settings.eval_slices} slices")
     print("| case | forward s | adapt solve s (calibration + cs refine) | weight step s | Γ score s/slice | "
           "default weight adaptation s |")
@@ -102,7 +105,10 @@ def main(argv=None) -> int:
                 model(prepared.kspace, torch.from_numpy(sl.mask), sl.acs)
 
         t_fwd = _median_time(forward, args.repeats)
-        t_solve = _solve_time(model, sl, slices, args.repeats)
+        t_solve = _solve_time(model, sl, slices, args.repeats, args.workers)
+        if args.solve_only:
+            print(f"| {label} | {t_fwd:.2f} | {t_solve} | – | – | – |", flush=True)
+            continue
         t_step = _median_time(step, args.repeats)
         model.zero_grad(set_to_none=True)
         t_gamma = _median_time(lambda: gamma_score(model.eval(), [prepared]), args.repeats)
