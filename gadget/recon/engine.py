@@ -60,9 +60,9 @@ class Reconstructor:
     the refine the loaded checkpoint records (:func:`gadget.model.checkpoint.default_refine`; what a
     config's ``refine: auto`` stands for, :func:`gadget.recon.refine_stage.applied_refine`), set by
     :func:`gadget.recon.pipeline.build_engine`; ``None`` for a model passed in without one. ``forwards``: how
-    many threads may run a forward at once (``varnet infer --workers``: on a CPU, slices side by side on a
-    share of the intra-op threads each, :func:`gadget.mri.parallel.in_workers`). The engine itself never
-    refines."""
+    many threads may run a forward at once (``--workers`` of ``varnet infer`` and ``replay``: on a CPU,
+    slices side by side on a share of the intra-op threads each, :func:`gadget.mri.parallel.in_workers`).
+    The engine itself never refines."""
 
     def __init__(self, model: VarNet, device: str | torch.device = "auto", precision: Optional[str] = None,
                  maps_cache_bytes: int = MAPS_CACHE_BYTES, checkpoint_refine: Optional[str] = None,
@@ -81,7 +81,7 @@ class Reconstructor:
                         "slower than fp32 (measured: docs/results/performance.md); it pays on GPUs",
                         model.precision, torch.backends.cpu.get_cpu_capability())
         self.model = model.to(self.device).eval()
-        self._lock = threading.BoundedSemaphore(forwards)
+        self._slots = threading.BoundedSemaphore(forwards)  # one per forward admitted at once
 
     def with_model(self, model: VarNet) -> "Reconstructor":
         """An engine for ``model`` (e.g. adapted from this one's) on the same device, with the same maps
@@ -96,7 +96,7 @@ class Reconstructor:
         """The network's images ``(batch, readout, phase)`` float32 (its plain forward)."""
         extra = self._extra(kspace, mask, num_low_frequencies, sens_kspace)
         k, m = self._inputs(kspace, mask)
-        with self._lock:
+        with self._slots:
             out = self.model(k, m, num_low_frequencies, **extra)
         return out.float().cpu().numpy()
 
@@ -128,7 +128,7 @@ class Reconstructor:
         extra = ({"sens_maps": torch.from_numpy(sens_maps).to(self.device)} if sens_maps is not None
                  else self._extra(kspace, mask, num_low_frequencies, sens_kspace))
         k, m = self._inputs(kspace, mask)
-        with self._lock:
+        with self._slots:
             return forward(k, m, num_low_frequencies, **extra)
 
     def _extra(self, kspace, mask, num_low_frequencies, sens_kspace) -> dict:
