@@ -115,3 +115,6 @@ def test_infer_bench_runs_both_whole_processes_on_the_same_file_and_weights(monk
         [sys.executable, "-c", "import sys; sys.exit('no such weights')"] if name == "ours" else real(name, *args)))
     with pytest.raises(RuntimeError, match="ours inference failed .exit 1.:\n.*no such weights"):
         infer_bench.run(infer_bench.InferCase(config="small", coils=4, readout=64, phase=48, slices=1, acs=8))
+    assert "device=cpu" in table
+    assert real("ours", case, "d", "w", "o")[-2:] == ["--device", "cpu"]  # both sides on the case's device
+    assert real("reference", case, "d", "w", "o")[-1] == "cpu"

@@ -13,7 +13,8 @@ The input is one simulated multicoil volume (``gadget.converters.simulate``: the
 phase`` with 2× readout oversampling, equispaced ``acceleration`` with ``acs`` centre lines), written
 as a fastMRI test-format file; the weights are a random model of ``config``
 (:data:`gadget.bench.model_bench.CONFIGS`) saved as a bare fastMRI state dict, which ``varnet infer``
-runs without a refinement, as fastMRI does (the default for such files). Both processes get ``threads``
+runs without a refinement, as fastMRI does (the default for such files). Both processes run their model on
+``device`` (``varnet infer --device``; the reference moves its model and each slice there) with ``threads``
 OpenMP threads; ``repeats`` rounds alternate them. The table gives each side's median wall time, the ratio, and the
 largest difference between the two reconstructions relative to the reference's maximum.
 """
@@ -79,9 +80,9 @@ def prepare(case: InferCase, workdir: Path) -> tuple[Path, Path]:
 def _command(name: str, case: InferCase, data: Path, weights: Path, out: Path) -> list[str]:
     if name == "reference":
         return [sys.executable, "-m", "gadget.bench.infer_bench", str(weights), str(data), str(out),
-                json.dumps(CONFIGS[case.config])]
+                json.dumps(CONFIGS[case.config]), case.device]
     return [sys.executable, "-m", "gadget.cli", "infer", "--checkpoint", str(weights), "--input", str(data),
-            "--output", str(out)]
+            "--output", str(out), "--device", case.device]
 
 
 def _reconstruction(out: Path) -> np.ndarray:
@@ -128,14 +129,16 @@ def format_table(result: InferResult) -> str:
     header = ("implementation", "median s (whole process)", "runs (s)", "time / reference",
               "max rel. diff to reference")
     return (f"whole-process inference: config={c.config}, {c.slices} slices of {c.coils}×{c.readout}×{c.phase}, "
-            f"{c.acceleration}× equispaced + {c.acs} ACS, threads={c.threads}, {c.repeats} round(s) alternating\n"
+            f"{c.acceleration}× equispaced + {c.acs} ACS, device={c.device}, threads={c.threads}, {c.repeats} round(s) "
+            "alternating\n"
             + markdown_table(header, rows)
             + "\n  reference: fastmri SliceDataset + VarNetDataTransform + fastmri.models.VarNet, crop, "
               "save_reconstructions\n  ours: varnet infer --checkpoint (the same weights as a fastMRI state dict)")
 
 
-def reference_main(weights: str, data: str, out: str, config_json: str) -> int:
-    """fastMRI's inference path over every file in ``data`` (see the module docstring)."""
+def reference_main(weights: str, data: str, out: str, config_json: str, device: str = "cpu") -> int:
+    """fastMRI's inference path over every file in ``data`` (see the module docstring), the model on
+    ``device``."""
     from collections import defaultdict
 
     import fastmri
@@ -146,12 +149,12 @@ def reference_main(weights: str, data: str, out: str, config_json: str) -> int:
 
     model = VarNet(**json.loads(config_json))
     model.load_state_dict(torch.load(weights, weights_only=True))
-    model.eval()
+    model.eval().to(device)
     dataset = SliceDataset(root=Path(data), transform=VarNetDataTransform(), challenge="multicoil")
     slices = defaultdict(list)
     with torch.no_grad():
         for sample in torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=0):
-            image = model(sample.masked_kspace, sample.mask, sample.num_low_frequencies)
+            image = model(sample.masked_kspace.to(device), sample.mask.to(device), sample.num_low_frequencies).cpu()
             height, width = int(sample.crop_size[0]), int(sample.crop_size[1])
             if image.shape[-1] < width:  # fastMRI's rule for images narrower than the crop
                 height = width = image.shape[-1]
@@ -163,4 +166,4 @@ def reference_main(weights: str, data: str, out: str, config_json: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(reference_main(*sys.argv[1:5]))
+    sys.exit(reference_main(*sys.argv[1:6]))

@@ -109,6 +109,7 @@ def add_parser(sub) -> None:
     n.add_argument("--acs", type=int, default=30)
     n.add_argument("--repeats", type=int, default=1, help="rounds, each running both processes")
     n.add_argument("--threads", type=int, default=2)
+    n.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both processes run their model")
     n.set_defaults(run=run_infer)
 
     s = which.add_parser("soak", help="thousands of mixed good/malformed/stalled connections against one server "
@@ -223,7 +224,8 @@ def run_infer(args) -> int:
         raise UserError("--repeats, --slices, --threads and the coil count must be >= 1, the readout even (2× "
                         f"oversampling) and --acs in 1..{phase}")
     case = InferCase(config=args.config, coils=coils, readout=readout, phase=phase, slices=args.slices,
-                     acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads)
+                     acceleration=args.acceleration, acs=args.acs, repeats=args.repeats, threads=args.threads,
+                     device=_check_device(args.device, ()))
     print(format_table(run(case, progress=lambda line: print(line, file=sys.stderr, flush=True))))
     return 0
 

@@ -3,8 +3,9 @@
 #   make gpu-wheels            # here, once: the machine there cannot download
 #   run(command="bash experiments/gpu/scripts/gpu_checks.sh", carry=[".gpu-wheels"], timeout_s=540)
 # Installs the carried wheels next to the machine's own PyTorch, runs every CUDA test, then the
-# model benchmark (reference and ours on the same card, in one run), the training-step benchmark and the
-# refinement's cost against the network's.
+# model benchmark (reference and ours on the same card, in one run), the training-step benchmark, the
+# refinement's cost against the network's, whole-process inference against fastMRI's path, and the
+# server's throughput with 8 concurrent scans (64 good scans through `varnet serve`).
 # Results go to $OUT (the device tool brings that folder back) or ./gpu_out.
 set -euo pipefail
 PY=${PYTHON:-python3}
@@ -29,4 +30,7 @@ status=0  # a failing step is reported, and the later steps still run: device ti
     --implementations reference,ours,ours-static,ours-bf16,ours-fp16 2>&1 | tee "$OUT/bench_model_cuda.txt" || status=1
 "$PY" -m gadget.cli bench train --device cuda --steps 3 2>&1 | tee "$OUT/bench_train_cuda.txt" || status=1
 "$PY" -m gadget.cli bench refine --device cuda --repeats 10 2>&1 | tee "$OUT/bench_refine_cuda.txt" || status=1
+"$PY" -m gadget.cli bench infer --device cuda --repeats 2 2>&1 | tee "$OUT/bench_infer_cuda.txt" || status=1
+"$PY" -m gadget.cli bench soak --connections 64 --concurrency 8 --mix good=100 --settle-seconds 1 \
+    2>&1 | tee "$OUT/bench_serve_8_concurrent.txt" || status=1
 exit $status
