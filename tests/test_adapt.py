@@ -136,6 +136,51 @@ def test_adaptation_gains_on_a_simulated_shift(shifted_slices):
             assert torch.equal(v, before[k]), k
 
 
+def test_split_gradients_side_by_side_sum_to_the_plain_backward(shifted_slices):
+    """Each split's gradient on a worker of its own, added in split order: the same loss and gradient as
+    the splits' losses backpropagated one after the other (within float rounding of one thread against
+    two), added to what ``.grad`` already held, and bit for bit the same on a second run."""
+    from gadget.model.checkpoint import load_checkpoint
+    from gadget.model.shipped import shipped_checkpoint
+    from gadget.train.adapt import _Prepared, _trainable, accumulate_split_gradients, ssdu_loss
+    from gadget.train.splits import holdout_lines, seeded_rng, split_lines
+
+    slices, _ = shifted_slices
+    model = load_checkpoint(shipped_checkpoint()).model.train()
+    params = _trainable(model, "cascades")
+    settings = AdaptConfig()
+    splits = []
+    for i, sl in enumerate(slices):
+        p = _Prepared(sl, holdout_lines(sl.mask, sl.acs, settings.split, seeded_rng(0, 1, i)), torch.device("cpu"))
+        splits += [(p, *split_lines(p.available, sl.acs, settings.split, seeded_rng(0, 3, i, s))) for s in range(2)]
+
+    def grads_after(fn):
+        for q in params:
+            q.grad = torch.ones_like(q)  # what a step's other terms may have added already
+        loss = fn()
+        out = [q.grad.clone() for q in params]
+        for q in params:
+            q.grad = None
+        return loss, out
+
+    def plain():
+        total = 0.0
+        for p, theta, lam in splits:
+            loss = ssdu_loss(p.run(model, theta), p.kspace, torch.from_numpy(lam).view(1, 1, 1, -1)) / len(splits)
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    want_loss, want = grads_after(plain)
+    got_loss, got = grads_after(lambda: accumulate_split_gradients(model, params, splits, workers=2))
+    again_loss, again = grads_after(lambda: accumulate_split_gradients(model, params, splits, workers=2))
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    diff = sum(float((g - w).square().sum()) for g, w in zip(got, want)) ** 0.5
+    size = sum(float((w - 1).square().sum()) for w in want) ** 0.5  # the splits' part of the gradient
+    assert diff < 1e-3 * size, (diff, size)
+    assert again_loss == got_loss and all(torch.equal(a, g) for a, g in zip(again, got))
+
+
 def test_gamma_lines_never_reach_training(shifted_slices, monkeypatch):
     slices, _ = shifted_slices
     seen_inputs, seen_losses = [], []

@@ -103,3 +103,12 @@ def test_in_workers_passes_an_item_error_to_the_caller_and_restores_the_count(tw
     assert torch.get_num_threads() == 2
     with pytest.raises(ValueError, match="workers"):
         list(parallel.in_workers(work, range(2), workers=0))
+
+
+def test_in_workers_runs_a_single_item_on_the_calling_thread_with_all_its_threads(two_threads):
+    caller = threading.get_ident()
+    seen = []
+    assert list(parallel.in_workers(lambda i: seen.append((threading.get_ident(), torch.get_num_threads())) or i,
+                                    [7], workers=2)) == [7]
+    assert seen == [(caller, 2)]
+    assert list(parallel.in_workers(lambda i: i, [], workers=2)) == []

@@ -53,10 +53,10 @@ def example_epilog(*lines: str) -> str:
     return "example:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def add_workers_argument(p: argparse.ArgumentParser) -> None:
+def add_workers_argument(p: argparse.ArgumentParser, help: Optional[str] = None) -> None:
     p.add_argument("--workers", default="auto",
-                   help="batches reconstructed side by side, each on its share of the CPU threads (auto: 2 on a "
-                        "CPU with 2 or more threads, 1 on a GPU; more hold more slices in memory at once)")
+                   help=help or "batches reconstructed side by side, each on its share of the CPU threads (auto: 2 "
+                                "on a CPU with 2 or more threads, 1 on a GPU; more hold more slices in memory at once)")
 
 
 def slice_workers(setting: str, device) -> int:

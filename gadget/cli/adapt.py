@@ -12,7 +12,7 @@ EXIT_NOT_BETTER = 3
 
 def add_parser(sub) -> None:
     from ..train.splits import SELECTIONS
-    from . import example_epilog
+    from . import add_workers_argument, example_epilog
 
     p = sub.add_parser(
         "adapt", help="adapt the weights to a site's undersampled scans (no fully sampled data needed)",
@@ -51,6 +51,8 @@ def add_parser(sub) -> None:
                    help="fully sampled fastMRI-layout folders for the supervised joint term")
     p.add_argument("--joint-weight", type=float, default=0.0, help="weight of the supervised joint term")
     p.add_argument("--seed", type=int, default=0)
+    add_workers_argument(p, "splits trained side by side, each on its share of the CPU threads (auto: 2 on a CPU "
+                            "with 2 or more threads, 1 on a GPU; a run repeats exactly for a given count)")
     p.add_argument("--report", type=Path, default=None, help="write the Γ curve and before/after PNGs here")
     p.set_defaults(run=run)
 
@@ -121,7 +123,7 @@ def run(args) -> int:
     from ..recon.engine import resolve_device
     from ..train.adapt import AdaptError, adapt, adapted_model
     from ..train.adapt_run import joint_term, provenance, save_adapted
-    from . import UserError
+    from . import UserError, slice_workers
 
     settings = settings_from_args(args)
     if settings.joint_weight > 0 and not args.joint_data:
@@ -131,6 +133,7 @@ def run(args) -> int:
         device = resolve_device(args.device)
     except (ConfigError, RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    workers = slice_workers(args.workers, device)
     files = expand(args.inputs)
     base = load_checkpoint(resolve_checkpoint(args.checkpoint))
     from gadget.converters.twix import TwixError
@@ -141,9 +144,9 @@ def run(args) -> int:
             raise AdaptError("no undersampled slices in the inputs (fully sampled slices are not adapted on)")
         joint = joint_term(args.joint_data, args.seed) if args.joint_data else None
         print(f"adapting {base.path} (sha256 {base.sha256[:12]}) on {len(slices)} slices from {len(files)} files, "
-              f"device {device}", flush=True)
+              f"device {device}, {workers} worker(s)", flush=True)
         torch.manual_seed(args.seed)
-        result = adapt(base.model, slices, settings, device=device, joint=joint,
+        result = adapt(base.model, slices, settings, device=device, joint=joint, workers=workers,
                        on_score=lambda e: print(f"  step {e['step']:4d}  {e['seconds']:8.1f} s  Γ loss "
                                                 f"{e['gamma']:.5g}", flush=True))
     except (AdaptError, TwixError) as exc:

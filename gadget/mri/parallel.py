@@ -78,13 +78,16 @@ class all_threads:
 
 
 def in_workers(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """``fn(item)`` for each item, results in the items' order. ``workers`` 1: on the calling thread, as a
-    plain loop. More: that many threads, each with ``threads // workers`` intra-op threads (at least one)
-    of the caller's count, at most ``workers`` items in flight; the caller's count is restored when the
-    results are consumed or the generator is closed. An exception from ``fn`` reaches the caller when its
-    item's result is due."""
+    """``fn(item)`` for each item, results in the items' order. ``workers`` 1 (or a sized ``items`` of one):
+    on the calling thread, as a plain loop, with all its threads. More: ``min(workers, len(items))`` threads
+    where ``items`` has a length, each with ``threads // workers`` intra-op threads (at least one) of the
+    caller's count, at most ``workers`` items in flight; the caller's count is restored when the results
+    are consumed or the generator is closed. An exception from ``fn`` reaches the caller when its item's
+    result is due."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if hasattr(items, "__len__"):
+        workers = max(1, min(workers, len(items)))
     if workers == 1:
         yield from map(fn, items)
         return

@@ -12,6 +12,10 @@ Optional: a penalty ``tie_weight · Σ‖w − w₀‖²`` tying the weights to 
 supervised term on fully sampled proxy data (``joint``, JSSL: Yiasemis et al., MIDL 2025) so the model
 does not drift from what it learnt.
 
+With ``workers`` > 1 the splits of a step (and the slices of a Γ score) run side by side, each on its
+share of the CPU threads (:func:`gadget.mri.parallel.in_workers`); each split's gradient is computed on its
+own and the gradients are summed in split order, so a run is repeatable for a given worker count.
+
 Layouts: :class:`AdaptSlice` holds one slice's k-space complex64 ``(coil, readout, phase)`` with zeros at
 lines not acquired, its acquired-line mask bool ``(phase,)`` and its ACS line count. Model tensors are
 ``(batch, coil, readout, phase)`` as in :mod:`gadget.model.varnet`.
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 from ..model.varnet import VarNet
+from ..mri.parallel import in_workers
 from .splits import SplitSettings, holdout_lines, seeded_rng, split_lines
 
 log = logging.getLogger(__name__)
@@ -184,16 +189,41 @@ class _Prepared:
         return model.final_kspace(state, self.maps)
 
 
-def gamma_score(model: VarNet, prepared: Sequence[_Prepared]) -> float:
-    """Σ‖ŷ_Γ − y_Γ‖² / Σ‖y_Γ‖² over ``prepared``: the network run on Ω \\ Γ predicting Γ."""
-    err = ref = 0.0
-    with torch.no_grad():
-        for p in prepared:
+def gamma_score(model: VarNet, prepared: Sequence[_Prepared], workers: int = 1) -> float:
+    """Σ‖ŷ_Γ − y_Γ‖² / Σ‖y_Γ‖² over ``prepared``: the network run on Ω \\ Γ predicting Γ (``workers`` slices
+    side by side, summed in order)."""
+    def errors(p: _Prepared) -> tuple[float, float]:
+        with torch.no_grad():
             m = torch.from_numpy(p.gamma).to(p.kspace.device).view(1, 1, 1, -1)
             predicted = p.run(model, p.available)
-            err += float(((predicted - p.kspace) * m).abs().pow(2).sum())
-            ref += float((p.kspace * m).abs().pow(2).sum())
+            return float(((predicted - p.kspace) * m).abs().pow(2).sum()), float((p.kspace * m).abs().pow(2).sum())
+
+    err = ref = 0.0
+    for e, r in in_workers(errors, prepared, workers):
+        err += e
+        ref += r
     return err / ref if ref > 0 else float("nan")
+
+
+def accumulate_split_gradients(model: VarNet, params: Sequence[nn.Parameter], splits: Sequence[tuple],
+                               workers: int = 1) -> float:
+    """The SSDU loss of ``splits`` (``(prepared slice, Θ, Λ)`` each), averaged over them, added into
+    ``params``' ``.grad``; returns the loss. Each split's gradient is computed on its own (``workers`` side by
+    side) and the gradients are added in split order, so the sum does not depend on which finished first."""
+    def gradients(split) -> tuple[float, tuple]:
+        p, theta, lam = split
+        with torch.enable_grad():
+            mask = torch.from_numpy(lam).to(p.kspace.device).view(1, 1, 1, -1)
+            loss = ssdu_loss(p.run(model, theta), p.kspace, mask) / len(splits)
+            return float(loss.detach()), torch.autograd.grad(loss, params, allow_unused=True)
+
+    total = 0.0
+    for loss, grads in in_workers(gradients, splits, workers):
+        total += loss
+        for param, grad in zip(params, grads):
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
+    return total
 
 
 def _trainable(model: VarNet, which: str) -> list[nn.Parameter]:
@@ -214,10 +244,11 @@ JointTerm = Callable[[nn.Module, int], torch.Tensor]
 
 def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = AdaptConfig(),
           device: torch.device | str = "cpu", joint: Optional[JointTerm] = None,
-          on_score: Optional[Callable[[dict], None]] = None) -> AdaptResult:
+          on_score: Optional[Callable[[dict], None]] = None, workers: int = 1) -> AdaptResult:
     """Adapt a copy of ``model`` on ``slices`` (module docstring); ``model`` itself is not changed.
     ``joint(model, step)``: the supervised proxy loss, weighted by ``config.joint_weight`` (needed when
-    that is > 0). ``on_score``: called with each curve entry (progress)."""
+    that is > 0). ``on_score``: called with each curve entry (progress). ``workers``: splits (and scored
+    slices) side by side (module docstring)."""
     if not slices:
         raise AdaptError("no slices to adapt on")
     if config.joint_weight > 0 and joint is None:
@@ -251,7 +282,7 @@ def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = Ada
     t0 = time.perf_counter()
 
     work.eval()
-    best = gamma_score(work, scored)
+    best = gamma_score(work, scored, workers)
     if not math.isfinite(best):
         raise AdaptError("the Γ score of the starting weights is not finite (all-zero held-back lines?)")
     curve = [{"step": 0, "seconds": 0.0, "train_loss": None, "gamma": best}]
@@ -267,7 +298,7 @@ def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = Ada
         step += 1
         work.train()
         optimiser.zero_grad(set_to_none=True)
-        total = 0.0
+        splits = []
         for _ in range(config.slices_per_step):
             if not order:
                 order = list(order_rng.permutation(len(prepared)))
@@ -275,11 +306,8 @@ def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = Ada
             for s in range(config.splits_per_step):
                 theta, lam = split_lines(p.available, p.source.split_acs, config.split,
                                          seeded_rng(config.seed, 3, step, len(order), s))
-                predicted = p.run(work, theta)
-                loss = ssdu_loss(predicted, p.kspace, torch.from_numpy(lam).to(device).view(1, 1, 1, -1))
-                loss = loss / (config.slices_per_step * config.splits_per_step)
-                loss.backward()
-                total += float(loss.detach())
+                splits.append((p, theta, lam))
+        total = accumulate_split_gradients(work, params, splits, workers)
         extra = torch.zeros((), device=device)
         if config.tie_weight > 0:
             extra = extra + config.tie_weight * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))
@@ -295,7 +323,7 @@ def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = Ada
         if step % config.eval_every and step != config.steps:
             continue
         work.eval()
-        score = gamma_score(work, scored)
+        score = gamma_score(work, scored, workers)
         entry = {"step": step, "seconds": round(time.perf_counter() - t0, 3),
                  "train_loss": float(np.mean(losses)), "gamma": score}
         losses = []

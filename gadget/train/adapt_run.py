@@ -26,11 +26,11 @@ def scan_settings(steps: int, time_limit: float) -> AdaptConfig:
 
 
 def adapt_scan(model: VarNet, slices: Sequence[AdaptSlice], settings: AdaptConfig, source: str,
-               device: str = "cpu") -> tuple[VarNet, AdaptResult]:
-    """``model`` adapted on one scan's own slices, logged: steps, Γ loss before/after and time. When
-    the Γ loss did not fall, the start weights come back (and the log says so)."""
+               device: str = "cpu", workers: int = 1) -> tuple[VarNet, AdaptResult]:
+    """``model`` adapted on one scan's own slices (``workers``: :func:`adapt`'s), logged: steps, Γ loss
+    before/after and time. When the Γ loss did not fall, the start weights come back (and the log says so)."""
     t0 = time.perf_counter()
-    result = adapt(model, slices, settings, device=device,
+    result = adapt(model, slices, settings, device=device, workers=workers,
                    on_score=lambda e: log.info("%s: adapt step %d: Γ loss %.5g (%.1f s)", source, e["step"],
                                                e["gamma"], e["seconds"]))
     log.info("%s: adapted on its own lines: %s; %.1f s in all", source, result.summary(),
@@ -44,8 +44,10 @@ def adapt_scan(model: VarNet, slices: Sequence[AdaptSlice], settings: AdaptConfi
 def adapted_engine(engine, slices: Sequence[AdaptSlice], settings: AdaptConfig, source: str):
     """``(engine, result)``: an engine running ``engine``'s model adapted on ``slices`` (:func:`adapt_scan`)
     on the same device (:meth:`with_model`: the same refine stage where ``engine`` has one, the same
-    checkpoint refine); ``engine`` itself when the Γ loss did not fall."""
-    model, result = adapt_scan(engine.model, slices, settings, source, device=engine.device)
+    checkpoint refine), the splits side by side on as many workers as the engine admits forwards;
+    ``engine`` itself when the Γ loss did not fall."""
+    model, result = adapt_scan(engine.model, slices, settings, source, device=engine.device,
+                               workers=getattr(engine, "forwards", 1))
     if model is engine.model:
         return engine, result
     return engine.with_model(model), result

@@ -241,7 +241,7 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
     plan = [(sl, fold) for sl in chosen for fold in outer_folds(sl.mask, sl.split_acs, settings.folds, rng)]
     table = []
 
-    workers = min(getattr(engine, "forwards", 1), len(plan))  # folds side by side, as the engine admits
+    workers = getattr(engine, "forwards", 1)  # folds side by side, as the engine admits
 
     def best(line: list[tuple[float, float]]) -> tuple[float, float, float]:
         lam, mu = (torch.tensor(values, dtype=torch.float32) for values in zip(*line))

@@ -6,7 +6,8 @@ of one weight-adaptation step (``splits_per_step`` forwards and backwards), of o
 of the whole default weight adaptation (``--full``: run it; else estimated from the step count, the
 evaluation interval and the slices scored); ``adapt: scan`` costs the solve column plus the last.
 Random-phase simulated k-space; threads as the product uses; ``--workers``: the calibration's folds side by
-side, as ``varnet infer``/``replay --workers`` run them (the per-slice refine is timed one slice at a time).
+side, as ``varnet infer``/``replay --workers`` run them, and a weight step's splits side by side (the
+per-slice refine is timed one slice at a time).
 
     python experiments/adaptation/scripts/adapt_cost.py --repeats 2
 """
@@ -22,7 +23,8 @@ from gadget.model.checkpoint import load_checkpoint
 from gadget.model.shipped import shipped_checkpoint
 from gadget.recon.engine import Reconstructor
 from gadget.recon.refine_stage import Refiner
-from gadget.train.adapt import AdaptConfig, AdaptSlice, _Prepared, adapt, gamma_score, ssdu_loss
+from gadget.train.adapt import (AdaptConfig, AdaptSlice, _Prepared, _trainable, accumulate_split_gradients, adapt,
+                                gamma_score)
 from gadget.train.solve_calibration import calibrate_solve
 from gadget.train.splits import holdout_lines, seeded_rng, split_lines
 
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--full", type=int, default=0, help="run the whole default adaptation for the first N cases")
-    p.add_argument("--workers", type=int, default=2, help="the calibration's folds side by side (the doors' auto)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="the calibration's folds and a step's splits side by side (the doors' auto)")
     p.add_argument("--solve-only", action="store_true", help="only the forward and adapt solve columns")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -93,12 +96,12 @@ def main(argv=None) -> int:
         gamma = holdout_lines(sl.mask, sl.acs, settings.split, seeded_rng(0, 1))
         prepared = _Prepared(sl, gamma, torch.device("cpu"))
         work = model.train()
+        params = _trainable(work, settings.trainable)
 
-        def step():
-            for s in range(settings.splits_per_step):
-                theta, lam = split_lines(prepared.available, sl.acs, settings.split, seeded_rng(0, s))
-                ssdu_loss(prepared.run(work, theta), prepared.kspace,
-                          torch.from_numpy(lam).view(1, 1, 1, -1)).backward()
+        def step():  # one optimiser step's gradients, the splits on the workers as adapt() runs them
+            splits = [(prepared, *split_lines(prepared.available, sl.acs, settings.split, seeded_rng(0, s)))
+                      for s in range(settings.splits_per_step)]
+            accumulate_split_gradients(work, params, splits, args.workers)
 
         def forward():
             with torch.inference_mode():
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
         total = f"{estimate:.0f} (estimated)"
         if n < args.full:
             t0 = time.perf_counter()
-            result = adapt(model, [sl] * slices, settings)
+            result = adapt(model, [sl] * slices, settings, workers=args.workers)
             total = f"{time.perf_counter() - t0:.0f} (run: {result.steps} steps, {result.stopped})"
         print(f"| {label} | {t_fwd:.2f} | {t_solve} | {t_step:.2f} | {t_gamma:.2f} | {total} |", flush=True)
     return 0
