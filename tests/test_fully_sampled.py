@@ -81,7 +81,7 @@ def _run(scan_setup, mask, **cfg):
     engine = RecordingEngine()
     scan = ScanReconstructor(xml, ReconConfig(prewhiten=False, fallback="none", **cfg), engine)
     sl = _slice(kspace, mask)
-    (img,) = list(scan._images([sl]))
+    (img,) = list(scan.reconstruct([sl]))
     return scan, engine, img, sl
 
 

@@ -99,7 +99,6 @@ def run(case: InferCase, progress=None) -> InferResult:
     env = {**os.environ, "OMP_NUM_THREADS": str(case.threads), "MKL_NUM_THREADS": str(case.threads)}
     with tempfile.TemporaryDirectory(prefix="varnet-bench-infer-") as tmp:
         data, weights = prepare(case, Path(tmp))
-        outputs = {}
         for round_ in range(case.repeats):
             for name in IMPLEMENTATIONS:
                 out = Path(tmp) / f"{name}-{round_}"
@@ -110,10 +109,9 @@ def run(case: InferCase, progress=None) -> InferResult:
                 if done.returncode:
                     raise RuntimeError(f"{name} inference failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
                 result.seconds[name].append(seconds)
-                outputs[name] = _reconstruction(out)
                 if progress:
                     progress(f"round {round_ + 1}/{case.repeats}: {name} {seconds:.2f} s")
-        ref, ours = outputs["reference"], outputs["ours"]
+        ref, ours = (_reconstruction(Path(tmp) / f"{name}-{case.repeats - 1}") for name in IMPLEMENTATIONS)
         if ref.shape != ours.shape:
             raise RuntimeError(f"reconstructions differ in shape: reference {ref.shape}, ours {ours.shape}")
         result.max_rel_diff = float(np.abs(ours - ref).max() / np.abs(ref).max())

@@ -59,6 +59,17 @@ def add_workers_argument(p: argparse.ArgumentParser, help: Optional[str] = None)
                                 "on a CPU with 2 or more threads, 1 on a GPU; more hold more slices in memory at once)")
 
 
+def device_option(name: str):
+    """``--device`` as a ``torch.device`` (``auto`` → CUDA when present); a bad or absent device is a
+    :class:`UserError` naming the option."""
+    from ..recon.engine import resolve_device
+
+    try:
+        return resolve_device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"--device: {exc}") from None
+
+
 def slice_workers(setting: str, device) -> int:
     """``--workers``: a count >= 1, or ``auto``: 2 on a CPU (``device``, a ``torch.device``) with at least 2
     intra-op threads (two slices on half the threads each beat one slice on all of them:

@@ -175,13 +175,9 @@ def run_model(args) -> int:
 
 def _check_device(device: str, impls) -> str:
     """``--device`` resolved (``auto`` → cuda or cpu) and checked against the implementations asked for."""
-    from ..recon.engine import resolve_device
-    from . import UserError
+    from . import UserError, device_option
 
-    try:
-        resolved = str(resolve_device(device))
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"--device: {exc}") from None
+    resolved = str(device_option(device))
     if resolved != "cpu" and "onnxruntime" in impls:
         raise UserError(f"--device {device}: leave onnxruntime out of --implementations (it runs on the CPU provider)")
     return resolved

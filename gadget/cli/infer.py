@@ -57,12 +57,12 @@ def run(args) -> int:
     from ..recon.engine import Reconstructor
     from ..recon.fastmri_infer import reconstruct_volume
     from ..recon.refine_stage import RefinedEngine, Refiner
-    from . import UserError, refine_config, slice_workers
+    from . import UserError, device_option, refine_config, slice_workers
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     files = input_files(args.input)
-    device = _device(args.device)
+    device = device_option(args.device)
     workers = slice_workers(args.workers, device)
     from ..model.shipped import resolve_checkpoint
 
@@ -86,16 +86,6 @@ def run(args) -> int:
         write_reconstruction(args.output / path.name, recon)
         print(f"{path.name}: {recon.shape[0]} slices -> {args.output / path.name}")
     return 0
-
-
-def _device(name: str):
-    from ..recon.engine import resolve_device
-    from . import UserError
-
-    try:
-        return resolve_device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(str(exc)) from None
 
 
 def adapt_settings(args):

@@ -189,10 +189,6 @@ class ScanReconstructor:
                 out.append(_Slice(sl, result, comments, checked))
         return unit, out
 
-    def _images(self, slices: list[SliceData]) -> Iterator[Any]:
-        """The images of a batch of slices, computed on this thread (what one worker does)."""
-        yield from self._built(self._computed(slices)[1])
-
     def _built(self, computed: list["_Slice"]) -> Iterator[Any]:
         """The images (and ``also_send``'s) of slices through :meth:`_computed`, in their order."""
         for done in computed:
