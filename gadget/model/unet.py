@@ -21,6 +21,7 @@ it to fastMRI's reference).
 """
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 
@@ -63,15 +64,29 @@ def fast_path(module: nn.Module, x: torch.Tensor) -> bool:
             and not _autocast_on("cpu") and not _hooked(module))
 
 
+def channel_sums(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum((2, 3), keepdim=True)`` of a ``(b, c, h, w)`` tensor. On channels-last memory the pixels are
+    summed as rows of ``g·c`` values, ``g·c`` a multiple of 8 (the vector width of AVX2 floats), then the
+    ``g`` partial sums per channel: PyTorch's reduction over rows of 18 or 36 values does not vectorise
+    (2.6 → 1.0 ms at 18 × 640 × 368 on one thread; the same cascaded sums, the same accuracy)."""
+    b, c, h, w = x.shape
+    g = 8 // math.gcd(c, 8)
+    if (h * w) % g or not x.is_contiguous(memory_format=torch.channels_last):
+        return x.sum((2, 3), keepdim=True)
+    rows = x.permute(0, 2, 3, 1).reshape(b, h * w // g, g * c)
+    return rows.sum(1).view(b, g, c).sum(1).view(b, c, 1, 1)
+
+
 def instance_norm_leaky_relu_(x: torch.Tensor, eps: float, slope: float) -> torch.Tensor:
     """``leaky_relu(instance_norm(x))`` (no affine parameters, biased variance, as ``nn.InstanceNorm2d``)
     in place on a fresh ``(b, c, h, w)`` tensor, any memory format (kept): the channel means subtracted,
-    the variance taken from the centred values (two passes, so no cancellation; PyTorch's cascaded sums),
-    one scale, one LeakyReLU. On channels-last memory about a third of the work of ``torch.var_mean``
-    (Welford over a strided layout)."""
+    the variance taken from the centred values (two passes, so no cancellation; PyTorch's cascaded sums,
+    :func:`channel_sums`), one scale, one LeakyReLU. On channels-last memory about a third of the work of
+    ``torch.var_mean`` (Welford over a strided layout)."""
+    pixels = x.shape[2] * x.shape[3]
     with serial(x.numel()):
-        x.sub_(x.mean((2, 3), keepdim=True))
-        var = torch.mul(x, x).mean((2, 3), keepdim=True)
+        x.sub_(channel_sums(x).div_(pixels))
+        var = channel_sums(torch.mul(x, x)).div_(pixels)
         x.mul_(var.add_(eps).rsqrt_())
         return F.leaky_relu_(x, slope)
 

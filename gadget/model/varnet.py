@@ -120,7 +120,13 @@ class NormUnet(nn.Module):
             raise ValueError(f"NormUnet expects (batch, 1, h, w) complex, got {tuple(image.shape)}")
         x = torch.view_as_real(image[:, 0]).permute(0, 3, 1, 2)  # (b, 2=[re, im], h, w)
         if self.compute_dtype is None and fast_path(self, x):
-            return torch.view_as_complex(self.forward_fast(x).permute(0, 2, 3, 1).contiguous()).unsqueeze(1)
+            # one image at a time: each image's activations stay in the caches between the U-Net's passes (the
+            # sensitivity network runs on every coil; docs/results/performance.md, "One image at a time")
+            out = torch.empty_like(image)
+            pairs = torch.view_as_real(out[:, 0])  # (b, h, w, 2)
+            for i in range(b):
+                pairs[i].copy_(self.forward_fast(x[i:i + 1])[0].permute(1, 2, 0))
+            return out
         x = self.forward_channels(x)
         return torch.view_as_complex(x.permute(0, 2, 3, 1).contiguous()).unsqueeze(1)
 
@@ -250,16 +256,25 @@ class VarNetBlock(nn.Module):
         (``fft2(S c x) = σ c F(S x)``) and the data consistency, per sample, is unchanged.
         ``mask_weight``: the mask as 0/1 in the real dtype, ``(b or 1, 1, 1, w)``. Without autograd (it
         writes into its own temporaries)."""
-        images = torch.fft.ifft2(current, norm="ortho")
-        with serial(images.numel()):
-            combined = images.mul_(sens_conj).sum(dim=1, keepdim=True)
+        coils = current.shape[1]
+        combined = None
+        for c in range(coils):  # coil by coil: each coil's passes after its transform run in cache
+            image = torch.fft.ifft2(current[:, c:c + 1], norm="ortho")
+            with serial(image.numel()):
+                image.mul_(sens_conj[:, c:c + 1])
+                combined = image if combined is None else combined.add_(image)
         refined = self.model(combined)
-        with serial(sens.numel()):
-            expanded = sens * refined
-        refinement = torch.fft.fft2(expanded, norm="ortho")
-        with serial(current.numel()):  # current − M(current − reference)·η − refinement
-            out = torch.sub(current, refinement, out=refinement)
-            return out.addcmul_(current - reference, mask_weight * (-self.dc_weight))
+        out = torch.empty_like(current)
+        weight = mask_weight * (-self.dc_weight)
+        for c in range(coils):  # out = current − refinement − M(current − reference)·η
+            here = slice(c, c + 1)
+            with serial(refined.numel()):
+                expanded = sens[:, here] * refined
+            refinement = torch.fft.fft2(expanded, norm="ortho")
+            with serial(refined.numel()):
+                torch.sub(current[:, here], refinement, out=out[:, here]).addcmul_(
+                    current[:, here] - reference[:, here], weight)
+        return out
 
 
 class VarNet(nn.Module):
