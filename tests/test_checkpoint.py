@@ -35,6 +35,38 @@ def test_default_config_inferred_from_reference_state_dict(tmp_path):
     assert infer_config(ref.state_dict()) == VarNetConfig()
 
 
+def test_loaded_model_holds_the_file_in_float32_and_trains(tmp_path):
+    """The model is built on the meta device and takes the file's tensors: nothing may stay on meta, a
+    float64 file loads as float32 with the same values, and the parameters still take gradients."""
+    model = _model(4)
+    torch.save({k: v.double() for k, v in model.state_dict().items()}, tmp_path / "double.pt")
+    loaded = load_checkpoint(tmp_path / "double.pt").model
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert tensors and not any(t.is_meta for t in tensors)
+    assert all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
+    assert _same_weights(loaded, model)
+    assert all(p.requires_grad and isinstance(p, torch.nn.Parameter) for p in loaded.parameters())
+    k = torch.randn(1, 2, 16, 16, dtype=torch.complex64)
+    mask = torch.zeros(1, 1, 1, 16, dtype=torch.bool)
+    mask[..., ::2] = True
+    loaded.train()
+    loaded(k * mask, mask, 4).sum().backward()
+    assert all(p.grad is not None for p in loaded.sens_net.parameters())
+
+
+def test_variant_with_unsaved_buffers_loads_them(tmp_path):
+    """The ``vn`` variant's RBF centres are a non-persistent buffer no file holds: they are built, not meta."""
+    config = VarNetConfig(num_cascades=1, variant="vn")
+    torch.manual_seed(5)
+    model = VarNet.from_config(config)
+    save_checkpoint(tmp_path / "vn.pt", model)
+    loaded = load_checkpoint(tmp_path / "vn.pt").model
+    assert _same_weights(loaded, model)
+    buffers = dict(loaded.named_buffers())
+    centres = [name for name in buffers if name.endswith("centres")]
+    assert centres and all(torch.equal(buffers[n], dict(model.named_buffers())[n]) for n in centres)
+
+
 def test_lightning_checkpoint(tmp_path):
     model = _model(2)
     ckpt = {"epoch": 3, "global_step": 10,

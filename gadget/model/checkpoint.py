@@ -163,14 +163,26 @@ def split_checkpoint(obj: Any, path: str = "<memory>") -> tuple[str, dict, Optio
 
 
 def build_model(state_dict: Mapping[str, torch.Tensor], config: VarNetConfig, path: str = "<memory>") -> VarNet:
-    model = VarNet.from_config(config)
-    expected, given = set(model.state_dict()), set(state_dict)
+    """A :class:`VarNet` of ``config`` holding ``state_dict`` (every key, every shape; :class:`CheckpointError`
+    otherwise), floating-point tensors in the model's dtypes. The model is built on the meta device and takes
+    the given tensors as its own (the state dict is not to be reused), so the random initialisation they
+    would overwrite is never drawn; a variant with buffers no state dict holds (non-persistent) is built
+    and filled the usual way."""
+    with torch.device("meta"):
+        model = VarNet.from_config(config)
+    template = model.state_dict()
+    expected, given = set(template), set(state_dict)
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
         raise CheckpointError(f"{path}: state dict does not match VarNet{config.to_dict()}: "
                               f"missing keys {_short(missing)}; unexpected keys {_short(unexpected)}")
+    state = {k: v.to(template[k].dtype) if v.is_floating_point() and template[k].is_floating_point() else v
+             for k, v in state_dict.items()}
+    assign = not any(m._non_persistent_buffers_set for m in model.modules())
+    if not assign:
+        model = VarNet.from_config(config)
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         shape_lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise CheckpointError(f"{path}: {'; '.join(shape_lines) or exc}") from None
