@@ -61,7 +61,7 @@ from ..mri.coils import normalize_sens, rss, sens_expand, sens_reduce
 from ..mri.fft import checkerboard, ifft2c
 from ..mri.masks import detect_num_low_frequencies
 from ..mri.parallel import serial
-from .unet import Unet, fast_path, tracing
+from .unet import Unet, channel_sums, fast_path, tracing
 from .vn_regularizer import VNRegularizer
 
 AcsCount = Union[None, int, torch.Tensor]
@@ -156,10 +156,11 @@ class NormUnet(nn.Module):
         throughout: the input ``(b, 2, h, w)`` view of the complex image already is that layout, and the
         de-normalisation is folded into the U-Net's final 1×1 convolution. Channels-last output."""
         b, _, h, w = x.shape
-        with serial(x.numel()):
-            std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
-            std = std.clamp_min_(_EPS)
-            x = (x - mean).div_(std)
+        with serial(x.numel()):  # two passes over the pixels (channel_sums) instead of std_mean's Welford
+            mean = channel_sums(x).div_(h * w)
+            x = x - mean
+            std = channel_sums(torch.mul(x, x)).div_(h * w - 1).sqrt_().clamp_min_(_EPS)
+            x.div_(std)
         h_mult, w_mult = ((h - 1) | 15) + 1, ((w - 1) | 15) + 1  # next multiple of 16
         top, left = (h_mult - h) // 2, (w_mult - w) // 2
         if (h_mult, w_mult) != (h, w):
