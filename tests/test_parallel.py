@@ -112,3 +112,15 @@ def test_in_workers_runs_a_single_item_on_the_calling_thread_with_all_its_thread
                                     [7], workers=2)) == [7]
     assert seen == [(caller, 2)]
     assert list(parallel.in_workers(lambda i: i, [], workers=2)) == []
+
+
+@pytest.mark.parametrize("count,item_bytes,budget,sizes", [
+    (15, 10, 40, [4, 4, 3, 4]),   # four per block at most, near-equal sizes
+    (12, 10, 1000, [12]),         # all fit
+    (5, 10, 5, [1, 1, 1, 1, 1]),  # one item over budget: one per block
+    (1, 10, 0, [1]),
+])
+def test_blocks_cover_the_items_in_order_within_the_budget(count, item_bytes, budget, sizes):
+    parts = parallel.blocks(count, item_bytes, budget)
+    assert [p.stop - p.start for p in parts] == sizes
+    assert [i for p in parts for i in range(p.start, p.stop)] == list(range(count))

@@ -223,6 +223,32 @@ def test_inference_path_is_the_reference_function(small_volume):
     assert not torch.equal(fast, plain)  # the two paths really differ (rounding), so both were run
 
 
+@pytest.mark.parametrize("per_block", [1, 2, None], ids=["one", "two", "all"])
+def test_inference_in_blocks_of_images_and_coils_is_the_reference_function(small_volume, monkeypatch, per_block):
+    """The fast path runs the NormUnet on blocks of images and the cascades' coil operators on blocks of
+    coils (gadget.model.varnet.IMAGE_BLOCK_BYTES, COIL_BLOCK_BYTES): one, two or all per block give
+    fastMRI's output within the bounds above. The output starts as NaN where the blocks write it."""
+    import gadget.model.varnet as varnet
+
+    k, mask = _phantom_input(small_volume)
+    ref, ours = _pair(SMALL)
+    h, w = k.shape[-2:]
+    image_bytes = SMALL["sens_chans"] * 128 * 48 * 4  # level-0 activations of one image (padded to 16: 128 × 48)
+    coil_bytes = h * w * 8
+    scale = 1 << 40 if per_block is None else per_block
+    monkeypatch.setattr(varnet, "IMAGE_BLOCK_BYTES", image_bytes * scale + image_bytes // 2)
+    monkeypatch.setattr(varnet, "COIL_BLOCK_BYTES", coil_bytes * scale + coil_bytes // 2)
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    with torch.inference_mode():
+        fast = ours(k, mask, 8)
+    monkeypatch.undo()
+    with torch.inference_mode():
+        want = _run_ref(ref, k, mask, 8)
+    assert torch.isfinite(fast).all()
+    assert float((fast - want).abs().max() / want.abs().max()) < 1e-4 and _rel(fast, want) < 1e-5
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 40, 30), (3, 2, 33, 47)], ids=["even", "odd-batch"])
 def test_unet_fast_path_equals_the_modules(shape):
     """The channels-last U-Net (packed weights, split decoder convolutions, reflection padding on odd

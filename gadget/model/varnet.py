@@ -60,7 +60,7 @@ from ..data.typed_config import choice
 from ..mri.coils import normalize_sens, rss, sens_expand, sens_reduce
 from ..mri.fft import checkerboard, ifft2c
 from ..mri.masks import detect_num_low_frequencies
-from ..mri.parallel import serial
+from ..mri.parallel import blocks, serial
 from .unet import Unet, channel_sums, fast_path, tracing
 from .vn_regularizer import VNRegularizer
 
@@ -100,6 +100,12 @@ class VarNetConfig:
         return asdict(self)
 
 
+#: Bytes of level-0 U-Net activations (NormUnet, the inference fast path) and of coil images (the k-space
+#: cascades at inference) worked on as one block; docs/results/performance.md, "Blocks of coils".
+IMAGE_BLOCK_BYTES = 8 << 20
+COIL_BLOCK_BYTES = 4 << 20
+
+
 class NormUnet(nn.Module):
     """U-Net on one complex image per batch entry, with per-sample normalisation.
 
@@ -120,12 +126,13 @@ class NormUnet(nn.Module):
             raise ValueError(f"NormUnet expects (batch, 1, h, w) complex, got {tuple(image.shape)}")
         x = torch.view_as_real(image[:, 0]).permute(0, 3, 1, 2)  # (b, 2=[re, im], h, w)
         if self.compute_dtype is None and fast_path(self, x):
-            # one image at a time: each image's activations stay in the caches between the U-Net's passes (the
-            # sensitivity network runs on every coil; docs/results/performance.md, "One image at a time")
+            # a few images at a time: a block's activations stay in cache between the U-Net's passes (the
+            # sensitivity network runs on every coil; docs/results/performance.md, "Blocks of coils")
             out = torch.empty_like(image)
             pairs = torch.view_as_real(out[:, 0])  # (b, h, w, 2)
-            for i in range(b):
-                pairs[i].copy_(self.forward_fast(x[i:i + 1])[0].permute(1, 2, 0))
+            level0 = self.unet.chans * (((h - 1) | 15) + 1) * (((w - 1) | 15) + 1) * x.element_size()
+            for part in blocks(b, level0, IMAGE_BLOCK_BYTES):
+                pairs[part].copy_(self.forward_fast(x[part]).permute(0, 2, 3, 1))
             return out
         x = self.forward_channels(x)
         return torch.view_as_complex(x.permute(0, 2, 3, 1).contiguous()).unsqueeze(1)
@@ -257,22 +264,21 @@ class VarNetBlock(nn.Module):
         (``fft2(S c x) = σ c F(S x)``) and the data consistency, per sample, is unchanged.
         ``mask_weight``: the mask as 0/1 in the real dtype, ``(b or 1, 1, 1, w)``. Without autograd (it
         writes into its own temporaries)."""
-        coils = current.shape[1]
+        parts = blocks(current.shape[1], current[0, 0].numel() * current.element_size(), COIL_BLOCK_BYTES)
         combined = None
-        for c in range(coils):  # coil by coil: each coil's passes after its transform run in cache
-            image = torch.fft.ifft2(current[:, c:c + 1], norm="ortho")
-            with serial(image.numel()):
-                image.mul_(sens_conj[:, c:c + 1])
-                combined = image if combined is None else combined.add_(image)
+        for here in parts:  # a block of coils at a time: the passes after its transform find it in cache
+            images = torch.fft.ifft2(current[:, here], norm="ortho")
+            with serial(images.numel()):
+                part = images.mul_(sens_conj[:, here]).sum(dim=1, keepdim=True)
+                combined = part if combined is None else combined.add_(part)
         refined = self.model(combined)
         out = torch.empty_like(current)
         weight = mask_weight * (-self.dc_weight)
-        for c in range(coils):  # out = current − refinement − M(current − reference)·η
-            here = slice(c, c + 1)
-            with serial(refined.numel()):
+        for here in parts:  # out = current − refinement − M(current − reference)·η
+            with serial(sens[:, here].numel()):
                 expanded = sens[:, here] * refined
             refinement = torch.fft.fft2(expanded, norm="ortho")
-            with serial(refined.numel()):
+            with serial(refinement.numel()):
                 torch.sub(current[:, here], refinement, out=out[:, here]).addcmul_(
                     current[:, here] - reference[:, here], weight)
         return out

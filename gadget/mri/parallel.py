@@ -77,6 +77,16 @@ class all_threads:
             torch.set_num_threads(1)
 
 
+def blocks(count: int, item_bytes: int, budget: int) -> list[slice]:
+    """``count`` items in consecutive blocks of near-equal size, each spanning at most ``budget`` bytes where
+    one item fits (``item_bytes`` each; one item per block where it does not): a pass over a block then finds
+    the block in cache when the next pass reads it."""
+    per = max(1, budget // max(1, item_bytes))
+    n = -(-count // per)
+    edges = [round(i * count / n) for i in range(n + 1)]
+    return [slice(a, b) for a, b in zip(edges, edges[1:])]
+
+
 def in_workers(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """``fn(item)`` for each item, results in the items' order. ``workers`` 1 (or a sized ``items`` of one):
     on the calling thread, as a plain loop, with all its threads. More: ``min(workers, len(items))`` threads
