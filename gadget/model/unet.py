@@ -68,7 +68,7 @@ def channel_sums(x: torch.Tensor) -> torch.Tensor:
     """``x.sum((2, 3), keepdim=True)`` of a ``(b, c, h, w)`` tensor. On channels-last memory the pixels are
     summed as rows of ``g·c`` values, ``g·c`` a multiple of 8 (the vector width of AVX2 floats), then the
     ``g`` partial sums per channel: PyTorch's reduction over rows of 18 or 36 values does not vectorise
-    (2.6 → 1.0 ms at 18 × 640 × 368 on one thread; the same cascaded sums, the same accuracy)."""
+    (docs/results/performance.md, "Blocks of coils"; the same cascaded sums, the same accuracy)."""
     b, c, h, w = x.shape
     g = 8 // math.gcd(c, 8)
     if (h * w) % g or not x.is_contiguous(memory_format=torch.channels_last):
