@@ -105,6 +105,38 @@ def test_in_workers_passes_an_item_error_to_the_caller_and_restores_the_count(tw
         list(parallel.in_workers(work, range(2), workers=0))
 
 
+def test_in_workers_hands_a_result_back_before_the_next_item_arrives(two_threads):
+    """A live stream: the second slice comes only after the first one's image went out. Results must not
+    wait for the next item (before, this waited for the source's timeout)."""
+    first_out = threading.Event()
+    waited = []
+
+    def stream():
+        yield 0
+        waited.append(first_out.wait(timeout=20))
+        yield 1
+
+    results = []
+    for value in parallel.in_workers(lambda i: i + 10, stream(), workers=2):
+        results.append(value)
+        first_out.set()
+    assert results == [10, 11] and waited == [True]
+    assert torch.get_num_threads() == 2
+
+
+def test_in_workers_gives_the_results_before_a_source_error(two_threads):
+    def stream():
+        yield from range(3)
+        raise OSError("connection reset")
+
+    got = []
+    with pytest.raises(OSError, match="connection reset"):
+        for value in parallel.in_workers(lambda i: (time.sleep(0.02), i)[1], stream(), workers=2):
+            got.append(value)
+    assert got == [0, 1, 2]
+    assert torch.get_num_threads() == 2
+
+
 def test_in_workers_runs_a_single_item_on_the_calling_thread_with_all_its_threads(two_threads):
     caller = threading.get_ident()
     seen = []

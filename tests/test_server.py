@@ -89,10 +89,22 @@ def test_gadgetron_ismrmrd_client_style(server, scan):
 
 def test_images_stream_as_slices_complete(server, scan):
     """The first image arrives before the client has sent the second slice."""
+    _first_image_before_second_slice(server, scan)
+
+
+def test_images_stream_as_slices_complete_with_workers(engine, scan):
+    """The same with the operator's ``workers: 2``: a slice's image does not wait for the next slice."""
+    service = ReconService(ReconConfig(checkpoint="model.pt", workers=2), engine, "test-model", idle_timeout=3.0,
+                           max_message_bytes=64 << 20)
+    with running(service) as port:
+        _first_image_before_second_slice(port, scan)
+
+
+def _first_image_before_second_slice(port, scan):
     xml, lines, _ = scan
     first_slice = [ln for ln in lines if ln.has_flag(19) or int(ln.head["idx"]["slice"]) == 0]
     rest = [ln for ln in lines if not ln.has_flag(19) and int(ln.head["idx"]["slice"]) > 0]
-    with connect(server) as s:
+    with connect(port) as s:
         send_scan(s, xml, first_slice, close=False)
         from gadget.stream.codec import MessageReader
 

@@ -18,7 +18,8 @@ streams than as one two-thread stream (docs/results/performance.md, "Slices side
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
@@ -87,13 +88,20 @@ def blocks(count: int, item_bytes: int, budget: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(edges, edges[1:])]
 
 
+_END = object()  # in_workers: the source is exhausted
+
+
 def in_workers(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """``fn(item)`` for each item, results in the items' order. ``workers`` 1 (or a sized ``items`` of one):
     on the calling thread, as a plain loop, with all its threads. More: ``min(workers, len(items))`` threads
     where ``items`` has a length, each with ``threads // workers`` intra-op threads (at least one) of the
     caller's count, at most ``workers`` items in flight; the caller's count is restored when the results
-    are consumed or the generator is closed. An exception from ``fn`` reaches the caller when its item's
-    result is due."""
+    are consumed or the generator is closed.
+
+    Each result is handed back as soon as it and those before it are done, not when the next item arrives:
+    ``items`` is read on a thread of its own (one item ahead), so a live stream whose next slice is minutes
+    away still gets this slice's image now. An exception from ``fn`` reaches the caller when its item's
+    result is due; one from ``items`` after the results of the items it gave."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if hasattr(items, "__len__"):
@@ -103,14 +111,32 @@ def in_workers(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterat
         return
     saved = torch.get_num_threads()
     share = max(1, saved // workers)
+    source = iter(items)
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(share,))
+    reader = ThreadPoolExecutor(1, thread_name_prefix="in-workers-source")
+    pending: deque = deque()
+    upcoming = reader.submit(next, source, _END)
     try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(share,)) as pool:
-            pending = []
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= workers:
-                    yield pending.pop(0).result()
-            while pending:
-                yield pending.pop(0).result()
+        while pending or upcoming is not None:
+            if pending and pending[0].done():
+                yield pending.popleft().result()
+            elif upcoming is not None and upcoming.done() and upcoming.exception() is not None:
+                while pending:  # the items the source gave before it failed keep their results
+                    yield pending.popleft().result()
+                upcoming.result()
+            elif upcoming is not None and upcoming.done() and len(pending) < workers:
+                item = upcoming.result()
+                if item is _END:
+                    upcoming = None
+                else:
+                    pending.append(pool.submit(fn, item))
+                    upcoming = reader.submit(next, source, _END)
+            else:
+                due = [pending[0]] if pending else []
+                if upcoming is not None and len(pending) < workers:
+                    due.append(upcoming)
+                wait(due, return_when=FIRST_COMPLETED)
     finally:
+        reader.shutdown(wait=False, cancel_futures=True)  # a source blocked on its input ends with that input
+        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(saved)  # the count new threads start with, and the caller's own

@@ -50,7 +50,7 @@ class ReconConfig:
     batch_size: int = 1                  # slices per forward pass
     # Batches reconstructed side by side (network, refine, safety check), each on its share of the CPU
     # threads: more slices per second when slices wait (varnet replay --workers sets it; auto there is 2 on
-    # a CPU), but each slice takes longer alone, so a live stream keeps 1.
+    # a CPU), but each slice takes longer alone, so a live stream keeps 1 unless its slices complete together.
     workers: int = 1
     prewhiten: bool = True               # noise prewhitening from noise-measurement acquisitions
     # flags (calibration flags; else the centre run of the mask) | mask (the centre run)
