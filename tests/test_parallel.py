@@ -151,6 +151,7 @@ def test_in_workers_runs_a_single_item_on_the_calling_thread_with_all_its_thread
     (12, 10, 1000, [12]),         # all fit
     (5, 10, 5, [1, 1, 1, 1, 1]),  # one item over budget: one per block
     (1, 10, 0, [1]),
+    (0, 10, 40, []),
 ])
 def test_blocks_cover_the_items_in_order_within_the_budget(count, item_bytes, budget, sizes):
     parts = parallel.blocks(count, item_bytes, budget)

@@ -82,6 +82,8 @@ def blocks(count: int, item_bytes: int, budget: int) -> list[slice]:
     """``count`` items in consecutive blocks of near-equal size, each spanning at most ``budget`` bytes where
     one item fits (``item_bytes`` each; one item per block where it does not): a pass over a block then finds
     the block in cache when the next pass reads it."""
+    if count < 1:
+        return []
     per = max(1, budget // max(1, item_bytes))
     n = -(-count // per)
     edges = [round(i * count / n) for i in range(n + 1)]
