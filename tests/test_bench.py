@@ -79,12 +79,14 @@ def test_refine_bench_times_both_paths_and_tables_their_difference():
     r = results[0]
     assert r.network_s > 0 and r.refinement_s > 0 and r.refined_s == r.network_s + r.refinement_s
     assert r.reference_s > 0 and r.max_rel_diff < 1e-4  # the same weights in fastMRI's VarNet
-    table = format_table([RefineTimes((4, 64, 32), 0.5, 0.25, 1.0, 2e-6, {"network": [0.5]})], "cpu")
-    assert table.splitlines()[-1] == "| 4 × 64 × 32 | 1000.0 | 500.0 | 0.50 | 2.0e-06 | 250.0 | 0.50 | 750.0 |"
+    assert 0 < r.repeat_s  # the refine again at a calibrated position
+    table = format_table([RefineTimes((4, 64, 32), 0.5, 0.25, 1.0, 2e-6, {"network": [0.5]}, 0.1)], "cpu")
+    assert table.splitlines()[-1] == ("| 4 × 64 × 32 | 1000.0 | 500.0 | 0.50 | 2.0e-06 | 250.0 | 0.50 | 750.0 | "
+                                      "100.0 | 0.20 |")
     assert summary([RefineTimes((4, 64, 32), 0.5, 0.25, 1.0, 2e-6)]) == {
         "refine_ratio": 0.5, "reference_ratio": 0.5, "max_rel_diff": 2e-6}
     no_reference = format_table([RefineTimes((4, 64, 32), 0.5, 0.25)], "cpu")
-    assert no_reference.splitlines()[-1] == "| 4 × 64 × 32 | — | 500.0 | — | — | 250.0 | 0.50 | 750.0 |"
+    assert no_reference.splitlines()[-1] == "| 4 × 64 × 32 | — | 500.0 | — | — | 250.0 | 0.50 | 750.0 | — | — |"
 
 
 def test_targets_table_has_the_refinement_row():

@@ -391,3 +391,67 @@ def test_rows_without_maps_keep_the_prior():
     maps[:, :, :2] = 0
     maps[0, :, 6:] = 0  # zero in one slice only: still solved (the batch shares its rows)
     assert solve_rows(maps).tolist() == [2, 3, 4, 5, 6, 7]
+
+
+def test_a_slice_position_is_calibrated_once_and_its_repetitions_take_that_calibration():
+    """:class:`PositionCalibrations`: a second slice at the same position gets the maps of the first one's
+    calibration, not its own; another position, or another ACS count, is calibrated anew."""
+    from gadget.baselines.espirit import calibrated_maps, espirit_calibration
+    from gadget.recon.refine import REFINE_ESPIRIT, PositionCalibrations, choose_maps
+
+    first, mask, final, image, _ = _refine_case(acs=12, seed=1)  # 12 lines: ESPIRiT covers the phantom
+    second, _, _, _, _ = _refine_case(acs=12, seed=2)  # other coils: other maps
+    config = RefineConfig()
+    own = {name: calibrated_maps(espirit_calibration(k[0], 12, config=REFINE_ESPIRIT), REFINE_ESPIRIT)[0]
+           for name, k in (("first", first), ("second", second))}
+    assert not torch.allclose(own["first"], own["second"], atol=1e-3)
+    calibrations = PositionCalibrations()
+    maps = {}
+    for name, k, position in (("first", first, "p"), ("second", second, "p"), ("elsewhere", second, "q")):
+        maps[name], sources = choose_maps(image, final, k, mask, config, 12, [position], calibrations)
+        assert sources == ["espirit"]
+    torch.testing.assert_close(maps["first"][0], own["first"])
+    torch.testing.assert_close(maps["second"][0], own["first"])     # the position's calibration
+    torch.testing.assert_close(maps["elsewhere"][0], own["second"])  # its own
+    assert calibrations.computed == 2
+    choose_maps(image, final, second, mask, config, 10, ["p"], calibrations)  # other ACS count: anew
+    assert calibrations.computed == 3
+
+
+def test_the_pipeline_calibrates_espirit_once_per_slice_position(tmp_path, monkeypatch):
+    """Two slices × three repetitions: two calibrations, not six. The repetitions are the first one's
+    k-space scaled (the same maps by construction), so their images equal those of a run that calibrates
+    every slice."""
+    import gadget.baselines.espirit as espirit
+    import gadget.recon.refine as refine_module
+    from gadget.recon.pipeline import ScanReconstructor
+    from gadget.stream.images import image_magnitude
+    from gadget.stream.types import AcqLine
+    from tests.server_harness import make_scan
+
+    torch.manual_seed(0)
+    xml, lines, _ = make_scan(tmp_path, slices=2, coils=4, size=(32, 24))
+    stream = []
+    for repetition in range(3):
+        for line in lines:
+            if repetition and line.has_flag(19):  # the noise scan once
+                continue
+            head = line.head.copy()
+            head["idx"]["repetition"] = repetition
+            stream.append(AcqLine(head, line.data * (1 + 0.5 * repetition)))
+    calls = []
+    real = espirit.espirit_calibration
+    monkeypatch.setattr(refine_module, "espirit_calibration", lambda *a, **k: calls.append(1) or real(*a, **k))
+    engine = Reconstructor(VarNet(num_cascades=1, chans=4, pools=2, sens_chans=2, sens_pools=1), "cpu")
+    config = ReconConfig(refine="pi", prewhiten=False, fallback="none", device="cpu")
+    scan = ScanReconstructor(xml, config, engine)
+    sent = list(scan.run(stream))
+    assert len(sent) == 6 and scan.calibrations.computed == 2 and len(calls) == 2
+    each = ScanReconstructor(xml, config, engine)
+    each.calibrations = None  # every slice calibrated on its own
+    again = list(each.run(stream))
+    assert len(calls) == 2 + 6
+    for a, b in zip(sent, again):
+        assert (a.slice, a.repetition) == (b.slice, b.repetition)
+        want = image_magnitude(b)
+        np.testing.assert_allclose(image_magnitude(a), want, rtol=0, atol=2e-3 * want.max())

@@ -300,21 +300,22 @@ def _top_eigenvectors(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     return values, v
 
 
-def espirit_maps(kspace, num_low: Optional[int] = None, mask=None,
-                 config: EspiritConfig = EspiritConfig(), return_eigenvalues: bool = False):
-    """ESPIRiT maps of one slice.
+@dataclass(frozen=True)
+class Calibration:
+    """ESPIRiT of one slice before the full grid: ``maps`` complex64 ``(coil, gh, gw)`` (top eigenvectors,
+    phase relative to the reference coil, not yet cropped) and ``values`` float32 ``(gh, gw)`` (their
+    eigenvalues) on the eigenproblem grid, for a slice of ``shape`` ``(readout, phase)``; the grid is the
+    full one when ``config.step`` is 1. Small (a few hundred kB on a capped grid): what a scan keeps per
+    slice position (:class:`gadget.recon.refine.PositionCalibrations`)."""
 
-    Args:
-        kspace: complex ``(coil, readout, phase)`` numpy array or tensor (undersampled or full).
-        num_low: number of fully sampled centre phase columns; when ``None`` it is measured from
-            ``mask`` (bool ``(phase,)``) with :func:`contiguous_center_lines`, or, without a
-            mask, from the non-zero columns of ``kspace``.
-        config: :class:`EspiritConfig`.
-        return_eigenvalues: also return the top eigenvalue map float32 ``(readout, phase)``.
+    maps: torch.Tensor
+    values: torch.Tensor
+    shape: Tuple[int, int]
 
-    Returns:
-        maps complex64 ``(coil, readout, phase)`` (a torch tensor), optionally with the eigenvalues.
-    """
+
+def espirit_calibration(kspace, num_low: Optional[int] = None, mask=None,
+                        config: EspiritConfig = EspiritConfig()) -> Calibration:
+    """Steps 1–4 of the module docstring on :func:`espirit_maps`'s arguments, up to the eigenproblem grid."""
     k = kspace.detach().cpu().numpy() if isinstance(kspace, torch.Tensor) else np.asarray(kspace)
     if k.ndim != 3 or not np.iscomplexobj(k):
         raise ValueError(f"kspace must be complex (coil, readout, phase), got {k.dtype} shape {k.shape}")
@@ -343,17 +344,44 @@ def espirit_maps(kspace, num_low: Optional[int] = None, mask=None,
     if not 0 <= ref < coils:
         raise ValueError(f"ref_coil must be in [0, {coils}), got {ref}")
     maps = (maps * torch.sgn(maps[ref]).conj()).to(torch.complex64)  # sgn(0) = 0
-    if grid != (rows, cols):  # same field of view sampled coarsely: interpolate, then renormalise
-        up = interpolation_matrix(rows, grid[0]), interpolation_matrix(cols, grid[1])
+    return Calibration(maps, values, (rows, cols))
+
+
+def calibrated_maps(calibration: Calibration, config: EspiritConfig = EspiritConfig()
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(maps complex64 (coil, readout, phase), eigenvalues float32 (readout, phase))`` on the slice's grid
+    from :func:`espirit_calibration`: interpolated from the eigenproblem grid and renormalised, cropped
+    where the eigenvalue is below ``config.crop``."""
+    maps, values = calibration.maps, calibration.values
+    rows, cols = calibration.shape
+    if tuple(values.shape) != (rows, cols):  # same field of view sampled coarsely: interpolate, then renormalise
+        up = interpolation_matrix(rows, values.shape[0]), interpolation_matrix(cols, values.shape[1])
         values = (up[0] @ values.to(up[0].dtype) @ up[1].T).float()
         maps = interpolate_maps(maps, up[0].float(), up[1].float())
         scale = torch.where(values >= config.crop, rss(maps, dim=0).clamp_min(1e-12).reciprocal(), 0.0)
         maps.mul_(scale)  # unit norm where kept, 0 where cropped
     else:
         maps = torch.where(values >= config.crop, maps, torch.zeros((), dtype=maps.dtype))
-    if return_eigenvalues:
-        return maps, values.to(torch.float32)
-    return maps
+    return maps, values.to(torch.float32)
+
+
+def espirit_maps(kspace, num_low: Optional[int] = None, mask=None,
+                 config: EspiritConfig = EspiritConfig(), return_eigenvalues: bool = False):
+    """ESPIRiT maps of one slice.
+
+    Args:
+        kspace: complex ``(coil, readout, phase)`` numpy array or tensor (undersampled or full).
+        num_low: number of fully sampled centre phase columns; when ``None`` it is measured from
+            ``mask`` (bool ``(phase,)``) with :func:`contiguous_center_lines`, or, without a
+            mask, from the non-zero columns of ``kspace``.
+        config: :class:`EspiritConfig`.
+        return_eigenvalues: also return the top eigenvalue map float32 ``(readout, phase)``.
+
+    Returns:
+        maps complex64 ``(coil, readout, phase)`` (a torch tensor), optionally with the eigenvalues.
+    """
+    maps, values = calibrated_maps(espirit_calibration(kspace, num_low, mask, config), config)
+    return (maps, values) if return_eigenvalues else maps
 
 
 # --------------------------------------------------------------------------- fixed maps for the models

@@ -33,6 +33,7 @@ from ..stream.types import AcqLine
 from .coil_compression import CompressionError, compress
 from .config import ConfigError, ReconConfig
 from .engine import Reconstructor
+from .refine import PositionCalibrations
 from .refine_stage import Refiner
 from .safety import safety_figures, sense_image, zero_filled_rss
 
@@ -78,6 +79,7 @@ class ScanReconstructor:
         self.encoding: EncodingInfo = encoding or parse_encoding(header_xml, source=source)
         self.config, self.engine, self.source = config, engine, source
         self.refiner = refiner if refiner is not None or engine is None else Refiner.for_config(config, engine)
+        self.calibrations = PositionCalibrations()  # the refine's ESPIRiT, once per slice position of this scan
         self.series = _output_series(config)
         self.stats = ScanStats()
         # relative receiver noise bandwidth: the header's, else the config's (gadget/stream/noise.py)
@@ -223,7 +225,8 @@ class ScanReconstructor:
             extra = {"sens_kspace": np.stack([group[i].calibration_kspace for i in members])} if separate else {}
             mask = group[members[0]].mask
             images, finals = self.engine.run(kspace, mask, acs, **extra)
-            images = self.refiner(images, finals, kspace, mask, acs)
+            images = self.refiner(images, finals, kspace, mask, acs, [group[i].position for i in members],
+                                  self.calibrations)
             for j, i in enumerate(members):
                 results[i] = _Result(images[j], "varnet", accels[i], acs, finals[j])
         dt = time.perf_counter() - t0

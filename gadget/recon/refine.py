@@ -50,13 +50,16 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from ..baselines.espirit import EspiritConfig, espirit_maps, per_slice_counts
+from ..baselines.espirit import (Calibration, EspiritConfig, calibrated_maps, espirit_calibration,
+                                 per_slice_counts)
 from ..mri.coils import sens_reduce
 from ..mri.fft import ifft2c
+from ..mri.masks import contiguous_center_lines
 from ..model.checkpoint import REFINE_MODES
 from ..mri.parallel import serial
 from . import sparse
@@ -172,8 +175,37 @@ def espirit_coverage(eigenvalues: torch.Tensor, image: torch.Tensor, crop: float
     return float((covered & obj).sum()) / max(int(obj.sum()), 1)
 
 
+class PositionCalibrations:
+    """ESPIRiT's calibrations (:class:`~gadget.baselines.espirit.Calibration`, the costly part of the maps:
+    the calibration matrix's subspace and the eigenproblems) of one scan, by slice position. The
+    repetitions, cardiac phases and averages of a position are acquired with the same coils in the same
+    place, so their maps come from the first of them to be refined; a new matrix size or ACS count at that
+    position is calibrated anew. At most ``limit`` positions are kept; one scan's :class:`ScanReconstructor`
+    holds one (``gadget.recon.pipeline``). ``computed``: calibrations run, the others were reused."""
+
+    def __init__(self, limit: int = 1024):
+        self.limit, self.computed = limit, 0
+        self._known: dict = {}
+        self._lock = threading.Lock()
+
+    def calibration(self, position, kspace: torch.Tensor, num_low, sampled) -> Calibration:
+        """The calibration of ``kspace`` ``(coil, readout, phase)`` at ``position`` (any hashable), with
+        ``num_low`` centre lines (None: the centre run of ``sampled``, bool ``(phase,)``)."""
+        lines = int(num_low) if num_low is not None else contiguous_center_lines(sampled)
+        key = (position, tuple(kspace.shape), lines)
+        known = self._known.get(key)
+        if known is None:
+            known = espirit_calibration(kspace, lines, mask=sampled, config=REFINE_ESPIRIT)
+            with self._lock:
+                self.computed += 1
+                if len(self._known) < self.limit:
+                    self._known[key] = known
+        return known
+
+
 def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor,
-                config: RefineConfig, num_low=None) -> tuple[torch.Tensor, list[str]]:
+                config: RefineConfig, num_low=None, positions=None,
+                calibrations: PositionCalibrations | None = None) -> tuple[torch.Tensor, list[str]]:
     """Maps ``(b, c, h, w)`` for the solve and, per slice, where they came from (``espirit`` or ``network``).
 
     ESPIRiT (on the measured calibration lines, as BART's pics takes them) where its eigenvalue reaches
@@ -181,7 +213,8 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     :func:`coil_maps` of the network's k-space. Why both: on the held-out brain, phantoms and INIA heads
     at 4× ESPIRiT's maps lift the refined image (docs/results/refinement.md), but on heads with elements
     at the scalp and on few calibration lines they are cropped inside the object, and a solve with them
-    returns a dark interior."""
+    returns a dark interior. With ``calibrations`` and each slice's ``positions``, ESPIRiT's calibration
+    comes from there (computed once per position); the coverage is judged on each slice's own image."""
     b, w = final.shape[0], final.shape[-1]
     if config.maps == "network":
         return coil_maps(final, config.smooth), ["network"] * b
@@ -189,8 +222,11 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     chosen = []
     for i in range(b):
         try:
-            esp, values = espirit_maps(measured[i], counts[i], mask=rows[i], config=REFINE_ESPIRIT,
-                                       return_eigenvalues=True)
+            if calibrations is not None and positions is not None:
+                calibration = calibrations.calibration(positions[i], measured[i], counts[i], rows[i])
+            else:
+                calibration = espirit_calibration(measured[i], counts[i], mask=rows[i], config=REFINE_ESPIRIT)
+            esp, values = calibrated_maps(calibration, REFINE_ESPIRIT)
             esp = esp.to(final.device)
             covers = espirit_coverage(values, image[i].cpu()) >= config.coverage
         except ValueError as exc:  # no usable calibration block (fewer than 2 centre lines)
@@ -204,10 +240,11 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     return torch.stack(chosen), sources
 
 
-def maps_and_prior(image, final, measured, mask, config: RefineConfig, num_low=None):
+def maps_and_prior(image, final, measured, mask, config: RefineConfig, num_low=None, positions=None,
+                   calibrations: PositionCalibrations | None = None):
     """``(maps, sources, prior)``: :func:`choose_maps` and the network's coil images (its final k-space
     ``final``) combined with them, ``x₀ = Σ conj(S) · c`` ``(b, h, w)``: the prior of both solves."""
-    maps, sources = choose_maps(image, final, measured, mask, config, num_low)
+    maps, sources = choose_maps(image, final, measured, mask, config, num_low, positions, calibrations)
     return maps, sources, sens_reduce(final, maps)[:, 0]
 
 
@@ -364,11 +401,13 @@ def row_conjugate_gradient(op: RowSense, rhs: torch.Tensor, x: torch.Tensor, ite
 
 @torch.inference_mode()
 def refine(image: torch.Tensor, final_kspace: torch.Tensor, masked_kspace: torch.Tensor, mask: torch.Tensor,
-           config: RefineConfig = RefineConfig(), num_low=None) -> torch.Tensor:
+           config: RefineConfig = RefineConfig(), num_low=None, positions=None,
+           calibrations: PositionCalibrations | None = None) -> torch.Tensor:
     """The refined image ``(b, h, w)`` (module docstring) from the network's RSS ``image`` ``(b, h, w)``,
     its final multi-coil k-space and the measured (masked) k-space, both ``(b, c, h, w)``. ``num_low``:
     calibration lines for ESPIRiT, one count or one per slice (None: the contiguous sampled centre run
-    of each slice's mask).
+    of each slice's mask). ``positions`` (one per slice) and ``calibrations``: ESPIRiT's calibration once
+    per slice position of a scan (:class:`PositionCalibrations`; None: each slice its own).
 
     The solve runs per readout row on the rows of :func:`solve_rows` (elsewhere ``x̂ = x₀``), each row by
     CG from the network's own image ``x₀`` (``config.iterations`` steps)."""
@@ -377,16 +416,17 @@ def refine(image: torch.Tensor, final_kspace: torch.Tensor, masked_kspace: torch
     final = final_kspace.to(torch.complex64)
     measured = masked_kspace.to(final.device, torch.complex64)
     if config.mode == "cs":
-        return _refine_sparse(image, final, measured, mask, config, num_low)
+        return _refine_sparse(image, final, measured, mask, config, num_low, positions, calibrations)
     with serial(final.numel(), below=SERIAL_REFINE_BELOW):
-        return _refine(image, final, measured, mask, config, num_low)
+        return _refine(image, final, measured, mask, config, num_low, positions, calibrations)
 
 
-def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low) -> torch.Tensor:
+def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low, positions=None,
+                   calibrations=None) -> torch.Tensor:
     """The ``cs`` mode: :func:`gadget.recon.sparse.solve` per slice with the config's weights; ``|x̂|``
     where the maps cover the slice, the network's image where they vanish (no data reaches it there)."""
     b, _, _, w = final.shape
-    maps, _, prior = maps_and_prior(image, final, measured, mask, config, num_low)
+    maps, _, prior = maps_and_prior(image, final, measured, mask, config, num_low, positions, calibrations)
     columns = _mask_rows(mask, b, w).to(final.device)
     out = image.float().clone()
     covered = map_support(maps)
@@ -397,9 +437,10 @@ def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low) 
     return out
 
 
-def _refine(image, final, measured, mask, config: RefineConfig, num_low) -> torch.Tensor:
+def _refine(image, final, measured, mask, config: RefineConfig, num_low, positions=None,
+            calibrations=None) -> torch.Tensor:
     b, c, h, w = final.shape
-    maps, sources, prior = maps_and_prior(image, final, measured, mask, config, num_low)
+    maps, sources, prior = maps_and_prior(image, final, measured, mask, config, num_low, positions, calibrations)
     columns = mask.to(final.device, torch.bool).reshape(-1, 1, 1, w)
     floor = lambda_floor(config, sources).to(prior.real)
     lam = choose_lambda(config, noise_sigma(measured, mask), prior, floor).view(-1, 1, 1).to(prior.real.dtype)

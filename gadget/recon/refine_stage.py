@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .refine import RefineConfig, refine
+from .refine import PositionCalibrations, RefineConfig, refine
 
 
 def applied_refine(setting: str, checkpoint_refine: Optional[str]) -> str:
@@ -63,14 +63,17 @@ class Refiner:
         return cls(RefineConfig(mode=mode, lam=config.refine_lambda), getattr(engine, "device", "cpu"))
 
     @torch.inference_mode()
-    def __call__(self, image, final, kspace, mask, acs=None) -> np.ndarray:
+    def __call__(self, image, final, kspace, mask, acs=None, positions=None,
+                 calibrations: Optional[PositionCalibrations] = None) -> np.ndarray:
+        """``positions`` (one per slice) and a scan's ``calibrations``: ESPIRiT calibrated once per slice
+        position (:class:`gadget.recon.refine.PositionCalibrations`); without them, per slice."""
         if self.config.mode == "none":
             return _numpy(image)
         k = torch.as_tensor(kspace)
         k = (k.unsqueeze(0) if k.ndim == 3 else k).to(self.device, torch.complex64)
         m = torch.as_tensor(np.asarray(mask, dtype=bool) if not isinstance(mask, torch.Tensor) else mask)
         out = refine(torch.as_tensor(image).to(self.device), torch.as_tensor(final).to(self.device), k,
-                     m.to(self.device), self.config, acs)
+                     m.to(self.device), self.config, acs, positions, calibrations)
         return out.float().cpu().numpy()
 
 

@@ -136,6 +136,14 @@ class SliceData:
     calibration_kspace: Optional[np.ndarray] = None  # complex64 (coil, readout, phase): separate reference lines
     partition: Optional[int] = None                  # 3-D: partition index in the recon matrix
 
+    @property
+    def position(self) -> tuple:
+        """Where the slice lies: its slice, contrast and set indices and the 3-D partition, not its repetition
+        or cardiac phase, which acquire the same position again (coil maps are calibrated once per position:
+        gadget.recon.refine.PositionCalibrations)."""
+        slice_, contrast, _phase, _repetition, set_ = self.key
+        return slice_, contrast, set_, self.partition
+
     def key_dict(self) -> dict[str, int]:
         out = dict(zip(KEY_FIELDS, self.key))
         if self.partition is not None:
