@@ -325,6 +325,23 @@ def test_interpolated_maps_equal_the_complex_products():
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,kernel", [((3, 14, 9), 4), ((2, 8, 13), 3), ((2, 7, 7), 6)],
+                         ids=["phase-shorter", "readout-shorter", "square"])
+def test_calibration_gram_is_the_calibration_matrix_product(shape, kernel):
+    """The Gram matrix from per-line products and windowed sums equals AᴴA of the patch matrix (numpy, double)."""
+    from gadget.baselines.espirit import calibration_gram, calibration_matrix
+
+    rng = np.random.default_rng(11)
+    calib = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+    a = calibration_matrix(calib, kernel)
+    want = a.conj().T @ a
+    got = calibration_gram(torch.from_numpy(calib), kernel)
+    assert got.shape == want.shape and got.dtype == torch.complex128
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12 * np.abs(want).max())
+    single = calibration_gram(torch.from_numpy(calib.astype(np.complex64)), kernel)
+    np.testing.assert_allclose(single.numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("spectrum", ["steep", "flat"])
 def test_leading_eigenvectors_match_numpy_above_the_ratio(spectrum):
     """The randomized subspace iteration against numpy's full eigh on a Hermitian PSD matrix of 300: a

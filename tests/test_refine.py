@@ -393,6 +393,39 @@ def test_rows_without_maps_keep_the_prior():
     assert solve_rows(maps).tolist() == [2, 3, 4, 5, 6, 7]
 
 
+def test_map_support_counts_a_pixel_that_one_coil_reaches_in_its_imaginary_part_alone():
+    from gadget.recon.refine import map_support
+
+    maps = torch.zeros(2, 3, 4, 5, dtype=torch.complex64)
+    maps[0, 2, 1, 3] = 1e-30j  # tiny, imaginary, one coil
+    maps[1, 0, 3, 0] = -2.0
+    want = torch.zeros(2, 4, 5, dtype=torch.bool)
+    want[0, 1, 3] = want[1, 3, 0] = True
+    assert torch.equal(map_support(maps), want)
+
+
+@pytest.mark.parametrize("h,w,per_slice", [(12, 10, False), (11, 9, False), (12, 9, True)],
+                         ids=["even", "odd", "odd-phase-per-slice-columns"])
+def test_rolled_row_images_are_the_2d_inverse_transform_on_those_rows(h, w, per_slice):
+    """The solve's coil images from 1-D transforms on the columns read and the rows asked for equal the
+    2-D centred inverse transform of the column-masked k-space, rolled, on those rows (numpy's FFT)."""
+    from gadget.recon.refine import rolled_row_images
+
+    rng = np.random.default_rng(7)
+    k = rng.standard_normal((2, 3, h, w)) + 1j * rng.standard_normal((2, 3, h, w))
+    columns = rng.random((2 if per_slice else 1, 1, 1, w)) < 0.5
+    columns[..., w // 2] = True
+    rows = np.array([0, 3, 4, h - 1])
+    image = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k * columns, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    want = np.fft.ifftshift(image[:, :, rows], axes=-1)
+    kspace = torch.from_numpy(k.astype(np.complex64))
+    got = rolled_row_images(kspace, torch.from_numpy(rows), torch.from_numpy(columns))
+    np.testing.assert_allclose(got.numpy(), want, atol=2e-6)
+    whole = np.fft.ifftshift(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"),
+                                             axes=(-2, -1))[:, :, rows], axes=-1)
+    np.testing.assert_allclose(rolled_row_images(kspace, torch.from_numpy(rows)).numpy(), whole, atol=2e-6)
+
+
 def test_a_slice_position_is_calibrated_once_and_its_repetitions_take_that_calibration():
     """:class:`PositionCalibrations`: a second slice at the same position gets the maps of the first one's
     calibration, not its own; another position, or another ACS count, is calibrated anew."""
