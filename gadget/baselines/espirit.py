@@ -147,7 +147,7 @@ def calibration_gram(calib: torch.Tensor, kernel: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def single_thread():
-    """Run a small dense LAPACK call on one torch thread (restored afterwards): for a few-hundred
+    """Run a small dense eigen-decomposition on one torch thread (restored afterwards): for a few-hundred
     square matrix threads gain nothing, and on a busy 2-core machine they cost up to 50×."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -166,9 +166,10 @@ def signal_kernels(calib: np.ndarray, kernel: int, threshold: float, single: boo
     or complex64 with ``single``), several times faster than an SVD of the tall ``A``.
     """
     a = torch.from_numpy(calib.astype(np.complex64 if single else np.complex128))
-    with all_threads():  # batched products: every thread helps, also inside a serial block
+    # the Gram matrix's products and the subspace iteration's: every thread helps, also inside a serial block
+    # (the small eigen-decompositions in leading_eigenvectors stay on one)
+    with all_threads():
         gram = calibration_gram(a, kernel)
-    with single_thread():
         s2, v = leading_eigenvectors(gram, threshold ** 2)
     if s2[0] <= 0:
         raise ValueError("calibration region is all zeros")
@@ -189,7 +190,8 @@ def leading_eigenvectors(gram: torch.Tensor, ratio: float) -> Tuple[torch.Tensor
     time), then the eigen-decomposition of ``gram`` projected onto that subspace. A calibration's spectrum
     falls steeply (20–65 kept of 144–1,152 on the project's scanner data), so a few dozen columns hold
     it at a fraction of a full decomposition's cost; when more than three quarters of the subspace pass
-    ``ratio`` it is doubled, and past half of ``n`` the full decomposition runs instead."""
+    ``ratio`` it is doubled, and past half of ``n`` the full decomposition runs instead. The products and
+    orthonormalisations use the caller's threads, the eigen-decompositions one (:func:`single_thread`)."""
     n = gram.shape[0]
     width = SUBSPACE_WIDTH
     generator = torch.Generator().manual_seed(0)
@@ -198,12 +200,14 @@ def leading_eigenvectors(gram: torch.Tensor, ratio: float) -> Tuple[torch.Tensor
         for _ in range(SUBSPACE_STEPS):
             basis = torch.linalg.qr(gram @ basis).Q
         projected = basis.conj().T @ gram @ basis
-        values, vectors = torch.linalg.eigh(0.5 * (projected + projected.conj().T))
+        with single_thread():
+            values, vectors = torch.linalg.eigh(0.5 * (projected + projected.conj().T))
         values, vectors = values.flip(0).clamp_min(0), basis @ vectors.flip(1)
         if int(torch.sum(values > ratio * values[0])) <= 3 * width // 4:
             return values, vectors
         width *= 2
-    values, vectors = torch.linalg.eigh(gram)  # ascending
+    with single_thread():
+        values, vectors = torch.linalg.eigh(gram)  # ascending
     return values.flip(0).clamp_min(0), vectors.flip(1)
 
 
