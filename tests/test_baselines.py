@@ -325,6 +325,23 @@ def test_interpolated_maps_equal_the_complex_products():
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
 
 
+def test_averaged_projector_kernel_sums_each_tap_over_its_offset_pairs():
+    """g[c, c', δ] = (1/k²) Σ_n Σ_{d - d' = δ} v_n[c, d] conj(v_n[c', d']), written out as loops."""
+    from gadget.baselines.espirit import averaged_projector_kernel
+
+    rng = np.random.default_rng(12)
+    n, coils, k = 3, 2, 3
+    v = rng.standard_normal((n, coils, k, k)) + 1j * rng.standard_normal((n, coils, k, k))
+    want = np.zeros((coils, coils, 2 * k - 1, 2 * k - 1), complex)
+    for d0 in range(k):
+        for d1 in range(k):
+            for e0 in range(k):
+                for e1 in range(k):
+                    want[:, :, d0 - e0 + k - 1, d1 - e1 + k - 1] += np.einsum(
+                        "nc,nd->cd", v[:, :, d0, d1], v[:, :, e0, e1].conj())
+    np.testing.assert_allclose(averaged_projector_kernel(v), want / k ** 2, rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize("shape,kernel", [((3, 14, 9), 4), ((2, 8, 13), 3), ((2, 7, 7), 6)],
                          ids=["phase-shorter", "readout-shorter", "square"])
 def test_calibration_gram_is_the_calibration_matrix_product(shape, kernel):

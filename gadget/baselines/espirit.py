@@ -219,14 +219,14 @@ def averaged_projector_kernel(kernels: np.ndarray) -> np.ndarray:
     """
     n, coils, k, _ = kernels.shape
     flat = kernels.reshape(n, coils * k * k)
-    proj = (flat.T @ flat.conj()).reshape(coils, k, k, coils, k, k)  # P[c, d, c', d']
-    g = np.zeros((coils, coils, 2 * k - 1, 2 * k - 1), np.complex128)
-    for d0 in range(k):
-        for d1 in range(k):
-            # δ = d - d' for every d' → index δ + k - 1 = d + k - 1 - d'
-            block = proj[:, d0, d1]  # (c, c', k', k')
-            g[:, :, d0:d0 + k, d1:d1 + k] += block[:, :, ::-1, ::-1]
-    return g / (k * k)
+    proj = torch.from_numpy(flat.T @ flat.conj()).view(coils, k, k, coils, k, k)  # P[c, d, c', d']
+    # tap index of δ = d - d' (per axis d - d' + k - 1) for every pair (d, d'), in P's (d0, d1, d0', d1') order
+    d = torch.arange(k)
+    tap = (d.view(-1, 1) - d.view(1, -1) + k - 1)                                # (d, d') along one axis
+    taps = (tap.view(k, 1, k, 1) * (2 * k - 1) + tap.view(1, k, 1, k)).reshape(-1)
+    pairs = proj.permute(0, 3, 1, 2, 4, 5).reshape(coils * coils, k ** 4)
+    g = torch.zeros(coils * coils, (2 * k - 1) ** 2, dtype=pairs.dtype).index_add_(1, taps, pairs)
+    return g.view(coils, coils, 2 * k - 1, 2 * k - 1).numpy() / (k * k)
 
 
 def image_operator(g: np.ndarray, shape: Tuple[int, int]) -> torch.Tensor:

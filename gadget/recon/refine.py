@@ -256,8 +256,8 @@ def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     cols = _mask_rows(mask, b, w)
     out = []
     for i in range(b):
-        k = masked_kspace[i][..., cols[i]]
-        outer = torch.cat([k[:, :band], k[:, -band:]], dim=1).abs().flatten()
+        k = masked_kspace[i]
+        outer = torch.cat([k[:, :band], k[:, -band:]], dim=1)[..., cols[i]].abs().flatten()
         out.append(outer.median() / math.sqrt(math.log(2)))
     return torch.stack(out)
 
