@@ -38,7 +38,8 @@ lengths and stopping point (:func:`row_conjugate_gradient`: a row leaves once it
 :data:`ROW_TOLERANCE` of its first, at the latest after ``iterations`` steps), started from the
 network's image ``x₀``; each step is two 1-D transforms per coil, no centring shifts (the rolled frame,
 :class:`RowSense`). Rows where the maps are zero (ESPIRiT's outside the calibrated object, e.g. across
-the readout oversampling) keep ``x₀``, which is their solution (:func:`solve_rows`). The result is the
+the readout oversampling) have ``x₀ = 0``, which is their solution (:func:`solve_rows`), so ``x₀`` and
+``Aᴴy`` are formed on the solve's rows alone (:func:`rolled_row_images`). The result is the
 2-D CG's solution (tests/test_refine.py); the cost against the former 2-D CG from zero and the
 unchanged figures are in docs/results/performance.md, "The refinement". Slices of fewer than
 :data:`SERIAL_REFINE_BELOW` coil-stack values are refined on one intra-op thread, larger ones on all.
