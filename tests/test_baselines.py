@@ -325,6 +325,33 @@ def test_interpolated_maps_equal_the_complex_products():
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
 
 
+def test_hermitian_eigh_retries_in_double_precision_where_single_precision_lapack_fails(monkeypatch):
+    """MKL's single-precision eigen-decomposition on one thread failed on a rank-11 108-square calibration Gram
+    matrix (tests/test_3d_reference.py); the retry in double precision answers, in the input's precision."""
+    from gadget.baselines import espirit
+
+    rng = np.random.default_rng(13)
+    a = rng.standard_normal((11, 20)) + 1j * rng.standard_normal((11, 20))
+    gram = torch.from_numpy((a.conj().T @ a).astype(np.complex64))
+    real_eigh = torch.linalg.eigh
+    tried = []
+
+    def failing_single(m):
+        tried.append(m.dtype)
+        if m.dtype == torch.complex64:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_single)
+    values, vectors = espirit.hermitian_eigh(gram)
+    assert tried == [torch.complex64, torch.complex128]
+    assert values.dtype == torch.float32 and vectors.dtype == torch.complex64
+    want = np.linalg.eigvalsh(a.conj().T @ a)
+    np.testing.assert_allclose(values.numpy(), want, atol=1e-4 * want.max())
+    np.testing.assert_allclose((vectors @ torch.diag(values.to(torch.complex64)) @ vectors.mH).numpy(),
+                               gram.numpy(), atol=1e-4 * want.max())
+
+
 def test_averaged_projector_kernel_sums_each_tap_over_its_offset_pairs():
     """g[c, c', δ] = (1/k²) Σ_n Σ_{d - d' = δ} v_n[c, d] conj(v_n[c', d']), written out as loops."""
     from gadget.baselines.espirit import averaged_projector_kernel

@@ -157,6 +157,22 @@ def single_thread():
         torch.set_num_threads(saved)
 
 
+def hermitian_eigh(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`torch.linalg.eigh` (ascending) of Hermitian ``(..., n, n)`` on one thread (:func:`single_thread`).
+    Single-precision LAPACK can fail to converge on a matrix of many (numerically) repeated zero eigenvalues,
+    as a calibration of few patches gives (MKL's ``cheevd`` on one thread, a 108-square Gram matrix of rank
+    11); then the decomposition is done in double precision and returned in the input's precision."""
+    with single_thread():
+        try:
+            return torch.linalg.eigh(matrices)
+        except torch.linalg.LinAlgError:
+            if matrices.dtype not in (torch.complex64, torch.float32):
+                raise
+            wide = torch.complex128 if matrices.is_complex() else torch.float64
+            values, vectors = torch.linalg.eigh(matrices.to(wide))
+            return values.to(matrices.real.dtype), vectors.to(matrices.dtype)
+
+
 def signal_kernels(calib: np.ndarray, kernel: int, threshold: float, single: bool = False) -> np.ndarray:
     """Basis of the patch signal subspace, ``(n, coil, k, k)`` complex128, orthonormal rows.
 
@@ -191,7 +207,7 @@ def leading_eigenvectors(gram: torch.Tensor, ratio: float) -> Tuple[torch.Tensor
     falls steeply (20–65 kept of 144–1,152 on the project's scanner data), so a few dozen columns hold
     it at a fraction of a full decomposition's cost; when more than three quarters of the subspace pass
     ``ratio`` it is doubled, and past half of ``n`` the full decomposition runs instead. The products and
-    orthonormalisations use the caller's threads, the eigen-decompositions one (:func:`single_thread`)."""
+    orthonormalisations use the caller's threads, the eigen-decompositions one (:func:`hermitian_eigh`)."""
     n = gram.shape[0]
     width = SUBSPACE_WIDTH
     generator = torch.Generator().manual_seed(0)
@@ -200,14 +216,12 @@ def leading_eigenvectors(gram: torch.Tensor, ratio: float) -> Tuple[torch.Tensor
         for _ in range(SUBSPACE_STEPS):
             basis = torch.linalg.qr(gram @ basis).Q
         projected = basis.conj().T @ gram @ basis
-        with single_thread():
-            values, vectors = torch.linalg.eigh(0.5 * (projected + projected.conj().T))
+        values, vectors = hermitian_eigh(0.5 * (projected + projected.conj().T))
         values, vectors = values.flip(0).clamp_min(0), basis @ vectors.flip(1)
         if int(torch.sum(values > ratio * values[0])) <= 3 * width // 4:
             return values, vectors
         width *= 2
-    with single_thread():
-        values, vectors = torch.linalg.eigh(gram)  # ascending
+    values, vectors = hermitian_eigh(gram)  # ascending
     return values.flip(0).clamp_min(0), vectors.flip(1)
 
 
@@ -329,7 +343,7 @@ def _top_eigenvectors(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     unsure = ((residual > EIGEN_RESIDUAL) | (purity < 1 - EIGEN_MIXTURE)).nonzero().squeeze(1)
     if unsure.numel():
         m = g[unsure]
-        w, vectors = torch.linalg.eigh(0.5 * (m + m.mH))  # exact Hermitian symmetry for eigh
+        w, vectors = hermitian_eigh(0.5 * (m + m.mH))  # exact Hermitian symmetry for eigh
         values[unsure], v[unsure] = w[:, -1], vectors[:, :, -1]
     return values, v
 
