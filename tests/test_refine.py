@@ -393,6 +393,16 @@ def test_rows_without_maps_keep_the_prior():
     assert solve_rows(maps).tolist() == [2, 3, 4, 5, 6, 7]
 
 
+def test_a_blank_slice_refines_to_zeros():
+    """All-zero k-space: no maps anywhere, so no row to solve; the stage sends zeros and does not fail."""
+    mask = torch.zeros(24, dtype=torch.bool)
+    mask[::2] = True
+    mask[10:16] = True
+    blank = torch.zeros(1, 4, 32, 24, dtype=torch.complex64)
+    out = refine(torch.zeros(1, 32, 24), blank, blank, mask)
+    assert out.shape == (1, 32, 24) and not out.any()
+
+
 def test_map_support_counts_a_pixel_that_one_coil_reaches_in_its_imaginary_part_alone():
     from gadget.recon.refine import map_support
 

@@ -446,17 +446,18 @@ def _refine(image, final, measured, mask, config: RefineConfig, num_low, positio
     maps, sources = choose_maps(image, final, measured, mask, config, num_low, positions, calibrations)
     columns = mask.to(final.device, torch.bool).reshape(-1, 1, 1, w)
     rows = solve_rows(maps)
-    # everything below on those rows only, in RowSense's rolled frame: elsewhere the maps are 0, so are the
+    # x₀ and the solve on those rows only, in RowSense's rolled frame: elsewhere the maps are 0, so are the
     # prior x₀ = Σ conj(S)·c and the solution
-    row_maps = roll_rows(maps[:, :, rows])                                           # (b, c, n, w)
-    prior_rows = rolled_row_images(final, rows).mul_(row_maps.conj()).sum(1)        # (b, n, w)
-    floor = lambda_floor(config, sources).to(prior_rows.real)
-    lam = choose_lambda(config, noise_sigma(measured, mask), prior_rows, floor).view(-1, 1, 1)
-    x = torch.zeros(b, h, w, dtype=prior_rows.dtype, device=prior_rows.device)
-    prior = torch.zeros_like(x)
+    prior = torch.zeros(b, h, w, dtype=final.dtype, device=final.device)
+    x = prior.clone()
     if rows.numel():
+        row_maps = roll_rows(maps[:, :, rows])                                       # (b, c, n, w)
+        prior_rows = rolled_row_images(final, rows).mul_(row_maps.conj()).sum(1)    # (b, n, w)
         prior[:, rows] = roll_rows(prior_rows, inverse=True)
-        x[:, rows] = roll_rows(_solve(row_maps, prior_rows, measured, columns, lam.to(prior_rows.real.dtype), rows,
+    floor = lambda_floor(config, sources).to(prior.real)
+    lam = choose_lambda(config, noise_sigma(measured, mask), prior, floor).view(-1, 1, 1)
+    if rows.numel():
+        x[:, rows] = roll_rows(_solve(row_maps, prior_rows, measured, columns, lam.to(prior.real.dtype), rows,
                                       config.iterations), inverse=True)
     kept = (image.float() + x.abs() - prior.abs()).clamp(min=0)
     weight = solved_weight(floor.view(-1, 1, 1), lam)
