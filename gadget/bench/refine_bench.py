@@ -26,6 +26,11 @@ from .model_bench import BenchCase, make_input
 from .table import markdown_table
 
 
+#: The shapes ``varnet bench refine`` and ``varnet bench all`` time by default, ``(coils, readout, phase)``: the
+#: model benchmark's sizes and the demo's scan (12×346×119: 2× readout oversampling, awkward FFT lengths).
+DEFAULT_SHAPES = ((10, 256, 256), (10, 512, 256), (16, 640, 320), (12, 346, 119))
+
+
 @dataclass
 class RefineTimes:
     shape: tuple[int, int, int]
@@ -159,4 +164,4 @@ def summary(results: list[RefineTimes]) -> dict:
             "max_rel_diff": max((r.max_rel_diff for r in results if r.max_rel_diff is not None), default=None)}
 
 
-__all__ = ["RefineTimes", "run", "format_table", "summary"]
+__all__ = ["DEFAULT_SHAPES", "RefineTimes", "run", "format_table", "summary"]

@@ -12,12 +12,12 @@ from .model_bench import format_table as model_table
 from .model_bench import run as run_model_bench
 from .pipeline_bench import format_table as pipeline_table
 from .pipeline_bench import run_pipeline_bench
+from .refine_bench import DEFAULT_SHAPES as REFINE_SHAPES
 from .refine_bench import format_table as refine_table
 from .refine_bench import run as run_refine_bench
 from .refine_bench import summary as refine_summary
 
 INGEST_SIZES = ((2000, 32, 512), (8000, 16, 256))  # (acquisitions, coils, samples): 131 KB and 32 KB lines
-REFINE_SHAPES = ((10, 256, 256), (10, 512, 256), (16, 640, 320))  # (coils, readout, phase), shipped weights
 REFINE_TARGET = 0.3  # the refinement's time per slice against the network's (shipped weights)
 
 

@@ -89,7 +89,7 @@ def add_parser(sub) -> None:
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=example_epilog("varnet bench refine", "varnet bench refine --device cuda --repeats 10"))
     r.add_argument("--shape", nargs=3, type=int, action="append", metavar=("COILS", "READOUT", "PHASE"),
-                   help="k-space shape (repeatable; default 10 512 256 and 16 640 320)")
+                   help="k-space shape (repeatable; default 10 256 256, 10 512 256, 16 640 320 and the demo's 12 346 119)")
     r.add_argument("--repeats", type=int, default=5)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -200,13 +200,13 @@ def run_train(args) -> int:
 
 
 def run_refine(args) -> int:
-    from ..bench.refine_bench import format_table, run
+    from ..bench.refine_bench import DEFAULT_SHAPES, format_table, run
     from . import UserError
 
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
     device = _check_device(args.device, ())
-    shapes = [tuple(s) for s in args.shape] if args.shape else [(10, 512, 256), (16, 640, 320)]
+    shapes = [tuple(s) for s in args.shape] if args.shape else list(DEFAULT_SHAPES)
     print(format_table(run(shapes, args.repeats, device, args.threads, args.checkpoint), device))
     return 0
 
