@@ -11,9 +11,9 @@ divisible by ``2**num_pools`` for an exact round trip (NormUnet pads to 16).
 Inference on the CPU in float32 (:func:`fast_path`: eval mode, autograd off, not traced or exported)
 runs the same function in channels-last memory (NHWC), :meth:`Unet.forward_fast`: oneDNN's
 convolutions read and write that layout directly instead of reordering every activation to and from
-their blocked layout, with weights packed for oneDNN once (:func:`conv_fast`); the instance norm is
-two cascaded sums and three in-place passes (:func:`instance_norm_leaky_relu_`); a decoder level's
-convolution of
+their blocked layout, with weights packed for oneDNN once (:func:`conv_fast`); the instance norm and
+LeakyReLU are one C kernel (:mod:`gadget.model.fused_norm`; PyTorch passes where it cannot be built,
+:func:`instance_norm_leaky_relu_`); a decoder level's convolution of
 ``cat([up, skip])`` is the sum of two convolutions, the second accumulating into the first's output
 (oneDNN's sum post-op), so the concatenated tensor is never written; the final 1×1 convolution is a
 matrix product. Same parameters, the same function up to float32 rounding (tests/test_varnet.py holds
@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..mri.parallel import serial
+from . import fused_norm
 
 
 def tracing() -> bool:
@@ -82,7 +83,10 @@ def instance_norm_leaky_relu_(x: torch.Tensor, eps: float, slope: float) -> torc
     in place on a fresh ``(b, c, h, w)`` tensor, any memory format (kept): the channel means subtracted,
     the variance taken from the centred values (two passes, so no cancellation; PyTorch's cascaded sums,
     :func:`channel_sums`), one scale, one LeakyReLU. On channels-last memory about a third of the work of
-    ``torch.var_mean`` (Welford over a strided layout)."""
+    ``torch.var_mean`` (Welford over a strided layout). Float32 channels-last CPU activations go to the C
+    kernel of :mod:`gadget.model.fused_norm` instead (the same function in three passes over memory)."""
+    if fused_norm.instance_norm_leaky_relu_(x, eps, slope):
+        return x
     pixels = x.shape[2] * x.shape[3]
     with serial(x.numel()):
         x.sub_(channel_sums(x).div_(pixels))
