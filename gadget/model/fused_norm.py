@@ -44,9 +44,11 @@ _unavailable = None     # why it is not (a sentence), once known
 
 
 def _compiler() -> str | None:
+    """The first of ``$CC``, ``cc``, ``gcc``, ``clang`` on the PATH (a full path), or None."""
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
@@ -74,8 +76,9 @@ def _cache_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="varnet-kernels-"))
 
 
-def _build() -> ctypes.CDLL:
-    """The compiled library, from the cache or built now; raises RuntimeError saying why it cannot be."""
+def _build():
+    """The kernel function of the compiled library, from the cache or built now; raises RuntimeError saying
+    why it cannot be."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found ($CC, cc, gcc or clang)")
