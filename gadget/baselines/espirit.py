@@ -108,16 +108,10 @@ def calibration_region(kspace: np.ndarray, num_low: int, calib_readout: Optional
     return np.asarray(kspace[:, top:top + width, left:left + num_low])
 
 
-def calibration_matrix(calib: np.ndarray, kernel: int) -> np.ndarray:
-    """Rows = all ``kernel × kernel`` patches of ``calib`` ``(coil, r, p)``, flattened ``(coil, kr, kp)``."""
-    windows = np.lib.stride_tricks.sliding_window_view(calib, (kernel, kernel), axis=(1, 2))
-    # (coil, nr, np, k, k) -> (nr, np, coil, k, k)
-    return windows.transpose(1, 2, 0, 3, 4).reshape(-1, calib.shape[0] * kernel * kernel)
-
-
 def calibration_gram(calib: torch.Tensor, kernel: int) -> torch.Tensor:
-    """``AᴴA`` ``(C·k², C·k²)`` for ``A`` = :func:`calibration_matrix` of ``calib`` ``(coil, r, p)`` (complex),
-    without forming ``A``: about a third of the arithmetic of the product, and shorter sums.
+    """``AᴴA`` ``(C·k², C·k²)`` of the calibration matrix ``A`` of ``calib`` ``(coil, r, p)`` (complex): one row
+    per ``k × k`` patch position, its columns the patch flattened ``(coil, kr, kp)``. Computed without forming
+    ``A``: about a third of the arithmetic of the product, and shorter sums.
 
     Name the shorter of the two axes ``s``, the other ``l``, and let ``B_j`` be the ``(l - k + 1, C·k)``
     matrix of the patch rows along ``l`` at line ``j`` of ``s``: ``B_j[q, (c, e)] = x_c(j, q + e)``. The Gram

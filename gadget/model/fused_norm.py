@@ -94,12 +94,11 @@ def _build():
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[:500]}")
         os.replace(partial, library)  # atomic: a process building the same key at once finds one or the other
-    lib = ctypes.CDLL(str(library))
-    kernel = lib.instance_norm_leaky_relu
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_double,
-                       ctypes.c_double]
-    kernel.restype = ctypes.c_int
-    return kernel
+    function = ctypes.CDLL(str(library)).instance_norm_leaky_relu
+    function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_double,
+                         ctypes.c_double]
+    function.restype = ctypes.c_int
+    return function
 
 
 def kernel():

@@ -479,7 +479,7 @@ def rolled_row_images(kspace: torch.Tensor, rows: torch.Tensor, columns: torch.T
     readout_last = torch.fft.ifftshift(kspace, dim=-2).transpose(-2, -1).contiguous()
     hybrid = torch.fft.ifft(readout_last, dim=-1, norm="ortho")[..., (rows - h // 2) % h].transpose(-2, -1)
     if columns is None:
-        hybrid = torch.fft.ifftshift(hybrid, dim=-1)
+        hybrid = roll_rows(hybrid)
     else:  # zero-filled, each column placed where ifftshift puts it
         full = hybrid.new_zeros(b, c, rows.numel(), w)
         full[..., (read - w // 2) % w] = hybrid
