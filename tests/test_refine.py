@@ -155,9 +155,17 @@ def test_the_engine_returns_the_network_and_the_refine_stage_finishes_it():
     np.testing.assert_array_equal(Refiner(RefineConfig(mode="none"))(network, network_final, k, m, 8), network)
     np.testing.assert_allclose(RefinedEngine(engine, Refiner())(k, m, 8), want, rtol=0, atol=1e-5 * want.max())
     np.testing.assert_array_equal(RefinedEngine(engine, Refiner(RefineConfig(mode="none")))(k, m, 8), network)
+    # the final coil images handed over (as the pipeline asks): ifft2c of the final k-space, the same refine
+    _, _, coils = engine.run(k, m, 8, coil_images=True)
+    np.testing.assert_allclose(coils.numpy(), ifft2c(final).numpy(), rtol=0, atol=1e-6 * coils.abs().max().item())
+    np.testing.assert_allclose(Refiner()(network, network_final, k, m, 8, coil_images=coils), want, rtol=0,
+                               atol=1e-5 * want.max())
     batching = BatchingEngine(engine, max_batch=2)
     try:
         np.testing.assert_allclose(batching.run(k, m, 8)[0], image.numpy(), rtol=0, atol=1e-6 * image.numpy().max())
+        assert len(batching.run(k, m, 8)) == 2
+        images, _, batched_coils = batching.run(k, m, 8, coil_images=True)
+        np.testing.assert_allclose(batched_coils.numpy(), coils.numpy(), rtol=0, atol=1e-6 * coils.abs().max().item())
     finally:
         batching.close()
     no_kspace = type("Engine", (), {"model": torch.nn.Identity(), "device": torch.device("cpu")})()
@@ -498,3 +506,16 @@ def test_the_pipeline_calibrates_espirit_once_per_slice_position(tmp_path, monke
         assert (a.slice, a.repetition) == (b.slice, b.repetition)
         want = image_magnitude(b)
         np.testing.assert_allclose(image_magnitude(a), want, rtol=0, atol=2e-3 * want.max())
+
+
+@pytest.mark.parametrize("mode", ["pi", "cs"])
+def test_the_prior_from_handed_over_coil_images_is_the_transformed_one(mode):
+    """``refine(..., coil_images=ifft2c(final))`` (the engine's final coil images) gives what refine gives when it
+    transforms the final k-space itself, in both solves; a wrong handover shows (poisoned coil images)."""
+    measured, mask, final, image, _ = _refine_case(snr_db=40)
+    config = RefineConfig(mode=mode, cs_lambda=0.01, cs_mu=0.002, cs_iterations=20)
+    want = refine(image, final, measured, mask, config)
+    got = refine(image, final, measured, mask, config, coil_images=ifft2c(final))
+    assert _rel(got, want) < 1e-5
+    poisoned = refine(image, final, measured, mask, config, coil_images=2 * ifft2c(final))
+    assert _rel(poisoned, want) > 1e-3

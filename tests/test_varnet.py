@@ -287,3 +287,22 @@ def test_packed_weights_follow_weight_changes(small_volume):
         second, cloned = ours(k, mask, 8), clone(k, mask, 8)
         want = _run_ref(other, k, mask, 8)
     assert _rel(second, want) < 1e-5 and _rel(cloned, want) < 1e-5 and _rel(first, second) > 1e-3
+
+
+@pytest.mark.parametrize("path", ["unshifted", "odd-width", "autograd"])
+@pytest.mark.parametrize("output", ["rss", "sense"])
+def test_final_coil_images_are_the_transform_of_the_final_kspace(small_volume, path, output):
+    """``forward_with_kspace(coil_images=True)``: the same image and k-space as without, and coil images equal
+    to ``ifft2c`` of that k-space (numpy's centred transform, float32 rounding), on the inference path's
+    unshifted frame, on the centred loop an odd width takes, and with autograd on."""
+    k, mask = _phantom_input(small_volume)
+    if path == "odd-width":
+        k, mask = k[..., :47], mask[:47]
+    model = VarNet(**SMALL, output=output).eval()
+    with (torch.enable_grad() if path == "autograd" else torch.inference_mode()):
+        image, final = model.forward_with_kspace(k, mask, 8)
+        again, same, coils = model.forward_with_kspace(k, mask, 8, coil_images=True)
+    assert torch.equal(again, image) and torch.equal(same, final)
+    f = final.detach().numpy()
+    want = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(f, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    np.testing.assert_allclose(coils.detach().numpy(), want, rtol=0, atol=1e-6 * np.abs(want).max())

@@ -338,10 +338,13 @@ class VarNet(nn.Module):
     def forward_with_kspace(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
                             num_low_frequencies: AcsCount = None,
                             sens_kspace: Optional[torch.Tensor] = None,
-                            sens_maps: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            sens_maps: Optional[torch.Tensor] = None, coil_images: bool = False) -> tuple:
         """:meth:`forward` that also returns the final multi-coil k-space ``(batch, coil, readout,
         phase)`` (the last cascade's output, from which the image is formed): ``(image, kspace)``.
         The safety check (``gadget.recon.safety``) measures its departure from the measured lines.
+        ``coil_images``: also return the final coil images ``ifft2c(kspace)``, complex ``(batch, coil, readout,
+        phase)``, which the RSS output has formed already: ``(image, kspace, coil_images)`` (the refinement's
+        prior reads them, ``gadget.recon.refine``).
 
         ``sens_kspace``: optional k-space of a separate reference scan, the layout and dtype of
         ``masked_kspace``, holding only the reference lines; the sensitivity network then reads it
@@ -355,11 +358,16 @@ class VarNet(nn.Module):
         masked_kspace, mask = check_inputs(masked_kspace, mask)
         sens = self.sensitivities(masked_kspace, mask, num_low_frequencies, sens_kspace, sens_maps)
         if self._unshifted(masked_kspace):
-            return self._forward_unshifted(masked_kspace, mask, sens)
+            return self._forward_unshifted(masked_kspace, mask, sens, coil_images)
         state = self.initial_state(masked_kspace, sens)
         for cascade in self.cascades:
             state = cascade(state, masked_kspace, mask, sens)
-        return self.final_image(state, sens), self.final_kspace(state, sens)
+        kspace = self.final_kspace(state, sens)
+        if not coil_images:
+            return self.final_image(state, sens), kspace
+        images = ifft2c(kspace)
+        rss_of_coils = self.config.variant not in IMAGE_SPACE_VARIANTS and self.config.output == "rss"
+        return (rss(images, dim=1) if rss_of_coils else self.final_image(state, sens)), kspace, images
 
     def _unshifted(self, masked_kspace: torch.Tensor) -> bool:
         """Whether the cascades run in the unshifted frame (:meth:`_forward_unshifted`): k-space cascades,
@@ -371,9 +379,9 @@ class VarNet(nn.Module):
                 and masked_kspace.dtype in (torch.complex64, torch.complex128))
 
     def _forward_unshifted(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
-                           sens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                           sens: torch.Tensor, coil_images: bool = False) -> tuple:
         """The k-space cascades with k-space held as ``u = σ c k`` (:mod:`gadget.mri.fft`): no centring
-        shifts inside the loop, one sign flip in and one out. Same function as the centred loop."""
+        shifts inside the loop, one sign flip in and one out. Same function (and outputs) as the centred loop."""
         h, w = masked_kspace.shape[-2:]
         real = masked_kspace.real.dtype
         board = checkerboard(h, w, masked_kspace.device, real)
@@ -389,10 +397,13 @@ class VarNet(nn.Module):
         images = torch.fft.ifft2(state, norm="ortho")
         with serial(images.numel()):
             if self.config.output == "sense":
-                image = images.mul_(sens_conj).sum(dim=1).abs()
+                image = (images * sens_conj if coil_images else images.mul_(sens_conj)).sum(dim=1).abs()
             else:
                 image = rss(images, dim=1)  # |c| = 1
-            return image, state.mul_(to_unshifted)
+            kspace = state.mul_(to_unshifted)
+            if coil_images:
+                return image, kspace, images.mul_(board)  # c · ifft2(u) = ifft2c(k)
+            return image, kspace
 
     def sensitivities(self, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies: AcsCount = None,
                       sens_kspace: Optional[torch.Tensor] = None,

@@ -31,6 +31,8 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     result: Optional[np.ndarray] = None          # images (b, readout, phase)
     final_kspace: Optional[np.ndarray] = None    # the model's final k-space (b, coil, readout, phase)
+    wants_coil_images: bool = False
+    coil_images: Optional[torch.Tensor] = None   # the final coil images (b, coil, readout, phase), if wanted
     error: Optional[BaseException] = None
 
     @property
@@ -67,15 +69,17 @@ class BatchingEngine:
         return self.run(kspace, mask, num_low_frequencies, sens_kspace)[0]
 
     def run(self, kspace, mask, num_low_frequencies: Optional[int] = None,
-            sens_kspace=None) -> tuple[np.ndarray, np.ndarray]:
+            sens_kspace=None, coil_images: bool = False) -> tuple:
         """:meth:`Reconstructor.run` through the shared queue: ``(images, final k-space)``, the network's
-        (the refinement is the caller's stage, :mod:`gadget.recon.refine_stage`). Requests with a separate
-        reference (``sens_kspace``) are batched only with others that have one."""
+        (the refinement is the caller's stage, :mod:`gadget.recon.refine_stage`), and with ``coil_images``
+        the final coil images. Requests with a separate reference (``sens_kspace``) are batched only with
+        others that have one."""
         k, ref = _batched(kspace), None if sens_kspace is None else _batched(sens_kspace)
         # A fixed-map variant's ESPIRiT runs here, on the caller's thread: one scan's maps neither wait for
         # the shared worker nor, when they fail, fail the other scans of its batch.
         maps = self.engine.fixed_maps_for(k, mask, num_low_frequencies, ref) if self.engine.needs_maps else None
-        req = _Request(k, np.asarray(mask, bool).reshape(-1), num_low_frequencies, ref, maps)
+        req = _Request(k, np.asarray(mask, bool).reshape(-1), num_low_frequencies, ref, maps,
+                       wants_coil_images=coil_images)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the reconstruction engine has been shut down")
@@ -86,6 +90,8 @@ class BatchingEngine:
                 raise RuntimeError("the batching engine's worker thread has stopped; see the log")
         if req.error is not None:
             raise req.error
+        if coil_images:
+            return req.result, req.final_kspace, req.coil_images
         return req.result, req.final_kspace
 
     def close(self) -> None:
@@ -148,11 +154,14 @@ class BatchingEngine:
         sens = None if batch[0].sens_kspace is None else np.concatenate([r.sens_kspace for r in batch])
         maps = None if batch[0].sens_maps is None else np.concatenate([r.sens_maps for r in batch])
         self.forward_calls += 1
-        out, final = self.engine.run(kspace, mask, num_low, sens_kspace=None if maps is not None else sens,
-                                     sens_maps=maps)
+        coils = any(r.wants_coil_images for r in batch)
+        out = self.engine.run(kspace, mask, num_low, sens_kspace=None if maps is not None else sens,
+                              sens_maps=maps, coil_images=coils)
         start = 0
         for r, n in zip(batch, counts):
-            r.result, r.final_kspace = out[start:start + n], final[start:start + n]
+            r.result, r.final_kspace = out[0][start:start + n], out[1][start:start + n]
+            if r.wants_coil_images:
+                r.coil_images = out[2][start:start + n]
             start += n
 
 

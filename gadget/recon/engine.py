@@ -108,19 +108,23 @@ class Reconstructor:
     def run(self, kspace: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor,
             num_low_frequencies: Optional[int] = None,
             sens_kspace: np.ndarray | torch.Tensor | None = None,
-            sens_maps: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+            sens_maps: Optional[np.ndarray] = None, coil_images: bool = False) -> tuple:
         """Like calling the engine, but also returns the model's final multi-coil k-space:
         ``(images (batch, readout, phase) float32, kspace (batch, coil, readout, phase) complex64)``.
         Needs a model with ``forward_with_kspace`` (:class:`VarNet`). ``sens_kspace``: see the module
         docstring (None: the sensitivities come from ``kspace``, as always before). ``sens_maps``: fixed maps
-        already computed (:meth:`fixed_maps_for`; fixed-map variants only), else they are computed here."""
-        image, final = self.run_tensors(kspace, mask, num_low_frequencies, sens_kspace, sens_maps)
-        return image.float().cpu().numpy(), final.to(torch.complex64).cpu().numpy()
+        already computed (:meth:`fixed_maps_for`; fixed-map variants only), else they are computed here.
+        ``coil_images``: a third item, the final coil images ``ifft2c(kspace)``, a complex tensor on the
+        engine's device (for the refine stage's prior, :class:`gadget.recon.refine_stage.Refiner`)."""
+        out = self.run_tensors(kspace, mask, num_low_frequencies, sens_kspace, sens_maps, coil_images)
+        arrays = out[0].float().cpu().numpy(), out[1].to(torch.complex64).cpu().numpy()
+        return (*arrays, out[2]) if coil_images else arrays
 
     @torch.inference_mode()
     def run_tensors(self, kspace, mask, num_low_frequencies=None, sens_kspace=None,
-                    sens_maps=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`run`'s work, its image and final k-space left as tensors on the engine's device."""
+                    sens_maps=None, coil_images: bool = False) -> tuple:
+        """:meth:`run`'s work, its image and final k-space (and with ``coil_images`` the final coil images)
+        left as tensors on the engine's device."""
         forward = getattr(self.model, "forward_with_kspace", None)
         if forward is None:
             raise TypeError(f"{type(self.model).__name__} has no forward_with_kspace: the safety check and the "
@@ -128,6 +132,8 @@ class Reconstructor:
         extra = ({"sens_maps": torch.from_numpy(sens_maps).to(self.device)} if sens_maps is not None
                  else self._extra(kspace, mask, num_low_frequencies, sens_kspace))
         k, m = self._inputs(kspace, mask)
+        if coil_images:
+            extra["coil_images"] = True
         with self._slots:
             return forward(k, m, num_low_frequencies, **extra)
 

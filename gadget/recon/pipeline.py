@@ -224,9 +224,12 @@ class ScanReconstructor:
             kspace = np.stack([group[i].kspace for i in members])
             extra = {"sens_kspace": np.stack([group[i].calibration_kspace for i in members])} if separate else {}
             mask = group[members[0]].mask
-            images, finals = self.engine.run(kspace, mask, acs, **extra)
+            coils = self.refiner.mode != "none"  # the refine's prior reads the network's final coil images
+            if coils:
+                extra["coil_images"] = True
+            images, finals, *rest = self.engine.run(kspace, mask, acs, **extra)
             images = self.refiner(images, finals, kspace, mask, acs, [group[i].position for i in members],
-                                  self.calibrations)
+                                  self.calibrations, rest[0] if coils else None)
             for j, i in enumerate(members):
                 results[i] = _Result(images[j], "varnet", accels[i], acs, finals[j])
         dt = time.perf_counter() - t0

@@ -242,11 +242,14 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
 
 
 def maps_and_prior(image, final, measured, mask, config: RefineConfig, num_low=None, positions=None,
-                   calibrations: PositionCalibrations | None = None):
-    """``(maps, sources, prior)``: :func:`choose_maps` and the network's coil images (its final k-space
-    ``final``) combined with them, ``x₀ = Σ conj(S) · c`` ``(b, h, w)``: the prior of both solves."""
+                   calibrations: PositionCalibrations | None = None, coil_images=None):
+    """``(maps, sources, prior)``: :func:`choose_maps` and the network's coil images (``coil_images``
+    ``(b, c, h, w)``, or the transform of its final k-space ``final``) combined with them,
+    ``x₀ = Σ conj(S) · c`` ``(b, h, w)``: the prior of both solves."""
     maps, sources = choose_maps(image, final, measured, mask, config, num_low, positions, calibrations)
-    return maps, sources, sens_reduce(final, maps)[:, 0]
+    if coil_images is None:
+        return maps, sources, sens_reduce(final, maps)[:, 0]
+    return maps, sources, (coil_images.to(maps.dtype) * maps.conj()).sum(1)
 
 
 def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -405,12 +408,16 @@ def row_conjugate_gradient(op: RowSense, rhs: torch.Tensor, x: torch.Tensor, ite
 @torch.inference_mode()
 def refine(image: torch.Tensor, final_kspace: torch.Tensor, masked_kspace: torch.Tensor, mask: torch.Tensor,
            config: RefineConfig = RefineConfig(), num_low=None, positions=None,
-           calibrations: PositionCalibrations | None = None) -> torch.Tensor:
+           calibrations: PositionCalibrations | None = None, coil_images: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """The refined image ``(b, h, w)`` (module docstring) from the network's RSS ``image`` ``(b, h, w)``,
     its final multi-coil k-space and the measured (masked) k-space, both ``(b, c, h, w)``. ``num_low``:
     calibration lines for ESPIRiT, one count or one per slice (None: the contiguous sampled centre run
     of each slice's mask). ``positions`` (one per slice) and ``calibrations``: ESPIRiT's calibration once
     per slice position of a scan (:class:`PositionCalibrations`; None: each slice its own).
+    ``coil_images``: the network's final coil images ``ifft2c(final_kspace)`` ``(b, c, h, w)`` where the
+    engine handed them over (:meth:`gadget.recon.engine.Reconstructor.run`); the prior is read from them
+    instead of transformed anew.
 
     The solve runs per readout row on the rows of :func:`solve_rows` (elsewhere ``x̂ = x₀``), each row by
     CG from the network's own image ``x₀`` (``config.iterations`` steps)."""
@@ -419,17 +426,18 @@ def refine(image: torch.Tensor, final_kspace: torch.Tensor, masked_kspace: torch
     final = final_kspace.to(torch.complex64)
     measured = masked_kspace.to(final.device, torch.complex64)
     if config.mode == "cs":
-        return _refine_sparse(image, final, measured, mask, config, num_low, positions, calibrations)
+        return _refine_sparse(image, final, measured, mask, config, num_low, positions, calibrations, coil_images)
     with serial(final.numel(), below=SERIAL_REFINE_BELOW):
-        return _refine(image, final, measured, mask, config, num_low, positions, calibrations)
+        return _refine(image, final, measured, mask, config, num_low, positions, calibrations, coil_images)
 
 
 def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low, positions=None,
-                   calibrations=None) -> torch.Tensor:
+                   calibrations=None, coil_images=None) -> torch.Tensor:
     """The ``cs`` mode: :func:`gadget.recon.sparse.solve` per slice with the config's weights; ``|x̂|``
     where the maps cover the slice, the network's image where they vanish (no data reaches it there)."""
     b, _, _, w = final.shape
-    maps, _, prior = maps_and_prior(image, final, measured, mask, config, num_low, positions, calibrations)
+    maps, _, prior = maps_and_prior(image, final, measured, mask, config, num_low, positions, calibrations,
+                                    coil_images)
     columns = _mask_rows(mask, b, w).to(final.device)
     out = image.float().clone()
     covered = map_support(maps)
@@ -441,7 +449,7 @@ def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low, 
 
 
 def _refine(image, final, measured, mask, config: RefineConfig, num_low, positions=None,
-            calibrations=None) -> torch.Tensor:
+            calibrations=None, coil_images=None) -> torch.Tensor:
     b, c, h, w = final.shape
     maps, sources = choose_maps(image, final, measured, mask, config, num_low, positions, calibrations)
     columns = mask.to(final.device, torch.bool).reshape(-1, 1, 1, w)
@@ -452,7 +460,9 @@ def _refine(image, final, measured, mask, config: RefineConfig, num_low, positio
     x = prior.clone()
     if rows.numel():
         row_maps = roll_rows(maps[:, :, rows])                                       # (b, c, n, w)
-        prior_rows = rolled_row_images(final, rows).mul_(row_maps.conj()).sum(1)    # (b, n, w)
+        coils = (rolled_row_images(final, rows) if coil_images is None
+                 else roll_rows(coil_images[:, :, rows].to(final.dtype)))
+        prior_rows = coils.mul_(row_maps.conj()).sum(1)                            # (b, n, w)
         prior[:, rows] = roll_rows(prior_rows, inverse=True)
     floor = lambda_floor(config, sources).to(prior.real)
     lam = choose_lambda(config, noise_sigma(measured, mask), prior, floor).view(-1, 1, 1)

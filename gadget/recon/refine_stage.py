@@ -1,7 +1,8 @@
 """The refinement as a stage after the network (:mod:`gadget.recon.refine` holds the solve itself).
 
-The engine (:class:`gadget.recon.engine.Reconstructor`) returns the network's image and final k-space;
-what is sent is decided after it:
+The engine (:class:`gadget.recon.engine.Reconstructor`) returns the network's image and final k-space, and,
+when asked (the doors ask whenever the stage refines), the final coil images its RSS was formed from, which
+the refine's prior reads instead of transforming the k-space again; what is sent is decided after it:
 
     engine.run ─▶ Refiner (refine: pi | none | cs) ─▶ safety check ─▶ image sent
 
@@ -64,16 +65,18 @@ class Refiner:
 
     @torch.inference_mode()
     def __call__(self, image, final, kspace, mask, acs=None, positions=None,
-                 calibrations: Optional[PositionCalibrations] = None) -> np.ndarray:
+                 calibrations: Optional[PositionCalibrations] = None, coil_images=None) -> np.ndarray:
         """``positions`` (one per slice) and a scan's ``calibrations``: ESPIRiT calibrated once per slice
-        position (:class:`gadget.recon.refine.PositionCalibrations`); without them, per slice."""
+        position (:class:`gadget.recon.refine.PositionCalibrations`); without them, per slice.
+        ``coil_images``: the engine's final coil images (``run(..., coil_images=True)``), or None."""
         if self.config.mode == "none":
             return _numpy(image)
         k = torch.as_tensor(kspace)
         k = (k.unsqueeze(0) if k.ndim == 3 else k).to(self.device, torch.complex64)
         m = torch.as_tensor(np.asarray(mask, dtype=bool) if not isinstance(mask, torch.Tensor) else mask)
+        coils = None if coil_images is None else torch.as_tensor(coil_images).to(self.device)
         out = refine(torch.as_tensor(image).to(self.device), torch.as_tensor(final).to(self.device), k,
-                     m.to(self.device), self.config, acs, positions, calibrations)
+                     m.to(self.device), self.config, acs, positions, calibrations, coils)
         return out.float().cpu().numpy()
 
 
@@ -113,5 +116,6 @@ class RefinedEngine:
     def __call__(self, kspace, mask, num_low_frequencies=None, sens_kspace=None) -> np.ndarray:
         if self.refiner.mode == "none":
             return self.engine(kspace, mask, num_low_frequencies, sens_kspace)
-        image, final = self.engine.run_tensors(kspace, mask, num_low_frequencies, sens_kspace)
-        return self.refiner(image, final, kspace, mask, num_low_frequencies)
+        image, final, coils = self.engine.run_tensors(kspace, mask, num_low_frequencies, sens_kspace,
+                                                      coil_images=True)
+        return self.refiner(image, final, kspace, mask, num_low_frequencies, coil_images=coils)
