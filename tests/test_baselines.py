@@ -410,3 +410,28 @@ def test_leading_eigenvectors_match_numpy_above_the_ratio(spectrum):
     v = got_vectors[:, :kept].numpy()
     w = expected_vectors[:, :kept]
     assert np.linalg.norm(v @ v.conj().T - w @ w.conj().T, 2) < 1e-6
+
+
+def test_calibrated_maps_are_the_whole_grid_interpolation_cropped():
+    """On a coarse grid the maps are interpolated only on the readout rows where some eigenvalue passes the
+    crop: the same maps as interpolating every row, renormalising and zeroing below the crop (the object
+    here fills the middle rows only, so whole rows are left out)."""
+    from gadget.baselines.espirit import (EspiritConfig, calibrated_maps, espirit_calibration, interpolate_maps,
+                                          interpolation_matrix)
+
+    coils, rows, cols = 8, 96, 64
+    obj, _ = _object(rows, cols)
+    obj[:24] = obj[-24:] = 0  # a readout band without object, as across a 2× readout oversampling
+    kspace = fft2c(torch.from_numpy(_known_maps(coils, rows, cols) * obj)).numpy()
+    config = EspiritConfig(step=4, crop=0.9)
+    calibration = espirit_calibration(kspace, num_low=20, config=config)
+    maps, values = calibrated_maps(calibration, config)
+    up = interpolation_matrix(rows, calibration.values.shape[0]), interpolation_matrix(cols, calibration.values.shape[1])
+    want_values = (up[0] @ calibration.values.double() @ up[1].T).float()
+    whole = interpolate_maps(calibration.maps, up[0].float(), up[1].float())
+    want = whole * torch.where(want_values >= 0.9, 1 / rss(whole, dim=0).clamp_min(1e-12), 0.0)
+    empty_rows = ~(want_values >= 0.9).any(1)
+    assert 0 < int(empty_rows.sum()) < rows  # some rows are skipped, some are not
+    torch.testing.assert_close(values, want_values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps, want, rtol=0, atol=1e-6)
+    assert not maps[:, empty_rows].any()

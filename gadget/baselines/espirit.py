@@ -406,9 +406,16 @@ def calibrated_maps(calibration: Calibration, config: EspiritConfig = EspiritCon
     if tuple(values.shape) != (rows, cols):  # same field of view sampled coarsely: interpolate, then renormalise
         up = interpolation_matrix(rows, values.shape[0]), interpolation_matrix(cols, values.shape[1])
         values = (up[0] @ values.to(up[0].dtype) @ up[1].T).float()
-        maps = interpolate_maps(maps, up[0].float(), up[1].float())
-        scale = torch.where(values >= config.crop, rss(maps, dim=0).clamp_min(1e-12).reciprocal(), 0.0)
-        maps.mul_(scale)  # unit norm where kept, 0 where cropped
+        kept = values >= config.crop
+        # only the readout rows where some pixel is kept: the others are 0 (across the readout oversampling,
+        # half the grid), and the interpolation is most of the cost
+        lines = kept.any(1).nonzero().squeeze(1)
+        full = torch.zeros(maps.shape[0], rows, cols, dtype=maps.dtype)
+        if lines.numel():
+            part = interpolate_maps(maps, up[0][lines].float(), up[1].float())  # (coil, lines, phase)
+            part.mul_(torch.where(kept[lines], rss(part, dim=0).clamp_min(1e-12).reciprocal(), 0.0))
+            full[:, lines] = part  # unit norm where kept, 0 where cropped
+        maps = full
     else:
         maps = torch.where(values >= config.crop, maps, torch.zeros((), dtype=maps.dtype))
     return maps, values.to(torch.float32)
