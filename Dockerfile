@@ -35,8 +35,8 @@ COPY pyproject.toml README.md ./
 COPY gadget ./gadget
 COPY converters ./converters
 COPY pipelines ./pipelines
-# gcc: the fused instance norm's C kernel is built at first use (gadget/model/fused_norm.py; without a
-# compiler the norms run as slower PyTorch passes and a warning says so).
+# gcc: the C kernels (the fused instance norm, ESPIRiT's squarings) are built at first use
+# (gadget/mri/native.py; without a compiler they run as slower PyTorch passes and a warning says so).
 # The build fails here if the shipped weights did not make it into the installed package.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
  && pip install --no-cache-dir --index-url ${TORCH_INDEX} torch==${TORCH_VERSION} \

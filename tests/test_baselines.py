@@ -23,6 +23,7 @@ from gadget.baselines import (
     write_cfl,
 )
 from gadget.baselines.bart import to_bart_slice
+from gadget.baselines.espirit import SQUARING_KERNEL
 from gadget.mri import center_crop, fft2c, ifft2c, nmse, rss
 from gadget.mri.masks import MaskSampler, MaskSpec
 
@@ -435,3 +436,55 @@ def test_calibrated_maps_are_the_whole_grid_interpolation_cropped():
     torch.testing.assert_close(values, want_values, rtol=0, atol=1e-6)
     torch.testing.assert_close(maps, want, rtol=0, atol=1e-6)
     assert not maps[:, empty_rows].any()
+
+
+def _squared_by_torch(g: torch.Tensor, squarings: int) -> torch.Tensor:
+    p = g.clone()
+    for s in range(squarings + 1):
+        p = p / torch.diagonal(p, dim1=-2, dim2=-1).real.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
+        if s < squarings:
+            p = p @ p
+    return p
+
+
+needs_squaring_kernel = pytest.mark.skipif(SQUARING_KERNEL.get() is None,
+                                           reason="no C compiler: the squaring kernel cannot be built")
+
+
+@needs_squaring_kernel
+@pytest.mark.parametrize("n,c", [(13, 12), (8, 1), (5, 4), (17, 32)])
+def test_the_c_squarings_are_the_normalised_matrix_powers(n, c):
+    """The C kernel's squarings of Hermitian positive semi-definite matrices (a count that leaves a short last
+    block of 8) equal the PyTorch passes' (trace-normalised products, complex128 here) to float32 rounding."""
+    from gadget.baselines.espirit import SQUARINGS, _squared_in_c_
+
+    rng = np.random.default_rng(c)
+    a = rng.standard_normal((n, c, c)) + 1j * rng.standard_normal((n, c, c))
+    g = torch.from_numpy(a @ a.conj().transpose(0, 2, 1) / c)
+    want = _squared_by_torch(g, SQUARINGS)
+    p = g.to(torch.complex64)
+    before = p.clone()
+    assert _squared_in_c_(p)
+    assert not torch.equal(p, before)
+    torch.testing.assert_close(p.to(torch.complex128), want, rtol=0, atol=2e-5)
+
+
+def test_the_squarings_fall_back_to_pytorch_beyond_the_kernel_or_when_switched_off(monkeypatch):
+    """More coils than the kernel takes (33), or ``VARNET_NATIVE_SQUARINGS=0``: the matrices are left to the
+    PyTorch passes, and top_eigenvectors still finds the top eigenpair."""
+    from gadget.baselines import espirit
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 33, 33)) + 1j * rng.standard_normal((6, 33, 33))
+    p = torch.from_numpy(a @ a.conj().transpose(0, 2, 1)).to(torch.complex64)
+    untouched = p.clone()
+    assert not espirit._squared_in_c_(p) and torch.equal(p, untouched)
+    monkeypatch.setattr(espirit, "SQUARING_KERNEL", espirit.SQUARING_KERNEL.fresh())
+    monkeypatch.setenv("VARNET_NATIVE_SQUARINGS", "0")
+    small = p[:, :4, :4].contiguous()
+    assert not espirit._squared_in_c_(small)
+    values, vectors = espirit.top_eigenvectors(small / torch.linalg.eigvalsh(small)[:, -1:, None])
+    want = torch.linalg.eigh(small.to(torch.complex128) / torch.linalg.eigvalsh(small.to(torch.complex128))[:, -1:, None])
+    torch.testing.assert_close(values.double(), want[0][:, -1], rtol=0, atol=1e-4)
+    alignment = (vectors.to(torch.complex128).conj() * want[1][:, :, -1]).sum(1).abs()
+    assert float(alignment.min()) > 0.999

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gadget.model import fused_norm
+from gadget.mri import native
 from gadget.model.unet import instance_norm_leaky_relu_
 
 needs_kernel = pytest.mark.skipif(fused_norm.kernel() is None, reason="no C compiler: the kernel cannot be built")
@@ -68,15 +69,14 @@ def test_the_kernel_declines_what_it_does_not_cover_and_leaves_it_untouched(case
 
 @pytest.fixture
 def fresh_kernel_state(monkeypatch, tmp_path):
-    monkeypatch.setattr(fused_norm, "_kernel", None)
-    monkeypatch.setattr(fused_norm, "_unavailable", None)
+    monkeypatch.setattr(fused_norm, "KERNEL", fused_norm.KERNEL.fresh())
     monkeypatch.setenv("VARNET_KERNEL_DIR", str(tmp_path))
     return tmp_path
 
 
 def test_without_a_compiler_the_norms_run_as_pytorch_passes_and_a_warning_says_so_once(
         fresh_kernel_state, monkeypatch, caplog):
-    monkeypatch.setattr(fused_norm, "_compiler", lambda: None)
+    monkeypatch.setattr(native, "compiler", lambda: None)
     x = _activation(1, 18, 8, 8)
     with caplog.at_level(logging.WARNING, logger="gadget.model.fused_norm"):
         assert not fused_norm.instance_norm_leaky_relu_(x.clone(memory_format=torch.channels_last), 1e-5, 0.2)
@@ -87,7 +87,7 @@ def test_without_a_compiler_the_norms_run_as_pytorch_passes_and_a_warning_says_s
 
 
 def test_a_failing_build_names_the_compiler_and_is_not_retried(fresh_kernel_state, monkeypatch, caplog):
-    monkeypatch.setattr(fused_norm, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(native, "compiler", lambda: "/bin/false")
     with caplog.at_level(logging.WARNING, logger="gadget.model.fused_norm"):
         assert fused_norm.kernel() is None
         assert fused_norm.kernel() is None
@@ -107,11 +107,11 @@ def test_the_build_is_cached_by_source_compiler_flags_and_cpu(fresh_kernel_state
     assert fused_norm.kernel() is not None
     (library,) = fresh_kernel_state.glob("instance_norm-*.so")
     stamp = library.stat().st_mtime_ns
-    monkeypatch.setattr(fused_norm, "_kernel", None)
+    monkeypatch.setattr(fused_norm, "KERNEL", fused_norm.KERNEL.fresh())
     assert fused_norm.kernel() is not None  # loaded again, not rebuilt
     assert [p.name for p in fresh_kernel_state.glob("*.so")] == [library.name]
     assert library.stat().st_mtime_ns == stamp
-    monkeypatch.setattr(fused_norm, "_cpu_identity", lambda: "another CPU")
-    monkeypatch.setattr(fused_norm, "_kernel", None)
+    monkeypatch.setattr(native, "cpu_identity", lambda: "another CPU")
+    monkeypatch.setattr(fused_norm, "KERNEL", fused_norm.KERNEL.fresh())
     assert fused_norm.kernel() is not None
     assert len(list(fresh_kernel_state.glob("instance_norm-*.so"))) == 2

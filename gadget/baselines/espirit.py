@@ -24,8 +24,10 @@ Steps:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
@@ -33,6 +35,7 @@ import torch
 
 from ..mri.coils import rss
 from ..mri.masks import contiguous_center_lines
+from ..mri.native import NativeKernel
 from ..mri.parallel import all_threads
 
 log = logging.getLogger(__name__)
@@ -305,6 +308,15 @@ EIGEN_MIXTURE = 2e-3
 EIGEN_RESIDUAL = 1e-3
 
 
+#: The squarings in C (``csrc/hermitian_squarings.c``: the upper triangle of each Hermitian product only, eight
+#: matrices per vector operation), where it builds (:mod:`gadget.mri.native`; off with
+#: ``VARNET_NATIVE_SQUARINGS=0``): several times faster than batched products of such small matrices.
+SQUARING_KERNEL = NativeKernel(
+    Path(__file__).with_name("csrc") / "hermitian_squarings.c", "hermitian_squarings",
+    [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long], ctypes.c_int, "VARNET_NATIVE_SQUARINGS",
+    "ESPIRiT's C squarings unavailable (%s): they run as PyTorch's batched products, slower on the CPU", log)
+
+
 def top_eigenvectors(matrices: torch.Tensor, chunk: int = 16384) -> Tuple[torch.Tensor, torch.Tensor]:
     """Largest eigenvalue ``(n,)`` and its unit eigenvector ``(n, coil)`` of Hermitian positive semi-definite
     ``(n, c, c)`` with eigenvalues in [0, 1] (ESPIRiT's :func:`image_operator`), by repeated squaring: ``G``
@@ -322,10 +334,11 @@ def _top_eigenvectors(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     g = matrices
     tiny = torch.finfo(g.real.dtype).tiny
     p = g.clone()
-    for squaring in range(SQUARINGS + 1):  # rescaled to trace 1 before each product and after the last
-        _scale_to_unit_trace_(p, tiny)
-        if squaring < SQUARINGS:
-            p = torch.bmm(p, p)
+    if not _squared_in_c_(p):
+        for squaring in range(SQUARINGS + 1):  # rescaled to trace 1 before each product and after the last
+            _scale_to_unit_trace_(p, tiny)
+            if squaring < SQUARINGS:
+                p = torch.bmm(p, p)
     purity = torch.view_as_real(p).square().sum(dim=(-3, -2, -1))  # ‖p‖_F², p of trace 1
     column = torch.diagonal(p, dim1=-2, dim2=-1).real.argmax(-1)
     v = torch.bmm(g, torch.gather(p, 2, column.view(-1, 1, 1).expand(-1, p.shape[1], 1)))
@@ -340,6 +353,16 @@ def _top_eigenvectors(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
         w, vectors = hermitian_eigh(0.5 * (m + m.mH))  # exact Hermitian symmetry for eigh
         values[unsure], v[unsure] = w[:, -1], vectors[:, :, -1]
     return values, v
+
+
+def _squared_in_c_(p: torch.Tensor) -> bool:
+    """:func:`_top_eigenvectors`' squarings of the complex64 ``(n, c, c)`` CPU matrices ``p`` in place by the C
+    kernel; False (``p`` untouched) where it does not apply or is not available."""
+    if not (p.device.type == "cpu" and p.dtype == torch.complex64 and p.dim() == 3 and p.is_contiguous()
+            and not p.requires_grad):
+        return False
+    run = SQUARING_KERNEL.get()
+    return run is not None and run(p.data_ptr(), p.shape[0], p.shape[1], SQUARINGS) == 0
 
 
 def _scale_to_unit_trace_(p: torch.Tensor, tiny: float) -> None:

@@ -1,7 +1,8 @@
 /* Instance norm (no affine parameters, biased variance) followed by a leaky ReLU, in place, for float32
  * activations in channels-last memory: for each image and channel c,
  *     y = (x - mean_c) / sqrt(var_c + eps),   out = y > 0 ? y : slope * y.
- * Loaded by gadget/model/fused_norm.py (ctypes); PyTorch's eager passes compute the same function.
+ * Loaded by gadget/model/fused_norm.py (built by gadget/mri/native.py, ctypes); PyTorch's eager passes compute
+ * the same function.
  *
  * Memory layout of one image: pixels × channels floats, channel fastest. A run of g pixels, g the smallest
  * count with g * channels a multiple of 8, is one "row" of `period` = g * channels floats: every row holds
