@@ -488,3 +488,24 @@ def test_the_squarings_fall_back_to_pytorch_beyond_the_kernel_or_when_switched_o
     torch.testing.assert_close(values.double(), want[0][:, -1], rtol=0, atol=1e-4)
     alignment = (vectors.to(torch.complex128).conj() * want[1][:, :, -1]).sum(1).abs()
     assert float(alignment.min()) > 0.999
+
+
+@pytest.mark.parametrize("shape", [(12, 11), (16, 13)])
+def test_image_operator_is_the_centred_sum_over_the_taps(shape):
+    """``G(x) = Σ_δ g[δ] exp(+2πi δ·x / N)`` at every pixel (centred coordinates, odd and even sizes), summed
+    here tap by tap in double precision."""
+    from gadget.baselines.espirit import image_operator
+
+    rng = np.random.default_rng(5)
+    coils, taps = 3, 5
+    g = rng.standard_normal((coils, coils, taps, taps)) + 1j * rng.standard_normal((coils, coils, taps, taps))
+    rows, cols = shape
+    xr = (np.arange(rows) - rows // 2)[:, None, None, None]
+    xc = (np.arange(cols) - cols // 2)[None, :, None, None]
+    want = np.zeros((rows, cols, coils, coils), complex)
+    for t in range(taps):
+        for u in range(taps):
+            phase = np.exp(2j * np.pi * ((t - taps // 2) * xr / rows + (u - taps // 2) * xc / cols))
+            want += g[:, :, t, u][None, None] * phase
+    got = image_operator(g, shape).numpy().reshape(rows, cols, coils, coils)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
