@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from ..baselines.espirit import (Calibration, EspiritConfig, calibrated_maps, espirit_calibration,
-                                 per_slice_counts)
+                                 hermitian_eigh, per_slice_counts)
 from ..mri.coils import sens_reduce
 from ..mri.fft import ifft2c
 from ..mri.masks import contiguous_center_lines
@@ -474,12 +474,15 @@ def _refine(image, final, measured, mask, config: RefineConfig, num_low, positio
     return weight * x.abs() + (1 - weight) * kept
 
 
-def rolled_row_images(kspace: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+def rolled_row_images(kspace: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor | None = None,
+                      coil_basis: torch.Tensor | None = None) -> torch.Tensor:
     """The coil images of centred k-space ``(b, c, h, w)`` on the readout rows ``rows`` ``(n,)`` of the centred
     image, in :class:`RowSense`'s rolled frame along the phase axis: ``(b, c, n, w)``, equal to
     ``roll_rows(ifft2c(kspace)[:, :, rows])``. ``columns`` (bool ``(b or 1, 1, 1, w)``): k-space outside those
     phase columns is taken as zero and never read. The readout transform runs on the columns read, the phase
-    transform on the rows asked for: a fraction of the 2-D transform's work."""
+    transform on the rows asked for: a fraction of the 2-D transform's work. ``coil_basis`` ``(b, n, k, c)``:
+    each row's coils combined into ``k`` virtual ones (:func:`row_coil_basis`) between the two transforms (a
+    combination constant along a row commutes with the phase transform), which then runs on ``k``: ``(b, k, n, w)``."""
     b, c, h, w = kspace.shape
     if columns is not None:
         read = columns.reshape(-1, w).any(0).nonzero().squeeze(1)
@@ -488,6 +491,9 @@ def rolled_row_images(kspace: torch.Tensor, rows: torch.Tensor, columns: torch.T
     # axis is moved last (one copy): a transform over contiguous values is faster than a strided one
     readout_last = torch.fft.ifftshift(kspace, dim=-2).transpose(-2, -1).contiguous()
     hybrid = torch.fft.ifft(readout_last, dim=-1, norm="ortho")[..., (rows - h // 2) % h].transpose(-2, -1)
+    if coil_basis is not None:
+        hybrid = torch.einsum("bnkc,bcnw->bknw", coil_basis, hybrid)
+        c = hybrid.shape[1]
     if columns is None:
         hybrid = roll_rows(hybrid)
     else:  # zero-filled, each column placed where ifftshift puts it
@@ -502,14 +508,48 @@ def _solve(row_maps, prior_rows, measured, columns, lam, rows, iterations: int) 
     """:func:`refine`'s solve on ``rows``, maps ``(b, c, n, w)`` and prior ``(b, n, w)`` in the rolled frame:
     ``x̂`` there, ``(b, n, w)`` rolled."""
     b, c, n, w = row_maps.shape
-    data = rolled_row_images(measured, rows, columns).mul_(row_maps.conj()).sum(1)  # Aᴴy on those rows
+    basis, maps = row_coil_basis(row_maps.transpose(1, 2).reshape(b * n, c, w))  # each row's virtual coils
+    k = maps.shape[1]
+    coils = rolled_row_images(measured, rows, columns, None if basis is None else basis.view(b, n, k, c))
+    data = coils.mul_(maps.view(b, n, k, w).transpose(1, 2).conj()).sum(1)  # Aᴴy on those rows, (b, n, w)
     row_mask = roll_rows(columns.expand(b, n, 1, w).reshape(b * n, 1, w) if columns.shape[0] > 1
                          else columns.view(1, 1, w))
     lam_rows = lam.view(b, 1, 1).expand(b, n, 1).reshape(b * n, 1)
-    op = RowSense(row_maps.transpose(1, 2).reshape(b * n, c, w), row_mask, lam_rows)
+    op = RowSense(maps, row_mask, lam_rows)
     x0 = prior_rows.reshape(b * n, w)
     rhs = data.reshape(b * n, w) + lam_rows * x0
     return row_conjugate_gradient(op, rhs, x0.clone(), iterations, ROW_TOLERANCE).view(b, n, w)
+
+
+#: :func:`row_coil_basis` keeps as many virtual coils per row as leave no pixel more than this share of its
+#: map's energy (1 where ESPIRiT's maps are kept) outside them.
+COIL_RESIDUAL = 1e-4
+
+
+def row_coil_basis(maps: torch.Tensor, residual: float = COIL_RESIDUAL) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-row coil compression of the solve's maps ``(m, c, w)`` (one readout row each): ``(basis (m, k, c),
+    maps (m, k, w))``, ``basis`` the ``k`` leading left singular vectors of each row's ``(c, w)`` maps
+    (conjugate transposed: orthonormal rows) and ``basis @ maps`` the maps of those ``k`` virtual coils, with
+    ``k`` the fewest that leave at most ``residual`` of ``Σ_c |S|²`` outside them at every pixel of every row.
+    ``k = c``: ``(None, maps)``.
+
+    Why: a unitary mix of the coils, constant along a row, leaves the row's SENSE problem as it is (the normal
+    operator's sum over coils is invariant under it) and commutes with the phase transform, so the data are
+    mixed on the hybrid rows (:func:`rolled_row_images`). Keeping the leading ``k`` drops only the maps'
+    component outside them, at most ``residual`` per pixel, and the data's there, mostly noise: geometric
+    coil compression (Zhang et al., MRM 69:571, 2013) per row of the solve. Sensitivities are smooth along a
+    row, so ``k`` is a fraction of a large array's ``c``, and CG's cost falls with it."""
+    m, c, w = maps.shape
+    _, vectors = hermitian_eigh(torch.bmm(maps, maps.mH))  # (m, c, c), ascending: the leading ones last
+    basis = vectors.flip(-1).mH                            # rows by falling energy
+    virtual = torch.bmm(basis, maps)                       # (m, c, w)
+    energy = torch.view_as_real(virtual).square().sum(-1)  # (m, c, w)
+    k, outside = c, torch.zeros_like(energy[:, 0])         # each pixel's energy in the coils k.. (left out)
+    while k > 1 and float(outside.add_(energy[:, k - 1]).max()) <= residual:
+        k -= 1
+    if k == c:
+        return None, maps
+    return basis[:, :k].contiguous(), virtual[:, :k].contiguous()
 
 
 def solved_weight(floor: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
