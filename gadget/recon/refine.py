@@ -39,8 +39,10 @@ lengths and stopping point (:func:`row_conjugate_gradient`: a row leaves once it
 network's image ``x₀``; each step is two 1-D transforms per coil, no centring shifts (the rolled frame,
 :class:`RowSense`). Rows where the maps are zero (ESPIRiT's outside the calibrated object, e.g. across
 the readout oversampling) have ``x₀ = 0``, which is their solution (:func:`solve_rows`), so ``x₀`` and
-``Aᴴy`` are formed on the solve's rows alone (:func:`rolled_row_images`). The result is the
-2-D CG's solution (tests/test_refine.py); the cost against the former 2-D CG from zero and the
+``Aᴴy`` are formed on the solve's rows alone (:func:`rolled_row_images`; the prior from the network's own
+final coil images where the engine hands them over). Each row is solved on its few virtual coils, the
+leading singular vectors of its maps (:func:`row_coil_basis`: coil sensitivities are smooth along a row).
+The result is the 2-D CG's solution (tests/test_refine.py); the cost against the former 2-D CG from zero and the
 unchanged figures are in docs/results/performance.md, "The refinement". Slices of fewer than
 :data:`SERIAL_REFINE_BELOW` coil-stack values are refined on one intra-op thread, larger ones on all.
 
