@@ -545,9 +545,11 @@ def row_coil_basis(maps: torch.Tensor, residual: float = COIL_RESIDUAL) -> tuple
     _, vectors = hermitian_eigh(torch.bmm(maps, maps.mH))  # (m, c, c), ascending: the leading ones last
     basis = vectors.flip(-1).mH                            # rows by falling energy
     virtual = torch.bmm(basis, maps)                       # (m, c, w)
-    energy = torch.view_as_real(virtual).square().sum(-1)  # (m, c, w)
-    k, outside = c, torch.zeros_like(energy[:, 0])         # each pixel's energy in the coils k.. (left out)
-    while k > 1 and float(outside.add_(energy[:, k - 1]).max()) <= residual:
+    k, outside = c, torch.zeros(m, w, dtype=maps.real.dtype)  # each pixel's energy in the coils k.. (left out)
+    while k > 1:
+        last = virtual[:, k - 1]
+        if float(outside.add_((last * last.conj()).real).max()) > residual:
+            break
         k -= 1
     if k == c:
         return None, maps
