@@ -427,7 +427,8 @@ def test_calibrated_maps_are_the_whole_grid_interpolation_cropped():
     config = EspiritConfig(step=4, crop=0.9)
     calibration = espirit_calibration(kspace, num_low=20, config=config)
     maps, values = calibrated_maps(calibration, config)
-    up = interpolation_matrix(rows, calibration.values.shape[0]), interpolation_matrix(cols, calibration.values.shape[1])
+    grid = calibration.values.shape
+    up = interpolation_matrix(rows, grid[0]), interpolation_matrix(cols, grid[1])
     want_values = (up[0] @ calibration.values.double() @ up[1].T).float()
     whole = interpolate_maps(calibration.maps, up[0].float(), up[1].float())
     want = whole * torch.where(want_values >= 0.9, 1 / rss(whole, dim=0).clamp_min(1e-12), 0.0)
@@ -441,7 +442,8 @@ def test_calibrated_maps_are_the_whole_grid_interpolation_cropped():
 def _squared_by_torch(g: torch.Tensor, squarings: int) -> torch.Tensor:
     p = g.clone()
     for s in range(squarings + 1):
-        p = p / torch.diagonal(p, dim1=-2, dim2=-1).real.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
+        trace = torch.diagonal(p, dim1=-2, dim2=-1).real.sum(-1)
+        p = p / trace.clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
         if s < squarings:
             p = p @ p
     return p
@@ -484,7 +486,8 @@ def test_the_squarings_fall_back_to_pytorch_beyond_the_kernel_or_when_switched_o
     small = p[:, :4, :4].contiguous()
     assert not espirit._squared_in_c_(small)
     values, vectors = espirit.top_eigenvectors(small / torch.linalg.eigvalsh(small)[:, -1:, None])
-    want = torch.linalg.eigh(small.to(torch.complex128) / torch.linalg.eigvalsh(small.to(torch.complex128))[:, -1:, None])
+    wide = small.to(torch.complex128)
+    want = torch.linalg.eigh(wide / torch.linalg.eigvalsh(wide)[:, -1:, None])
     torch.testing.assert_close(values.double(), want[0][:, -1], rtol=0, atol=1e-4)
     alignment = (vectors.to(torch.complex128).conj() * want[1][:, :, -1]).sum(1).abs()
     assert float(alignment.min()) > 0.999

@@ -27,11 +27,11 @@ from ..mri.native import NativeKernel
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "instance_norm.c"
-KERNEL = NativeKernel(SOURCE, "instance_norm_leaky_relu",
-                      [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_double, ctypes.c_double],
-                      ctypes.c_int, "VARNET_FUSED_NORM",
-                      "fused instance norm unavailable (%s): the U-Nets' norms run as PyTorch passes, slower on the CPU",
-                      log)
+KERNEL = NativeKernel(
+    SOURCE, "instance_norm_leaky_relu",
+    [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_double, ctypes.c_double], ctypes.c_int,
+    "VARNET_FUSED_NORM",
+    "fused instance norm unavailable (%s): the U-Nets' norms run as PyTorch passes, slower on the CPU", log)
 
 
 def kernel():

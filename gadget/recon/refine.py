@@ -42,8 +42,8 @@ the readout oversampling) have ``x₀ = 0``, which is their solution (:func:`sol
 ``Aᴴy`` are formed on the solve's rows alone (:func:`rolled_row_images`; the prior from the network's own
 final coil images where the engine hands them over). Each row is solved on its few virtual coils, the
 leading singular vectors of its maps (:func:`row_coil_basis`: coil sensitivities are smooth along a row).
-The result is the 2-D CG's solution (tests/test_refine.py); the cost against the former 2-D CG from zero and the
-unchanged figures are in docs/results/performance.md, "The refinement". Slices of fewer than
+The result is the 2-D CG's solution (tests/test_refine.py); the cost against the former 2-D CG from zero
+and the unchanged figures are in docs/results/performance.md, "The refinement". Slices of fewer than
 :data:`SERIAL_REFINE_BELOW` coil-stack values are refined on one intra-op thread, larger ones on all.
 
 Layouts: k-space and coil tensors complex ``(batch, coil, readout, phase)``; mask bool, broadcastable
