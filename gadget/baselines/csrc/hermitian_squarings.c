@@ -48,8 +48,8 @@ static void square_block(vfloat *re, vfloat *im, vfloat *next_re, vfloat *next_i
 
 int hermitian_squarings(float *p, long n, long c, long squarings) {
     if (c < 1 || c > MAX_C || n < 0 || squarings < 0) return 1;
-    vfloat re[MAX_C * MAX_C], im[MAX_C * MAX_C], next_re[MAX_C * MAX_C], next_im[MAX_C * MAX_C];
     long size = c * c;
+    vfloat re[size], im[size], next_re[size], next_im[size]; /* 18 kB of stack at 12 coils, 128 kB at MAX_C */
     for (long start = 0; start < n; start += LANES) {
         long count = n - start < LANES ? n - start : LANES;
         for (long e = 0; e < size; e++) {
