@@ -545,7 +545,7 @@ def row_coil_basis(maps: torch.Tensor, residual: float = COIL_RESIDUAL) -> tuple
     _, vectors = hermitian_eigh(torch.bmm(maps, maps.mH))  # (m, c, c), ascending: the leading ones last
     basis = vectors.flip(-1).mH                            # rows by falling energy
     virtual = torch.bmm(basis, maps)                       # (m, c, w)
-    k, outside = c, torch.zeros(m, w, dtype=maps.real.dtype)  # each pixel's energy in the coils k.. (left out)
+    k, outside = c, maps.real.new_zeros(m, w)  # each pixel's energy in the coils k.. (left out)
     while k > 1:
         last = virtual[:, k - 1]
         if float(outside.add_((last * last.conj()).real).max()) > residual:
