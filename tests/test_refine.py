@@ -574,3 +574,18 @@ def test_the_solve_on_virtual_coils_is_the_solve_on_all_coils(monkeypatch):
     (coils, fewer), (_, all_of_them) = kept
     assert fewer < coils == all_of_them == 12
     assert _rel(virtual, every) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_the_refine_on_cuda_is_the_refine_on_the_cpu():
+    """The stage on CUDA tensors (ESPIRiT's calibration stays on the CPU; the row solve, its virtual coils and
+    the prior from handed-over coil images run on the device) gives the CPU's image to 1e-4 of its norm."""
+    from gadget.bench.model_bench import BenchCase, make_input
+
+    kspace, columns = make_input(BenchCase(coils=12, readout=192, phase=96))
+    kspace, columns = torch.from_numpy(kspace), torch.from_numpy(columns)
+    image, coils = rss(ifft2c(kspace), dim=1), ifft2c(kspace)
+    cpu = refine(image, kspace, kspace, columns, coil_images=coils)
+    cuda = refine(image.cuda(), kspace.cuda(), kspace.cuda(), columns.cuda(), coil_images=coils.cuda())
+    assert cuda.device.type == "cuda"
+    assert _rel(cuda.cpu(), cpu) < 1e-4

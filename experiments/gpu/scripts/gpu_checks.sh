@@ -24,7 +24,7 @@ assert torch.cuda.is_available(), "no CUDA device: these checks need one"
 print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
 PY
 status=0  # a failing step is reported, and the later steps still run: device time is scarce
-"$PY" -m pytest -q -rs -p no:cacheprovider -k cuda tests/test_precision.py tests/test_infer.py tests/test_train.py \
+"$PY" -m pytest -q -rs -p no:cacheprovider -k cuda tests/test_precision.py tests/test_infer.py tests/test_train.py tests/test_refine.py \
     2>&1 | tee "$OUT/cuda_tests.txt" || status=1
 "$PY" -m gadget.cli bench model --device cuda --repeats 10 \
     --implementations reference,ours,ours-static,ours-bf16,ours-fp16 2>&1 | tee "$OUT/bench_model_cuda.txt" || status=1
