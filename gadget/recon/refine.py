@@ -60,7 +60,6 @@ import torch
 
 from ..baselines.espirit import (Calibration, EspiritConfig, calibrated_maps, espirit_calibration,
                                  hermitian_eigh, per_slice_counts)
-from ..mri.coils import sens_reduce
 from ..mri.fft import ifft2c
 from ..mri.masks import contiguous_center_lines
 from ..model.checkpoint import REFINE_MODES
@@ -249,9 +248,8 @@ def maps_and_prior(image, final, measured, mask, config: RefineConfig, num_low=N
     ``(b, c, h, w)``, or the transform of its final k-space ``final``) combined with them,
     ``x₀ = Σ conj(S) · c`` ``(b, h, w)``: the prior of both solves."""
     maps, sources = choose_maps(image, final, measured, mask, config, num_low, positions, calibrations)
-    if coil_images is None:
-        return maps, sources, sens_reduce(final, maps)[:, 0]
-    return maps, sources, (coil_images.to(maps.dtype) * maps.conj()).sum(1)
+    coils = ifft2c(final) if coil_images is None else coil_images.to(maps.dtype)
+    return maps, sources, (coils * maps.conj()).sum(1)
 
 
 def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

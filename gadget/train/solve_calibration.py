@@ -176,11 +176,13 @@ def network_prior(engine, kspace: np.ndarray, mask: np.ndarray, acs: int, sens_k
     (:func:`gadget.recon.refine.choose_maps`), the network's coil images combined with them ``(H, W)`` and
     its final k-space ``(C, H, W)``, for one slice. ``acs``: the network's ACS count (with
     ``sens_kspace``, the reference's lines)."""
-    image, final = engine.run_tensors(kspace[None], mask, acs, None if sens_kspace is None else sens_kspace[None])
+    reference = None if sens_kspace is None else sens_kspace[None]
+    image, final, coils = engine.run_tensors(kspace[None], mask, acs, reference, coil_images=True)
     measured = torch.from_numpy(kspace[None]).to(final.device, torch.complex64)
     maps_acs = 0 if sens_kspace is not None else acs  # no calibration block in the imaging lines: the network's maps
     final = final.to(torch.complex64)
-    maps, _, prior = maps_and_prior(image, final, measured, torch.from_numpy(mask).to(final.device), refine, maps_acs)
+    maps, _, prior = maps_and_prior(image, final, measured, torch.from_numpy(mask).to(final.device), refine, maps_acs,
+                                    coil_images=coils)
     return image[0], maps[0], prior[0], final[0]
 
 
