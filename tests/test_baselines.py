@@ -23,9 +23,9 @@ from gadget.baselines import (
     write_cfl,
 )
 from gadget.baselines.bart import to_bart_slice
-from gadget.baselines.espirit import SQUARING_KERNEL
+from gadget.baselines.espirit import SQUARING_KERNEL, calibration_kernel
 from gadget.mri import center_crop, fft2c, ifft2c, nmse, rss
-from gadget.mri.masks import MaskSampler, MaskSpec
+from gadget.mri.masks import MaskSampler, MaskSpec, make_mask
 
 HAVE_BART = shutil.which("bart") is not None
 needs_bart = pytest.mark.skipif(not HAVE_BART, reason="BART not installed ('bart' not on PATH; apt-get install bart)")
@@ -144,6 +144,29 @@ def test_espirit_on_simulated_slice_matches_coil_images():
     assert float(align.mean()) > 0.99 and float(align.min()) > 0.9  # noise lowers single pixels
 
 
+@pytest.mark.parametrize("lines, kernel", [(2, 2), (3, 2), (4, 2), (5, 3), (6, 3), (7, 4), (8, 4), (9, 5),
+                                           (10, 6), (24, 6)])
+def test_the_calibration_kernel_leaves_five_phase_positions_or_half_the_lines(lines, kernel):
+    assert calibration_kernel(lines, 6) == kernel
+    assert calibration_kernel(lines, 3) == min(kernel, 3)
+
+
+@pytest.mark.parametrize("width, accel, centre", [(128, 8, 0.04), (96, 8, 0.04)])
+def test_espirit_with_few_calibration_lines_covers_the_object(width, accel, centre):
+    """5 lines (8× on 128) and 4 lines (8× on 96): the maps still span the coil images inside the object
+    and their eigenvalue vouches for it (a kernel nearly as wide as the block left them cropped inside)."""
+    vol = simulate_volume(num_slices=1, num_coils=12, recon_size=(width, width), seed=4)
+    kspace = vol.kspace[0]
+    mask, num_low = make_mask("equispaced_fraction", kspace.shape[-1], accel, centre, seed=1)
+    maps, values = espirit_maps(kspace * mask, num_low=num_low, return_eigenvalues=True)
+    coil_images = ifft2c(torch.from_numpy(kspace)).to(torch.complex128)
+    combined = rss(coil_images, dim=0)
+    inside = combined > 0.2 * combined.max()
+    assert float((values[inside] >= 0.95).float().mean()) > 0.95
+    align = _alignment(maps, coil_images, inside)
+    assert float(align.mean()) > 0.97
+
+
 # ----------------------------------------------------------------------------- SENSE
 
 
@@ -240,15 +263,21 @@ def test_bart_pics_beats_zero_filled(simulated_4x):
 
 
 @needs_bart
-def test_bart_runs_with_fewer_acs_lines_than_its_default_kernel():
-    """5 ACS lines (8× with 4 % centre on 128 columns): the ecalib kernel is shrunk instead of BART aborting."""
-    vol = simulate_volume(num_slices=1, num_coils=4, recon_size=(64, 128), seed=9)
-    mask, num_low = MaskSampler(MaskSpec("random", [0.04], [8])).__call__(128, seed=3)
+def test_bart_with_fewer_acs_lines_than_its_default_kernel_still_reconstructs():
+    """5 ACS lines (8× with 4 % centre on 128 columns): the ecalib kernel is shrunk instead of BART aborting,
+    far enough that its maps hold inside the head (at 4, one line narrower than the block, they did not)."""
+    vol = simulate_volume(num_slices=1, num_coils=12, recon_size=(128, 128), seed=9)
+    kspace, target = vol.kspace[0], vol.target[0]
+    mask, num_low = make_mask("equispaced_fraction", kspace.shape[-1], 8, 0.04, seed=3)
     assert num_low == 5
-    image = pics_l1(vol.kspace[0] * mask, BartConfig(iterations=5), num_low=num_low)
-    assert image.shape == (128, 128) and np.isfinite(image).all()
+    under = kspace * mask
+    image = pics_l1(under, BartConfig(iterations=30), num_low=num_low)
+    assert image.shape == kspace.shape[1:] and np.isfinite(image).all()
+    zero_filled = center_crop(rss(ifft2c(torch.from_numpy(under)), dim=0).numpy(), target.shape)
+    err_zf, err_bart = nmse(target, zero_filled), nmse(target, center_crop(np.abs(image), target.shape))
+    assert err_bart < 0.5 * err_zf, (err_bart, err_zf)
     with pytest.raises(BartError, match="at least 2"):
-        pics_l1(vol.kspace[0] * mask, BartConfig(iterations=5), num_low=1)
+        pics_l1(under, BartConfig(iterations=5), num_low=1)
 
 
 def test_espirit_single_precision_calibration_and_capped_grid_match_the_defaults():

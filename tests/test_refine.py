@@ -266,10 +266,12 @@ def test_the_lambda_floor_follows_each_slices_maps():
 def test_refine_solves_with_espirit_maps_where_they_cover_the_object_and_the_networks_elsewhere():
     """12 calibration lines: ESPIRiT's maps cover the whole phantom and the solve with them (λ at its floor
     0.005) beats the one with the network's low-passed maps (floor 0.02). 8 lines: ESPIRiT vouches for a
-    quarter of it (coverage 0.24), so the network's maps are used; 1 line: no ESPIRiT at all.
-    ``maps='network'`` never asks ESPIRiT."""
-    from gadget.baselines.espirit import espirit_maps
-    from gadget.recon.refine import REFINE_ESPIRIT, choose_maps
+    quarter of it (coverage 0.24; the ``pi`` stage's kernel as wide as the block), so the network's maps
+    are used; 1 line: no ESPIRiT at all. ``maps='network'`` never asks ESPIRiT. ``maps='espirit'`` takes
+    ESPIRiT's whatever the coverage, unless noise fills its calibration's signal subspace (at 10 dB: every
+    eigenvalue near 1, so the coverage test passes them)."""
+    from gadget.baselines.espirit import espirit_calibration, espirit_maps
+    from gadget.recon.refine import MAX_SIGNAL_SHARE, REFINE_ESPIRIT, SOLVE_ESPIRIT, choose_maps
 
     measured, mask, final, image, truth = _refine_case(acs=12)
     assert choose_maps(image, final, measured, mask, RefineConfig())[1] == ["espirit"]
@@ -284,6 +286,12 @@ def test_refine_solves_with_espirit_maps_where_they_cover_the_object_and_the_net
     assert 0.1 < espirit_coverage(values, image[0]) < 0.5  # measured 0.24
     assert choose_maps(image, final, measured, mask, RefineConfig())[1] == ["network"]
     assert choose_maps(image, final, measured, mask, RefineConfig(), num_low=1)[1] == ["network"]
+    assert choose_maps(image, final, measured, mask, RefineConfig(maps="espirit"))[1] == ["espirit"]
+    noisy, mask, final, image, _ = _refine_case(snr_db=10, acs=12)
+    assert espirit_calibration(noisy[0], 12, config=SOLVE_ESPIRIT).signal_share > MAX_SIGNAL_SHARE
+    assert espirit_calibration(measured[0], 8, config=SOLVE_ESPIRIT).signal_share < 0.25
+    assert choose_maps(image, final, noisy, mask, RefineConfig())[1] == ["espirit"]
+    assert choose_maps(image, final, noisy, mask, RefineConfig(maps="espirit"))[1] == ["network"]
 
 
 def test_espirit_coverage_is_the_share_of_the_object_the_eigenvalues_vouch_for():

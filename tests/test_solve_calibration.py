@@ -169,8 +169,14 @@ def test_the_discrepancy_principle_regularises_more_where_the_noise_is_higher():
     assert cal.discrepancy_mu(engine, [silent], settings) is None
 
 
-def test_the_cs_refine_is_the_solve_where_the_maps_cover_and_the_network_elsewhere(phantom):
-    sl, _ = phantom
+def test_the_cs_refine_is_the_solve_where_the_maps_cover_and_the_network_elsewhere():
+    """At 40 dB: at the fixture's 30 dB noise fills half of ESPIRiT's subspace (with the ``cs`` stage's
+    kernel) and its maps reach over the whole grid, leaving nothing uncovered to check."""
+    from gadget.converters.simulate import simulate_volume
+
+    vol = simulate_volume(num_slices=1, num_coils=6, recon_size=(32, 48), seed=11, snr_db=40)
+    mask = equispaced_mask(48, 4, 8)
+    sl = AdaptSlice((vol.kspace[0] * mask).astype(np.complex64), mask, 8, "sim/0")
     engine = Reconstructor(tiny_model(), "cpu")
     image, final = engine.run_tensors(sl.kspace[None], sl.mask, sl.acs)
     config = RefineConfig(mode="cs", cs_lambda=0.03, cs_mu=0.005, cs_iterations=20, coverage=1e-3)  # ESPIRiT maps: cropped
@@ -224,3 +230,42 @@ def test_adapt_solve_through_both_offline_doors(tmp_path, test_format_file, caps
     assert "needs --refine auto" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="refine 'auto'"):
         build_engine(ReconConfig(adapt="solve", refine="none", checkpoint=str(base)), offline=True)
+
+
+def _quiet_slice(snr_db=40.0):
+    from gadget.converters.simulate import simulate_volume
+
+    vol = simulate_volume(num_slices=1, num_coils=6, recon_size=(32, 48), seed=11, snr_db=snr_db)
+    mask = equispaced_mask(48, 4, 8)
+    return AdaptSlice((vol.kspace[0] * mask).astype(np.complex64), mask, 8, "sim/0")
+
+
+def test_the_held_back_lines_choose_the_maps(monkeypatch):
+    """The search runs once with the network's maps and once with ESPIRiT's (whatever the coverage test of
+    the ``pi`` stage says: patched here to reject ESPIRiT always); the source with the lower held-out score
+    wins and the refine it configures uses that source. The network runs once per fold for both. Where noise
+    fills ESPIRiT's subspace (30 dB on this phantom) only the network's maps are searched."""
+    import gadget.recon.refine as refine_module
+
+    monkeypatch.setattr(refine_module, "espirit_coverage", lambda values, image, crop=0.95: 0.0)
+    engine = Reconstructor(tiny_model(), "cpu")
+    sl = _quiet_slice()
+    forwards = []
+    run = engine.run_tensors
+    monkeypatch.setattr(engine, "run_tensors", lambda *a, **kw: (forwards.append(1), run(*a, **kw))[1])
+    seen = []
+    result = cal.calibrate_solve(engine, [sl], SMALL_GRID, on_fold=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 4) for i in range(1, 5)] and len(forwards) == 4
+    best = {source: min(r["score"] for r in result.table if r["maps"] == source) for source in ("network", "espirit")}
+    assert len(result.table) == 2 * (len(SMALL_GRID.lams) + len(SMALL_GRID.mus))
+    # measured: ESPIRiT's maps 0.244 against the network's 0.746 (the network alone 1.12)
+    assert result.rule == "folds" and best["espirit"] < best["network"]
+    assert result.maps == "espirit" and result.score == pytest.approx(best["espirit"])
+    config = result.refine_config()
+    assert config.maps == "espirit" and config.mode == "cs"
+    image, final = run(sl.kspace[None], sl.mask, sl.acs)
+    measured, mask = torch.from_numpy(sl.kspace[None]), torch.from_numpy(sl.mask)
+    assert refine_module.choose_maps(image, final, measured, mask, config, sl.acs)[1] == ["espirit"]
+    assert refine_module.choose_maps(image, final, measured, mask, RefineConfig(), sl.acs)[1] == ["network"]
+    noisy = cal.calibrate_solve(engine, [_quiet_slice(30.0)], SMALL_GRID)
+    assert {r["maps"] for r in noisy.table} == {"network"} and noisy.maps == "network"

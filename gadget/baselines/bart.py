@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .espirit import calibration_kernel
+
 INSTALL_HINT = "install it with 'apt-get install bart' (Debian/Ubuntu) or from https://mrirecon.github.io/bart/"
 
 
@@ -129,9 +131,8 @@ def pics_l1(kspace: np.ndarray, config: BartConfig = BartConfig(), num_low: Opti
     Args:
         kspace: complex ``(coil, readout, phase)``, zeros at unsampled positions (BART infers the
             sampling pattern from the zeros; ecalib finds the fully sampled centre itself).
-        num_low: width of the fully sampled centre, when known; ecalib's kernel is shrunk to it
-            when it is narrower than the default 6 (BART 0.8 aborts on a kernel wider than the
-            calibration region, e.g. 5 ACS lines at 8×).
+        num_low: width of the fully sampled centre, when known; with fewer than 10 lines ecalib's kernel
+            is shrunk as our ESPIRiT's is (:func:`gadget.baselines.espirit.calibration_kernel`).
 
     Returns:
         complex64 image ``(readout, phase)`` in the units of ``kspace`` (``|image|`` ~ RSS).
@@ -144,10 +145,12 @@ def pics_l1(kspace: np.ndarray, config: BartConfig = BartConfig(), num_low: Opti
             ecalib += ["-c", f"{config.crop:g}"]
         if config.calib is not None:
             ecalib += ["-r", str(int(config.calib))]
-        if num_low is not None and num_low < DEFAULT_ECALIB_KERNEL:
-            if num_low < 2:
-                raise BartError(f"BART ESPIRiT needs at least 2 fully sampled centre lines, got {num_low}")
-            ksize = max(int(num_low) - 1, 2)  # with a kernel as wide as the 5 ACS lines BART 0.8 still aborts
+        if num_low is not None and num_low < 2:
+            raise BartError(f"BART ESPIRiT needs at least 2 fully sampled centre lines, got {num_low}")
+        if num_low is not None and calibration_kernel(num_low, DEFAULT_ECALIB_KERNEL) < DEFAULT_ECALIB_KERNEL:
+            # ours and BART's ESPIRiT alike: a kernel nearly as wide as the ACS block leaves the maps cropped
+            # inside the head (one as wide as 5 lines aborts BART 0.8)
+            ksize = calibration_kernel(num_low, DEFAULT_ECALIB_KERNEL)
             ecalib += ["-k", f"{ksize}:{ksize}:1"]
         run_bart([*ecalib, "kspace", "maps"], config, cwd=tmp)
         run_bart(["pics", "-S", "-l1", "-r", f"{config.lam:g}", "-i", str(int(config.iterations)),

@@ -40,6 +40,8 @@ from ..mri.parallel import all_threads
 
 log = logging.getLogger(__name__)
 ROWS_PER_COLUMN = 4  # default calibration window: patches per unknown of the calibration matrix
+#: Patch positions along the phase axis the calibration keeps where the lines allow (:func:`calibration_kernel`).
+MIN_PHASE_POSITIONS = 5
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,10 @@ class EspiritConfig:
     """ESPIRiT parameters.
 
     Attributes:
-        kernel: kernel width ``k`` in k-space samples on both axes (shrunk, with a warning, when
-            the calibration region is narrower).
+        kernel: the largest kernel width ``k`` in k-space samples on both axes; shrunk where the
+            calibration lines are too few for it (:func:`calibration_kernel`).
+        phase_positions: the patch positions along the phase axis the kernel leaves where the lines allow
+            (:func:`calibration_kernel`); 1 shrinks the kernel only to the calibration block.
         calib_readout: readout width of the calibration window; ``None`` = wide enough that the
             calibration matrix has :data:`ROWS_PER_COLUMN` × as many rows as columns (at least
             ``max(24, 2·num_low)``, at most the whole readout). With the few ACS lines of 4× and 8×
@@ -82,6 +86,7 @@ class EspiritConfig:
     max_grid: Optional[int] = None
     rows_per_column: int = ROWS_PER_COLUMN
     single: bool = False
+    phase_positions: int = MIN_PHASE_POSITIONS
 
 
 def default_calib_readout(coils: int, rows: int, num_low: int, kernel: int,
@@ -91,6 +96,19 @@ def default_calib_readout(coils: int, rows: int, num_low: int, kernel: int,
     per_row = max(num_low - kernel + 1, 1)
     needed = -(-rows_per_column * coils * kernel * kernel // per_row) + kernel - 1
     return min(rows, max(24, 2 * num_low, needed))
+
+
+def calibration_kernel(num_low: int, kernel: int, phase_positions: int = MIN_PHASE_POSITIONS) -> int:
+    """The kernel width for ``num_low`` calibration lines: at most ``kernel``, at least 2, and narrow enough
+    to leave ``phase_positions`` patch positions along the phase axis, or half the lines and one more where
+    that is fewer (with the default 5 and ``kernel`` 6: 4 lines: 2; 5, 6: 3; 7, 8: 4; 9: 5; 10 and more: 6).
+
+    Why: a kernel nearly as wide as the block leaves one to four positions along the phase axis; the
+    calibration matrix then barely constrains the kernels along it, the signal subspace spans too much,
+    and the maps' eigenvalues fall below the crop inside the object. The widths were measured on simulated
+    heads with 4 to 14 calibration lines (docs/results/adaptation.md, "ESPIRiT with few calibration lines")."""
+    positions = min(phase_positions, num_low // 2 + 1)
+    return max(2, min(kernel, num_low - positions + 1))
 
 
 def calibration_region(kspace: np.ndarray, num_low: int, calib_readout: Optional[int] = None,
@@ -388,11 +406,14 @@ class Calibration:
     phase relative to the reference coil, not yet cropped) and ``values`` float32 ``(gh, gw)`` (their
     eigenvalues) on the eigenproblem grid, for a slice of ``shape`` ``(readout, phase)``; the grid is the
     full one when ``config.step`` is 1. Small (a few hundred kB on a capped grid): what a scan keeps per
-    slice position (:class:`gadget.recon.refine.PositionCalibrations`)."""
+    slice position (:class:`gadget.recon.refine.PositionCalibrations`). ``signal_share``: the share of the
+    calibration matrix's ``C·k²`` dimensions its signal subspace spans (near 1 where noise fills the
+    calibration lines: then every vector is an eigenvector of eigenvalue 1 and the maps mean nothing)."""
 
     maps: torch.Tensor
     values: torch.Tensor
     shape: Tuple[int, int]
+    signal_share: float = 0.0
 
 
 def espirit_calibration(kspace, num_low: Optional[int] = None, mask=None,
@@ -407,11 +428,10 @@ def espirit_calibration(kspace, num_low: Optional[int] = None, mask=None,
         num_low = contiguous_center_lines(sampled)
     if num_low < 2:
         raise ValueError(f"ESPIRiT needs a fully sampled centre block; found {num_low} centre lines")
-    calib = calibration_region(k, num_low, config.calib_readout, config.kernel, config.rows_per_column)
-    kernel = min(config.kernel, *calib.shape[1:])
+    kernel = calibration_kernel(num_low, config.kernel, config.phase_positions)
     if kernel < config.kernel:
-        log.warning("ESPIRiT: calibration region %s smaller than kernel %d; using kernel %d",
-                    calib.shape[1:], config.kernel, kernel)
+        log.debug("ESPIRiT: %d calibration lines; kernel %d instead of %d", num_low, kernel, config.kernel)
+    calib = calibration_region(k, num_low, config.calib_readout, kernel, config.rows_per_column)
     kernels = signal_kernels(calib, kernel, config.threshold, config.single)
     g = averaged_projector_kernel(kernels)
     taps = g.shape[-1]
@@ -426,7 +446,7 @@ def espirit_calibration(kspace, num_low: Optional[int] = None, mask=None,
     if not 0 <= ref < coils:
         raise ValueError(f"ref_coil must be in [0, {coils}), got {ref}")
     maps = (maps * torch.sgn(maps[ref]).conj()).to(torch.complex64)  # sgn(0) = 0
-    return Calibration(maps, values, (rows, cols))
+    return Calibration(maps, values, (rows, cols), kernels.shape[0] / (coils * kernel * kernel))
 
 
 def calibrated_maps(calibration: Calibration, config: EspiritConfig = EspiritConfig()

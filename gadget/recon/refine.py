@@ -54,12 +54,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..baselines.espirit import (Calibration, EspiritConfig, calibrated_maps, espirit_calibration,
-                                 hermitian_eigh, per_slice_counts)
+from ..baselines.espirit import (MIN_PHASE_POSITIONS, Calibration, EspiritConfig, calibrated_maps,
+                                 espirit_calibration, hermitian_eigh, per_slice_counts)
 from ..mri.fft import ifft2c
 from ..mri.masks import contiguous_center_lines
 from ..model.checkpoint import REFINE_MODES
@@ -71,19 +71,31 @@ log = logging.getLogger(__name__)
 #: The stage's modes: the two a config or checkpoint may name, and ``cs`` (:mod:`gadget.recon.sparse`), whose
 #: weights a scan's own lines choose (``adapt: solve``; gadget/train/solve_calibration.py).
 STAGE_MODES = REFINE_MODES + ("cs",)
-MAP_SOURCES = ("auto", "network")
+MAP_SOURCES = ("auto", "network", "espirit")
 #: ESPIRiT as the baselines run it, except: the eigenproblems on a 4× coarser grid of at most 48 points
 #: per axis (the maps barely move and ESPIRiT gets several times cheaper), the calibration's
 #: eigen-decomposition in complex64 (the same maps, half the work), and the maps cropped where the top
 #: eigenvalue is below 0.9, not 0.95. With 10 calibration lines (8×) the eigenvalue falls below 0.95 inside the object's edge, and the
 #: solve leaves bright folded bands there; 0.9 was best at 8× and close to best at 4× (the crop sweep:
-#: docs/results/refinement.md).
-REFINE_ESPIRIT = EspiritConfig(step=4, crop=0.9, single=True, max_grid=48)
+#: docs/results/refinement.md). Its kernel shrinks only to the calibration block (``phase_positions`` 1):
+#: the ``pi`` stage's map choice was measured so, and with the baselines' narrower kernel for few lines
+#: ESPIRiT's maps of scalp-hugging coils can pass the coverage test and be wrong (docs/results/adaptation.md,
+#: "ESPIRiT with few calibration lines").
+REFINE_ESPIRIT = EspiritConfig(step=4, crop=0.9, single=True, max_grid=48, phase_positions=1)
+#: ESPIRiT of the ``cs`` stage, whose map source a scan's held-back lines choose (``adapt: solve``): the
+#: baselines' kernel rule for few calibration lines (:func:`gadget.baselines.espirit.calibration_kernel`).
+SOLVE_ESPIRIT = replace(REFINE_ESPIRIT, phase_positions=MIN_PHASE_POSITIONS)
 #: The eigenvalue that decides whether ESPIRiT's maps are used at all (:func:`choose_maps`): where it is
 #: below 0.95 over more than a tenth of the object, on whole heads with elements at the scalp, the
 #: network's maps did better than ESPIRiT's, and deciding at 0.9 instead lost PSNR there (the solve itself
 #: crops at 0.9 either way; docs/results/refinement.md).
 COVERAGE_CROP = 0.95
+#: With ``maps: espirit`` (the ``cs`` stage, whose held-back lines compare ESPIRiT's maps with the network's):
+#: the largest share of the calibration matrix's dimensions ESPIRiT's signal subspace may span for its maps
+#: to be used (:func:`choose_maps`). Where noise fills the subspace its eigenvalue is near 1 everywhere, the
+#: maps are noise, and the held-back lines, noise too, cannot tell (docs/results/adaptation.md, "ESPIRiT with
+#: few calibration lines").
+MAX_SIGNAL_SHARE = 1 / 3
 #: Coil-stack size (values) below which the whole stage runs on one intra-op thread: on two cores a
 #: 10×512×256 slice refines faster on one (160 vs 172 ms), a 16×640×320 one on two (342 vs 438 ms;
 #: docs/results/performance.md, "The refinement").
@@ -102,10 +114,12 @@ class RefineConfig:
     network's low-passed maps, 0.02: 0.005 did worse on a noise-free brain at 8× (tests/test_shipped.py).
     The sweeps: docs/results/refinement.md. ``smooth``: map low-pass
     width as a fraction of the matrix. ``maps``: ``auto`` (ESPIRiT where it covers the object, else the
-    network's maps; :func:`choose_maps`) or ``network``; ``coverage``: the share of the object ESPIRiT
-    must vouch for (:func:`espirit_coverage`). ``cs_lambda``, ``cs_mu``, ``cs_iterations``, ``cs_wavelet``:
-    the ``cs`` mode's pull to the network's image, sparsity weight, FISTA steps and wavelet (:mod:`gadget.recon.sparse`;
-    chosen per scan by :func:`gadget.train.solve_calibration.calibrate_solve`)."""
+    network's maps; :func:`choose_maps`), ``network``, or ``espirit`` (ESPIRiT's wherever its calibration
+    has a null space, the coverage not judged: what ``adapt: solve`` picks where the held-back lines
+    prefer them); ``coverage``: the share of the object ESPIRiT must vouch for (:func:`espirit_coverage`).
+    ``cs_lambda``, ``cs_mu``, ``cs_iterations``, ``cs_wavelet``: the ``cs`` mode's pull to the network's
+    image, sparsity weight, FISTA steps and wavelet (:mod:`gadget.recon.sparse`; chosen per scan by
+    :func:`gadget.train.solve_calibration.calibrate_solve`)."""
 
     mode: str = "pi"
     lam: float = 0.0
@@ -190,14 +204,15 @@ class PositionCalibrations:
         self._known: dict = {}
         self._lock = threading.Lock()
 
-    def calibration(self, position, kspace: torch.Tensor, num_low, sampled) -> Calibration:
+    def calibration(self, position, kspace: torch.Tensor, num_low, sampled,
+                    config: EspiritConfig = REFINE_ESPIRIT) -> Calibration:
         """The calibration of ``kspace`` ``(coil, readout, phase)`` at ``position`` (any hashable), with
         ``num_low`` centre lines (None: the centre run of ``sampled``, bool ``(phase,)``)."""
         lines = int(num_low) if num_low is not None else contiguous_center_lines(sampled)
-        key = (position, tuple(kspace.shape), lines)
+        key = (position, tuple(kspace.shape), lines, config)
         known = self._known.get(key)
         if known is None:
-            known = espirit_calibration(kspace, lines, mask=sampled, config=REFINE_ESPIRIT)
+            known = espirit_calibration(kspace, lines, mask=sampled, config=config)
             with self._lock:
                 self.computed += 1
                 if len(self._known) < self.limit:
@@ -211,26 +226,30 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     """Maps ``(b, c, h, w)`` for the solve and, per slice, where they came from (``espirit`` or ``network``).
 
     ESPIRiT (on the measured calibration lines, as BART's pics takes them) where its eigenvalue reaches
-    :data:`COVERAGE_CROP` over at least ``config.coverage`` of the network's object, else
+    :data:`COVERAGE_CROP` over at least ``config.coverage`` of the network's object (with ``config.maps``
+    ``espirit``: where its signal subspace leaves a null space, :data:`MAX_SIGNAL_SHARE`), else
     :func:`coil_maps` of the network's k-space. Why both: on the held-out brain, phantoms and INIA heads
     at 4× ESPIRiT's maps lift the refined image (docs/results/refinement.md), but on heads with elements
-    at the scalp and on few calibration lines they are cropped inside the object, and a solve with them
-    returns a dark interior. With ``calibrations`` and each slice's ``positions``, ESPIRiT's calibration
+    at the scalp they are cropped inside the object, and a solve with them returns a dark interior. With ``calibrations`` and each slice's ``positions``, ESPIRiT's calibration
     comes from there (computed once per position); the coverage is judged on each slice's own image."""
     b, w = final.shape[0], final.shape[-1]
     if config.maps == "network":
         return coil_maps(final, config.smooth), ["network"] * b
     rows, counts = _mask_rows(mask, b, w).cpu().numpy(), per_slice_counts(num_low, b)
+    espirit = espirit_config(config)
     chosen = []
     for i in range(b):
         try:
             if calibrations is not None and positions is not None:
-                calibration = calibrations.calibration(positions[i], measured[i], counts[i], rows[i])
+                calibration = calibrations.calibration(positions[i], measured[i], counts[i], rows[i], espirit)
             else:
-                calibration = espirit_calibration(measured[i], counts[i], mask=rows[i], config=REFINE_ESPIRIT)
-            esp, values = calibrated_maps(calibration, REFINE_ESPIRIT)
+                calibration = espirit_calibration(measured[i], counts[i], mask=rows[i], config=espirit)
+            esp, values = calibrated_maps(calibration, espirit)
             esp = esp.to(final.device)
-            covers = espirit_coverage(values, image[i].cpu()) >= config.coverage
+            if config.maps == "espirit":
+                covers = calibration.signal_share <= MAX_SIGNAL_SHARE
+            else:
+                covers = espirit_coverage(values, image[i].cpu()) >= config.coverage
         except ValueError as exc:  # no usable calibration block (fewer than 2 centre lines)
             log.debug("refine: ESPIRiT maps unavailable (%s); the network's maps are used", exc)
             covers = False
@@ -240,6 +259,12 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
         network = coil_maps(final, config.smooth)
         chosen = [network[i] if m is None else m for i, m in enumerate(chosen)]
     return torch.stack(chosen), sources
+
+
+def espirit_config(config: RefineConfig) -> EspiritConfig:
+    """The ESPIRiT settings of a refine: :data:`SOLVE_ESPIRIT` for the ``cs`` stage, else
+    :data:`REFINE_ESPIRIT`."""
+    return SOLVE_ESPIRIT if config.mode == "cs" else REFINE_ESPIRIT
 
 
 def maps_and_prior(image, final, measured, mask, config: RefineConfig, num_low=None, positions=None,

@@ -197,7 +197,7 @@ class FixedMapsCache:
     this process's lookups; ``compute_seconds`` is the time spent in ``compute``.
     """
 
-    FORMAT = 1
+    FORMAT = 2  # 2: ESPIRiT's narrower kernel with fewer than 10 ACS lines (espirit.calibration_kernel)
 
     def __init__(self, directory: Optional[str | os.PathLike] = None, memory_mb: float = 256,
                  compute: Optional[Callable] = None):

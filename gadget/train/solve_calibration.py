@@ -14,12 +14,19 @@ lines stands in for it:
   error normalised by the lines' energy, averaged over folds and slices;
 - the search runs along the axes of the grid: every λ at the starting μ, then every μ at the best λ
   (the score varies smoothly in both, and two lines cost a fraction of the whole grid);
+- the coil maps are a choice too: the search runs with maps from the network's own coil images and,
+  where ESPIRiT's calibration on the ACS lines has a null space, again with ESPIRiT's maps
+  (:func:`gadget.recon.refine.choose_maps`), and the source with the lower score wins. The ``pi`` stage
+  judges ESPIRiT's maps by whether their eigenvalue covers the network's object; here the held-back lines
+  judge them (at 8× an aliased network image reaches beyond the head and fails that test for good maps,
+  and on heads with coils at the scalp wrong maps pass it);
 - the pair with the lowest score wins and the scan is reconstructed with it on all its lines, provided
   it predicts the held-back lines better than the network alone does (its own final k-space, scored the
   same way) by a relative ``margin``. Where no candidate does, the held-back lines cannot tell the
   candidates apart (noise-dominated outer lines, too little coil encoding left at high acceleration);
 - there the discrepancy principle decides instead (``fallback``): on all the slice's lines, with λ
-  ``fallback_lam``, the largest μ whose data residual ``‖M F S x̂ − y‖²`` stays within the noise
+  ``fallback_lam`` and the maps that scored better (else the others), the largest μ whose data residual
+  ``‖M F S x̂ − y‖²`` stays within the noise
   (``σ²`` per acquired sample, σ from the outer readout: :func:`gadget.recon.refine.noise_sigma`); the
   most regularised image still consistent with the measurements. Where even μ 0 leaves more than the
   noise (model error dominates), the door keeps its own refine.
@@ -43,7 +50,8 @@ import torch
 
 from ..mri.fft import fft2c
 from ..mri.parallel import in_workers
-from ..recon.refine import RefineConfig, maps_and_prior, noise_sigma
+from ..baselines.espirit import espirit_calibration
+from ..recon.refine import MAX_SIGNAL_SHARE, SOLVE_ESPIRIT, RefineConfig, maps_and_prior, noise_sigma
 from ..recon.sparse import WAVELETS, solve
 from .adapt import AdaptError, AdaptSlice
 from .splits import acs_lines
@@ -118,9 +126,10 @@ class CalibrationConfig:
 @dataclass
 class CalibrationResult:
     """What :func:`calibrate_solve` chose: ``lam``/``mu``, their ``score`` and every scored candidate's
-    (``table``: one ``{lam, mu, score}`` each), the network's own held-out error (``network_score``),
+    (``table``: one ``{lam, mu, score, maps}`` each), the network's own held-out error (``network_score``),
     whether the cs refine is used (``used``) and by which rule (``rule``: ``folds``, ``discrepancy`` or
-    ``none``), the folds and slices it used and its time."""
+    ``none``), the folds and slices it used, its time, and the refine's map source (``maps``: ``network``
+    or ``espirit``, :class:`gadget.recon.refine.RefineConfig`)."""
 
     lam: float
     mu: float
@@ -132,6 +141,7 @@ class CalibrationResult:
     network_score: float = float("nan")
     wavelet: str = "db2"
     rule: str = "folds"
+    maps: str = "network"
 
     @property
     def used(self) -> bool:
@@ -141,14 +151,15 @@ class CalibrationResult:
     def summary(self) -> str:
         verdict = {"folds": "used", "discrepancy": "chosen by the noise level (the held-back lines did not decide)",
                    "none": "not used: no better than the network's own on the held-back lines"}[self.rule]
-        return (f"λ {self.lam:g}, μ {self.mu:g}, {verdict} (held-out error {self.score:.4g}, the network's "
+        maps = {"espirit": ", ESPIRiT's maps", "network": ", the network's maps"}.get(self.maps, "")
+        return (f"λ {self.lam:g}, μ {self.mu:g}{maps}, {verdict} (held-out error {self.score:.4g}, the network's "
                 f"{self.network_score:.4g}; {len(self.table)} candidates, {self.folds} folds on {self.slices} "
                 f"slices, {self.seconds:.1f} s)")
 
     def refine_config(self, base: RefineConfig = RefineConfig()) -> RefineConfig:
         """The ``cs`` refine with the chosen weights (the other settings from ``base``)."""
         return RefineConfig(**{**asdict(base), "mode": "cs", "cs_lambda": self.lam, "cs_mu": self.mu,
-                               "cs_wavelet": self.wavelet})
+                               "cs_wavelet": self.wavelet, "maps": self.maps})
 
 
 def outer_folds(mask: np.ndarray, acs: int, folds: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -170,20 +181,47 @@ def spread(count: int, most: int) -> list[int]:
     return [int((i + 0.5) * count / most) for i in range(most)]  # the centres of ``most`` equal parts
 
 
+@dataclass
+class NetworkRun:
+    """The network on one slice's lines: its RSS ``image`` ``(1, H, W)``, ``final`` k-space and ``coils``
+    images ``(1, C, H, W)``, the ``measured`` k-space it saw ``(1, C, H, W)`` on ``mask`` ``(W,)``, and the
+    ACS count ESPIRiT's maps read (0 where the calibration lines come from a separate reference)."""
+
+    image: torch.Tensor
+    final: torch.Tensor
+    coils: torch.Tensor
+    measured: torch.Tensor
+    mask: torch.Tensor
+    maps_acs: int
+
+    def maps_and_prior(self, refine: RefineConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The maps ``(C, H, W)`` ``refine`` chooses (:func:`gadget.recon.refine.choose_maps`) and the
+        network's coil images combined with them ``(H, W)``."""
+        maps, _, prior = maps_and_prior(self.image, self.final, self.measured, self.mask, refine, self.maps_acs,
+                                        coil_images=self.coils)
+        return maps[0], prior[0]
+
+
+def run_network(engine, kspace: np.ndarray, mask: np.ndarray, acs: int, sens_kspace=None) -> NetworkRun:
+    """:class:`NetworkRun` of one slice. ``acs``: the network's ACS count (with ``sens_kspace``, the
+    reference's lines)."""
+    reference = None if sens_kspace is None else sens_kspace[None]
+    image, final, coils = engine.run_tensors(kspace[None], mask, acs, reference, coil_images=True)
+    measured = torch.from_numpy(kspace[None]).to(final.device, torch.complex64)
+    maps_acs = 0 if sens_kspace is not None else acs  # no calibration block in the imaging lines: the network's maps
+    return NetworkRun(image, final.to(torch.complex64), coils, measured, torch.from_numpy(mask).to(final.device),
+                      maps_acs)
+
+
 def network_prior(engine, kspace: np.ndarray, mask: np.ndarray, acs: int, sens_kspace=None,
                   refine: RefineConfig = RefineConfig()):
     """``(image, maps, prior, final)``: the network's RSS image ``(H, W)``, the refine's maps ``(C, H, W)``
     (:func:`gadget.recon.refine.choose_maps`), the network's coil images combined with them ``(H, W)`` and
     its final k-space ``(C, H, W)``, for one slice. ``acs``: the network's ACS count (with
     ``sens_kspace``, the reference's lines)."""
-    reference = None if sens_kspace is None else sens_kspace[None]
-    image, final, coils = engine.run_tensors(kspace[None], mask, acs, reference, coil_images=True)
-    measured = torch.from_numpy(kspace[None]).to(final.device, torch.complex64)
-    maps_acs = 0 if sens_kspace is not None else acs  # no calibration block in the imaging lines: the network's maps
-    final = final.to(torch.complex64)
-    maps, _, prior = maps_and_prior(image, final, measured, torch.from_numpy(mask).to(final.device), refine, maps_acs,
-                                    coil_images=coils)
-    return image[0], maps[0], prior[0], final[0]
+    run = run_network(engine, kspace, mask, acs, sens_kspace)
+    maps, prior = run.maps_and_prior(refine)
+    return run.image[0], maps, prior, run.final[0]
 
 
 @dataclass
@@ -207,16 +245,38 @@ class HeldOutFold:
         return (predicted - self.held).abs().square().sum() / energy
 
 
-def hold_out(engine, sl: AdaptSlice, fold: np.ndarray) -> HeldOutFold:
-    """The slice ``sl`` without the lines of ``fold``, and the network's image from what is left."""
+def held_out_run(engine, sl: AdaptSlice, fold: np.ndarray) -> NetworkRun:
+    """The network on the slice ``sl`` without the lines of ``fold``."""
     kept = sl.mask.copy()
     kept[fold] = False
-    measured = sl.kspace * kept
-    _, maps, prior, final = network_prior(engine, measured, kept, sl.acs, sl.sens_kspace)
+    return run_network(engine, sl.kspace * kept, kept, sl.acs, sl.sens_kspace)
+
+
+def held_out_fold(run: NetworkRun, sl: AdaptSlice, fold: np.ndarray, refine: RefineConfig) -> HeldOutFold:
+    """:class:`HeldOutFold` of the network's ``run`` on ``sl`` without ``fold``, the maps as ``refine``
+    chooses them."""
+    maps, prior = run.maps_and_prior(refine)
     device = prior.device
-    return HeldOutFold(torch.from_numpy(measured).to(device, torch.complex64), torch.from_numpy(kept).to(device),
-                       maps, prior, fold, torch.from_numpy(sl.kspace[..., fold]).to(device, torch.complex64),
-                       final[..., fold])
+    return HeldOutFold(run.measured[0], run.mask, maps, prior, fold,
+                       torch.from_numpy(sl.kspace[..., fold]).to(device, torch.complex64), run.final[0][..., fold])
+
+
+def hold_out(engine, sl: AdaptSlice, fold: np.ndarray, refine: RefineConfig = RefineConfig()) -> HeldOutFold:
+    """The slice ``sl`` without the lines of ``fold``, and the network's image from what is left (the maps
+    as ``refine`` chooses them)."""
+    return held_out_fold(held_out_run(engine, sl, fold), sl, fold, refine)
+
+
+def espirit_has_null_space(sl: AdaptSlice) -> bool:
+    """Whether ESPIRiT's calibration on the slice's own ACS lines leaves a null space
+    (:data:`gadget.recon.refine.MAX_SIGNAL_SHARE`), so that its maps could be used at all."""
+    if sl.sens_kspace is not None:  # no calibration block in the imaging lines: the network's maps only
+        return False
+    try:
+        calibration = espirit_calibration(sl.kspace, sl.acs, mask=sl.mask, config=SOLVE_ESPIRIT)
+    except ValueError:
+        return False
+    return calibration.signal_share <= MAX_SIGNAL_SHARE
 
 
 def fold_errors(data: HeldOutFold, lam: torch.Tensor, mu: torch.Tensor, settings: CalibrationConfig) -> torch.Tensor:
@@ -242,34 +302,46 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
     chosen = [slices[i] for i in spread(len(slices), settings.slices)]
     plan = [(sl, fold) for sl in chosen for fold in outer_folds(sl.mask, sl.split_acs, settings.folds, rng)]
     table = []
-
     workers = getattr(engine, "forwards", 1)  # folds side by side, as the engine admits
 
-    def best(line: list[tuple[float, float]]) -> tuple[float, float, float]:
-        lam, mu = (torch.tensor(values, dtype=torch.float32) for values in zip(*line))
-        total = torch.zeros(len(line))
-        for errors in in_workers(_inference(lambda data: fold_errors(data, lam, mu, settings)), held_out, workers):
-            total += errors
-        scores = (total / len(held_out)).tolist()
-        table.extend({"lam": a, "mu": b, "score": c} for (a, b), c in zip(line, scores))
-        i = int(np.argmin(scores))
-        return line[i][0], line[i][1], scores[i]
-
-    held_out = []
-    for data in in_workers(_inference(lambda step: hold_out(engine, *step)), plan, workers):
-        held_out.append(data)
+    runs = []
+    for run in in_workers(_inference(lambda step: held_out_run(engine, *step)), plan, workers):
+        runs.append(run)
         if on_fold:
-            on_fold(len(held_out), len(plan))
-    lam, _, _ = best(settings.lam_line())
-    lam, mu, score = best(settings.mu_line(lam))
+            on_fold(len(runs), len(plan))
+
+    def search(refine: RefineConfig) -> tuple[float, float, float, list[HeldOutFold]]:
+        """The folds with the maps ``refine`` chooses, the line along λ, then the line along μ."""
+        held_out = [held_out_fold(run, sl, fold, refine) for run, (sl, fold) in zip(runs, plan)]
+
+        def best(line: list[tuple[float, float]]) -> tuple[float, float, float]:
+            lam, mu = (torch.tensor(values, dtype=torch.float32) for values in zip(*line))
+            total = torch.zeros(len(line))
+            for errors in in_workers(_inference(lambda data: fold_errors(data, lam, mu, settings)), held_out,
+                                     workers):
+                total += errors
+            scores = (total / len(held_out)).tolist()
+            table.extend({"lam": a, "mu": b, "score": c, "maps": refine.maps} for (a, b), c in zip(line, scores))
+            i = int(np.argmin(scores))
+            return line[i][0], line[i][1], scores[i]
+
+        lam, _, _ = best(settings.lam_line())
+        return (*best(settings.mu_line(lam)), held_out)
+
+    sources = ["network"] + (["espirit"] if any(map(espirit_has_null_space, chosen)) else [])
+    found = {source: search(RefineConfig(mode="cs", maps=source)) for source in sources}
+    maps = min(found, key=lambda source: found[source][2])
+    lam, mu, score, held_out = found[maps]
     network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
     rule = "folds" if score < (1 - settings.margin) * network else "none"
     if rule == "none" and settings.fallback == "discrepancy":
-        found = discrepancy_mu(engine, chosen, settings)
-        if found is not None:
-            lam, mu, rule = settings.fallback_lam, found, "discrepancy"
+        for source in sorted(found, key=lambda source: found[source][2]):  # the better-scoring maps first
+            quiet = discrepancy_mu(engine, chosen, settings, RefineConfig(mode="cs", maps=source))
+            if quiet is not None:
+                lam, mu, rule, maps = settings.fallback_lam, quiet, "discrepancy", source
+                break
     return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
-                             network, settings.wavelet, rule)
+                             network, settings.wavelet, rule, maps)
 
 
 def _inference(fn: Callable) -> Callable:
@@ -280,15 +352,17 @@ def _inference(fn: Callable) -> Callable:
     return run
 
 
-def discrepancy_mu(engine, slices: Sequence[AdaptSlice], settings: CalibrationConfig) -> Optional[float]:
-    """The largest μ of ``settings.mus`` whose solve (λ ``settings.fallback_lam``, all acquired lines)
+def discrepancy_mu(engine, slices: Sequence[AdaptSlice], settings: CalibrationConfig,
+                   refine: RefineConfig = RefineConfig()) -> Optional[float]:
+    """The largest μ of ``settings.mus`` whose solve (λ ``settings.fallback_lam``, all acquired lines, the
+    maps ``refine`` chooses)
     leaves a data residual no larger than the noise, summed over ``slices``: ``Σ‖M F S x̂ − y‖² ≤ Σ N σ²``
     with ``N`` the acquired samples of a slice and σ its noise level; None when not even the smallest
     does."""
     mus = sorted(settings.mus)
     residual, noise = torch.zeros(len(mus)), 0.0
     for sl in slices:
-        _, maps, prior, _ = network_prior(engine, sl.kspace, sl.mask, sl.acs, sl.sens_kspace)
+        _, maps, prior, _ = network_prior(engine, sl.kspace, sl.mask, sl.acs, sl.sens_kspace, refine)
         y = torch.from_numpy(sl.kspace).to(prior.device, torch.complex64)
         columns = torch.from_numpy(sl.mask).to(prior.device)
         x = solve(maps, y, columns, prior, [settings.fallback_lam] * len(mus), mus, settings.iterations,
