@@ -310,8 +310,9 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
         if on_fold:
             on_fold(len(runs), len(plan))
 
-    def search(refine: RefineConfig) -> tuple[float, float, float, list[HeldOutFold]]:
-        """The folds with the maps ``refine`` chooses, the line along λ, then the line along μ."""
+    def search(refine: RefineConfig) -> tuple[float, float, float, float]:
+        """The folds with the maps ``refine`` chooses, the line along λ, then the line along μ: the winner's
+        ``(λ, μ, score)`` and the network's own held-out error (the folds are let go when it returns)."""
         held_out = [held_out_fold(run, sl, fold, refine) for run, (sl, fold) in zip(runs, plan)]
 
         def best(line: list[tuple[float, float]]) -> tuple[float, float, float]:
@@ -326,13 +327,13 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
             return line[i][0], line[i][1], scores[i]
 
         lam, _, _ = best(settings.lam_line())
-        return (*best(settings.mu_line(lam)), held_out)
+        network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
+        return (*best(settings.mu_line(lam)), network)
 
     sources = ["network"] + (["espirit"] if any(map(espirit_has_null_space, chosen)) else [])
     found = {source: search(RefineConfig(mode="cs", maps=source)) for source in sources}
     maps = min(found, key=lambda source: found[source][2])
-    lam, mu, score, held_out = found[maps]
-    network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
+    lam, mu, score, network = found[maps]
     rule = "folds" if score < (1 - settings.margin) * network else "none"
     if rule == "none" and settings.fallback == "discrepancy":
         for source in sorted(found, key=lambda source: found[source][2]):  # the better-scoring maps first
@@ -355,10 +356,9 @@ def _inference(fn: Callable) -> Callable:
 def discrepancy_mu(engine, slices: Sequence[AdaptSlice], settings: CalibrationConfig,
                    refine: RefineConfig = RefineConfig()) -> Optional[float]:
     """The largest μ of ``settings.mus`` whose solve (λ ``settings.fallback_lam``, all acquired lines, the
-    maps ``refine`` chooses)
-    leaves a data residual no larger than the noise, summed over ``slices``: ``Σ‖M F S x̂ − y‖² ≤ Σ N σ²``
-    with ``N`` the acquired samples of a slice and σ its noise level; None when not even the smallest
-    does."""
+    maps ``refine`` chooses) leaves a data residual no larger than the noise, summed over ``slices``:
+    ``Σ‖M F S x̂ − y‖² ≤ Σ N σ²`` with ``N`` the acquired samples of a slice and σ its noise level; None
+    when not even the smallest does."""
     mus = sorted(settings.mus)
     residual, noise = torch.zeros(len(mus)), 0.0
     for sl in slices:
