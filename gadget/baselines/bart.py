@@ -147,10 +147,10 @@ def pics_l1(kspace: np.ndarray, config: BartConfig = BartConfig(), num_low: Opti
             ecalib += ["-r", str(int(config.calib))]
         if num_low is not None and num_low < 2:
             raise BartError(f"BART ESPIRiT needs at least 2 fully sampled centre lines, got {num_low}")
-        if num_low is not None and calibration_kernel(num_low, DEFAULT_ECALIB_KERNEL) < DEFAULT_ECALIB_KERNEL:
-            # ours and BART's ESPIRiT alike: a kernel nearly as wide as the ACS block leaves the maps cropped
-            # inside the head (one as wide as 5 lines aborts BART 0.8)
-            ksize = calibration_kernel(num_low, DEFAULT_ECALIB_KERNEL)
+        # ours and BART's ESPIRiT alike: a kernel nearly as wide as the ACS block leaves the maps cropped
+        # inside the head (one as wide as 5 lines aborts BART 0.8)
+        ksize = DEFAULT_ECALIB_KERNEL if num_low is None else calibration_kernel(num_low, DEFAULT_ECALIB_KERNEL)
+        if ksize < DEFAULT_ECALIB_KERNEL:
             ecalib += ["-k", f"{ksize}:{ksize}:1"]
         run_bart([*ecalib, "kspace", "maps"], config, cwd=tmp)
         run_bart(["pics", "-S", "-l1", "-r", f"{config.lam:g}", "-i", str(int(config.iterations)),

@@ -413,7 +413,7 @@ class Calibration:
     maps: torch.Tensor
     values: torch.Tensor
     shape: Tuple[int, int]
-    signal_share: float = 0.0
+    signal_share: float
 
 
 def espirit_calibration(kspace, num_low: Optional[int] = None, mask=None,

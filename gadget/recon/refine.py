@@ -82,8 +82,8 @@ MAP_SOURCES = ("auto", "network", "espirit")
 #: ESPIRiT's maps of scalp-hugging coils can pass the coverage test and be wrong (docs/results/adaptation.md,
 #: "ESPIRiT with few calibration lines").
 REFINE_ESPIRIT = EspiritConfig(step=4, crop=0.9, single=True, max_grid=48, phase_positions=1)
-#: ESPIRiT of the ``cs`` stage, whose map source a scan's held-back lines choose (``adapt: solve``): the
-#: baselines' kernel rule for few calibration lines (:func:`gadget.baselines.espirit.calibration_kernel`).
+#: ESPIRiT where a scan's held-back lines judge its maps (``maps: espirit``, the ``cs`` stage of ``adapt:
+#: solve``): the baselines' kernel rule for few calibration lines (:func:`gadget.baselines.espirit.calibration_kernel`).
 SOLVE_ESPIRIT = replace(REFINE_ESPIRIT, phase_positions=MIN_PHASE_POSITIONS)
 #: The eigenvalue that decides whether ESPIRiT's maps are used at all (:func:`choose_maps`): where it is
 #: below 0.95 over more than a tenth of the object, on whole heads with elements at the scalp, the
@@ -230,8 +230,9 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
     ``espirit``: where its signal subspace leaves a null space, :data:`MAX_SIGNAL_SHARE`), else
     :func:`coil_maps` of the network's k-space. Why both: on the held-out brain, phantoms and INIA heads
     at 4× ESPIRiT's maps lift the refined image (docs/results/refinement.md), but on heads with elements
-    at the scalp they are cropped inside the object, and a solve with them returns a dark interior. With ``calibrations`` and each slice's ``positions``, ESPIRiT's calibration
-    comes from there (computed once per position); the coverage is judged on each slice's own image."""
+    at the scalp they are cropped inside the object, and a solve with them returns a dark interior. With
+    ``calibrations`` and each slice's ``positions``, ESPIRiT's calibration comes from there (computed once
+    per position); the coverage is judged on each slice's own image."""
     b, w = final.shape[0], final.shape[-1]
     if config.maps == "network":
         return coil_maps(final, config.smooth), ["network"] * b
@@ -262,9 +263,9 @@ def choose_maps(image: torch.Tensor, final: torch.Tensor, measured: torch.Tensor
 
 
 def espirit_config(config: RefineConfig) -> EspiritConfig:
-    """The ESPIRiT settings of a refine: :data:`SOLVE_ESPIRIT` for the ``cs`` stage, else
-    :data:`REFINE_ESPIRIT`."""
-    return SOLVE_ESPIRIT if config.mode == "cs" else REFINE_ESPIRIT
+    """The ESPIRiT settings of a refine: :data:`SOLVE_ESPIRIT` where the held-back lines judge the maps
+    (``maps: espirit``), else :data:`REFINE_ESPIRIT` (whose maps the coverage test judges)."""
+    return SOLVE_ESPIRIT if config.maps == "espirit" else REFINE_ESPIRIT
 
 
 def maps_and_prior(image, final, measured, mask, config: RefineConfig, num_low=None, positions=None,
