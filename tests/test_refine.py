@@ -597,3 +597,22 @@ def test_the_refine_on_cuda_is_the_refine_on_the_cpu():
     cuda = refine(image.cuda(), kspace.cuda(), kspace.cuda(), columns.cuda(), coil_images=coils.cuda())
     assert cuda.device.type == "cuda"
     assert _rel(cuda.cpu(), cpu) < 1e-4
+
+
+def test_the_exterior_of_the_maps_leaves_their_holes_and_a_margin():
+    """A ring of maps (zero inside and outside it) on a 20×20 grid: the exterior is what lies more than
+    ``margin`` steps outside the ring; the hole inside the ring never belongs to it."""
+    from gadget.recon.refine import map_exterior
+
+    yy, xx = np.mgrid[:20, :20]
+    r = np.hypot(yy - 10, xx - 10)
+    ring = torch.from_numpy((r >= 3) & (r <= 6))
+    maps = torch.zeros(1, 2, 20, 20, dtype=torch.complex64)
+    maps[0, 1][ring] = 0.5 + 0.5j
+    for margin in (0, 2):
+        outside = map_exterior(maps, margin)[0].numpy()
+        # taxicab steps to the ring and its hole, counted here by brute force
+        inside = (r <= 6).nonzero()
+        steps = np.min(np.abs(yy[..., None] - inside[0]) + np.abs(xx[..., None] - inside[1]), axis=-1)
+        np.testing.assert_array_equal(outside, steps > margin)
+        assert not outside[r < 3].any()

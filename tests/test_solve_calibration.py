@@ -2,15 +2,18 @@
 never reach the network or the solve they score, that the choice tracks the truth, and the doors."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from gadget.mri.coils import rss
 from gadget.mri.fft import ifft2c
 from gadget.recon import sparse
 from gadget.recon.engine import Reconstructor
-from gadget.recon.refine import RefineConfig, refine
+from gadget.recon.refine import EXTERIOR_MARGIN, RefineConfig, noise_floor, noise_sigma, refine
 from gadget.train import solve_calibration as cal
 from gadget.train.adapt import AdaptError, AdaptSlice
 from gadget.train.splits import acs_lines
@@ -71,7 +74,7 @@ def test_a_folds_lines_never_reach_the_network_or_the_solve_it_scores(phantom, m
     assert [s[0] for s in seen] == ["net", "solve"]
     for _, k, m in seen:
         assert not np.asarray(m)[fold].any() and np.abs(np.asarray(k)[..., fold]).max() == 0
-    assert errors.shape == lam.shape and bool(torch.isfinite(errors).all())
+    assert errors.shape == (*lam.shape, 3) and bool(torch.isfinite(errors).all())
     assert float(errors.min()) > 0.9  # scored against the poison, which nothing could predict
 
 
@@ -169,7 +172,7 @@ def test_the_discrepancy_principle_regularises_more_where_the_noise_is_higher():
     assert cal.discrepancy_mu(engine, [silent], settings) is None
 
 
-def test_the_cs_refine_is_the_solve_where_the_maps_cover_and_the_network_elsewhere():
+def test_the_cs_refine_is_the_solve_where_the_maps_cover_and_the_network_or_its_capped_image_elsewhere():
     """At 40 dB: at the fixture's 30 dB noise fills half of ESPIRiT's subspace (with the ``cs`` stage's
     kernel) and its maps reach over the whole grid, leaving nothing uncovered to check."""
     from gadget.converters.simulate import simulate_volume
@@ -187,8 +190,36 @@ def test_the_cs_refine_is_the_solve_where_the_maps_cover_and_the_network_elsewhe
     assert covered.any() and (~covered).any()
     np.testing.assert_allclose(out[covered].numpy(), want.abs()[covered].numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out[~covered].numpy(), image[0][~covered].numpy(), rtol=1e-6)
+    capped = refine(image, final, torch.from_numpy(sl.kspace[None]), torch.from_numpy(sl.mask),
+                    replace(config, cs_outside="capped"), sl.acs)[0]
+    cap = float(noise_floor(noise_sigma(torch.from_numpy(sl.kspace[None]), torch.from_numpy(sl.mask)), 6)[0])
+    # capped: more than EXTERIOR_MARGIN steps (up, down, left, right) from the region the maps enclose
+    region = ndimage.binary_fill_holes(covered.numpy())
+    far = torch.from_numpy(ndimage.distance_transform_cdt(~region, metric="taxicab") > EXTERIOR_MARGIN)
+    near = ~covered & ~far
+    assert far.any() and near.any()
+    np.testing.assert_allclose(capped[covered].numpy(), out[covered].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(capped[near].numpy(), image[0][near].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(capped[far].numpy(), np.minimum(image[0][far].numpy(), cap), rtol=1e-6)
+    assert (image[0][far] > cap).any() and (image[0][far] < cap).any()  # the cap cuts, and not everything
     with pytest.raises(ValueError, match="cs weights"):
         RefineConfig(mode="cs", cs_mu=-1)
+    with pytest.raises(ValueError, match="cs outside must be one of network, capped"):
+        RefineConfig(mode="cs", cs_outside="noise")
+
+
+def test_the_noise_floor_is_the_quantile_of_the_rss_of_noise():
+    """Against complex Gaussian noise drawn here (E|n|² = σ² per coil): the share of pixels whose RSS over the
+    coils exceeds the floor is the quantile's complement, within the sampling error of a million draws."""
+    rng = np.random.default_rng(3)
+    sigma = 2.5e-6
+    for coils in (1, 8, 32):
+        noise = (rng.standard_normal((coils, 10 ** 6)) + 1j * rng.standard_normal((coils, 10 ** 6))) * sigma / np.sqrt(2)
+        rss_noise = np.sqrt((np.abs(noise) ** 2).sum(0))
+        for quantile in (0.5, 0.999):
+            floor = float(noise_floor(torch.tensor([sigma]), coils, quantile)[0])
+            above = float((rss_noise > floor).mean())
+            assert abs(above - (1 - quantile)) < 4 * np.sqrt(quantile * (1 - quantile) / 10 ** 6), (coils, quantile, above)
 
 
 def test_adapt_solve_through_both_offline_doors(tmp_path, test_format_file, capsys):
@@ -232,12 +263,14 @@ def test_adapt_solve_through_both_offline_doors(tmp_path, test_format_file, caps
         build_engine(ReconConfig(adapt="solve", refine="none", checkpoint=str(base)), offline=True)
 
 
-def _quiet_slice(snr_db=40.0):
+def _quiet_slice(snr_db=40.0, full=False):
+    """The 32×48 6-coil phantom at 4× (8 ACS lines); with ``full`` also its fully sampled k-space."""
     from gadget.converters.simulate import simulate_volume
 
     vol = simulate_volume(num_slices=1, num_coils=6, recon_size=(32, 48), seed=11, snr_db=snr_db)
     mask = equispaced_mask(48, 4, 8)
-    return AdaptSlice((vol.kspace[0] * mask).astype(np.complex64), mask, 8, "sim/0")
+    sl = AdaptSlice((vol.kspace[0] * mask).astype(np.complex64), mask, 8, "sim/0")
+    return (sl, vol.kspace[0].astype(np.complex64)) if full else sl
 
 
 def test_the_held_back_lines_choose_the_maps(monkeypatch):
@@ -269,3 +302,36 @@ def test_the_held_back_lines_choose_the_maps(monkeypatch):
     assert refine_module.choose_maps(image, final, measured, mask, RefineConfig(), sl.acs)[1] == ["network"]
     noisy = cal.calibrate_solve(engine, [_quiet_slice(30.0)], SMALL_GRID)
     assert {r["maps"] for r in noisy.table} == {"network"} and noisy.maps == "network"
+
+
+@pytest.mark.parametrize("ghost,wins", [(0.0, "network"), (0.5, "capped")])
+def test_the_held_back_lines_choose_what_goes_where_the_maps_vanish(monkeypatch, ghost, wins):
+    """Candidates are scored on the solve alone (nothing where ESPIRiT's maps vanish); what is sent there is
+    chosen after: the network's coil images, or those capped at the noise floor. An oracle network (the fully
+    sampled coil images, whatever lines it is given) predicts the held-back lines there, so its image wins for
+    every (λ, μ); the same oracle with a fold-over outside the maps (what an aliased network leaves there,
+    ``ghost`` × the image's peak) loses to the capped one. The refine configured sends that choice."""
+    from gadget.mri.fft import fft2c
+    from gadget.recon.refine import choose_maps, map_support
+
+    sl, full = _quiet_slice(full=True)
+    measured, mask = torch.from_numpy(sl.kspace[None]), torch.from_numpy(sl.mask)
+    coils = ifft2c(torch.from_numpy(full)[None])
+    espirit = RefineConfig(mode="cs", maps="espirit")
+    maps, sources = choose_maps(rss(coils, dim=1), fft2c(coils), measured, mask, espirit, sl.acs)
+    vanish = ~map_support(maps)[0]
+    assert sources == ["espirit"] and vanish.any() and (~vanish).any()
+    peak = float(rss(coils, dim=1).max())
+    shifted = torch.roll(coils, coils.shape[-1] // 2, dims=-1)  # the object folded by half the field of view
+    shifted = shifted / rss(shifted, dim=1).amax().clamp(min=1e-12) * peak
+    network = coils + ghost * shifted * vanish
+    engine = Reconstructor(tiny_model(), "cpu")
+    monkeypatch.setattr(engine, "run_tensors", lambda *a, coil_images=False, **kw:
+                        (rss(network, dim=1), fft2c(network), network))
+    result = cal.calibrate_solve(engine, [sl], replace(SMALL_GRID, fallback="none"))
+    rows = [r for r in result.table if r["maps"] == "espirit"]
+    assert rows and all(min(r["outside"], key=r["outside"].get) == wins for r in rows), rows
+    assert all(r["outside"]["network"] == r["outside"]["capped"] for r in result.table if r["maps"] == "network")
+    best = min(rows, key=lambda r: r["score"])  # ESPIRiT's maps win here (the solve alone scores 0.054)
+    assert (result.maps, result.lam, result.mu, result.outside) == ("espirit", best["lam"], best["mu"], wins)
+    assert result.score == pytest.approx(best["score"]) and result.refine_config().cs_outside == wins

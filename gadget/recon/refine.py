@@ -56,7 +56,9 @@ import math
 import threading
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 from ..baselines.espirit import (MIN_PHASE_POSITIONS, Calibration, EspiritConfig, calibrated_maps,
                                  espirit_calibration, hermitian_eigh, per_slice_counts)
@@ -72,6 +74,20 @@ log = logging.getLogger(__name__)
 #: weights a scan's own lines choose (``adapt: solve``; gadget/train/solve_calibration.py).
 STAGE_MODES = REFINE_MODES + ("cs",)
 MAP_SOURCES = ("auto", "network", "espirit")
+#: What the ``cs`` stage sends where its maps vanish (ESPIRiT's, cropped outside the calibrated object): the
+#: network's image, or that image capped at the noise floor (:func:`noise_floor`) outside the region the maps
+#: enclose and a margin (:func:`map_exterior`). ESPIRiT finds no coil-consistent signal there, so what rises above the
+#: noise there is the network's aliasing, unless the crop cut into the object: a scan's held-back lines
+#: choose (gadget/train/solve_calibration.py). Holes inside the maps' region (at 8× ESPIRiT's eigenvalue can
+#: dip inside an object) keep the network's image either way.
+CS_OUTSIDE = ("network", "capped")
+#: The quantile of the RSS of pure noise :func:`noise_floor` gives: a pixel of noise alone exceeds it once
+#: in a thousand.
+NOISE_FLOOR_QUANTILE = 0.999
+#: Pixels beside the maps' region that :func:`map_exterior` leaves out: ESPIRiT's crop can fall a pixel or two
+#: inside the object's edge, and capping right up to the maps cut into the head of a held-out brain at 8×
+#: (docs/results/adaptation.md, "Where the maps vanish").
+EXTERIOR_MARGIN = 2
 #: ESPIRiT as the baselines run it, except: the eigenproblems on a 4× coarser grid of at most 48 points
 #: per axis (the maps barely move and ESPIRiT gets several times cheaper), the calibration's
 #: eigen-decomposition in complex64 (the same maps, half the work), and the maps cropped where the top
@@ -119,7 +135,8 @@ class RefineConfig:
     prefer them); ``coverage``: the share of the object ESPIRiT must vouch for (:func:`espirit_coverage`).
     ``cs_lambda``, ``cs_mu``, ``cs_iterations``, ``cs_wavelet``: the ``cs`` mode's pull to the network's
     image, sparsity weight, FISTA steps and wavelet (:mod:`gadget.recon.sparse`; chosen per scan by
-    :func:`gadget.train.solve_calibration.calibrate_solve`)."""
+    :func:`gadget.train.solve_calibration.calibrate_solve`); ``cs_outside``: what it sends where the maps
+    vanish (:data:`CS_OUTSIDE`)."""
 
     mode: str = "pi"
     lam: float = 0.0
@@ -135,6 +152,7 @@ class RefineConfig:
     cs_mu: float = 0.0
     cs_iterations: int = 60
     cs_wavelet: str = "db2"
+    cs_outside: str = "network"
 
     def __post_init__(self):
         if self.mode not in STAGE_MODES:
@@ -144,6 +162,8 @@ class RefineConfig:
                              f"μ {self.cs_mu}, {self.cs_iterations} iterations")
         if self.cs_wavelet not in sparse.WAVELETS:
             raise ValueError(f"refine cs wavelet must be one of {', '.join(sparse.WAVELETS)}, got {self.cs_wavelet!r}")
+        if self.cs_outside not in CS_OUTSIDE:
+            raise ValueError(f"refine cs outside must be one of {', '.join(CS_OUTSIDE)}, got {self.cs_outside!r}")
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             raise ValueError(f"refine_lambda must be a finite number >= 0 (0: from the noise), got {self.lam}")
         if not (0 < self.lam_min <= self.lam_max and 0 < self.lam_min_network <= self.lam_max):
@@ -292,6 +312,14 @@ def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return torch.stack(out)
 
 
+def noise_floor(sigma: torch.Tensor, coils: int, quantile: float = NOISE_FLOOR_QUANTILE) -> torch.Tensor:
+    """The ``quantile`` of the RSS over ``coils`` coils of pure noise of level ``sigma`` ``(b,)`` (per coil,
+    ``E|n|² = σ²``), ``(b,)``: ``Σ_c |n_c|²`` is a sum of ``coils`` exponentials of mean σ², Gamma(coils, σ²)."""
+    from scipy.special import gammaincinv
+
+    return sigma * math.sqrt(float(gammaincinv(coils, quantile)))
+
+
 def lambda_floor(config: RefineConfig, sources: list[str]) -> torch.Tensor:
     """The λ floor per slice ``(b,)`` for the maps each slice is solved with (``espirit`` or ``network``)."""
     return torch.tensor([config.lam_min if s == "espirit" else config.lam_min_network for s in sources])
@@ -315,6 +343,16 @@ def map_support(maps: torch.Tensor) -> torch.Tensor:
     # the largest magnitude over the coils (a reduction over the outer axis, which vectorises), then over
     # real and imaginary part: several times faster than ne(0).any over those two axes
     return torch.view_as_real(maps).abs().amax(dim=1).amax(dim=-1) > 0
+
+
+def map_exterior(maps: torch.Tensor, margin: int = EXTERIOR_MARGIN) -> torch.Tensor:
+    """Where the maps ``(b, c, h, w)`` vanish outside the region they enclose, ``margin`` pixels or more away
+    from it: bool ``(b, h, w)``, the complement of :func:`map_support` with its holes filled and grown by
+    ``margin``."""
+    regions = [ndimage.binary_fill_holes(support) for support in map_support(maps).cpu().numpy()]
+    if margin:
+        regions = [ndimage.binary_dilation(region, iterations=margin) for region in regions]
+    return torch.from_numpy(~np.stack(regions)).to(maps.device)
 
 
 def solve_rows(maps: torch.Tensor) -> torch.Tensor:
@@ -460,12 +498,16 @@ def refine(image: torch.Tensor, final_kspace: torch.Tensor, masked_kspace: torch
 def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low, positions=None,
                    calibrations=None, coil_images=None) -> torch.Tensor:
     """The ``cs`` mode: :func:`gadget.recon.sparse.solve` per slice with the config's weights; ``|x̂|``
-    where the maps cover the slice, the network's image where they vanish (no data reaches it there)."""
+    where the maps cover the slice; where they vanish (no data reaches it there) the network's image, with
+    ``cs_outside`` ``capped`` capped at :func:`noise_floor` outside the region the maps enclose."""
     b, _, _, w = final.shape
     maps, _, prior = maps_and_prior(image, final, measured, mask, config, num_low, positions, calibrations,
                                     coil_images)
     columns = _mask_rows(mask, b, w).to(final.device)
     out = image.float().clone()
+    if config.cs_outside == "capped":
+        cap = noise_floor(noise_sigma(measured, mask), final.shape[1]).view(-1, 1, 1).to(out)
+        out = torch.where(map_exterior(maps), torch.minimum(out, cap), out)
     covered = map_support(maps)
     for i in range(b):
         x = sparse.solve(maps[i], measured[i], columns[i], prior[i], [config.cs_lambda], [config.cs_mu],

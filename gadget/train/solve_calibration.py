@@ -20,6 +20,15 @@ lines stands in for it:
   judges ESPIRiT's maps by whether their eigenvalue covers the network's object; here the held-back lines
   judge them (at 8× an aliased network image reaches beyond the head and fails that test for good maps,
   and on heads with coils at the scalp wrong maps pass it);
+- a candidate's score is that of the solve alone, ``F S x̂``, nothing where the maps vanish (ESPIRiT's,
+  cropped outside the calibrated object); what the refine sends there is chosen after, for the winner:
+  the network's coil images there (``F (S x̂ + c_outside)``) or those scaled down where their RSS exceeds
+  the noise floor outside the region the maps enclose (:func:`gadget.recon.refine.noise_floor`,
+  :func:`~gadget.recon.refine.map_exterior`), whichever predicts the held-back lines
+  better (``cs_outside``). Above the noise there is the network's aliasing, which the solve removed
+  inside the maps, or object ESPIRiT's crop left out. (Scored with the network's image where the maps
+  vanish, ESPIRiT's maps would carry its background's error into their score, and lost to the network's
+  maps where they were better inside the head: docs/results/adaptation.md);
 - the pair with the lowest score wins and the scan is reconstructed with it on all its lines, provided
   it predicts the held-back lines better than the network alone does (its own final k-space, scored the
   same way) by a relative ``margin``. Where no candidate does, the held-back lines cannot tell the
@@ -51,7 +60,8 @@ import torch
 from ..mri.fft import fft2c
 from ..mri.parallel import in_workers
 from ..baselines.espirit import espirit_calibration
-from ..recon.refine import MAX_SIGNAL_SHARE, SOLVE_ESPIRIT, RefineConfig, maps_and_prior, noise_sigma
+from ..recon.refine import (CS_OUTSIDE, MAX_SIGNAL_SHARE, SOLVE_ESPIRIT, RefineConfig, map_exterior, map_support,
+                            maps_and_prior, noise_floor, noise_sigma)
 from ..recon.sparse import WAVELETS, solve
 from .adapt import AdaptError, AdaptSlice
 from .splits import acs_lines
@@ -126,10 +136,12 @@ class CalibrationConfig:
 @dataclass
 class CalibrationResult:
     """What :func:`calibrate_solve` chose: ``lam``/``mu``, their ``score`` and every scored candidate's
-    (``table``: one ``{lam, mu, score, maps}`` each), the network's own held-out error (``network_score``),
+    (``table``: one ``{lam, mu, score, maps, outside}`` each, ``outside`` the score with each of
+    :data:`gadget.recon.refine.CS_OUTSIDE` where the maps vanish), the network's own held-out error (``network_score``),
     whether the cs refine is used (``used``) and by which rule (``rule``: ``folds``, ``discrepancy`` or
-    ``none``), the folds and slices it used, its time, and the refine's map source (``maps``: ``network``
-    or ``espirit``, :class:`gadget.recon.refine.RefineConfig`)."""
+    ``none``), the folds and slices it used, its time, the refine's map source (``maps``: ``network``
+    or ``espirit``) and what it sends where they vanish (``outside``: ``network`` or ``capped``; both
+    :class:`gadget.recon.refine.RefineConfig`)."""
 
     lam: float
     mu: float
@@ -142,6 +154,7 @@ class CalibrationResult:
     wavelet: str = "db2"
     rule: str = "folds"
     maps: str = "network"
+    outside: str = "network"
 
     @property
     def used(self) -> bool:
@@ -152,6 +165,8 @@ class CalibrationResult:
         verdict = {"folds": "used", "discrepancy": "chosen by the noise level (the held-back lines did not decide)",
                    "none": "not used: no better than the network's own on the held-back lines"}[self.rule]
         maps = {"espirit": ", ESPIRiT's maps", "network": ", the network's maps"}.get(self.maps, "")
+        if self.outside == "capped":
+            maps += " (the network's image capped at the noise floor where they vanish)"
         return (f"λ {self.lam:g}, μ {self.mu:g}{maps}, {verdict} (held-out error {self.score:.4g}, the network's "
                 f"{self.network_score:.4g}; {len(self.table)} candidates, {self.folds} folds on {self.slices} "
                 f"slices, {self.seconds:.1f} s)")
@@ -159,7 +174,7 @@ class CalibrationResult:
     def refine_config(self, base: RefineConfig = RefineConfig()) -> RefineConfig:
         """The ``cs`` refine with the chosen weights (the other settings from ``base``)."""
         return RefineConfig(**{**asdict(base), "mode": "cs", "cs_lambda": self.lam, "cs_mu": self.mu,
-                               "cs_wavelet": self.wavelet, "maps": self.maps})
+                               "cs_wavelet": self.wavelet, "maps": self.maps, "cs_outside": self.outside})
 
 
 def outer_folds(mask: np.ndarray, acs: int, folds: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -228,8 +243,10 @@ def network_prior(engine, kspace: np.ndarray, mask: np.ndarray, acs: int, sens_k
 class HeldOutFold:
     """One slice with one fold's lines held back: the data the candidates see (``measured`` complex
     ``(C, H, W)`` on ``kept`` ``(W,)``), the network's ``prior`` ``(H, W)`` and ``maps`` ``(C, H, W)`` from
-    those data alone, the held-back lines (``fold`` column indices, ``held`` ``(C, H, len(fold))``) and
-    the network's own prediction of them (``network``, same layout)."""
+    those data alone, the held-back lines (``fold`` column indices, ``held`` ``(C, H, len(fold))``), the
+    network's own prediction of them (``network``, same layout) and that of its coil images where the maps
+    vanish, as each of :data:`gadget.recon.refine.CS_OUTSIDE` sends them (``outside``, ``(len(CS_OUTSIDE),
+    C, H, len(fold))``; zero where the maps reach everywhere)."""
 
     measured: torch.Tensor
     kept: torch.Tensor
@@ -238,6 +255,7 @@ class HeldOutFold:
     fold: np.ndarray
     held: torch.Tensor
     network: torch.Tensor
+    outside: torch.Tensor
 
     def error(self, predicted: torch.Tensor) -> torch.Tensor:
         """Squared error of ``predicted`` held-back lines, normalised by their energy (0-d)."""
@@ -257,8 +275,14 @@ def held_out_fold(run: NetworkRun, sl: AdaptSlice, fold: np.ndarray, refine: Ref
     chooses them."""
     maps, prior = run.maps_and_prior(refine)
     device = prior.device
+    coils = run.coils[0].to(maps.dtype) * ~map_support(maps[None])[0]
+    cap = noise_floor(noise_sigma(run.measured, run.mask), coils.shape[0])[0]
+    rss = coils.abs().square().sum(0).sqrt().clamp(min=torch.finfo(torch.float32).tiny)
+    capped = coils * torch.where(map_exterior(maps[None])[0], (cap / rss).clamp(max=1), 1.0)
+    outside = fft2c(torch.stack([coils, capped]))[..., fold]
     return HeldOutFold(run.measured[0], run.mask, maps, prior, fold,
-                       torch.from_numpy(sl.kspace[..., fold]).to(device, torch.complex64), run.final[0][..., fold])
+                       torch.from_numpy(sl.kspace[..., fold]).to(device, torch.complex64), run.final[0][..., fold],
+                       outside)
 
 
 def hold_out(engine, sl: AdaptSlice, fold: np.ndarray, refine: RefineConfig = RefineConfig()) -> HeldOutFold:
@@ -280,11 +304,15 @@ def espirit_has_null_space(sl: AdaptSlice) -> bool:
 
 
 def fold_errors(data: HeldOutFold, lam: torch.Tensor, mu: torch.Tensor, settings: CalibrationConfig) -> torch.Tensor:
-    """Each candidate's squared error on the held-back lines ``(P,)``, normalised by their energy."""
+    """Each candidate's squared error on the held-back lines, normalised by their energy, ``(P, 1 + len(CS_OUTSIDE))``:
+    the solve's alone (nothing where the maps vanish), then with each of :data:`gadget.recon.refine.CS_OUTSIDE` there."""
     x = solve(data.maps, data.measured, data.kept, data.prior, lam, mu, settings.iterations, settings.seed,
               settings.wavelet)
-    # one candidate at a time: the whole k-space of every candidate at once is large
-    return torch.stack([data.error(fft2c(data.maps * candidate)[..., data.fold]) for candidate in x]).cpu()
+    errors = []
+    for candidate in x:  # one candidate at a time: the whole k-space of every candidate at once is large
+        inside = fft2c(data.maps * candidate)[..., data.fold]
+        errors.append(torch.stack([data.error(inside), *(data.error(inside + outside) for outside in data.outside)]))
+    return torch.stack(errors).cpu()
 
 
 @torch.inference_mode()
@@ -310,39 +338,41 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
         if on_fold:
             on_fold(len(runs), len(plan))
 
-    def search(refine: RefineConfig) -> tuple[float, float, float, float]:
+    def search(refine: RefineConfig) -> tuple[float, float, str, float, float]:
         """The folds with the maps ``refine`` chooses, the line along λ, then the line along μ: the winner's
-        ``(λ, μ, score)`` and the network's own held-out error (the folds are let go when it returns)."""
+        ``(λ, μ, outside, score)`` and the network's own held-out error (the folds are let go when it returns)."""
         held_out = [held_out_fold(run, sl, fold, refine) for run, (sl, fold) in zip(runs, plan)]
 
-        def best(line: list[tuple[float, float]]) -> tuple[float, float, float]:
+        def best(line: list[tuple[float, float]]) -> tuple[float, float, str, float]:
             lam, mu = (torch.tensor(values, dtype=torch.float32) for values in zip(*line))
-            total = torch.zeros(len(line))
+            total = torch.zeros(len(line), 1 + len(CS_OUTSIDE))
             for errors in in_workers(_inference(lambda data: fold_errors(data, lam, mu, settings)), held_out,
                                      workers):
                 total += errors
             scores = (total / len(held_out)).tolist()
-            table.extend({"lam": a, "mu": b, "score": c, "maps": refine.maps} for (a, b), c in zip(line, scores))
-            i = int(np.argmin(scores))
-            return line[i][0], line[i][1], scores[i]
+            table.extend({"lam": a, "mu": b, "score": row[0], "maps": refine.maps,
+                          "outside": dict(zip(CS_OUTSIDE, row[1:]))} for (a, b), row in zip(line, scores))
+            i = int(np.argmin([row[0] for row in scores]))
+            outside = CS_OUTSIDE[int(np.argmin(scores[i][1:]))]  # ties: the first, the network's image
+            return line[i][0], line[i][1], outside, scores[i][0]
 
-        lam, _, _ = best(settings.lam_line())
+        lam, _, _, _ = best(settings.lam_line())
         network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
         return (*best(settings.mu_line(lam)), network)
 
     sources = ["network"] + (["espirit"] if any(map(espirit_has_null_space, chosen)) else [])
     found = {source: search(RefineConfig(mode="cs", maps=source)) for source in sources}
-    maps = min(found, key=lambda source: found[source][2])
-    lam, mu, score, network = found[maps]
+    maps = min(found, key=lambda source: found[source][3])
+    lam, mu, outside, score, network = found[maps]
     rule = "folds" if score < (1 - settings.margin) * network else "none"
     if rule == "none" and settings.fallback == "discrepancy":
-        for source in sorted(found, key=lambda source: found[source][2]):  # the better-scoring maps first
+        for source in sorted(found, key=lambda source: found[source][3]):  # the better-scoring maps first
             quiet = discrepancy_mu(engine, chosen, settings, RefineConfig(mode="cs", maps=source))
-            if quiet is not None:
-                lam, mu, rule, maps = settings.fallback_lam, quiet, "discrepancy", source
+            if quiet is not None:  # no fold decided what goes where the maps vanish: the network's image
+                lam, mu, rule, maps, outside = settings.fallback_lam, quiet, "discrepancy", source, "network"
                 break
     return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
-                             network, settings.wavelet, rule, maps)
+                             network, settings.wavelet, rule, maps, outside)
 
 
 def _inference(fn: Callable) -> Callable:

@@ -167,7 +167,7 @@ def run_row(row: Row, accel: int, engine: Reconstructor, settings: AdaptConfig, 
         scan_engine = RefinedEngine(adaptation.network, adaptation.refiner or engine.refiner)
         result[label] = center_crop(scan_engine(measured[None], mask, acs)[0], crop)
         solve = adaptation.solve
-        maps = " ESPIRiT's maps" if solve.maps == "espirit" else ""
+        maps = (" ESPIRiT's maps" if solve.maps == "espirit" else "") + (" capped outside" if solve.outside == "capped" else "")
         steps[column + " solve"] = (f"λ {solve.lam:g} μ {solve.mu:g}{maps} {'used' if solve.used else 'not used'} "
                                     f"(error {solve.score:.3f}, network {solve.network_score:.3f})")
     return {"row": row.name, "accel": accel, "scores": {k: scores(v, row) for k, v in result.items()},
