@@ -335,3 +335,24 @@ def test_the_held_back_lines_choose_what_goes_where_the_maps_vanish(monkeypatch,
     best = min(rows, key=lambda r: r["score"])  # ESPIRiT's maps win here (the solve alone scores 0.054)
     assert (result.maps, result.lam, result.mu, result.outside) == ("espirit", best["lam"], best["mu"], wins)
     assert result.score == pytest.approx(best["score"]) and result.refine_config().cs_outside == wins
+
+
+def test_the_noise_level_decides_only_where_the_held_back_lines_are_noise_to_the_network(monkeypatch):
+    """An oracle network (the fully sampled coil images) predicts the held-back lines almost exactly; with a
+    margin no candidate can meet, the folds do not decide. The lines are not noise to the network (its
+    held-out error is far below 1), so the door keeps its own refine rather than the discrepancy principle's
+    candidate; with ``noise_dominated`` 0 the discrepancy principle would have decided."""
+    from gadget.mri.fft import fft2c
+
+    sl, full = _quiet_slice(full=True)
+    coils = ifft2c(torch.from_numpy(full)[None])
+    engine = Reconstructor(tiny_model(), "cpu")
+    monkeypatch.setattr(engine, "run_tensors", lambda *a, coil_images=False, **kw:
+                        (rss(coils, dim=1), fft2c(coils), coils))
+    strict = replace(SMALL_GRID, margin=0.99)
+    kept = cal.calibrate_solve(engine, [sl], strict)
+    assert kept.network_score < 1e-6 and kept.rule == "none" and not kept.used, kept.summary()
+    decided = cal.calibrate_solve(engine, [sl], replace(strict, noise_dominated=0.0))
+    assert decided.rule == "discrepancy" and decided.used, decided.summary()
+    with pytest.raises(ValueError, match="noise_dominated >= 0"):
+        replace(strict, noise_dominated=-1.0)

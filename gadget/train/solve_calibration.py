@@ -33,10 +33,14 @@ lines stands in for it:
   it predicts the held-back lines better than the network alone does (its own final k-space, scored the
   same way) by a relative ``margin``. Where no candidate does, the held-back lines cannot tell the
   candidates apart (noise-dominated outer lines, too little coil encoding left at high acceleration);
-- there the discrepancy principle decides instead (``fallback``): on all the slice's lines, with λ
-  ``fallback_lam`` and the maps that scored better (else the others), the largest μ whose data residual
-  ``‖M F S x̂ − y‖²`` stays within the noise
-  (``σ²`` per acquired sample, σ from the outer readout: :func:`gadget.recon.refine.noise_sigma`); the
+- where, besides, the held-back lines are noise to the network (its own held-out error at least
+  ``noise_dominated``: it predicts them no better than nothing would), the discrepancy principle decides
+  instead (``fallback``); elsewhere the door keeps its own refine, because there the folds' verdict
+  stands (on an 8-coil 230×180 simulation at 8× the discrepancy principle sent the candidate the margin
+  had refused, and it fell below the shipped image in the head: docs/results/adaptation.md, "The
+  noise-level rule only where the lines are noise"). The discrepancy principle: on all the slice's lines,
+  with λ ``fallback_lam`` and the maps that scored better (else the others), the largest μ whose data
+  residual ``‖M F S x̂ − y‖²`` stays within the noise (``σ²`` per acquired sample, σ from the outer readout: :func:`gadget.recon.refine.noise_sigma`); the
   most regularised image still consistent with the measurements. Where even μ 0 leaves more than the
   noise (model error dominates), the door keeps its own refine.
 
@@ -84,7 +88,8 @@ class CalibrationConfig:
     sixth of the outer lines at a time, so the data the candidates are scored on stay close to the
     scan's own sampling; the margin keeps the door's refine where the scores differ by little more than
     their noise. ``fallback``: ``discrepancy`` (module docstring) or ``none`` (the door's refine) where
-    the folds do not decide; ``fallback_lam``: λ of that fallback, a light pull to the network's image.
+    the folds do not decide; ``fallback_lam``: λ of that fallback, a light pull to the network's image;
+    ``noise_dominated``: the network's held-out error from which the fallback applies (module docstring).
     The folds come first because, as the only rule, the discrepancy principle chose less well where
     they do decide (docs/results/adaptation.md)."""
 
@@ -98,6 +103,7 @@ class CalibrationConfig:
     wavelet: str = "db2"
     fallback: str = "discrepancy"
     fallback_lam: float = 0.003
+    noise_dominated: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -105,9 +111,9 @@ class CalibrationConfig:
             raise ValueError(f"the calibration grid needs non-negative λ and μ values, got {self.lams}, {self.mus}")
         if self.wavelet not in WAVELETS:
             raise ValueError(f"wavelet must be one of {', '.join(WAVELETS)}, got {self.wavelet!r}")
-        if self.fallback not in ("discrepancy", "none") or self.fallback_lam < 0:
-            raise ValueError(f"fallback must be discrepancy or none and fallback_lam >= 0, got {self.fallback!r}, "
-                             f"{self.fallback_lam}")
+        if self.fallback not in ("discrepancy", "none") or self.fallback_lam < 0 or self.noise_dominated < 0:
+            raise ValueError(f"fallback must be discrepancy or none, fallback_lam and noise_dominated >= 0, got "
+                             f"{self.fallback!r}, {self.fallback_lam}, {self.noise_dominated}")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
         if self.start_mu not in self.mus:
@@ -365,7 +371,7 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
     maps = min(found, key=lambda source: found[source][3])
     lam, mu, outside, score, network = found[maps]
     rule = "folds" if score < (1 - settings.margin) * network else "none"
-    if rule == "none" and settings.fallback == "discrepancy":
+    if rule == "none" and settings.fallback == "discrepancy" and network >= settings.noise_dominated:
         for source in sorted(found, key=lambda source: found[source][3]):  # the better-scoring maps first
             quiet = discrepancy_mu(engine, chosen, settings, RefineConfig(mode="cs", maps=source))
             if quiet is not None:  # no fold decided what goes where the maps vanish: the network's image
