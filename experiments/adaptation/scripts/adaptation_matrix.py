@@ -4,7 +4,7 @@ Rows: simulated shifts where the truth is known (a proton-density contrast, a 20
 320² matrix; 1 test slice each, noise-free target kept), INIA19's real T1 brain with a 10-coil birdcage
 model at 30 and 50 dB (anatomy and coils no training set has), and the real scanner k-space in
 ../shared/data/real/ (retrospectively undersampled; no noise-free truth, so both scores are against the
-RSS of the fully sampled data). Columns: zero-filled, BART pics-L1 (ESPIRiT maps, λ 0.005), the shipped
+RSS of the fully sampled data); ``--rows`` also takes the 8-coil 230×180 simulations of MORE_SIM_ROWS. Columns: zero-filled, BART pics-L1 (ESPIRiT maps, λ 0.005), the shipped
 weights (their default refinement), shipped + adapt per scan (on the test slice's own undersampled lines),
 shipped + adapt per site (simulated rows only: adapted on two slices of another volume with the same
 shift, scored on the unseen test slice). Masks: fastMRI equispaced-fraction, 4× centre 0.08 and 8× centre
