@@ -214,12 +214,14 @@ def test_the_noise_floor_is_the_quantile_of_the_rss_of_noise():
     rng = np.random.default_rng(3)
     sigma = 2.5e-6
     for coils in (1, 8, 32):
-        noise = (rng.standard_normal((coils, 10 ** 6)) + 1j * rng.standard_normal((coils, 10 ** 6))) * sigma / np.sqrt(2)
+        draws = rng.standard_normal((2, coils, 10 ** 6))
+        noise = (draws[0] + 1j * draws[1]) * sigma / np.sqrt(2)
         rss_noise = np.sqrt((np.abs(noise) ** 2).sum(0))
         for quantile in (0.5, 0.999):
             floor = float(noise_floor(torch.tensor([sigma]), coils, quantile)[0])
             above = float((rss_noise > floor).mean())
-            assert abs(above - (1 - quantile)) < 4 * np.sqrt(quantile * (1 - quantile) / 10 ** 6), (coils, quantile, above)
+            tolerance = 4 * np.sqrt(quantile * (1 - quantile) / 10 ** 6)  # four standard errors
+            assert abs(above - (1 - quantile)) < tolerance, (coils, quantile, above)
 
 
 def test_adapt_solve_through_both_offline_doors(tmp_path, test_format_file, capsys):

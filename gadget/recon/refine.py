@@ -59,6 +59,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.special import gammaincinv
 
 from ..baselines.espirit import (MIN_PHASE_POSITIONS, Calibration, EspiritConfig, calibrated_maps,
                                  espirit_calibration, hermitian_eigh, per_slice_counts)
@@ -76,9 +77,9 @@ STAGE_MODES = REFINE_MODES + ("cs",)
 MAP_SOURCES = ("auto", "network", "espirit")
 #: What the ``cs`` stage sends where its maps vanish (ESPIRiT's, cropped outside the calibrated object): the
 #: network's image, or that image capped at the noise floor (:func:`noise_floor`) outside the region the maps
-#: enclose and a margin (:func:`map_exterior`). ESPIRiT finds no coil-consistent signal there, so what rises above the
-#: noise there is the network's aliasing, unless the crop cut into the object: a scan's held-back lines
-#: choose (gadget/train/solve_calibration.py). Holes inside the maps' region (at 8× ESPIRiT's eigenvalue can
+#: enclose and a margin (:func:`map_exterior`). ESPIRiT finds no coil-consistent signal there, so what rises
+#: above the noise there is the network's aliasing, unless the crop cut into the object: a scan's held-back
+#: lines choose (gadget/train/solve_calibration.py). Holes inside the maps' region (at 8× ESPIRiT's eigenvalue can
 #: dip inside an object) keep the network's image either way.
 CS_OUTSIDE = ("network", "capped")
 #: The quantile of the RSS of pure noise :func:`noise_floor` gives: a pixel of noise alone exceeds it once
@@ -314,9 +315,8 @@ def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 def noise_floor(sigma: torch.Tensor, coils: int, quantile: float = NOISE_FLOOR_QUANTILE) -> torch.Tensor:
     """The ``quantile`` of the RSS over ``coils`` coils of pure noise of level ``sigma`` ``(b,)`` (per coil,
-    ``E|n|² = σ²``), ``(b,)``: ``Σ_c |n_c|²`` is a sum of ``coils`` exponentials of mean σ², Gamma(coils, σ²)."""
-    from scipy.special import gammaincinv
-
+    ``E|n|² = σ²``), ``(b,)``: ``Σ_c |n_c|²`` is a sum of ``coils`` exponentials of mean σ²,
+    Gamma(coils, σ²)."""
     return sigma * math.sqrt(float(gammaincinv(coils, quantile)))
 
 

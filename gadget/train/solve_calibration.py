@@ -24,8 +24,8 @@ lines stands in for it:
   cropped outside the calibrated object); what the refine sends there is chosen after, for the winner:
   the network's coil images there (``F (S x̂ + c_outside)``) or those scaled down where their RSS exceeds
   the noise floor outside the region the maps enclose (:func:`gadget.recon.refine.noise_floor`,
-  :func:`~gadget.recon.refine.map_exterior`), whichever predicts the held-back lines
-  better (``cs_outside``). Above the noise there is the network's aliasing, which the solve removed
+  :func:`~gadget.recon.refine.map_exterior`), whichever predicts the held-back lines better
+  (``cs_outside``). Above the noise there is the network's aliasing, which the solve removed
   inside the maps, or object ESPIRiT's crop left out. (Scored with the network's image where the maps
   vanish, ESPIRiT's maps would carry its background's error into their score, and lost to the network's
   maps where they were better inside the head: docs/results/adaptation.md);
@@ -40,9 +40,10 @@ lines stands in for it:
   had refused, and it fell below the shipped image in the head: docs/results/adaptation.md, "The
   noise-level rule only where the lines are noise"). The discrepancy principle: on all the slice's lines,
   with λ ``fallback_lam`` and the maps that scored better (else the others), the largest μ whose data
-  residual ``‖M F S x̂ − y‖²`` stays within the noise (``σ²`` per acquired sample, σ from the outer readout: :func:`gadget.recon.refine.noise_sigma`); the
-  most regularised image still consistent with the measurements. Where even μ 0 leaves more than the
-  noise (model error dominates), the door keeps its own refine.
+  residual ``‖M F S x̂ − y‖²`` stays within the noise (``σ²`` per acquired sample, σ from the outer
+  readout: :func:`gadget.recon.refine.noise_sigma`); the most regularised image still consistent with
+  the measurements. Where even μ 0 leaves more than the noise (model error dominates), the door keeps its
+  own refine.
 
 Every acquired outer line is held back exactly once, and a candidate never sees the lines it is scored
 on, nor does the network that gives it ``x₀``. Leaving a fold out makes the data a little more
@@ -310,8 +311,9 @@ def espirit_has_null_space(sl: AdaptSlice) -> bool:
 
 
 def fold_errors(data: HeldOutFold, lam: torch.Tensor, mu: torch.Tensor, settings: CalibrationConfig) -> torch.Tensor:
-    """Each candidate's squared error on the held-back lines, normalised by their energy, ``(P, 1 + len(CS_OUTSIDE))``:
-    the solve's alone (nothing where the maps vanish), then with each of :data:`gadget.recon.refine.CS_OUTSIDE` there."""
+    """Each candidate's squared error on the held-back lines, normalised by their energy, ``(P, 1 +
+    len(CS_OUTSIDE))``: the solve's alone (nothing where the maps vanish), then with each of
+    :data:`gadget.recon.refine.CS_OUTSIDE` there."""
     x = solve(data.maps, data.measured, data.kept, data.prior, lam, mu, settings.iterations, settings.seed,
               settings.wavelet)
     errors = []

@@ -4,7 +4,8 @@ Rows: simulated shifts where the truth is known (a proton-density contrast, a 20
 320² matrix; 1 test slice each, noise-free target kept), INIA19's real T1 brain with a 10-coil birdcage
 model at 30 and 50 dB (anatomy and coils no training set has), and the real scanner k-space in
 ../shared/data/real/ (retrospectively undersampled; no noise-free truth, so both scores are against the
-RSS of the fully sampled data); ``--rows`` also takes the 8-coil 230×180 simulations of MORE_SIM_ROWS. Columns: zero-filled, BART pics-L1 (ESPIRiT maps, λ 0.005), the shipped
+RSS of the fully sampled data); ``--rows`` also takes the 8-coil 230×180 simulations of MORE_SIM_ROWS.
+Columns: zero-filled, BART pics-L1 (ESPIRiT maps, λ 0.005), the shipped
 weights (their default refinement), shipped + adapt per scan (on the test slice's own undersampled lines),
 shipped + adapt per site (simulated rows only: adapted on two slices of another volume with the same
 shift, scored on the unseen test slice). Masks: fastMRI equispaced-fraction, 4× centre 0.08 and 8× centre
@@ -173,7 +174,8 @@ def run_row(row: Row, accel: int, engine: Reconstructor, settings: AdaptConfig, 
         scan_engine = RefinedEngine(adaptation.network, adaptation.refiner or engine.refiner)
         result[label] = center_crop(scan_engine(measured[None], mask, acs)[0], crop)
         solve = adaptation.solve
-        maps = (" ESPIRiT's maps" if solve.maps == "espirit" else "") + (" capped outside" if solve.outside == "capped" else "")
+        maps = (" ESPIRiT's maps" if solve.maps == "espirit" else "") + \
+            (" capped outside" if solve.outside == "capped" else "")
         steps[column + " solve"] = (f"λ {solve.lam:g} μ {solve.mu:g}{maps} {'used' if solve.used else 'not used'} "
                                     f"(error {solve.score:.3f}, network {solve.network_score:.3f})")
     return {"row": row.name, "accel": accel, "scores": {k: scores(v, row) for k, v in result.items()},
