@@ -355,6 +355,15 @@ def map_exterior(maps: torch.Tensor, margin: int = EXTERIOR_MARGIN) -> torch.Ten
     return torch.from_numpy(~np.stack(regions)).to(maps.device)
 
 
+def capped_outside(maps: torch.Tensor, image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The factor ``(b, h, w)`` by which ``cs_outside`` ``capped`` scales the network's RSS ``image`` ``(b, h,
+    w)``, or its coil images, given the maps ``(b, c, h, w)`` and the noise level ``sigma`` ``(b,)``: down to
+    :func:`noise_floor` where the image exceeds it in :func:`map_exterior`, 1 elsewhere."""
+    cap = noise_floor(sigma, maps.shape[1]).view(-1, 1, 1).to(image)
+    scale = (cap / image.clamp(min=torch.finfo(image.dtype).tiny)).clamp(max=1)
+    return torch.where(map_exterior(maps), scale, torch.ones_like(scale))
+
+
 def solve_rows(maps: torch.Tensor) -> torch.Tensor:
     """The readout rows the solve runs on, ``(n,)`` long indices shared by the batch: those where the maps
     ``(b, c, h, w)`` are not all zero.
@@ -506,8 +515,7 @@ def _refine_sparse(image, final, measured, mask, config: RefineConfig, num_low, 
     columns = _mask_rows(mask, b, w).to(final.device)
     out = image.float().clone()
     if config.cs_outside == "capped":
-        cap = noise_floor(noise_sigma(measured, mask), final.shape[1]).view(-1, 1, 1).to(out)
-        out = torch.where(map_exterior(maps), torch.minimum(out, cap), out)
+        out *= capped_outside(maps, out, noise_sigma(measured, mask))
     covered = map_support(maps)
     for i in range(b):
         x = sparse.solve(maps[i], measured[i], columns[i], prior[i], [config.cs_lambda], [config.cs_mu],

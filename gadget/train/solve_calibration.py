@@ -23,8 +23,8 @@ lines stands in for it:
 - a candidate's score is that of the solve alone, ``F S x̂``, nothing where the maps vanish (ESPIRiT's,
   cropped outside the calibrated object); what the refine sends there is chosen after, for the winner:
   the network's coil images there (``F (S x̂ + c_outside)``) or those scaled down where their RSS exceeds
-  the noise floor outside the region the maps enclose (:func:`gadget.recon.refine.noise_floor`,
-  :func:`~gadget.recon.refine.map_exterior`), whichever predicts the held-back lines better
+  the noise floor outside the region the maps enclose (:func:`gadget.recon.refine.capped_outside`, the
+  factor the refine sends its image with), whichever predicts the held-back lines better
   (``cs_outside``). Above the noise there is the network's aliasing, which the solve removed
   inside the maps, or object ESPIRiT's crop left out. (Scored with the network's image where the maps
   vanish, ESPIRiT's maps would carry its background's error into their score, and lost to the network's
@@ -65,8 +65,9 @@ import torch
 from ..mri.fft import fft2c
 from ..mri.parallel import in_workers
 from ..baselines.espirit import espirit_calibration
-from ..recon.refine import (CS_OUTSIDE, MAX_SIGNAL_SHARE, SOLVE_ESPIRIT, RefineConfig, map_exterior, map_support,
-                            maps_and_prior, noise_floor, noise_sigma)
+from ..mri.coils import rss
+from ..recon.refine import (CS_OUTSIDE, MAX_SIGNAL_SHARE, SOLVE_ESPIRIT, RefineConfig, capped_outside, map_support,
+                            maps_and_prior, noise_sigma)
 from ..recon.sparse import WAVELETS, solve
 from .adapt import AdaptError, AdaptSlice
 from .splits import acs_lines
@@ -282,10 +283,8 @@ def held_out_fold(run: NetworkRun, sl: AdaptSlice, fold: np.ndarray, refine: Ref
     chooses them."""
     maps, prior = run.maps_and_prior(refine)
     device = prior.device
-    coils = run.coils[0].to(maps.dtype) * ~map_support(maps[None])[0]
-    cap = noise_floor(noise_sigma(run.measured, run.mask), coils.shape[0])[0]
-    rss = coils.abs().square().sum(0).sqrt().clamp(min=torch.finfo(torch.float32).tiny)
-    capped = coils * torch.where(map_exterior(maps[None])[0], (cap / rss).clamp(max=1), 1.0)
+    coils = run.coils[0].to(maps.dtype) * ~map_support(maps[None])[0]  # where the maps vanish
+    capped = coils * capped_outside(maps[None], rss(coils[None]), noise_sigma(run.measured, run.mask))[0]
     outside = fft2c(torch.stack([coils, capped]))[..., fold]
     return HeldOutFold(run.measured[0], run.mask, maps, prior, fold,
                        torch.from_numpy(sl.kspace[..., fold]).to(device, torch.complex64), run.final[0][..., fold],
