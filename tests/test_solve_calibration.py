@@ -358,3 +358,42 @@ def test_the_noise_level_decides_only_where_the_held_back_lines_are_noise_to_the
     assert decided.rule == "discrepancy" and decided.used, decided.summary()
     with pytest.raises(ValueError, match="noise_dominated >= 0"):
         replace(strict, noise_dominated=-1.0)
+
+
+@pytest.mark.parametrize("score,network,noise,margin,wins", [
+    (0.733, 0.814, 0.565, 0.1, True),    # 0.168 above the noise against 0.249: a third less
+    (0.733, 0.814, 0.0, 0.1, False),     # no noise: the plain relative margin, missed by a hair
+    (0.70, 0.80, 0.0, 0.1, True),
+    (0.95, 1.00, 0.90, 0.4, True),       # half the error above the noise removed
+    (0.97, 1.00, 0.90, 0.4, False),      # 0.07 of 0.10 above it
+    (0.90, 0.98, 1.00, 0.1, False),      # the network is at the noise: nothing left to win
+    (0.85, 0.80, 0.50, 0.1, False),      # worse than the network
+])
+def test_the_margin_is_on_the_error_above_the_noise(score, network, noise, margin, wins):
+    assert cal.beats_network(score, network, noise, margin) is wins
+
+
+def test_the_held_back_lines_noise_share_matches_the_noise_put_in():
+    """Signal confined to the central half of the readout, complex Gaussian noise of σ 0.05 everywhere: the
+    outer readout the noise level is read from is noise alone. A fold's ``noise`` is σ² per held-back sample
+    over their energy; the σ estimated from the kept lines' outer readout (a median) has a relative standard
+    error of 0.72/√n on n samples (Rayleigh), so σ² 1.44/√n; the share must be within four of those of the
+    one made from the σ put in, on the lines' realised energy."""
+    rng = np.random.default_rng(5)
+    coils, height, width, acs, sigma = 8, 128, 96, 10, 0.05
+    signal = np.zeros((coils, height, width), np.complex64)
+    band = slice(height // 4, 3 * height // 4)
+    signal[:, band] = (rng.standard_normal((coils, height // 2, width))
+                       + 1j * rng.standard_normal((coils, height // 2, width))) * 0.1
+    noise = sigma * (rng.standard_normal(signal.shape) + 1j * rng.standard_normal(signal.shape)) / np.sqrt(2)
+    mask = equispaced_mask(width, 4, acs)
+    sl = AdaptSlice(((signal + noise) * mask).astype(np.complex64), mask, acs, "noisy")
+    fold = cal.outer_folds(mask, acs, 4, np.random.default_rng(0))[0]
+    data = cal.hold_out(Reconstructor(tiny_model(), "cpu"), sl, fold)
+    held = sl.kspace[..., fold]
+    expected = sigma ** 2 * held.size / float((np.abs(held) ** 2).sum())
+    kept = mask.copy()
+    kept[fold] = False
+    samples = coils * 2 * (height // 8) * int(kept.sum())  # the outer eighth of the readout on each side
+    assert 0.2 < expected < 0.6  # signal and noise both in the held-back lines
+    assert data.noise == pytest.approx(expected, rel=4 * 1.44 / np.sqrt(samples))
