@@ -33,10 +33,10 @@ lines stands in for it:
   it predicts the held-back lines better than the network alone does (its own final k-space, scored the
   same way) by a relative ``margin`` of the error above the noise: the held-back lines' noise, whose
   expected share of their energy is ``σ²`` per sample (:func:`gadget.recon.refine.noise_sigma`), is an
-  error no reconstruction can predict away, and it is most of the score on noisy outer lines (on an 8-coil
-  230×180 simulation at 4× it was 0.56 of the network's 0.81: docs/results/adaptation.md, "The margin above
-  the noise"). Where no candidate does, the held-back lines cannot tell the candidates apart
-  (noise-dominated outer lines, too little coil encoding left at high acceleration);
+  error no reconstruction can predict away, and on noisy outer lines it is most of the score
+  (docs/results/adaptation.md, "The margin above the noise"). Where no candidate does, the held-back
+  lines cannot tell the candidates apart (noise-dominated outer lines, too little coil encoding left at
+  high acceleration);
 - where, besides, the held-back lines are noise to the network (its own held-out error at least
   ``noise_dominated``: it predicts them no better than nothing would), the discrepancy principle decides
   instead (``fallback``); elsewhere the door keeps its own refine, because there the folds' verdict
@@ -183,8 +183,8 @@ class CalibrationResult:
         if self.outside == "capped":
             maps += " (the network's image capped at the noise floor where they vanish)"
         return (f"λ {self.lam:g}, μ {self.mu:g}{maps}, {verdict} (held-out error {self.score:.4g}, the network's "
-                f"{self.network_score:.4g}, the noise's {self.noise_score:.4g}; {len(self.table)} candidates, {self.folds} folds on {self.slices} "
-                f"slices, {self.seconds:.1f} s)")
+                f"{self.network_score:.4g}, the noise's {self.noise_score:.4g}; {len(self.table)} candidates, "
+                f"{self.folds} folds on {self.slices} slices, {self.seconds:.1f} s)")
 
     def refine_config(self, base: RefineConfig = RefineConfig()) -> RefineConfig:
         """The ``cs`` refine with the chosen weights (the other settings from ``base``)."""

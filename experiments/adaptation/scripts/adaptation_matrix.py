@@ -177,7 +177,8 @@ def run_row(row: Row, accel: int, engine: Reconstructor, settings: AdaptConfig, 
         maps = (" ESPIRiT's maps" if solve.maps == "espirit" else "") + \
             (" capped outside" if solve.outside == "capped" else "")
         steps[column + " solve"] = (f"λ {solve.lam:g} μ {solve.mu:g}{maps} {'used' if solve.used else 'not used'} "
-                                    f"(error {solve.score:.3f}, network {solve.network_score:.3f}, noise {solve.noise_score:.3f})")
+                                    f"(error {solve.score:.3f}, network {solve.network_score:.3f}, "
+                                    f"noise {solve.noise_score:.3f})")
     return {"row": row.name, "accel": accel, "scores": {k: scores(v, row) for k, v in result.items()},
             "adapt_seconds": seconds, "adapt_steps": steps}
 
