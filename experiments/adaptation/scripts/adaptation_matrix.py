@@ -136,6 +136,7 @@ def undersample(row: Row, accel: int):
 
 
 COLUMNS = ("solve", "scan", "site")
+VERDICTS = {"folds": "used", "discrepancy": "used (noise level)", "none": "not used"}  # CalibrationResult.rule
 
 
 def run_row(row: Row, accel: int, engine: Reconstructor, settings: AdaptConfig, use_bart: bool,
@@ -176,7 +177,7 @@ def run_row(row: Row, accel: int, engine: Reconstructor, settings: AdaptConfig, 
         solve = adaptation.solve
         maps = (" ESPIRiT's maps" if solve.maps == "espirit" else "") + \
             (" capped outside" if solve.outside == "capped" else "")
-        steps[column + " solve"] = (f"λ {solve.lam:g} μ {solve.mu:g}{maps} {'used' if solve.used else 'not used'} "
+        steps[column + " solve"] = (f"λ {solve.lam:g} μ {solve.mu:g}{maps} {VERDICTS[solve.rule]} "
                                     f"(error {solve.score:.3f}, network {solve.network_score:.3f}, "
                                     f"noise {solve.noise_score:.3f})")
     return {"row": row.name, "accel": accel, "scores": {k: scores(v, row) for k, v in result.items()},

@@ -4,8 +4,10 @@ For each row and acceleration: the expected share of the noise in the held-back 
 sample over their energy, averaged over the calibration's folds: what ``solve_calibration.beats_network``
 subtracts; σ here from all the acquired lines, where the calibration reads it from each fold's kept lines),
 and σ as the refine reads it (the outer eighth of the readout, :func:`gadget.recon.refine.noise_sigma`)
-over σ from the image background of the fully sampled slice (the darkest 10 % of the 9-pixel-smoothed RSS,
-all coils). On white noise and an object whose k-space edge is below the noise the ratio is near 1.
+over σ read the same way from the outer 32nd only (signal left in the band would show as a ratio above 1:
+the object's k-space falls towards the edge, noise does not) and over σ from the image background of the
+fully sampled slice (the darkest 10 % of the 9-pixel-smoothed RSS, all coils; below the k-space σ where the
+noise is lower at the edges of the field of view than on average, as behind a receiver's filter).
 
     python experiments/adaptation/scripts/noise_level.py --rows sim-8coil230,real-brain16 --accel 4,8
 """
@@ -37,6 +39,13 @@ def background_sigma(kspace: np.ndarray) -> float:
     return float(np.sqrt((np.abs(coils[:, background]) ** 2).mean()))
 
 
+def edge_sigma(kspace: np.ndarray, fraction: int) -> float:
+    """σ from the median magnitude of the outer ``1 / fraction`` of the readout on each side, all lines."""
+    rows = max(kspace.shape[1] // fraction, 1)
+    outer = np.concatenate([kspace[:, :rows], kspace[:, -rows:]], axis=1)
+    return float(np.median(np.abs(outer)) / np.sqrt(np.log(2)))
+
+
 def held_back_noise(measured: np.ndarray, mask: np.ndarray, acs: int, settings: CalibrationConfig) -> float:
     """The folds' mean noise share of the held-back lines' energy (σ from all the acquired lines)."""
     folds = outer_folds(mask, AdaptSlice(measured, mask, acs, "").split_acs, settings.folds,
@@ -52,17 +61,18 @@ def main(argv=None) -> int:
     p.add_argument("--accel", default="4,8")
     p.add_argument("--real-dir", type=Path, default=am.REAL)
     args = p.parse_args(argv)
-    print("| row | R | held-back noise share | σ outer readout / σ background |")
-    print("|---|---|---|---|")
+    print("| row | R | held-back noise share | σ outer 8th / outer 32nd of the readout | σ outer 8th / background |")
+    print("|---|---|---|---|---|")
     for name in args.rows.split(","):
         row = am.load_row(name, args.real_dir)
         background = background_sigma(row.kspace)
+        edge = edge_sigma(row.kspace, 8) / edge_sigma(row.kspace, 32)
         for accel in map(int, args.accel.split(",")):
             mask, acs = am.undersample(row, accel)
             measured = (row.kspace * mask).astype(np.complex64)
             band = float(noise_sigma(torch.from_numpy(measured[None]), torch.from_numpy(mask))[0])
             share = held_back_noise(measured, mask, acs, CalibrationConfig())
-            print(f"| {name} | {accel}× | {share:.3f} | {band / background:.2f} |", flush=True)
+            print(f"| {name} | {accel}× | {share:.3f} | {edge:.2f} | {band / background:.2f} |", flush=True)
     return 0
 
 
