@@ -146,6 +146,9 @@ def test_held_out_lines_that_favour_nothing_fall_back_to_the_noise_level(phantom
                          "noise")
     assert not kept.solve.used and kept.refiner is None and kept.solve.rule == "none", kept.summary()
     assert kept.solve.score > 0.9 * kept.solve.network_score
+    # the held-back lines are noise alone: their noise share is 1, within four standard errors of σ² read from
+    # the kept lines' outer readout (1.44/√n on n = 6 coils × 8 rows × 15 or 16 lines: 0.21)
+    assert kept.solve.noise_score == pytest.approx(1.0, abs=0.21)
     assert "not used" in kept.summary()
     chosen = adapt_to_scan(engine, [noisy], "solve", AdaptConfig(), SMALL_GRID, "noise")
     assert chosen.solve.rule == "discrepancy" and chosen.refiner is not None, chosen.summary()
