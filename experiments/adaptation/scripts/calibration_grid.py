@@ -1,0 +1,78 @@
+"""The cs refine's whole (λ, μ) grid on one row of the adaptation matrix: each candidate's held-out error (as
+``adapt: solve`` scores it, the maps given) beside its image solved on all the lines and scored against the
+truth. Shows whether the held-back lines rank the candidates as the truth does.
+
+    python experiments/adaptation/scripts/calibration_grid.py --row sim-8coil230:4
+    python experiments/adaptation/scripts/calibration_grid.py --row sim-8coil230:4 --folds 12 --held-out-only
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import adaptation_matrix as am  # noqa: E402  (the matrix's rows, masks and scores)
+
+from gadget.mri.metrics import center_crop  # noqa: E402
+from gadget.model.checkpoint import load_checkpoint  # noqa: E402
+from gadget.model.shipped import shipped_checkpoint  # noqa: E402
+from gadget.recon.engine import Reconstructor  # noqa: E402
+from gadget.recon.refine import RefineConfig  # noqa: E402
+from gadget.recon.refine_stage import RefinedEngine, Refiner  # noqa: E402
+from gadget.train import solve_calibration as cal  # noqa: E402
+from gadget.train.adapt import AdaptSlice  # noqa: E402
+
+
+def held_out_errors(engine, sl: AdaptSlice, settings: cal.CalibrationConfig, maps: str) -> tuple:
+    """``(errors (P,), network, noise)``: every grid candidate's held-out error (the solve alone), the
+    network's and the noise's, averaged over the folds."""
+    lam, mu = settings.candidates()
+    folds = cal.outer_folds(sl.mask, sl.split_acs, settings.folds, np.random.default_rng(settings.seed))
+    total, network, noise = torch.zeros(lam.numel()), 0.0, 0.0
+    for fold in folds:
+        data = cal.hold_out(engine, sl, fold, RefineConfig(mode="cs", maps=maps))
+        with torch.inference_mode():
+            total += cal.fold_errors(data, lam, mu, settings)[:, 0]
+            network += float(data.error(data.network))
+        noise += data.noise
+    return total / len(folds), network / len(folds), noise / len(folds)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--row", required=True, help="row:acceleration (adaptation_matrix.py's rows)")
+    p.add_argument("--folds", type=int, default=cal.CalibrationConfig.folds)
+    p.add_argument("--maps", choices=("espirit", "network"), default="espirit")
+    p.add_argument("--held-out-only", action="store_true", help="skip the images against the truth")
+    p.add_argument("--real-dir", type=Path, default=am.REAL)
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    name, accel = args.row.split(":")
+    row = am.load_row(name, args.real_dir)
+    mask, acs = am.undersample(row, int(accel))
+    measured = row.kspace * mask
+    engine = Reconstructor(load_checkpoint(shipped_checkpoint()).model, "cpu")
+    settings = cal.CalibrationConfig(folds=args.folds)
+    errors, network, noise = held_out_errors(engine, AdaptSlice(measured, mask, acs, name), settings, args.maps)
+    print(f"{name} {accel}×, {args.maps} maps, {args.folds} folds: network {network:.4f}, noise {noise:.4f}\n")
+    print("| λ | μ | held-out error | in-head SSIM / PSNR dB | whole SSIM / PSNR dB |")
+    print("|---|---|---|---|---|")
+    lam, mu = settings.candidates()
+    for i in np.argsort(errors.numpy(), kind="stable"):
+        cells = ["–", "–"]
+        if not args.held_out_only:
+            chosen = cal.CalibrationResult(float(lam[i]), float(mu[i]), float(errors[i]), [], args.folds, 1, 0.0,
+                                           maps=args.maps, outside="capped")
+            image = RefinedEngine(engine, Refiner(chosen.refine_config()))(measured[None], mask, acs)[0]
+            scores = am.scores(center_crop(image, row.truth.shape), row)
+            cells = [f"{scores[tag][0]:.3f} / {scores[tag][1]:.2f}" for tag in ("head", "whole")]
+        print(f"| {float(lam[i]):g} | {float(mu[i]):g} | {float(errors[i]):.4f} | {cells[0]} | {cells[1]} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
