@@ -8,6 +8,7 @@ truth. Shows whether the held-back lines rank the candidates as the truth does.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,18 +29,18 @@ from gadget.train.adapt import AdaptSlice  # noqa: E402
 
 
 def held_out_errors(engine, sl: AdaptSlice, settings: cal.CalibrationConfig, maps: str) -> tuple:
-    """``(errors (P,), network, noise)``: every grid candidate's held-out error (the solve alone), the
-    network's and the noise's, averaged over the folds."""
+    """``(errors (folds, P), network (folds,), noise (folds,))``: every grid candidate's held-out error on
+    each fold (the solve alone), the network's and the noise's."""
     lam, mu = settings.candidates()
     folds = cal.outer_folds(sl.mask, sl.split_acs, settings.folds, np.random.default_rng(settings.seed))
-    total, network, noise = torch.zeros(lam.numel()), 0.0, 0.0
+    errors, network, noise = [], [], []
     for fold in folds:
         data = cal.hold_out(engine, sl, fold, RefineConfig(mode="cs", maps=maps))
         with torch.inference_mode():
-            total += cal.fold_errors(data, lam, mu, settings)[:, 0]
-            network += float(data.error(data.network))
-        noise += data.noise
-    return total / len(folds), network / len(folds), noise / len(folds)
+            errors.append(cal.fold_errors(data, lam, mu, settings)[:, 0].numpy())
+            network.append(float(data.error(data.network)))
+        noise.append(data.noise)
+    return np.stack(errors), np.array(network), np.array(noise)
 
 
 def main(argv=None) -> int:
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--maps", choices=("espirit", "network"), default="espirit")
     p.add_argument("--held-out-only", action="store_true", help="skip the images against the truth")
     p.add_argument("--real-dir", type=Path, default=am.REAL)
+    p.add_argument("--json", type=Path, default=None, help="also write every fold's errors and the scores here")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     name, accel = args.row.split(":")
@@ -57,12 +59,16 @@ def main(argv=None) -> int:
     measured = row.kspace * mask
     engine = Reconstructor(load_checkpoint(shipped_checkpoint()).model, "cpu")
     settings = cal.CalibrationConfig(folds=args.folds)
-    errors, network, noise = held_out_errors(engine, AdaptSlice(measured, mask, acs, name), settings, args.maps)
-    print(f"{name} {accel}×, {args.maps} maps, {args.folds} folds: network {network:.4f}, noise {noise:.4f}\n")
+    per_fold, network, noise = held_out_errors(engine, AdaptSlice(measured, mask, acs, name), settings, args.maps)
+    errors = per_fold.mean(0)
+    print(f"{name} {accel}×, {args.maps} maps, {args.folds} folds: network {network.mean():.4f}, "
+          f"noise {noise.mean():.4f}\n")
     print("| λ | μ | held-out error | in-head SSIM / PSNR dB | whole SSIM / PSNR dB |")
     print("|---|---|---|---|---|")
     lam, mu = settings.candidates()
-    for i in np.argsort(errors.numpy(), kind="stable"):
+    record = {"row": args.row, "maps": args.maps, "lam": lam.tolist(), "mu": mu.tolist(),
+              "fold_errors": per_fold.tolist(), "network": network.tolist(), "noise": noise.tolist(), "scores": {}}
+    for i in np.argsort(errors, kind="stable"):
         cells = ["–", "–"]
         if not args.held_out_only:
             chosen = cal.CalibrationResult(float(lam[i]), float(mu[i]), float(errors[i]), [], args.folds, 1, 0.0,
@@ -70,7 +76,11 @@ def main(argv=None) -> int:
             image = RefinedEngine(engine, Refiner(chosen.refine_config()))(measured[None], mask, acs)[0]
             scores = am.scores(center_crop(image, row.truth.shape), row)
             cells = [f"{scores[tag][0]:.3f} / {scores[tag][1]:.2f}" for tag in ("head", "whole")]
-        print(f"| {float(lam[i]):g} | {float(mu[i]):g} | {float(errors[i]):.4f} | {cells[0]} | {cells[1]} |", flush=True)
+            record["scores"][int(i)] = scores
+        print(f"| {float(lam[i]):g} | {float(mu[i]):g} | {float(errors[i]):.4f} | {cells[0]} | {cells[1]} |",
+              flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(record))
     return 0
 
 
