@@ -400,3 +400,43 @@ def test_the_held_back_lines_noise_share_matches_the_noise_put_in():
     samples = coils * 2 * (height // 8) * int(kept.sum())  # the outer eighth of the readout on each side
     assert 0.2 < expected < 0.6  # signal and noise both in the held-back lines
     assert data.noise == pytest.approx(expected, rel=4 * 1.44 / np.sqrt(samples))
+
+
+def test_the_least_value_within_one_standard_error_of_the_lowest():
+    """Four folds. The lowest mean error is candidate 1's. Candidate 0's differences to it, fold by fold,
+    are 0.1, −0.1, 0.2, −0.1: mean 0.025, standard error 0.075 (sample deviation 0.15 over √4), so it is
+    within; candidate 2's are 0.1 each fold: mean 0.1, standard error 0, so it is not. Of candidates 0 and 1
+    the one of least value wins, whatever the order of the values."""
+    errors = np.array([[1.1, 1.0, 1.1],
+                       [0.9, 1.0, 1.1],
+                       [1.2, 1.0, 1.1],
+                       [0.9, 1.0, 1.1]])
+    assert cal.least_within_error(errors, [0.0, 0.01, 0.003]) == 0
+    assert cal.least_within_error(errors, [0.3, 0.01, 0.0]) == 1  # candidate 2 is least but not within
+    consistent = errors.copy()
+    consistent[:, 0] = [1.1, 1.1, 1.1, 1.12]  # worse on every fold: differences 0.105 ± 0.005
+    assert cal.least_within_error(consistent, [0.0, 0.01, 0.003]) == 1
+
+
+def test_the_mu_line_runs_at_the_least_lam_within_error(phantom, monkeypatch):
+    """For each map source the table holds the λ line, then the μ line. With ``lam_within_error`` (the
+    default) the μ line runs at the λ :func:`least_within_error` picked from the λ line's fold errors (one
+    row per fold); without, at the λ of the λ line's lowest mean score."""
+    sl, _ = phantom
+    engine = Reconstructor(tiny_model(), "cpu")
+    lams, mus = len(SMALL_GRID.lams), len(SMALL_GRID.mus)
+    picked = []
+    least = cal.least_within_error
+    monkeypatch.setattr(cal, "least_within_error",
+                        lambda errors, values: picked.append((errors.shape, least(errors, values))) or picked[-1][1])
+    result = cal.calibrate_solve(engine, [sl], SMALL_GRID)
+    sources = len(result.table) // (lams + mus)
+    assert len(picked) == sources and all(shape == (4, lams) for shape, _ in picked)
+    for k, (_, index) in enumerate(picked):
+        mu_line = result.table[k * (lams + mus) + lams:(k + 1) * (lams + mus)]
+        assert {row["lam"] for row in mu_line} == {SMALL_GRID.lams[index]}
+    plain = cal.calibrate_solve(engine, [sl], replace(SMALL_GRID, lam_within_error=False))
+    for k in range(len(plain.table) // (lams + mus)):
+        rows = plain.table[k * (lams + mus):(k + 1) * (lams + mus)]
+        lowest = min(rows[:lams], key=lambda row: row["score"])["lam"]
+        assert {row["lam"] for row in rows[lams:]} == {lowest}

@@ -12,8 +12,13 @@ lines stands in for it:
   is solved on the same lines;
 - each candidate predicts the fold's lines (``F S x̂`` on those columns); its score is the squared
   error normalised by the lines' energy, averaged over folds and slices;
-- the search runs along the axes of the grid: every λ at the starting μ, then every μ at the best λ
-  (the score varies smoothly in both, and two lines cost a fraction of the whole grid);
+- the search runs along the axes of the grid: every λ at the starting μ, then every μ at the least λ
+  whose score is within one standard error of that line's best (the error of its difference to the best,
+  fold by fold: :func:`least_within_error`), and the best μ there (the score varies smoothly in both, and
+  two lines cost a fraction of the whole grid). The held-back lines cannot tell apart the λ within that
+  error, and the least of them leans least on the network's image, which the scan may lie outside the
+  training of (on simulated shifts the truth preferred it: docs/results/adaptation.md, "One standard
+  error along λ");
 - the coil maps are a choice too: the search runs with maps from the network's own coil images and,
   where ESPIRiT's calibration on the ACS lines has a null space, again with ESPIRiT's maps
   (:func:`gadget.recon.refine.choose_maps`), and the source with the lower score wins. The ``pi`` stage
@@ -96,7 +101,9 @@ class CalibrationConfig:
     scan's own sampling; the margin keeps the door's refine where the scores differ by little more than
     their noise. ``fallback``: ``discrepancy`` (module docstring) or ``none`` (the door's refine) where
     the folds do not decide; ``fallback_lam``: λ of that fallback, a light pull to the network's image;
-    ``noise_dominated``: the network's held-out error from which the fallback applies (module docstring).
+    ``noise_dominated``: the network's held-out error from which the fallback applies (module docstring);
+    ``lam_within_error``: the μ line at the least λ within one standard error of the λ line's best (else at
+    its best).
     The folds come first because, as the only rule, the discrepancy principle chose less well where
     they do decide (docs/results/adaptation.md)."""
 
@@ -111,6 +118,7 @@ class CalibrationConfig:
     fallback: str = "discrepancy"
     fallback_lam: float = 0.003
     noise_dominated: float = 1.0
+    lam_within_error: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -361,20 +369,27 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
         it returns)."""
         held_out = [held_out_fold(run, sl, fold, refine) for run, (sl, fold) in zip(runs, plan)]
 
-        def best(line: list[tuple[float, float]]) -> tuple[float, float, str, float]:
+        def scored(line: list[tuple[float, float]]) -> np.ndarray:
+            """Each candidate's errors on each fold, ``(folds, len(line), 1 + len(CS_OUTSIDE))``, their means
+            added to the table."""
             lam, mu = (torch.tensor(values, dtype=torch.float32) for values in zip(*line))
-            total = torch.zeros(len(line), 1 + len(CS_OUTSIDE))
-            for errors in in_workers(_inference(lambda data: fold_errors(data, lam, mu, settings)), held_out,
-                                     workers):
-                total += errors
-            scores = (total / len(held_out)).tolist()
-            table.extend({"lam": a, "mu": b, "score": row[0], "maps": refine.maps,
-                          "outside": dict(zip(CS_OUTSIDE, row[1:]))} for (a, b), row in zip(line, scores))
-            i = int(np.argmin([row[0] for row in scores]))
-            outside = CS_OUTSIDE[int(np.argmin(scores[i][1:]))]  # ties: the first, the network's image
-            return line[i][0], line[i][1], outside, scores[i][0]
+            errors = np.stack([e.numpy() for e in in_workers(
+                _inference(lambda data: fold_errors(data, lam, mu, settings)), held_out, workers)])
+            table.extend({"lam": a, "mu": b, "score": float(row[0]), "maps": refine.maps,
+                          "outside": dict(zip(CS_OUTSIDE, map(float, row[1:])))}
+                         for (a, b), row in zip(line, errors.mean(0)))
+            return errors
 
-        lam, _, _, _ = best(settings.lam_line())
+        def best(line: list[tuple[float, float]]) -> tuple[float, float, str, float]:
+            scores = scored(line).mean(0)
+            i = int(np.argmin(scores[:, 0]))
+            outside = CS_OUTSIDE[int(np.argmin(scores[i, 1:]))]  # ties: the first, the network's image
+            return line[i][0], line[i][1], outside, float(scores[i, 0])
+
+        line = settings.lam_line()
+        errors = scored(line)[..., 0]
+        i = least_within_error(errors, settings.lams) if settings.lam_within_error else int(errors.mean(0).argmin())
+        lam = line[i][0]
         network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
         noise = sum(data.noise for data in held_out) / len(held_out)
         return (*best(settings.mu_line(lam)), network, noise)
@@ -392,6 +407,19 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
                 break
     return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
                              network, noise, settings.wavelet, rule, maps, outside)
+
+
+def least_within_error(errors: np.ndarray, values: Sequence[float]) -> int:
+    """Index of the candidate of least ``values`` among those whose mean error is within one standard error
+    of the lowest's. ``errors``: ``(folds, candidates)``, each fold's error of each candidate; a candidate's
+    standard error is that of the mean of its differences to the lowest, fold by fold (the folds' noise is
+    common to both and cancels)."""
+    mean = errors.mean(0)
+    lowest = int(mean.argmin())
+    difference = errors - errors[:, lowest:lowest + 1]
+    standard_error = difference.std(0, ddof=1) / np.sqrt(errors.shape[0])
+    near = np.flatnonzero(mean - mean[lowest] <= standard_error)
+    return int(near[np.argmin(np.asarray(values, dtype=float)[near])])
 
 
 def beats_network(score: float, network: float, noise: float, margin: float) -> bool:
