@@ -43,6 +43,18 @@ def held_out_errors(engine, sl: AdaptSlice, settings: cal.CalibrationConfig, map
     return np.stack(errors), np.array(network), np.array(noise)
 
 
+def searched(per_fold: np.ndarray, settings: cal.CalibrationConfig, within: bool) -> int:
+    """The grid index the calibration's search picks from ``per_fold`` ``(folds, P)`` (the λ line at
+    ``start_mu``, then the μ line; ``within``: at the least λ within one standard error, else the best λ)."""
+    lam, mu = (t.numpy() for t in settings.candidates())
+    line = [int(np.flatnonzero((lam == np.float32(a)) & (mu == np.float32(settings.start_mu)))[0])
+            for a in settings.lams]
+    errors = per_fold[:, line]
+    pick = cal.least_within_error(errors, settings.lams) if within else int(errors.mean(0).argmin())
+    mu_line = [int(np.flatnonzero((lam == lam[line[pick]]) & (mu == np.float32(b)))[0]) for b in settings.mus]
+    return mu_line[int(per_fold[:, mu_line].mean(0).argmin())]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row", required=True, help="row:acceleration (adaptation_matrix.py's rows)")
@@ -61,11 +73,13 @@ def main(argv=None) -> int:
     settings = cal.CalibrationConfig(folds=args.folds)
     per_fold, network, noise = held_out_errors(engine, AdaptSlice(measured, mask, acs, name), settings, args.maps)
     errors = per_fold.mean(0)
+    lam, mu = settings.candidates()
+    picks = {within: searched(per_fold, settings, within) for within in (False, True)}
     print(f"{name} {accel}×, {args.maps} maps, {args.folds} folds: network {network.mean():.4f}, "
-          f"noise {noise.mean():.4f}\n")
+          f"noise {noise.mean():.4f}; the search picks λ {float(lam[picks[False]]):g} μ {float(mu[picks[False]]):g}, "
+          f"with the least λ within one standard error λ {float(lam[picks[True]]):g} μ {float(mu[picks[True]]):g}\n")
     print("| λ | μ | held-out error | in-head SSIM / PSNR dB | whole SSIM / PSNR dB |")
     print("|---|---|---|---|---|")
-    lam, mu = settings.candidates()
     record = {"row": args.row, "maps": args.maps, "lam": lam.tolist(), "mu": mu.tolist(),
               "fold_errors": per_fold.tolist(), "network": network.tolist(), "noise": noise.tolist(), "scores": {}}
     for i in np.argsort(errors, kind="stable"):
