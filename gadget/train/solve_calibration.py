@@ -16,9 +16,9 @@ lines stands in for it:
   whose score is within one standard error of that line's best (the error of its difference to the best,
   fold by fold: :func:`least_within_error`), and the best μ there (the score varies smoothly in both, and
   two lines cost a fraction of the whole grid). The held-back lines cannot tell apart the λ within that
-  error, and the least of them leans least on the network's image, which the scan may lie outside the
-  training of (on simulated shifts the truth preferred it: docs/results/adaptation.md, "One standard
-  error along λ");
+  error, and the least of them leans least on the network's image, made by weights the scan may lie
+  outside the training of (on simulated shifts the truth preferred it: docs/results/adaptation.md, "The
+  least pull within one standard error");
 - the coil maps are a choice too: the search runs with maps from the network's own coil images and,
   where ESPIRiT's calibration on the ACS lines has a null space, again with ESPIRiT's maps
   (:func:`gadget.recon.refine.choose_maps`), and the source with the lower score wins. The ``pi`` stage
