@@ -299,11 +299,12 @@ def maps_and_prior(image, final, measured, mask, config: RefineConfig, num_low=N
     return maps, sources, (coils * maps.conj()).sum(1)
 
 
-def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-slice noise σ (``E|n|² = σ²``) from the outer eighth of the readout on each side, sampled
-    columns only → ``(b,)``. Signal left in those samples biases it upwards (towards the network)."""
+def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor, fraction: int = 8) -> torch.Tensor:
+    """Per-slice noise σ (``E|n|² = σ²``) from the outer ``1 / fraction`` of the readout on each side (an
+    eighth by default), sampled columns only → ``(b,)``. Signal left in those samples biases it upwards
+    (towards the network)."""
     b, _, h, w = masked_kspace.shape
-    band = max(h // 8, 1)
+    band = max(h // fraction, 1)
     cols = _mask_rows(mask, b, w)
     out = []
     for i in range(b):

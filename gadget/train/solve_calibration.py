@@ -284,8 +284,18 @@ class HeldOutFold:
 
     def error(self, predicted: torch.Tensor) -> torch.Tensor:
         """Squared error of ``predicted`` held-back lines, normalised by their energy (0-d)."""
-        energy = self.held.abs().square().sum().clamp(min=torch.finfo(torch.float32).tiny)
-        return (predicted - self.held).abs().square().sum() / energy
+        return (predicted - self.held).abs().square().sum() / energy(self.held)
+
+
+def energy(lines: torch.Tensor) -> torch.Tensor:
+    """``Σ|y|²`` of ``lines`` (0-d), at least the smallest positive float32 (what held-out errors divide by)."""
+    return lines.abs().square().sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def noise_share(sigma: float, held: torch.Tensor) -> float:
+    """The expected normalised error (:meth:`HeldOutFold.error`) of the noise alone in the ``held`` lines:
+    ``σ²`` per sample over their energy."""
+    return sigma ** 2 * held.numel() / float(energy(held))
 
 
 def held_out_run(engine, sl: AdaptSlice, fold: np.ndarray) -> NetworkRun:
@@ -305,8 +315,8 @@ def held_out_fold(run: NetworkRun, sl: AdaptSlice, fold: np.ndarray, refine: Ref
     capped = coils * capped_outside(maps[None], rss(coils[None]), sigma)[0]
     outside = fft2c(torch.stack([coils, capped]))[..., fold]
     held = torch.from_numpy(sl.kspace[..., fold]).to(device, torch.complex64)
-    noise = float(sigma[0]) ** 2 * held.numel() / max(float(held.abs().square().sum()), torch.finfo(torch.float32).tiny)
-    return HeldOutFold(run.measured[0], run.mask, maps, prior, fold, held, run.final[0][..., fold], outside, noise)
+    return HeldOutFold(run.measured[0], run.mask, maps, prior, fold, held, run.final[0][..., fold], outside,
+                       noise_share(float(sigma[0]), held))
 
 
 def hold_out(engine, sl: AdaptSlice, fold: np.ndarray, refine: RefineConfig = RefineConfig()) -> HeldOutFold:
@@ -386,10 +396,7 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
             outside = CS_OUTSIDE[int(np.argmin(scores[i, 1:]))]  # ties: the first, the network's image
             return line[i][0], line[i][1], outside, float(scores[i, 0])
 
-        line = settings.lam_line()
-        errors = scored(line)[..., 0]
-        i = least_within_error(errors, settings.lams) if settings.lam_within_error else int(errors.mean(0).argmin())
-        lam = line[i][0]
+        lam = settings.lams[lam_index(scored(settings.lam_line())[..., 0], settings)]
         network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
         noise = sum(data.noise for data in held_out) / len(held_out)
         return (*best(settings.mu_line(lam)), network, noise)
@@ -407,6 +414,12 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
                 break
     return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
                              network, noise, settings.wavelet, rule, maps, outside)
+
+
+def lam_index(errors: np.ndarray, settings: CalibrationConfig) -> int:
+    """The index into ``settings.lams`` of the λ the μ line runs at, from the λ line's errors ``(folds,
+    len(lams))``: :func:`least_within_error` with ``lam_within_error``, else the lowest mean."""
+    return least_within_error(errors, settings.lams) if settings.lam_within_error else int(errors.mean(0).argmin())
 
 
 def least_within_error(errors: np.ndarray, values: Sequence[float]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,7 @@ def searched(per_fold: np.ndarray, settings: cal.CalibrationConfig, within: bool
     lam, mu = (t.numpy() for t in settings.candidates())
     line = [int(np.flatnonzero((lam == np.float32(a)) & (mu == np.float32(settings.start_mu)))[0])
             for a in settings.lams]
-    errors = per_fold[:, line]
-    pick = cal.least_within_error(errors, settings.lams) if within else int(errors.mean(0).argmin())
+    pick = cal.lam_index(per_fold[:, line], replace(settings, lam_within_error=within))
     mu_line = [int(np.flatnonzero((lam == lam[line[pick]]) & (mu == np.float32(b)))[0]) for b in settings.mus]
     return mu_line[int(per_fold[:, mu_line].mean(0).argmin())]
 

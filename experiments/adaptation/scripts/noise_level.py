@@ -26,7 +26,7 @@ import adaptation_matrix as am  # noqa: E402  (the matrix's rows and masks)
 
 from gadget.recon.refine import noise_sigma  # noqa: E402
 from gadget.train.adapt import AdaptSlice  # noqa: E402
-from gadget.train.solve_calibration import CalibrationConfig, outer_folds  # noqa: E402
+from gadget.train.solve_calibration import CalibrationConfig, noise_share, outer_folds  # noqa: E402
 
 
 def background_sigma(kspace: np.ndarray) -> float:
@@ -39,20 +39,17 @@ def background_sigma(kspace: np.ndarray) -> float:
     return float(np.sqrt((np.abs(coils[:, background]) ** 2).mean()))
 
 
-def edge_sigma(kspace: np.ndarray, fraction: int) -> float:
-    """σ from the median magnitude of the outer ``1 / fraction`` of the readout on each side, all lines."""
-    rows = max(kspace.shape[1] // fraction, 1)
-    outer = np.concatenate([kspace[:, :rows], kspace[:, -rows:]], axis=1)
-    return float(np.median(np.abs(outer)) / np.sqrt(np.log(2)))
+def readout_sigma(kspace: np.ndarray, mask: np.ndarray, fraction: int = 8) -> float:
+    """σ as :func:`gadget.recon.refine.noise_sigma` reads it from the outer ``1 / fraction`` of the readout."""
+    return float(noise_sigma(torch.from_numpy(kspace[None]), torch.from_numpy(mask), fraction)[0])
 
 
 def held_back_noise(measured: np.ndarray, mask: np.ndarray, acs: int, settings: CalibrationConfig) -> float:
     """The folds' mean noise share of the held-back lines' energy (σ from all the acquired lines)."""
     folds = outer_folds(mask, AdaptSlice(measured, mask, acs, "").split_acs, settings.folds,
                         np.random.default_rng(settings.seed))
-    sigma = float(noise_sigma(torch.from_numpy(measured[None]), torch.from_numpy(mask))[0])
-    return float(np.mean([sigma ** 2 * measured[..., f].size / float((np.abs(measured[..., f]) ** 2).sum())
-                          for f in folds]))
+    sigma = readout_sigma(measured, mask)
+    return float(np.mean([noise_share(sigma, torch.from_numpy(measured[..., f])) for f in folds]))
 
 
 def main(argv=None) -> int:
@@ -66,11 +63,12 @@ def main(argv=None) -> int:
     for name in args.rows.split(","):
         row = am.load_row(name, args.real_dir)
         background = background_sigma(row.kspace)
-        edge = edge_sigma(row.kspace, 8) / edge_sigma(row.kspace, 32)
+        every = np.ones(row.kspace.shape[-1], bool)
+        edge = readout_sigma(row.kspace, every, 8) / readout_sigma(row.kspace, every, 32)
         for accel in map(int, args.accel.split(",")):
             mask, acs = am.undersample(row, accel)
             measured = (row.kspace * mask).astype(np.complex64)
-            band = float(noise_sigma(torch.from_numpy(measured[None]), torch.from_numpy(mask))[0])
+            band = readout_sigma(measured, mask)
             share = held_back_noise(measured, mask, acs, CalibrationConfig())
             print(f"| {name} | {accel}× | {share:.3f} | {edge:.2f} | {band / background:.2f} |", flush=True)
     return 0
