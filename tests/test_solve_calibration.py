@@ -440,3 +440,71 @@ def test_the_mu_line_runs_at_the_least_lam_within_error(phantom, monkeypatch):
         rows = plain.table[k * (lams + mus):(k + 1) * (lams + mus)]
         lowest = min(rows[:lams], key=lambda row: row["score"])["lam"]
         assert {row["lam"] for row in rows[lams:]} == {lowest}
+
+
+def test_the_maps_are_compared_by_the_lowest_error_their_search_reached(monkeypatch):
+    """Held-out errors made up per map source and fold: the network's maps score 0.45 at their best, and the
+    least λ within one standard error keeps that λ (no spread); ESPIRiT's reach 0.40 at λ 0.03, but λ 0 is
+    within the error (0.47 on average) and the μ line runs there. ESPIRiT's maps win on their lowest error
+    and are used at λ 0 with its score; compared by the winners' scores (0.47 against 0.45) they lost."""
+    engine = Reconstructor(tiny_model(), "cpu")
+    sl = _quiet_slice()
+    plain_fold = cal.held_out_fold
+    count = {}
+
+    def tagged(run, sl_, fold, refine):
+        data = plain_fold(run, sl_, fold, refine)
+        data.source, data.k = refine.maps, count.get(refine.maps, 0)
+        count[refine.maps] = data.k + 1
+        return data
+
+    def made_up(data, lam, mu, settings):
+        if data.source == "network":
+            scores = [0.45 if float(a) == pytest.approx(0.03) else 0.5 for a in lam]
+        else:
+            scores = [[0.54, 0.40][data.k % 2] if float(a) == 0.0 else
+                      [0.30, 0.50][data.k % 2] if float(a) == pytest.approx(0.03) else 0.6 for a in lam]
+        return torch.tensor([[s] * (1 + len(cal.CS_OUTSIDE)) for s in scores])
+
+    monkeypatch.setattr(cal, "held_out_fold", tagged)
+    monkeypatch.setattr(cal, "fold_errors", made_up)
+    result = cal.calibrate_solve(engine, [sl], SMALL_GRID)
+    assert {r["maps"] for r in result.table} == {"network", "espirit"}
+    assert result.maps == "espirit" and result.lam == 0.0 and result.score == pytest.approx(0.47)
+    assert min(r["score"] for r in result.table if r["maps"] == "network") == pytest.approx(0.45)
+    assert result.rule == "folds"
+
+
+def test_the_search_solves_on_one_grid_and_the_refine_spins(phantom, monkeypatch):
+    """The calibration's solves take ``CalibrationConfig.offsets`` wavelet grids per step (one by default);
+    the cs refine that sends the image takes :data:`gadget.recon.sparse.SPIN_OFFSETS`."""
+    import inspect
+
+    import gadget.recon.refine as refine_module
+    from gadget.recon import sparse
+
+    sl, _ = phantom
+    engine = Reconstructor(tiny_model(), "cpu")
+    grids = []
+    plain = sparse.solve
+
+    def recorded(*args, **kwargs):
+        bound = inspect.signature(plain).bind(*args, **kwargs)
+        bound.apply_defaults()
+        grids.append(bound.arguments["offsets"])
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(cal, "solve", recorded)
+    result = cal.calibrate_solve(engine, [sl], SMALL_GRID)
+    assert grids and set(grids) == {1}
+    grids.clear()
+    cal.calibrate_solve(engine, [sl], replace(SMALL_GRID, offsets=2))
+    assert grids and set(grids) == {2}
+    grids.clear()
+    monkeypatch.setattr(refine_module.sparse, "solve", recorded)
+    image, final = engine.run_tensors(sl.kspace[None], sl.mask, sl.acs)
+    refine_module.refine(image, final, torch.from_numpy(sl.kspace[None]), torch.from_numpy(sl.mask),
+                         result.refine_config(), sl.acs)
+    assert grids == [sparse.SPIN_OFFSETS] and sparse.SPIN_OFFSETS > 1
+    with pytest.raises(ValueError, match="offsets"):
+        cal.CalibrationConfig(offsets=0)

@@ -10,9 +10,13 @@ is plain compressed sensing started from the network's image; large ``λ`` retur
 suits a scan is measured on the scan's own held-back lines (:mod:`gadget.train.solve_calibration`).
 
 Solved by FISTA (Beck and Teboulle, SIAM J. Imaging Sci. 2009) with step ``1 / (1 + λ)``, the gradient's
-Lipschitz bound. The wavelet grid is shifted by a random offset at every step (cycle spinning, which
-BART's ``pics`` also does) so that the wavelet's block grid leaves no fixed edges; the offsets come from
-a seeded generator, so a solve is repeatable. Why db2: on INIA19's real-intensity brain it kept more
+Lipschitz bound. The wavelet grid is shifted by random offsets at every step (cycle spinning, which
+BART's ``pics`` also does with one offset per step) so that the wavelet's block grid leaves no fixed
+edges: each step's shrinkage is the mean of the shrinkages on :data:`SPIN_OFFSETS` grids, a nearer
+approach to the shift-invariant (undecimated) wavelet's than one grid, which leaves that step's image
+with the blocks of its own grid (Coifman and Donoho, "Translation-invariant de-noising", 1995; measured in
+docs/results/adaptation.md, "Cycle spinning in every step"). The offsets come from a seeded generator,
+so a solve is repeatable. Why db2: on INIA19's real-intensity brain it kept more
 detail than Haar at the same weights; Haar did slightly better only on our label-based simulated heads,
 whose piecewise-constant tissue suits it (docs/results/adaptation.md). The mask selects phase columns and every readout sample of
 a sampled column is measured, so ``Fᴴ M F`` is a 1-D operation along the phase axis and ``AᴴA`` one
@@ -39,6 +43,9 @@ from ..mri.parallel import serial
 WAVELET_LEVELS = 4
 """Wavelet levels: the coarsest band (1/16 of the matrix each way) is left unthresholded."""
 
+SPIN_OFFSETS = 4
+"""Wavelet grid offsets averaged in each step's shrinkage (:func:`spun_shrink`)."""
+
 CHUNK_VALUES = 1 << 23
 """Most complex values of one chunk of candidate images (candidates × pixels): 64 MiB per copy."""
 
@@ -49,8 +56,6 @@ _SQRT3 = math.sqrt(3.0)
 WAVELETS = {
     "haar": (1 / math.sqrt(2), 1 / math.sqrt(2)),
     "db2": tuple(c / (4 * math.sqrt(2)) for c in (1 + _SQRT3, 3 + _SQRT3, 3 - _SQRT3, 1 - _SQRT3)),
-    "db3": (0.3326705529509569, 0.8068915093133388, 0.4598775021193313, -0.1350110200103908, -0.0854412738822415, 0.0352262918821007),
-    "db4": (0.23037781330885523, 0.7148465705525415, 0.6308807679295904, -0.02798376941698385, -0.18703481171888114, 0.030841381835986965, 0.032883011666982945, -0.010597401784997278),
 }
 
 
@@ -150,6 +155,17 @@ def wavelet_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, offset
     return out
 
 
+def spun_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, offsets: Sequence[tuple[int, int]],
+                wavelet: str = "haar") -> torch.Tensor:
+    """The mean of :func:`wavelet_shrink` of ``x`` ``(P, H, W)`` over the wavelet grids moved by ``offsets``
+    (cycle spinning); with every offset of the ``2**levels`` block, a shrinkage that commutes with circular
+    shifts of images whose sides are multiples of the block."""
+    out = wavelet_shrink(x, threshold, levels, offsets[0], wavelet)
+    for offset in offsets[1:]:
+        out += wavelet_shrink(x, threshold, levels, offset, wavelet)
+    return out / len(offsets)
+
+
 def row_gram(maps: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """``AᴴA`` restricted to each readout row, ``(H, W, W)``: ``G_r = Q ⊙ (S_rᴴ S_r)`` with ``Q = Fᴴ M F``
     (the centred orthonormal 1-D DFT ``F`` along the phase axis, ``M`` the sampled columns) and ``S_r``
@@ -184,12 +200,14 @@ def image_scale(prior: torch.Tensor) -> torch.Tensor:
 
 def solve(maps: torch.Tensor, measured: torch.Tensor, columns: torch.Tensor, prior: torch.Tensor,
           lam: torch.Tensor, mu: torch.Tensor, iterations: int = 60, seed: int = 0,
-          wavelet: str = "db2") -> torch.Tensor:
+          wavelet: str = "db2", offsets: int = SPIN_OFFSETS) -> torch.Tensor:
     """``x̂`` ``(P, H, W)`` for each candidate ``(lam[p], mu[p])`` (``(P,)`` each; ``mu`` in units of
     :func:`image_scale` of ``prior``), by ``iterations`` FISTA steps from ``prior`` with ``wavelet``
-    (a key of :data:`WAVELETS`). Every chunk of
+    (a key of :data:`WAVELETS`), each step's shrinkage averaged over ``offsets`` wavelet grids. Every chunk of
     candidates sees the same wavelet offsets (``seed``), so a candidate's result does not depend on
     the others solved with it."""
+    if offsets < 1:
+        raise ValueError(f"offsets must be >= 1, got {offsets}")
     lam = torch.as_tensor(lam, dtype=torch.float32, device=prior.device).reshape(-1)
     mu = torch.as_tensor(mu, dtype=torch.float32, device=prior.device).reshape(-1)
     if lam.shape != mu.shape or bool((lam < 0).any()) or bool((mu < 0).any()):
@@ -198,12 +216,13 @@ def solve(maps: torch.Tensor, measured: torch.Tensor, columns: torch.Tensor, pri
     gram = row_gram(maps, columns)
     scale = image_scale(prior)
     chunk = max(1, CHUNK_VALUES // prior.numel())
-    parts = [_fista(gram, data, prior, lam[i:i + chunk], mu[i:i + chunk] * scale, iterations, seed, wavelet)
+    parts = [_fista(gram, data, prior, lam[i:i + chunk], mu[i:i + chunk] * scale, iterations, seed, wavelet,
+                    offsets)
              for i in range(0, lam.numel(), chunk)]
     return torch.cat(parts)
 
 
-def _fista(gram, data, prior, lam, mu, iterations: int, seed: int, wavelet: str) -> torch.Tensor:
+def _fista(gram, data, prior, lam, mu, iterations: int, seed: int, wavelet: str, offsets: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     block = 2 ** WAVELET_LEVELS
     lam3 = lam.view(-1, 1, 1)
@@ -212,10 +231,10 @@ def _fista(gram, data, prior, lam, mu, iterations: int, seed: int, wavelet: str)
     z, t = x.clone(), 1.0
     for _ in range(iterations):
         normal_z = apply_gram(gram, z)  # the one heavy product: all threads
-        offset = (int(rng.integers(block)), int(rng.integers(block)))
+        grids = [(int(rng.integers(block)), int(rng.integers(block))) for _ in range(offsets)]
         with serial(z.numel()):  # the rest are small passes (gadget.mri.parallel)
             gradient = normal_z - data + lam3 * (z - prior)
-            new = wavelet_shrink(z - step * gradient, mu * step.view(-1), WAVELET_LEVELS, offset, wavelet)
+            new = spun_shrink(z - step * gradient, mu * step.view(-1), WAVELET_LEVELS, grids, wavelet)
             t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
             z = new + ((t - 1) / t_new) * (new - x)
             x, t = new, t_new

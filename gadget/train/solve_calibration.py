@@ -21,7 +21,9 @@ lines stands in for it:
   least pull within one standard error");
 - the coil maps are a choice too: the search runs with maps from the network's own coil images and,
   where ESPIRiT's calibration on the ACS lines has a null space, again with ESPIRiT's maps
-  (:func:`gadget.recon.refine.choose_maps`), and the source with the lower score wins. The ``pi`` stage
+  (:func:`gadget.recon.refine.choose_maps`), and the source whose search reached the lower score wins
+  (the lowest of any candidate it scored, not its winner's: the least λ within one standard error gives up
+  a little of the score on purpose, and that must not cost good maps the comparison). The ``pi`` stage
   judges ESPIRiT's maps by whether their eigenvalue covers the network's object; here the held-back lines
   judge them (at 8× an aliased network image reaches beyond the head and fails that test for good maps,
   and on heads with coils at the scalp wrong maps pass it);
@@ -93,7 +95,11 @@ class CalibrationConfig:
     (:func:`beats_network`); ``folds``: K of the
     cross-validation; ``slices``: the most slices scored (spread over the scan; the noise, coils and
     contrast that decide the weights are the scan's, not the slice's); ``iterations``: FISTA steps per
-    solve; ``wavelet``: the solve's (:data:`gadget.recon.sparse.WAVELETS`).
+    solve; ``wavelet``: the solve's (:data:`gadget.recon.sparse.WAVELETS`); ``offsets``: wavelet grids per
+    step in the solves scored. One, where the refine that sends the image spins over
+    :data:`gadget.recon.sparse.SPIN_OFFSETS`: at fixed weights spinning lifted every candidate compared by
+    about as much, and in the search it would cost two to three times as long
+    (docs/results/adaptation.md, "Cycle spinning in every step").
 
     Why these defaults: the grid spans plain compressed sensing (λ 0) to the network's image (λ 1, where
     the solve barely moves it) and no sparsity to strong sparsity at low SNR; six folds hold back a
@@ -115,6 +121,7 @@ class CalibrationConfig:
     slices: int = 2
     iterations: int = 60
     wavelet: str = "db2"
+    offsets: int = 1
     fallback: str = "discrepancy"
     fallback_lam: float = 0.003
     noise_dominated: float = 1.0
@@ -133,9 +140,9 @@ class CalibrationConfig:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
         if self.start_mu not in self.mus:
             raise ValueError(f"start_mu {self.start_mu} must be one of mus {self.mus}")
-        if self.folds < 2 or self.slices < 1 or self.iterations < 1:
-            raise ValueError(f"folds must be >= 2, slices and iterations >= 1, got {self.folds}, {self.slices}, "
-                             f"{self.iterations}")
+        if self.folds < 2 or self.slices < 1 or self.iterations < 1 or self.offsets < 1:
+            raise ValueError(f"folds must be >= 2, slices, iterations and offsets >= 1, got {self.folds}, "
+                             f"{self.slices}, {self.iterations}, {self.offsets}")
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(λ, μ)`` of every grid point, float32 ``(P,)`` each."""
@@ -342,7 +349,7 @@ def fold_errors(data: HeldOutFold, lam: torch.Tensor, mu: torch.Tensor, settings
     len(CS_OUTSIDE))``: the solve's alone (nothing where the maps vanish), then with each of
     :data:`gadget.recon.refine.CS_OUTSIDE` there."""
     x = solve(data.maps, data.measured, data.kept, data.prior, lam, mu, settings.iterations, settings.seed,
-              settings.wavelet)
+              settings.wavelet, settings.offsets)
     errors = []
     for candidate in x:  # one candidate at a time: the whole k-space of every candidate at once is large
         inside = fft2c(data.maps * candidate)[..., data.fold]
@@ -373,10 +380,10 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
         if on_fold:
             on_fold(len(runs), len(plan))
 
-    def search(refine: RefineConfig) -> tuple[float, float, str, float, float, float]:
+    def search(refine: RefineConfig) -> tuple[float, float, str, float, float, float, float]:
         """The folds with the maps ``refine`` chooses, the line along λ, then the line along μ: the winner's
-        ``(λ, μ, outside, score)``, the network's own held-out error and the noise's (the folds are let go when
-        it returns)."""
+        ``(λ, μ, outside, score)``, the network's own held-out error, the noise's and the lowest error of any
+        candidate scored (the folds are let go when it returns)."""
         held_out = [held_out_fold(run, sl, fold, refine) for run, (sl, fold) in zip(runs, plan)]
 
         def scored(line: list[tuple[float, float]]) -> np.ndarray:
@@ -396,18 +403,22 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
             outside = CS_OUTSIDE[int(np.argmin(scores[i, 1:]))]  # ties: the first, the network's image
             return line[i][0], line[i][1], outside, float(scores[i, 0])
 
-        lam = settings.lams[lam_index(scored(settings.lam_line())[..., 0], settings)]
+        lam_line = scored(settings.lam_line())[..., 0]
+        lam = settings.lams[lam_index(lam_line, settings)]
         network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
         noise = sum(data.noise for data in held_out) / len(held_out)
-        return (*best(settings.mu_line(lam)), network, noise)
+        winner = best(settings.mu_line(lam))
+        return (*winner, network, noise, min(winner[3], float(lam_line.mean(0).min())))
 
     sources = ["network"] + (["espirit"] if any(map(espirit_has_null_space, chosen)) else [])
     found = {source: search(RefineConfig(mode="cs", maps=source)) for source in sources}
-    maps = min(found, key=lambda source: found[source][3])
-    lam, mu, outside, score, network, noise = found[maps]
+    # the maps by the lowest error either search reached: the λ within one standard error gives up a little
+    # of it on purpose, within the maps, and must not cost them the comparison
+    maps = min(found, key=lambda source: found[source][6])
+    lam, mu, outside, score, network, noise, _ = found[maps]
     rule = "folds" if beats_network(score, network, noise, settings.margin) else "none"
     if rule == "none" and settings.fallback == "discrepancy" and network >= settings.noise_dominated:
-        for source in sorted(found, key=lambda source: found[source][3]):  # the better-scoring maps first
+        for source in sorted(found, key=lambda source: found[source][6]):  # the better-scoring maps first
             quiet = discrepancy_mu(engine, chosen, settings, RefineConfig(mode="cs", maps=source))
             if quiet is not None:  # no fold decided what goes where the maps vanish: the network's image
                 lam, mu, rule, maps, outside = settings.fallback_lam, quiet, "discrepancy", source, "network"
@@ -463,7 +474,7 @@ def discrepancy_mu(engine, slices: Sequence[AdaptSlice], settings: CalibrationCo
         y = torch.from_numpy(sl.kspace).to(prior.device, torch.complex64)
         columns = torch.from_numpy(sl.mask).to(prior.device)
         x = solve(maps, y, columns, prior, [settings.fallback_lam] * len(mus), mus, settings.iterations,
-                  settings.seed, settings.wavelet)
+                  settings.seed, settings.wavelet, settings.offsets)
         for i, candidate in enumerate(x):
             residual[i] += float((fft2c(maps * candidate)[..., columns] - y[..., columns]).abs().square().sum())
         sigma = float(noise_sigma(y[None], columns)[0])

@@ -135,6 +135,15 @@ def undersample(row: Row, accel: int):
     return mask.astype(bool), int(acs)
 
 
+def undersampled_row(spec: str, real_dir: Path = REAL) -> tuple[Row, int, np.ndarray, int, np.ndarray]:
+    """``(row, acceleration, mask, acs, measured k-space)`` of ``spec`` (``row:acceleration``), undersampled as
+    the matrix does it (for the scripts that look at one cell)."""
+    name, accel = spec.split(":")
+    row = load_row(name, real_dir)
+    mask, acs = undersample(row, int(accel))
+    return row, int(accel), mask, acs, row.kspace * mask
+
+
 COLUMNS = ("solve", "scan", "site")
 VERDICTS = {"folds": "used", "discrepancy": "used (noise level)", "none": "not used"}  # CalibrationResult.rule
 

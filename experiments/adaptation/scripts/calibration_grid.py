@@ -65,10 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write every fold's errors and the scores here")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    name, accel = args.row.split(":")
-    row = am.load_row(name, args.real_dir)
-    mask, acs = am.undersample(row, int(accel))
-    measured = row.kspace * mask
+    row, accel, mask, acs, measured = am.undersampled_row(args.row, args.real_dir)
+    name = row.name
     engine = Reconstructor(load_checkpoint(shipped_checkpoint()).model, "cpu")
     settings = cal.CalibrationConfig(folds=args.folds)
     per_fold, network, noise = held_out_errors(engine, AdaptSlice(measured, mask, acs, name), settings, args.maps)

@@ -9,7 +9,10 @@ matrix: does a change to the solve itself (not to how its weights are chosen) li
 - ``shading``: the network's image, the solve's prior, multiplied by a smooth gain (Gaussian width
   ``--shading-width`` pixels) that gives it the low frequencies of the plain compressed-sensing image
   (λ 0, the same μ): the pull then acts on the network's detail, not on its intensity shading;
-- ``db3``, ``db4``: Daubechies' six- and eight-tap wavelets instead of db2.
+- ``db3``, ``db4``: Daubechies' six- and eight-tap wavelets instead of db2;
+- ``offsetsK``: each step's shrinkage averaged over K wavelet grids instead of
+  :data:`gadget.recon.sparse.SPIN_OFFSETS` (``offsets1``: one grid per step, as before cycle spinning in every
+  step).
 
     python experiments/adaptation/scripts/solve_variants.py --row sim-8coil230:4 --pairs 0.003,0.001 0,0.002
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 from pathlib import Path
 
@@ -46,7 +50,7 @@ LONGER_WAVELETS = {
     "db4": (0.2303778133088964, 0.7148465705529155, 0.6308807679298587, -0.0279837694168599,
             -0.1870348117190931, 0.0308413818355607, 0.0328830116668852, -0.0105974017850690),
 }
-VARIANTS = ("plain", "whiten-band", "whiten-true", "shading", "db3", "db4")
+VARIANTS = ("plain", "whiten-band", "whiten-true", "shading", "db3", "db4", "offsets1")
 
 
 def band_covariance(measured: torch.Tensor, columns: torch.Tensor) -> np.ndarray:
@@ -109,6 +113,17 @@ def shading_corrected_prior(mu: float, width: float):
 
 
 @contextlib.contextmanager
+def grids_per_step(offsets: int):
+    """``sparse.solve`` with ``offsets`` wavelet grids per step."""
+    plain = sparse.solve
+    sparse.solve = functools.partial(plain, offsets=offsets)
+    try:
+        yield
+    finally:
+        sparse.solve = plain
+
+
+@contextlib.contextmanager
 def longer_wavelets():
     sparse.WAVELETS.update(LONGER_WAVELETS)
     try:
@@ -134,10 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--real-dir", type=Path, default=am.REAL)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    name, accel = args.row.split(":")
-    row = am.load_row(name, args.real_dir)
-    mask, acs = am.undersample(row, int(accel))
-    measured = row.kspace * mask
+    row, accel, mask, acs, measured = am.undersampled_row(args.row, args.real_dir)
+    name = row.name
     engine = Reconstructor(load_checkpoint(shipped_checkpoint()).model, "cpu")
     pairs = [tuple(map(float, pair.split(","))) for pair in args.pairs]
     print(f"{name} {accel}×: in-head / whole SSIM, PSNR dB\n")
@@ -150,6 +163,8 @@ def main(argv=None) -> int:
                      "whiten-true": lambda: whitened_solves(true_covariance(name)),
                      "shading": lambda: shading_corrected_prior(mu, args.shading_width),
                      "db3": longer_wavelets, "db4": longer_wavelets}.get(variant, contextlib.nullcontext)
+            if variant.startswith("offsets"):
+                patch = functools.partial(grids_per_step, int(variant.removeprefix("offsets")))
             with patch():
                 config = refine.RefineConfig(mode="cs", cs_lambda=lam, cs_mu=mu, maps="espirit",
                                              cs_outside="capped", cs_wavelet=wavelet)
