@@ -68,7 +68,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -380,10 +380,9 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
         if on_fold:
             on_fold(len(runs), len(plan))
 
-    def search(refine: RefineConfig) -> tuple[float, float, str, float, float, float, float]:
-        """The folds with the maps ``refine`` chooses, the line along λ, then the line along μ: the winner's
-        ``(λ, μ, outside, score)``, the network's own held-out error, the noise's and the lowest error of any
-        candidate scored (the folds are let go when it returns)."""
+    def search(refine: RefineConfig) -> _Search:
+        """The folds with the maps ``refine`` chooses, the line along λ, then the line along μ (the folds are
+        let go when it returns)."""
         held_out = [held_out_fold(run, sl, fold, refine) for run, (sl, fold) in zip(runs, plan)]
 
         def scored(line: list[tuple[float, float]]) -> np.ndarray:
@@ -408,23 +407,36 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
         network = float(sum(float(data.error(data.network)) for data in held_out) / len(held_out))
         noise = sum(data.noise for data in held_out) / len(held_out)
         winner = best(settings.mu_line(lam))
-        return (*winner, network, noise, min(winner[3], float(lam_line.mean(0).min())))
+        return _Search(*winner, network, noise, min(winner[3], float(lam_line.mean(0).min())))
 
     sources = ["network"] + (["espirit"] if any(map(espirit_has_null_space, chosen)) else [])
     found = {source: search(RefineConfig(mode="cs", maps=source)) for source in sources}
     # the maps by the lowest error either search reached: the λ within one standard error gives up a little
     # of it on purpose, within the maps, and must not cost them the comparison
-    maps = min(found, key=lambda source: found[source][6])
+    maps = min(found, key=lambda source: found[source].lowest)
     lam, mu, outside, score, network, noise, _ = found[maps]
     rule = "folds" if beats_network(score, network, noise, settings.margin) else "none"
     if rule == "none" and settings.fallback == "discrepancy" and network >= settings.noise_dominated:
-        for source in sorted(found, key=lambda source: found[source][6]):  # the better-scoring maps first
+        for source in sorted(found, key=lambda source: found[source].lowest):  # the better-scoring maps first
             quiet = discrepancy_mu(engine, chosen, settings, RefineConfig(mode="cs", maps=source))
             if quiet is not None:  # no fold decided what goes where the maps vanish: the network's image
                 lam, mu, rule, maps, outside = settings.fallback_lam, quiet, "discrepancy", source, "network"
                 break
     return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
                              network, noise, settings.wavelet, rule, maps, outside)
+
+
+class _Search(NamedTuple):
+    """One map source's search in :func:`calibrate_solve`: the winner's ``lam``, ``mu``, ``outside`` and
+    ``score``, the network's own held-out error, the noise's, and the ``lowest`` error of any candidate scored."""
+
+    lam: float
+    mu: float
+    outside: str
+    score: float
+    network: float
+    noise: float
+    lowest: float
 
 
 def lam_index(errors: np.ndarray, settings: CalibrationConfig) -> int:

@@ -40,7 +40,7 @@ from gadget.mri.metrics import center_crop  # noqa: E402
 from gadget.recon import refine, sparse  # noqa: E402
 from gadget.recon.engine import Reconstructor  # noqa: E402
 from gadget.recon.refine_stage import RefinedEngine, Refiner  # noqa: E402
-from gadget.stream.noise import whitening_matrix  # noqa: E402
+from gadget.stream.noise import noise_covariance, whitening_matrix  # noqa: E402
 
 #: Daubechies' orthonormal scaling filters with three and four vanishing moments (Daubechies, Ten Lectures on
 #: Wavelets, 1992, table 6.1), in the order of :data:`gadget.recon.sparse.WAVELETS`.
@@ -57,8 +57,7 @@ def band_covariance(measured: torch.Tensor, columns: torch.Tensor) -> np.ndarray
     """Coil covariance ``(C, C)`` of the outer eighth of the readout on the acquired ``columns``."""
     band = max(measured.shape[1] // 8, 1)
     x = torch.cat([measured[:, :band], measured[:, -band:]], 1)[..., columns.to(torch.bool)]
-    x = x.reshape(measured.shape[0], -1).to(torch.complex128)
-    return (x @ x.conj().T / x.shape[1]).numpy()
+    return noise_covariance(x.reshape(measured.shape[0], -1).cpu().numpy())
 
 
 @contextlib.contextmanager
