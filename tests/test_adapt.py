@@ -204,6 +204,38 @@ def test_gamma_lines_never_reach_training(shifted_slices, monkeypatch):
         assert not (theta & gamma).any() and not (lam & gamma).any()
 
 
+def test_blank_lines_are_never_held_back_and_always_seen(shifted_slices, monkeypatch):
+    """A partial-Fourier block: the first 12 of 48 columns zero, acquired lines among them. Those lines hold
+    no measurement, so Γ and Λ never take them (their error would divide by no energy) and Θ always keeps
+    them (the network sees them as the mask says, as at inference)."""
+    slices, _ = shifted_slices
+    blank = [AdaptSlice(sl.kspace.copy(), sl.mask.copy(), sl.acs, sl.name) for sl in slices]
+    for sl in blank:
+        sl.kspace[..., :12] = 0
+    expected = blank[0].mask & (np.arange(48) < 12)
+    assert expected.sum() >= 3 and np.array_equal(blank[0].blank_lines, expected)
+    assert not slices[0].blank_lines.any()
+    seen = []
+    original_run = adapt_module._Prepared.run
+
+    def run(self, model, lines):
+        seen.append((self.gamma.copy(), lines.copy(), torch.is_grad_enabled()))
+        return original_run(self, model, lines)
+
+    monkeypatch.setattr(adapt_module._Prepared, "run", run)
+    monkeypatch.setattr(adapt_module, "ssdu_loss", lambda p, m, mask: (seen.append(mask.reshape(-1).numpy().copy()),
+                                                                       (p - m).abs().mean())[1])
+    adapt(tiny_model(), blank, AdaptConfig(steps=4, eval_every=2, splits_per_step=2, slices_per_step=2))
+    inputs = [s for s in seen if isinstance(s, tuple)]
+    losses = [s for s in seen if not isinstance(s, tuple)]
+    assert len(losses) == 4 * 2 * 2 and any(grad for *_, grad in inputs)
+    for gamma, lines, _ in inputs:
+        assert gamma.any() and not (gamma & expected).any()
+        assert (lines & expected).sum() == expected.sum()
+    for lam in losses:
+        assert lam.any() and not (lam & expected).any()
+
+
 def test_poisoned_run_keeps_the_start(shifted_slices):
     slices, _ = shifted_slices
     model = tiny_model()

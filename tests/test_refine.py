@@ -59,6 +59,22 @@ def test_noise_sigma_recovers_the_level_of_pure_noise():
     np.testing.assert_allclose(got.numpy(), sigma.numpy(), rtol=0.06)
 
 
+def test_noise_sigma_leaves_out_samples_never_measured():
+    """An asymmetric echo (the first 40 % of the readout zero: half the samples the estimate reads) and two
+    sampled lines zero-padded: the level is that of the measured samples, within 6 % as above (with the
+    zeros counted the median would be near 0). A band with nothing measured gives σ 0."""
+    gen = torch.Generator().manual_seed(2)
+    sigma = 1.5
+    noise = torch.complex(torch.randn(1, COILS, 128, W, generator=gen), torch.randn(1, COILS, 128, W, generator=gen))
+    mask = equispaced()
+    kspace = noise * (sigma / math.sqrt(2)) * mask
+    kspace[:, :, : int(0.4 * 128)] = 0
+    kspace[..., torch.nonzero(mask)[:2, 0]] = 0
+    assert noise_sigma(kspace, mask).item() == pytest.approx(sigma, rel=0.06)
+    kspace[:, :, -16:] = 0
+    assert noise_sigma(kspace, mask).item() == 0
+
+
 def test_choose_lambda_follows_the_noise_within_its_bounds():
     prior = phantom()  # object mean 1.0 (magnitudes 1, 0.5, 1.3 over the object)
     from gadget.recon.refine import lambda_floor

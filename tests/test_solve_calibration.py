@@ -41,6 +41,23 @@ def test_folds_partition_the_outer_acquired_lines(width, accel, acs, folds):
         cal.outer_folds(one, acs, folds, np.random.default_rng(0))
 
 
+def test_the_folds_hold_back_no_blank_line(phantom, monkeypatch):
+    """Acquired lines that are zero in every coil (a partial-Fourier block) are never a fold's: a fold of
+    them alone would be scored on no energy (the folds' error once rose to 1e27 on such a scan)."""
+    sl, _ = phantom
+    blank = AdaptSlice(sl.kspace.copy(), sl.mask, sl.acs, "partial Fourier")
+    blank.kspace[..., :14] = 0
+    expected = sl.mask & (np.arange(sl.mask.size) < 14)
+    held = []
+    run = cal.held_out_run
+    monkeypatch.setattr(cal, "held_out_run", lambda engine, s, fold: (held.append(fold), run(engine, s, fold))[1])
+    result = cal.calibrate_solve(Reconstructor(tiny_model(), "cpu"), [blank], SMALL_GRID)
+    joined = np.concatenate(held)
+    assert expected.sum() >= 3 and len(held) == SMALL_GRID.folds
+    assert set(joined) == set(np.flatnonzero(sl.mask & ~expected & ~acs_lines(sl.mask.size, sl.acs)))
+    assert np.isfinite(result.score) and result.score < 10 and result.network_score < 10
+
+
 def test_spread_picks_evenly():
     assert cal.spread(3, 5) == [0, 1, 2]
     assert cal.spread(9, 1) == [4]
@@ -171,7 +188,7 @@ def test_the_discrepancy_principle_regularises_more_where_the_noise_is_higher():
         found[snr] = cal.discrepancy_mu(engine, [slices[snr]], settings)
     assert found[10] is not None and found[10] > (found[40] if found[40] is not None else -1), found
     silent = AdaptSlice(np.zeros_like(slices[40].kspace), mask, 8, "zeros")  # σ 0: no residual is within it
-    silent.kspace[0, 0, np.flatnonzero(mask)[0]] = 1.0
+    silent.kspace[0, silent.kspace.shape[1] // 2, np.flatnonzero(mask)[0]] = 1.0  # off the readout's noise band
     assert cal.discrepancy_mu(engine, [silent], settings) is None
 
 

@@ -18,8 +18,8 @@ solved by conjugate gradients (how: "The solve" below), where
 - λ is ``lam``, or with ``lam = 0`` ("auto") ``κ · (σ / s)²`` clipped to [floor, ``lam_max``], the
   floor ``lam_min`` with ESPIRiT's maps and ``lam_min_network`` with the network's, with σ the noise
   level estimated from the outer readout samples of the measured lines (a robust median: |n| of
-  complex Gaussian noise has median σ·√ln2) and s the mean of |x₀| over the object: noisy data lean
-  on the network, clean data on the measurements.
+  complex Gaussian noise has median σ·√ln2; exact zeros, never measured, left out) and s the mean of
+  |x₀| over the object: noisy data lean on the network, clean data on the measurements.
 
 The image sent blends two readings of the solve, weighted by ``w = floor / λ`` (≤ 1): ``w · |x̂|``
 plus ``(1 − w)`` times the network's RSS image with the change the solve made to the magnitude,
@@ -302,7 +302,9 @@ def maps_and_prior(image, final, measured, mask, config: RefineConfig, num_low=N
 def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor, fraction: int = 8) -> torch.Tensor:
     """Per-slice noise σ (``E|n|² = σ²``) from the outer ``1 / fraction`` of the readout on each side (an
     eighth by default), sampled columns only → ``(b,)``. Signal left in those samples biases it upwards
-    (towards the network)."""
+    (towards the network). Samples that are exactly zero were never measured (an asymmetric echo, a
+    partial-Fourier or zero-padded region: noise is never exactly 0) and are left out; a band with none
+    measured gives σ 0."""
     b, _, h, w = masked_kspace.shape
     band = max(h // fraction, 1)
     cols = _mask_rows(mask, b, w)
@@ -310,7 +312,8 @@ def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor, fraction: int =
     for i in range(b):
         k = masked_kspace[i]
         outer = torch.cat([k[:, :band], k[:, -band:]], dim=1)[..., cols[i]].abs().flatten()
-        out.append(outer.median() / math.sqrt(math.log(2)))
+        outer = outer[outer > 0]
+        out.append(outer.median() / math.sqrt(math.log(2)) if outer.numel() else outer.new_zeros(()))
     return torch.stack(out)
 
 

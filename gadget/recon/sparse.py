@@ -155,15 +155,15 @@ def wavelet_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, offset
     return out
 
 
-def spun_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, offsets: Sequence[tuple[int, int]],
+def spun_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, grids: Sequence[tuple[int, int]],
                 wavelet: str = "haar") -> torch.Tensor:
-    """The mean of :func:`wavelet_shrink` of ``x`` ``(P, H, W)`` over the wavelet grids moved by ``offsets``
-    (cycle spinning); with every offset of the ``2**levels`` block, a shrinkage that commutes with circular
-    shifts of images whose sides are multiples of the block."""
-    out = wavelet_shrink(x, threshold, levels, offsets[0], wavelet)
-    for offset in offsets[1:]:
+    """The mean of :func:`wavelet_shrink` of ``x`` ``(P, H, W)`` over the wavelet grids moved by the offsets
+    ``grids`` (one ``(row, column)`` offset each: cycle spinning); with every offset of the ``2**levels`` block, a
+    shrinkage that commutes with circular shifts of images whose sides are multiples of the block."""
+    out = wavelet_shrink(x, threshold, levels, grids[0], wavelet)
+    for offset in grids[1:]:
         out += wavelet_shrink(x, threshold, levels, offset, wavelet)
-    return out / len(offsets)
+    return out / len(grids)
 
 
 def row_gram(maps: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,13 @@ class AdaptSlice:
                              f"{self.mask.dtype} {self.mask.shape}")
 
     @property
+    def blank_lines(self) -> np.ndarray:
+        """Lines the mask calls acquired that hold only exact zeros in every coil, bool ``(phase,)``: a
+        partial-Fourier or zero-padded region, never measured (noise is never exactly 0). The network
+        sees them as the mask says; they are never held back to score or train on (their energy is 0)."""
+        return self.mask & ~np.any(self.kspace != 0, axis=(0, 1))
+
+    @property
     def split_acs(self) -> int:
         """ACS lines kept in Θ inside the imaging mask (none with a separate reference)."""
         return 0 if self.sens_kspace is not None else int(self.acs)
@@ -167,6 +174,7 @@ class _Prepared:
         self.kspace = torch.from_numpy(np.ascontiguousarray(sl.kspace, np.complex64))[None].to(device)
         self.gamma = gamma
         self.available = sl.mask & ~gamma
+        self.blank = sl.blank_lines
         self.acs = int(sl.acs)
         self.sens = (None if sl.sens_kspace is None
                      else torch.from_numpy(np.ascontiguousarray(sl.sens_kspace, np.complex64))[None].to(device))
@@ -264,8 +272,9 @@ def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = Ada
     fixed_maps = (config.trainable == "cascades" and work.sens_net is not None and work.config.mask_center)
     prepared, skipped = [], []
     for i, sl in enumerate(slices):
-        gamma = holdout_lines(sl.mask, sl.split_acs, config.split, seeded_rng(config.seed, 1, i))
-        outer_left = (sl.mask & ~gamma).sum() - sl.split_acs
+        measured = sl.mask & ~sl.blank_lines
+        gamma = holdout_lines(measured, sl.split_acs, config.split, seeded_rng(config.seed, 1, i))
+        outer_left = (measured & ~gamma).sum() - sl.split_acs
         if not gamma.any() or outer_left < 2:
             skipped.append(sl.name or str(i))
             continue
@@ -304,9 +313,9 @@ def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = Ada
                 order = list(order_rng.permutation(len(prepared)))
             p = prepared[order.pop()]
             for s in range(config.splits_per_step):
-                theta, lam = split_lines(p.available, p.source.split_acs, config.split,
+                theta, lam = split_lines(p.available & ~p.blank, p.source.split_acs, config.split,
                                          seeded_rng(config.seed, 3, step, len(order), s))
-                splits.append((p, theta, lam))
+                splits.append((p, theta | p.blank, lam))
         total = accumulate_split_gradients(work, params, splits, workers)
         extra = torch.zeros((), device=device)
         if config.tie_weight > 0:

@@ -7,7 +7,8 @@ trained on. No fully sampled data is needed to choose them; K-fold cross-validat
 lines stands in for it:
 
 - the acquired lines outside the ACS block are dealt at random into ``folds`` disjoint folds (the ACS
-  block always stays: the maps and the sensitivity network read it);
+  block always stays: the maps and the sensitivity network read it; so do lines that hold only exact
+  zeros, :attr:`gadget.train.adapt.AdaptSlice.blank_lines`, which were never measured);
 - for each fold, the network runs on the slice without that fold's lines, and each candidate ``(λ, μ)``
   is solved on the same lines;
 - each candidate predicts the fold's lines (``F S x̂`` on those columns); its score is the squared
@@ -370,7 +371,8 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
     t0 = time.perf_counter()
     rng = np.random.default_rng(settings.seed)
     chosen = [slices[i] for i in spread(len(slices), settings.slices)]
-    plan = [(sl, fold) for sl in chosen for fold in outer_folds(sl.mask, sl.split_acs, settings.folds, rng)]
+    plan = [(sl, fold) for sl in chosen
+            for fold in outer_folds(sl.mask & ~sl.blank_lines, sl.split_acs, settings.folds, rng)]
     table = []
     workers = getattr(engine, "forwards", 1)  # folds side by side, as the engine admits
 
@@ -477,8 +479,8 @@ def discrepancy_mu(engine, slices: Sequence[AdaptSlice], settings: CalibrationCo
                    refine: RefineConfig = RefineConfig()) -> Optional[float]:
     """The largest μ of ``settings.mus`` whose solve (λ ``settings.fallback_lam``, all acquired lines, the
     maps ``refine`` chooses) leaves a data residual no larger than the noise, summed over ``slices``:
-    ``Σ‖M F S x̂ − y‖² ≤ Σ N σ²`` with ``N`` the acquired samples of a slice and σ its noise level; None
-    when not even the smallest does."""
+    ``Σ‖M F S x̂ − y‖² ≤ Σ N σ²`` with ``N`` the measured samples of a slice (acquired, not exactly 0) and σ
+    its noise level; None when not even the smallest does."""
     mus = sorted(settings.mus)
     residual, noise = torch.zeros(len(mus)), 0.0
     for sl in slices:
@@ -490,6 +492,6 @@ def discrepancy_mu(engine, slices: Sequence[AdaptSlice], settings: CalibrationCo
         for i, candidate in enumerate(x):
             residual[i] += float((fft2c(maps * candidate)[..., columns] - y[..., columns]).abs().square().sum())
         sigma = float(noise_sigma(y[None], columns)[0])
-        noise += sigma ** 2 * y.shape[0] * y.shape[1] * int(columns.sum())
+        noise += sigma ** 2 * int(y[..., columns].ne(0).sum())  # exact zeros were never measured
     within = [mu for mu, r in zip(mus, residual.tolist()) if r <= noise]
     return max(within) if within else None
