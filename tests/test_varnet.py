@@ -131,6 +131,24 @@ def test_zero_and_constant_input_give_finite_output(value):
             assert torch.isnan(_run_ref(ref, k, mask, 8)).any()
 
 
+@pytest.mark.parametrize("scale", [1e-14, 2.0 ** -50, 1e12])
+def test_the_output_follows_the_data_scale_where_the_clamps_would_act(small_volume, scale):
+    """Scanners write k-space in arbitrary units. The network's normalisations clamp a std and an RSS at
+    1e-12; on data scaled by 1e-14 those clamps would act (an image error of order 1). The output scaled
+    back matches the reference on the unscaled data (fp32, the tolerance of the test above), and for a
+    power of two it is the unscaled output to the bit."""
+    k, mask = _phantom_input(small_volume)
+    ref, ours = _pair(SMALL)
+    with torch.no_grad():
+        a = _run_ref(ref, k, mask, 8)
+        plain = ours(k, mask, 8)
+        b = ours((k * scale).to(torch.complex64), mask, 8) / scale
+    assert float(k.abs().max()) * scale < 1e-12 or scale > 1
+    assert _rel(b, a) < 1e-5
+    if float(np.log2(scale)).is_integer():
+        assert torch.equal(b, plain)
+
+
 def test_input_validation_errors():
     ours = VarNet(**SMALL)
     with pytest.raises(TypeError, match="complex"):

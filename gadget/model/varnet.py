@@ -45,7 +45,9 @@ Parameter names equal those of ``fastmri.models.VarNet`` (``sens_net.norm_unet.u
 ``cascades.{t}.model.unet.*``, ``cascades.{t}.dc_weight``) so official state dicts load.
 Differences from the reference, on purpose: the ACS count is an explicit input (mask-based
 detection only when it is not given), and zero/constant inputs give finite outputs
-(the normalisation divides by a clamped std and a clamped RSS).
+(the normalisation divides by a clamped std and a clamped RSS; the k-space is first divided by a
+power of two near its mean magnitude, :func:`unit_scale`, so that the clamps guard only zeros
+whatever units the scanner wrote; exported graphs take the data as given).
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ IMAGE_SPACE_VARIANTS = ("vnu", "vn")  # cascades update a coil-combined image, n
 # Arithmetic of the U-Nets (convolutions under torch.autocast); normalisation, FFTs, coil
 # operators and data consistency always run in float32 / complex64.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_EPS = 1e-12  # far below any real std / RSS of fp32 MR data; only guards exact zeros
+_EPS = 1e-12  # far below any std / RSS of k-space at unit scale (unit_scale); only guards exact zeros
 
 
 @dataclass(frozen=True)
@@ -356,6 +358,19 @@ class VarNet(nn.Module):
         for ``e2e``), complex ``(batch or 1, coil, readout, phase)``, Σ|S|² = 1 where the object is and 0
         elsewhere. For the image-space variants the returned k-space is ``F S x``."""
         masked_kspace, mask = check_inputs(masked_kspace, mask)
+        if tracing():  # exported graphs take the data as given
+            return self._forward_with_kspace(masked_kspace, mask, num_low_frequencies, sens_kspace, sens_maps,
+                                             coil_images)
+        unit = unit_scale(masked_kspace)
+        if sens_kspace is not None:
+            sens_kspace = sens_kspace / unit
+        out = self._forward_with_kspace(masked_kspace / unit, mask, num_low_frequencies, sens_kspace, sens_maps,
+                                        coil_images)
+        return (out[0] * unit.view(-1, 1, 1), *(t * unit for t in out[1:]))
+
+    def _forward_with_kspace(self, masked_kspace, mask, num_low_frequencies, sens_kspace, sens_maps,
+                             coil_images: bool) -> tuple:
+        """:meth:`forward_with_kspace` on k-space of any scale the clamps leave alone (checked inputs)."""
         sens = self.sensitivities(masked_kspace, mask, num_low_frequencies, sens_kspace, sens_maps)
         if self._unshifted(masked_kspace):
             return self._forward_unshifted(masked_kspace, mask, sens, coil_images)
@@ -448,6 +463,19 @@ class VarNet(nn.Module):
         if self.config.variant in IMAGE_SPACE_VARIANTS:
             return sens_expand(state, sens)
         return state
+
+
+def unit_scale(kspace: torch.Tensor) -> torch.Tensor:
+    """The power of two nearest the mean magnitude of each batch element's k-space ``(b, coil, readout,
+    phase)``, real ``(b, 1, 1, 1)`` (1 where that mean is 0 or not finite). The network is equivariant to the
+    data's scale but for the clamps of its normalisations (:data:`_EPS`), which bite on k-space far below
+    any scanner's units; dividing by a power of two is exact in floating point, so on data they leave alone
+    the outputs are the same to the bit, and on data they would not, the clamps no longer act."""
+    with torch.no_grad():
+        level = kspace.abs().mean(dim=(1, 2, 3), keepdim=True).to(torch.float64)
+        exponent = torch.round(torch.log2(level))
+        exponent = torch.where(torch.isfinite(exponent), exponent, torch.zeros_like(exponent)).clamp(-120, 120)
+        return torch.exp2(exponent).to(kspace.real.dtype)
 
 
 def check_inputs(masked_kspace: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,7 +123,8 @@ def scores(image: np.ndarray, row: Row) -> dict:
         mask = np.ones(target.shape, bool) if tag == "whole" else head_mask(row.truth)
         peak = float(target.max())
         mse = float(((image - target)[mask] ** 2).mean())
-        _, ssim_map = structural_similarity(target, image, data_range=peak, win_size=7, full=True)
+        _, ssim_map = structural_similarity(target / peak, image / peak, data_range=1.0, win_size=7,
+                                            full=True)  # at unit scale: SSIM's constants underflow on tiny data
         out[tag] = (float(ssim_map[mask].mean()), 10 * np.log10(peak ** 2 / mse))
     return out
 
