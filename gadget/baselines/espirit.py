@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ..mri.coils import rss
+from ..mri.coils import coil_noise_levels, rss
 from ..mri.masks import contiguous_center_lines
 from ..mri.native import NativeKernel
 from ..mri.parallel import all_threads
@@ -75,6 +75,12 @@ class EspiritConfig:
         single: the calibration's Gram matrix and its eigen-decomposition in complex64 instead of
             complex128 (the signal subspace is kept down to ``threshold²`` of the largest eigenvalue,
             far above single precision's rounding; half the work).
+        equalise_noise: calibrate on the coils scaled to one noise level (each by ``1 / σ_c`` from the
+            outer readout, :func:`gadget.mri.coils.coil_noise_levels`) and map the maps back (per pixel
+            ``S_c ∝ S'_c / w_c``, renormalised). The threshold on the calibration's singular values
+            assumes noise of one level in every coil (ESPIRiT, Uecker et al. 2014, prewhitens); a coil
+            noisier than the rest fills the signal subspace with its noise. Without a noise scan this is
+            the diagonal of the prewhitening. No effect where some coil's level reads 0.
     """
 
     kernel: int = 6
@@ -87,6 +93,7 @@ class EspiritConfig:
     rows_per_column: int = ROWS_PER_COLUMN
     single: bool = False
     phase_positions: int = MIN_PHASE_POSITIONS
+    equalise_noise: bool = False
 
 
 def default_calib_readout(coils: int, rows: int, num_low: int, kernel: int,
@@ -428,6 +435,9 @@ def espirit_calibration(kspace, num_low: Optional[int] = None, mask=None,
         num_low = contiguous_center_lines(sampled)
     if num_low < 2:
         raise ValueError(f"ESPIRiT needs a fully sampled centre block; found {num_low} centre lines")
+    weights = noise_weights(k) if config.equalise_noise else None
+    if weights is not None:
+        k = k * weights[:, None, None].astype(k.real.dtype)
     kernel = calibration_kernel(num_low, config.kernel, config.phase_positions)
     if kernel < config.kernel:
         log.debug("ESPIRiT: %d calibration lines; kernel %d instead of %d", num_low, kernel, config.kernel)
@@ -439,6 +449,9 @@ def espirit_calibration(kspace, num_low: Optional[int] = None, mask=None,
                                                        for n in (rows, cols))
     values, vectors = top_eigenvectors(image_operator(g, grid))
     maps = vectors.T.reshape(coils, *grid)
+    if weights is not None:  # the same direction per pixel, for the coils as measured
+        maps = maps / torch.from_numpy(weights).to(maps.real.dtype).view(-1, 1, 1)
+        maps = maps / rss(maps, dim=0).clamp_min(torch.finfo(maps.real.dtype).tiny)
     values = values.reshape(grid)
     ref = config.ref_coil
     if ref is None:
@@ -447,6 +460,16 @@ def espirit_calibration(kspace, num_low: Optional[int] = None, mask=None,
         raise ValueError(f"ref_coil must be in [0, {coils}), got {ref}")
     maps = (maps * torch.sgn(maps[ref]).conj()).to(torch.complex64)  # sgn(0) = 0
     return Calibration(maps, values, (rows, cols), kernels.shape[0] / (coils * kernel * kernel))
+
+
+def noise_weights(kspace: np.ndarray) -> Optional[np.ndarray]:
+    """``w_c = 1 / σ_c`` of k-space ``(coil, readout, phase)`` (:func:`gadget.mri.coils.coil_noise_levels`),
+    scaled to a geometric mean of 1, float64 ``(coil,)``; None where some coil's level reads 0."""
+    levels = coil_noise_levels(kspace)
+    if not (levels > 0).all():
+        log.debug("ESPIRiT: a coil's noise level reads 0; calibrating on the coils as measured")
+        return None
+    return np.exp(np.log(levels).mean()) / levels
 
 
 def calibrated_maps(calibration: Calibration, config: EspiritConfig = EspiritConfig()

@@ -100,8 +100,9 @@ EXTERIOR_MARGIN = 2
 #: "ESPIRiT with few calibration lines").
 REFINE_ESPIRIT = EspiritConfig(step=4, crop=0.9, single=True, max_grid=48, phase_positions=1)
 #: ESPIRiT where a scan's held-back lines judge its maps (``maps: espirit``, the ``cs`` stage of ``adapt:
-#: solve``): the baselines' kernel rule for few calibration lines (:func:`gadget.baselines.espirit.calibration_kernel`).
-SOLVE_ESPIRIT = replace(REFINE_ESPIRIT, phase_positions=MIN_PHASE_POSITIONS)
+#: solve``): the baselines' kernel rule for few calibration lines (:func:`gadget.baselines.espirit.calibration_kernel`),
+#: calibrated on the coils scaled to one noise level (``equalise_noise``).
+SOLVE_ESPIRIT = replace(REFINE_ESPIRIT, phase_positions=MIN_PHASE_POSITIONS, equalise_noise=True)
 #: The eigenvalue that decides whether ESPIRiT's maps are used at all (:func:`choose_maps`): where it is
 #: below 0.95 over more than a tenth of the object, on whole heads with elements at the scalp, the
 #: network's maps did better than ESPIRiT's, and deciding at 0.9 instead lost PSNR there (the solve itself
