@@ -32,9 +32,11 @@ lines stands in for it:
   cropped outside the calibrated object); what the refine sends there is chosen after, for the winner:
   the network's coil images there (``F (S x̂ + c_outside)``) or those scaled down where their RSS exceeds
   the noise floor outside the region the maps enclose (:func:`gadget.recon.refine.capped_outside`, the
-  factor the refine sends its image with), whichever predicts the held-back lines better
-  (``cs_outside``). Above the noise there is the network's aliasing, which the solve removed
-  inside the maps, or object ESPIRiT's crop left out. (Scored with the network's image where the maps
+  factor the refine sends its image with), the capped image unless the network's predicts the held-back
+  lines better by more than one standard error (``cs_outside``; as with λ, the held-back lines must show
+  that the network's image is wanted before it is leant on). Above the noise there is the network's
+  aliasing, which the solve removed inside the maps, or object ESPIRiT's crop left out. (Scored with the
+  network's image where the maps
   vanish, ESPIRiT's maps would carry its background's error into their score, and lost to the network's
   maps where they were better inside the head: docs/results/adaptation.md);
 - the pair with the lowest score wins and the scan is reconstructed with it on all its lines, provided
@@ -399,9 +401,13 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
             return errors
 
         def best(line: list[tuple[float, float]]) -> tuple[float, float, str, float]:
-            scores = scored(line).mean(0)
+            errors = scored(line)
+            scores = errors.mean(0)
             i = int(np.argmin(scores[:, 0]))
-            outside = CS_OUTSIDE[int(np.argmin(scores[i, 1:]))]  # ties: the first, the network's image
+            # what goes where the maps vanish: the network's image only where it predicts the held-back lines
+            # better by more than one standard error, as the least λ (the capped image leans less on it)
+            leaning = [0 if option == "capped" else 1 for option in CS_OUTSIDE]
+            outside = CS_OUTSIDE[least_within_error(errors[:, i, 1:], leaning)]
             return line[i][0], line[i][1], outside, float(scores[i, 0])
 
         lam_line = scored(settings.lam_line())[..., 0]
