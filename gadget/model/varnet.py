@@ -466,13 +466,14 @@ class VarNet(nn.Module):
 
 
 def unit_scale(kspace: torch.Tensor) -> torch.Tensor:
-    """The power of two nearest the mean magnitude of each batch element's k-space ``(b, coil, readout,
-    phase)``, real ``(b, 1, 1, 1)`` (1 where that mean is 0 or not finite). The network is equivariant to the
+    """The power of two nearest the mean magnitude of the real and imaginary parts of each batch element's
+    k-space ``(b, coil, readout, phase)``, real ``(b, 1, 1, 1)`` (1 where that mean is 0 or not finite; any
+    level near the data's serves, and this one needs no square roots). The network is equivariant to the
     data's scale but for the clamps of its normalisations (:data:`_EPS`), which bite on k-space far below
     any scanner's units; dividing by a power of two is exact in floating point, so on data they leave alone
     the outputs are the same to the bit, and on data they would not, the clamps no longer act."""
     with torch.no_grad():
-        level = kspace.abs().mean(dim=(1, 2, 3), keepdim=True).to(torch.float64)
+        level = torch.view_as_real(kspace).abs().mean(dim=(1, 2, 3, 4)).view(-1, 1, 1, 1).to(torch.float64)
         exponent = torch.round(torch.log2(level))
         exponent = torch.where(torch.isfinite(exponent), exponent, torch.zeros_like(exponent)).clamp(-120, 120)
         return torch.exp2(exponent).to(kspace.real.dtype)
