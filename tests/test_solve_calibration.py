@@ -466,13 +466,9 @@ def test_the_mu_line_runs_at_the_least_lam_within_error(phantom, monkeypatch):
         assert {row["lam"] for row in rows[lams:]} == {lowest}
 
 
-def test_the_maps_are_compared_by_the_lowest_error_their_search_reached(monkeypatch):
-    """Held-out errors made up per map source and fold: the network's maps score 0.45 at their best, and the
-    least λ within one standard error keeps that λ (no spread); ESPIRiT's reach 0.40 at λ 0.03, but λ 0 is
-    within the error (0.47 on average) and the μ line runs there. ESPIRiT's maps win on their lowest error
-    and are used at λ 0 with its score; compared by the winners' scores (0.47 against 0.45) they lost."""
-    engine = Reconstructor(tiny_model(), "cpu")
-    sl = _quiet_slice()
+def _tag_folds(monkeypatch):
+    """``held_out_fold`` patched to tag each fold with its map source (``source``) and its index among that
+    source's folds (``k``), for made-up errors per fold."""
     plain_fold = cal.held_out_fold
     count = {}
 
@@ -482,6 +478,18 @@ def test_the_maps_are_compared_by_the_lowest_error_their_search_reached(monkeypa
         count[refine.maps] = data.k + 1
         return data
 
+    monkeypatch.setattr(cal, "held_out_fold", tagged)
+
+
+def test_the_maps_are_compared_by_the_lowest_error_their_search_reached(monkeypatch):
+    """Held-out errors made up per map source and fold: the network's maps score 0.45 at their best, and the
+    least λ within one standard error keeps that λ (no spread); ESPIRiT's reach 0.40 at λ 0.03, but λ 0 is
+    within the error (0.47 on average) and the μ line runs there. ESPIRiT's maps win on their lowest error
+    and are used at λ 0 with its score; compared by the winners' scores (0.47 against 0.45) they lost."""
+    engine = Reconstructor(tiny_model(), "cpu")
+    sl = _quiet_slice()
+    _tag_folds(monkeypatch)
+
     def made_up(data, lam, mu, settings):
         if data.source == "network":
             scores = [0.45 if float(a) == pytest.approx(0.03) else 0.5 for a in lam]
@@ -490,7 +498,6 @@ def test_the_maps_are_compared_by_the_lowest_error_their_search_reached(monkeypa
                       [0.30, 0.50][data.k % 2] if float(a) == pytest.approx(0.03) else 0.6 for a in lam]
         return torch.tensor([[s] * (1 + len(cal.CS_OUTSIDE)) for s in scores])
 
-    monkeypatch.setattr(cal, "held_out_fold", tagged)
     monkeypatch.setattr(cal, "fold_errors", made_up)
     result = cal.calibrate_solve(engine, [sl], SMALL_GRID)
     assert {r["maps"] for r in result.table} == {"network", "espirit"}
@@ -509,21 +516,13 @@ def test_the_network_goes_outside_the_maps_only_where_it_wins_by_more_than_one_s
     error 0.014)."""
     engine = Reconstructor(tiny_model(), "cpu")
     sl = _quiet_slice()
-    plain_fold = cal.held_out_fold
-    count = {}
-
-    def tagged(run, sl_, fold, refine):
-        data = plain_fold(run, sl_, fold, refine)
-        data.k = count.get(refine.maps, 0)
-        count[refine.maps] = data.k + 1
-        return data
+    _tag_folds(monkeypatch)
 
     def made_up(data, lam, mu, settings):
         network, capped = network_outside[data.k % 2], (0.40, 0.42)[data.k % 2]
         rows = [[0.1 if float(a) == 0.0 and float(b) == 0.0 else 0.2, network, capped] for a, b in zip(lam, mu)]
         return torch.tensor(rows)
 
-    monkeypatch.setattr(cal, "held_out_fold", tagged)
     monkeypatch.setattr(cal, "fold_errors", made_up)
     result = cal.calibrate_solve(engine, [sl], SMALL_GRID)
     assert (result.lam, result.mu, result.outside) == (0.0, 0.0, wins)
