@@ -181,23 +181,30 @@ def test_split_gradients_side_by_side_sum_to_the_plain_backward(shifted_slices):
     assert again_loss == got_loss and all(torch.equal(a, g) for a, g in zip(again, got))
 
 
-def test_gamma_lines_never_reach_training(shifted_slices, monkeypatch):
-    slices, _ = shifted_slices
-    seen_inputs, seen_losses = [], []
+def _spy_on_training(monkeypatch):
+    """``(runs, losses)``, filled as :func:`adapt` runs: each network run's ``(Γ, lines given, training)``
+    (``training``: autograd on, a split's Θ; off, a Γ score) and each SSDU loss's Λ, bool ``(phase,)``."""
+    runs, losses = [], []
     original_run, original_loss = adapt_module._Prepared.run, adapt_module.ssdu_loss
 
     def run(self, model, lines):
-        if torch.is_grad_enabled():
-            seen_inputs.append((self.gamma.copy(), lines.copy()))
+        runs.append((self.gamma.copy(), lines.copy(), torch.is_grad_enabled()))
         return original_run(self, model, lines)
 
     def loss(predicted, measured, mask):
-        seen_losses.append(mask.reshape(-1).cpu().numpy().copy())
+        losses.append(mask.reshape(-1).cpu().numpy().copy())
         return original_loss(predicted, measured, mask)
 
     monkeypatch.setattr(adapt_module._Prepared, "run", run)
     monkeypatch.setattr(adapt_module, "ssdu_loss", loss)
+    return runs, losses
+
+
+def test_gamma_lines_never_reach_training(shifted_slices, monkeypatch):
+    slices, _ = shifted_slices
+    runs, seen_losses = _spy_on_training(monkeypatch)
     adapt(tiny_model(), slices, AdaptConfig(steps=6, eval_every=3, splits_per_step=2, slices_per_step=2))
+    seen_inputs = [(gamma, theta) for gamma, theta, training in runs if training]
     assert len(seen_inputs) == len(seen_losses) == 6 * 2 * 2
     for (gamma, theta), lam in zip(seen_inputs, seen_losses):
         assert gamma.any()
@@ -215,19 +222,8 @@ def test_blank_lines_are_never_held_back_and_always_seen(shifted_slices, monkeyp
     expected = blank[0].mask & (np.arange(48) < 12)
     assert expected.sum() >= 3 and np.array_equal(blank[0].blank_lines, expected)
     assert not slices[0].blank_lines.any()
-    seen = []
-    original_run = adapt_module._Prepared.run
-
-    def run(self, model, lines):
-        seen.append((self.gamma.copy(), lines.copy(), torch.is_grad_enabled()))
-        return original_run(self, model, lines)
-
-    monkeypatch.setattr(adapt_module._Prepared, "run", run)
-    monkeypatch.setattr(adapt_module, "ssdu_loss", lambda p, m, mask: (seen.append(mask.reshape(-1).numpy().copy()),
-                                                                       (p - m).abs().mean())[1])
+    inputs, losses = _spy_on_training(monkeypatch)
     adapt(tiny_model(), blank, AdaptConfig(steps=4, eval_every=2, splits_per_step=2, slices_per_step=2))
-    inputs = [s for s in seen if isinstance(s, tuple)]
-    losses = [s for s in seen if not isinstance(s, tuple)]
     assert len(losses) == 4 * 2 * 2 and any(grad for *_, grad in inputs)
     for gamma, lines, _ in inputs:
         assert gamma.any() and not (gamma & expected).any()

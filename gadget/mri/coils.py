@@ -35,12 +35,27 @@ def normalize_sens(sens: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return sens / rss(sens, dim=1).clamp_min(eps).unsqueeze(1)
 
 
+def outer_readout(kspace: torch.Tensor, fraction: int = 8) -> torch.Tensor:
+    """The outer ``1 / fraction`` of the readout on each side of k-space ``(..., readout, phase)``, where
+    k-space holds the least signal: ``(..., 2·band, phase)``."""
+    band = max(kspace.shape[-2] // fraction, 1)
+    return torch.cat([kspace[..., :band, :], kspace[..., -band:, :]], dim=-2)
+
+
+def noise_level(samples: torch.Tensor) -> torch.Tensor:
+    """σ (``E|n|² = σ²``) of complex Gaussian noise from ``samples`` (any shape): the median magnitude over
+    √ln2 (|n| has median σ·√ln2), 0-d. Samples that are exactly zero were never measured (lines not
+    acquired, an asymmetric echo, a partial-Fourier or zero-padded region: noise is never exactly 0) and are
+    left out; none measured gives 0."""
+    magnitudes = samples.abs().flatten()
+    magnitudes = magnitudes[magnitudes > 0]
+    if not magnitudes.numel():
+        return magnitudes.new_zeros(())
+    return magnitudes.median() / math.sqrt(math.log(2))
+
+
 def coil_noise_levels(kspace: np.ndarray, fraction: int = 8) -> np.ndarray:
-    """Each coil's noise σ_c (``E|n|² = σ_c²``) of k-space ``(coil, readout, phase)``: the median magnitude
-    of the outer ``1 / fraction`` of the readout on each side over √ln2 (|n| of complex Gaussian noise has
-    median σ·√ln2), ``(coil,)`` float64. Samples that are exactly zero were never measured (lines not
-    acquired, an asymmetric echo) and are left out; a coil with none gives 0."""
-    band = max(kspace.shape[1] // fraction, 1)
-    outer = np.abs(np.concatenate([kspace[:, :band], kspace[:, -band:]], axis=1)).reshape(kspace.shape[0], -1)
-    return np.array([np.median(row[row > 0]) / math.sqrt(math.log(2)) if (row > 0).any() else 0.0
-                     for row in outer])
+    """Each coil's :func:`noise_level` over the :func:`outer_readout` of k-space ``(coil, readout, phase)``,
+    ``(coil,)`` float64 (0 for a coil with nothing measured there)."""
+    band = outer_readout(torch.from_numpy(np.ascontiguousarray(kspace)), fraction)
+    return np.array([float(noise_level(coil)) for coil in band])

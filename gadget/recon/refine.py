@@ -63,6 +63,7 @@ from scipy.special import gammaincinv
 
 from ..baselines.espirit import (MIN_PHASE_POSITIONS, Calibration, EspiritConfig, calibrated_maps,
                                  espirit_calibration, hermitian_eigh, per_slice_counts)
+from ..mri.coils import noise_level, outer_readout
 from ..mri.fft import ifft2c
 from ..mri.masks import contiguous_center_lines
 from ..model.checkpoint import REFINE_MODES
@@ -306,16 +307,9 @@ def noise_sigma(masked_kspace: torch.Tensor, mask: torch.Tensor, fraction: int =
     (towards the network). Samples that are exactly zero were never measured (an asymmetric echo, a
     partial-Fourier or zero-padded region: noise is never exactly 0) and are left out; a band with none
     measured gives σ 0."""
-    b, _, h, w = masked_kspace.shape
-    band = max(h // fraction, 1)
+    b, _, _, w = masked_kspace.shape
     cols = _mask_rows(mask, b, w)
-    out = []
-    for i in range(b):
-        k = masked_kspace[i]
-        outer = torch.cat([k[:, :band], k[:, -band:]], dim=1)[..., cols[i]].abs().flatten()
-        outer = outer[outer > 0]
-        out.append(outer.median() / math.sqrt(math.log(2)) if outer.numel() else outer.new_zeros(()))
-    return torch.stack(out)
+    return torch.stack([noise_level(outer_readout(masked_kspace[i], fraction)[..., cols[i]]) for i in range(b)])
 
 
 def noise_floor(sigma: torch.Tensor, coils: int, quantile: float = NOISE_FLOOR_QUANTILE) -> torch.Tensor:

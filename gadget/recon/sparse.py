@@ -163,7 +163,7 @@ def spun_shrink(x: torch.Tensor, threshold: torch.Tensor, levels: int, grids: Se
     out = wavelet_shrink(x, threshold, levels, grids[0], wavelet)
     for offset in grids[1:]:
         out += wavelet_shrink(x, threshold, levels, offset, wavelet)
-    return out / len(grids)
+    return out.div_(len(grids)) if len(grids) > 1 else out
 
 
 def row_gram(maps: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,11 @@ class AdaptSlice:
         return self.mask & ~np.any(self.kspace != 0, axis=(0, 1))
 
     @property
+    def measured_lines(self) -> np.ndarray:
+        """The lines the mask calls acquired less :attr:`blank_lines`: those that may be held back."""
+        return self.mask & ~self.blank_lines
+
+    @property
     def split_acs(self) -> int:
         """ACS lines kept in Θ inside the imaging mask (none with a separate reference)."""
         return 0 if self.sens_kspace is not None else int(self.acs)
@@ -175,6 +180,7 @@ class _Prepared:
         self.gamma = gamma
         self.available = sl.mask & ~gamma
         self.blank = sl.blank_lines
+        self.splittable = self.available & ~self.blank  # Θ / Λ are drawn from these; the blank stay in Θ
         self.acs = int(sl.acs)
         self.sens = (None if sl.sens_kspace is None
                      else torch.from_numpy(np.ascontiguousarray(sl.sens_kspace, np.complex64))[None].to(device))
@@ -272,7 +278,7 @@ def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = Ada
     fixed_maps = (config.trainable == "cascades" and work.sens_net is not None and work.config.mask_center)
     prepared, skipped = [], []
     for i, sl in enumerate(slices):
-        measured = sl.mask & ~sl.blank_lines
+        measured = sl.measured_lines
         gamma = holdout_lines(measured, sl.split_acs, config.split, seeded_rng(config.seed, 1, i))
         outer_left = (measured & ~gamma).sum() - sl.split_acs
         if not gamma.any() or outer_left < 2:
@@ -313,7 +319,7 @@ def adapt(model: VarNet, slices: Sequence[AdaptSlice], config: AdaptConfig = Ada
                 order = list(order_rng.permutation(len(prepared)))
             p = prepared[order.pop()]
             for s in range(config.splits_per_step):
-                theta, lam = split_lines(p.available & ~p.blank, p.source.split_acs, config.split,
+                theta, lam = split_lines(p.splittable, p.source.split_acs, config.split,
                                          seeded_rng(config.seed, 3, step, len(order), s))
                 splits.append((p, theta | p.blank, lam))
         total = accumulate_split_gradients(work, params, splits, workers)

@@ -374,7 +374,7 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
     rng = np.random.default_rng(settings.seed)
     chosen = [slices[i] for i in spread(len(slices), settings.slices)]
     plan = [(sl, fold) for sl in chosen
-            for fold in outer_folds(sl.mask & ~sl.blank_lines, sl.split_acs, settings.folds, rng)]
+            for fold in outer_folds(sl.measured_lines, sl.split_acs, settings.folds, rng)]
     table = []
     workers = getattr(engine, "forwards", 1)  # folds side by side, as the engine admits
 
@@ -406,8 +406,7 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
             i = int(np.argmin(scores[:, 0]))
             # what goes where the maps vanish: the network's image only where it predicts the held-back lines
             # better by more than one standard error, as the least λ (the capped image leans less on it)
-            leaning = [0 if option == "capped" else 1 for option in CS_OUTSIDE]
-            outside = CS_OUTSIDE[least_within_error(errors[:, i, 1:], leaning)]
+            outside = CS_OUTSIDE[least_within_error(errors[:, i, 1:], _OUTSIDE_LEANING)]
             return line[i][0], line[i][1], outside, float(scores[i, 0])
 
         lam_line = scored(settings.lam_line())[..., 0]
@@ -432,6 +431,11 @@ def calibrate_solve(engine, slices: Sequence[AdaptSlice], settings: CalibrationC
                 break
     return CalibrationResult(lam, mu, score, table, len(plan) // len(chosen), len(chosen), time.perf_counter() - t0,
                              network, noise, settings.wavelet, rule, maps, outside)
+
+
+#: How much each of :data:`gadget.recon.refine.CS_OUTSIDE` leans on the network's image (the least within one
+#: standard error is sent).
+_OUTSIDE_LEANING = [0 if option == "capped" else 1 for option in CS_OUTSIDE]
 
 
 class _Search(NamedTuple):

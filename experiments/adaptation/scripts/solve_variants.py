@@ -36,6 +36,7 @@ import adaptation_matrix as am  # noqa: E402  (the matrix's rows, masks and scor
 from gadget.converters.simulate import simulate_volume  # noqa: E402
 from gadget.model.checkpoint import load_checkpoint  # noqa: E402
 from gadget.model.shipped import shipped_checkpoint  # noqa: E402
+from gadget.mri.coils import outer_readout  # noqa: E402
 from gadget.mri.metrics import center_crop  # noqa: E402
 from gadget.recon import refine, sparse  # noqa: E402
 from gadget.recon.engine import Reconstructor  # noqa: E402
@@ -55,8 +56,7 @@ VARIANTS = ("plain", "whiten-band", "whiten-true", "shading", "db3", "db4", "off
 
 def band_covariance(measured: torch.Tensor, columns: torch.Tensor) -> np.ndarray:
     """Coil covariance ``(C, C)`` of the outer eighth of the readout on the acquired ``columns``."""
-    band = max(measured.shape[1] // 8, 1)
-    x = torch.cat([measured[:, :band], measured[:, -band:]], 1)[..., columns.to(torch.bool)]
+    x = outer_readout(measured)[..., columns.to(torch.bool)]
     return noise_covariance(x.reshape(measured.shape[0], -1).cpu().numpy())
 
 
